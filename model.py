@@ -1,0 +1,785 @@
+"""
+The speech LM: a Qwen2-style temporal backbone over frames of codec codes, with windowed attention
+and gated TTT layers on top, and a small depth decoder run inside each frame over its codebooks.
+
+    frame t-1 codes --sum of embeddings--> backbone (window W, TTT on top) --> h_t
+    h_t + codes of frame t before column c --depth decoder--> logits of column c of frame t
+
+One state object carries everything that lives across frames (the attention caches of exactly W
+slots with the absolute position of each slot, the TTT fast weights, the last frame). `forward`
+takes any number of frames, so a sequence split anywhere gives the result of one pass: T = 1 is
+streaming, T > 1 the chunked path. The design and its reasons: DESIGN.md.
+"""
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields, replace
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ttt import TTTLinear, TTTMLP
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class Config:
+    # the frame: these match the codes file (codes.py) the model is trained on
+    n_streams: int = 2            # audio streams (speakers)
+    n_codebooks: int = 8          # codebooks per stream; the first is Mimi's semantic one
+    cardinality: int = 2048       # entries per codebook
+    n_text: int = 0               # text streams (0, 1, or one per speaker)
+    text_cardinality: int = 0     # text vocabulary size
+    delays: tuple = ()            # per-codebook delay in frames, () = none; Moshi: (0, 1, 1, ...)
+    # backbone (Qwen2 block)
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 0           # 0: same as n_heads
+    head_dim: int = 0             # 0: dim // n_heads
+    hidden: int = 0               # SwiGLU width; 0: about 8/3 dim, a multiple of 64
+    qkv_bias: bool = True         # Qwen2 has q/k/v bias, Llama does not
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None  # Llama 3 style {"rope_type": "llama3", "factor": ...}
+    norm_eps: float = 1e-6
+    window: int = 256             # attention sees the W most recent frames, itself included
+    # TTT branch in the top n_ttt layers: x + tanh(alpha) * TTT(norm(x))
+    n_ttt: int = 0
+    ttt_type: str = "linear"      # "linear" or "mlp"
+    ttt_heads: int = 0            # 0: dim // 64
+    ttt_mini_batch: int = 16
+    ttt_base_lr: float = 1.0
+    ttt_gate_init: float = 0.1    # 0 leaves a pretrained backbone unchanged at the start
+    ttt_checkpoint_group: int = 0  # mini-batches per gradient checkpoint segment, 0 = off
+    # depth decoder: a small transformer inside each frame
+    depth_dim: int = 128
+    depth_layers: int = 2
+    depth_heads: int = 4
+    depth_hidden: int = 0
+    # loss weights, as Moshi: text term + audio term, semantic codebook weighted up
+    semantic_weight: float = 100.0
+    text_weight: float = 1.0
+    # text LM head, only for a loaded Qwen2/Llama checkpoint used as a text model
+    vocab_size: int = 0
+    tie_embeddings: bool = False
+
+    def __post_init__(self):
+        self.delays = tuple(int(d) for d in self.delays)
+        self.n_kv_heads = self.n_kv_heads or self.n_heads
+        self.head_dim = self.head_dim or self.dim // self.n_heads
+        self.hidden = self.hidden or 64 * math.ceil(8 * self.dim / 3 / 64)
+        self.ttt_heads = self.ttt_heads or max(1, self.dim // 64)
+        self.depth_hidden = self.depth_hidden or 64 * math.ceil(8 * self.depth_dim / 3 / 64)
+        if self.delays and len(self.delays) != self.n_codebooks:
+            raise ValueError(f"delays has {len(self.delays)} entries, expected one per codebook ({self.n_codebooks})")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.n_ttt > self.n_layers:
+            raise ValueError(f"n_ttt ({self.n_ttt}) exceeds n_layers ({self.n_layers})")
+        if self.ttt_type not in ("linear", "mlp"):
+            raise ValueError(f"ttt_type must be 'linear' or 'mlp', got {self.ttt_type!r}")
+        if self.n_text and not self.text_cardinality:
+            raise ValueError("a text stream needs text_cardinality")
+
+    @property
+    def n_audio(self):  # audio columns of a frame
+        return self.n_streams * self.n_codebooks
+
+    @property
+    def n_cols(self):   # all columns of a frame: text first, then each stream's codebooks
+        return self.n_text + self.n_audio
+
+    def col_delays(self):
+        d = self.delays or (0,) * self.n_codebooks
+        return (0,) * self.n_text + d * self.n_streams
+
+    def col_cards(self):
+        return (self.text_cardinality,) * self.n_text + (self.cardinality,) * self.n_audio
+
+    @staticmethod
+    def preset(name, **overrides):
+        """Named shapes. `tiny` for tests, `demo` trains on a laptop CPU in minutes, `small` is the
+        GPU default, `qwen2.5-*` match those checkpoints' backbones so their weights load."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return Config(**{**PRESETS[name], **overrides})
+
+
+PRESETS = {
+    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, window=16, n_ttt=1, ttt_mini_batch=4,
+                 ttt_heads=4, depth_dim=32, depth_layers=1, depth_heads=2),
+    # about 4M parameters; 90 minutes of codes on a 2-core CPU runs many times faster than real time
+    "demo": dict(dim=192, n_layers=4, n_heads=6, n_kv_heads=2, window=250, n_ttt=2, ttt_mini_batch=16,
+                 ttt_heads=3, depth_dim=96, depth_layers=1, depth_heads=4, hidden=512),
+    # a few hundred million parameters; the window is one minute of audio
+    "small": dict(dim=1024, n_layers=20, n_heads=16, n_kv_heads=4, hidden=4096, window=750, n_ttt=4,
+                  ttt_mini_batch=16, ttt_heads=16, depth_dim=512, depth_layers=4, depth_heads=8),
+    # backbones shaped as Qwen2.5 checkpoints (config.json of Qwen/Qwen2.5-*)
+    "qwen2.5-0.5b": dict(dim=896, n_layers=24, n_heads=14, n_kv_heads=2, hidden=4864, rope_theta=1e6,
+                         window=750, n_ttt=4, ttt_heads=14, ttt_gate_init=0.0,
+                         depth_dim=512, depth_layers=4, depth_heads=8),
+    "qwen2.5-1.5b": dict(dim=1536, n_layers=28, n_heads=12, n_kv_heads=2, hidden=8960, rope_theta=1e6,
+                         window=750, n_ttt=4, ttt_heads=24, ttt_gate_init=0.0,
+                         depth_dim=1024, depth_layers=4, depth_heads=16),
+    "qwen2.5-7b": dict(dim=3584, n_layers=28, n_heads=28, n_kv_heads=4, hidden=18944, rope_theta=1e6,
+                       window=750, n_ttt=4, ttt_heads=56, ttt_gate_init=0.0,
+                       depth_dim=1024, depth_layers=6, depth_heads=16),
+}
+
+# -----------------------------------------------------------------------------
+# Building blocks (Qwen2: transformers/models/qwen2/modeling_qwen2.py)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in float32, scale in the input dtype, as Qwen2
+        y = x.float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * y.to(x.dtype)
+
+
+def rope_inv_freq(head_dim, theta, scaling=None):
+    """Inverse frequencies [head_dim/2] in float64, with Llama 3 scaling when asked."""
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    kind = (scaling or {}).get("rope_type", "default")
+    if kind == "default":
+        return inv
+    if kind == "linear":
+        return inv / scaling["factor"]
+    if kind == "llama3":  # Llama 3.1: stretch the low frequencies, keep the high ones
+        f, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        smooth = ((old / wavelen) - lo) / (hi - lo)
+        mixed = (1 - smooth) * inv / f + smooth * inv
+        return torch.where(wavelen > old / lo, inv / f, torch.where(wavelen < old / hi, inv, mixed))
+    raise ValueError(f"unsupported rope scaling {kind!r} (supported: default, linear, llama3)")
+
+
+def rope_cos_sin(pos, inv_freq):
+    """cos, sin [*pos.shape, head_dim] from integer positions. The angles are computed in float64
+    (float32 where the device has none), so position 67,500 is as exact as position 5."""
+    dt = torch.float32 if pos.device.type == "mps" else torch.float64
+    ang = pos.to(dt)[..., None] * inv_freq.to(pos.device, dt)     # [..., hd/2]
+    ang = torch.cat([ang, ang], -1)                                # [..., hd]
+    return ang.cos().float(), ang.sin().float()
+
+
+def apply_rope(x, cos, sin):
+    # x [B, H, T, hd]; cos, sin [B, T, hd]; rotate-half convention of Qwen2/Llama
+    x1, x2 = x.chunk(2, -1)
+    rot = torch.cat([-x2, x1], -1)
+    return (x.float() * cos[:, None] + rot.float() * sin[:, None]).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention over a window of W frames, with a cache of exactly W slots."""
+
+    def __init__(self, dim, n_heads, n_kv_heads, head_dim, bias):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.q_proj = nn.Linear(dim, n_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache):
+        """x [B, T, D]; cos/sin [B, T, hd]; mask: None (causal over x alone), a bool [T, T] band
+        (x alone, windowed) or a bool [B, T, W+T] over cache + x; cache (k, v) [B, Hkv, W, hd]."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # [B, H, T, hd]
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # keys are cached already rotated
+        ck, cv = cache
+        W = ck.shape[2]
+        kk, vv = torch.cat([ck.to(k.dtype), k], 2), torch.cat([cv.to(v.dtype), v], 2)  # [B, Hkv, W+T, hd]
+        gqa = self.n_heads != self.n_kv_heads
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        elif mask.dim() == 2:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask[:, None], enable_gqa=gqa)
+        y = self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return y, (kk[:, :, -W:].to(ck.dtype), vv[:, :, -W:].to(cv.dtype))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class GatedTTT(nn.Module):
+    """x + tanh(alpha) * TTT(norm(x)), alpha per channel (as in the TTT video model), so with
+    alpha = 0 a pretrained backbone is unchanged."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        cls = TTTLinear if cfg.ttt_type == "linear" else TTTMLP
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.layer = cls(cfg.dim, cfg.ttt_heads, mini_batch=cfg.ttt_mini_batch, base_lr=cfg.ttt_base_lr,
+                         checkpoint_group=cfg.ttt_checkpoint_group)
+        self.alpha = nn.Parameter(torch.full((cfg.dim,), float(cfg.ttt_gate_init)))
+
+    def forward(self, x, state):
+        y, state = self.layer(self.norm(x), state)
+        return x + torch.tanh(self.alpha).to(y.dtype) * y, state
+
+
+class Block(nn.Module):
+    def __init__(self, dim, n_heads, n_kv_heads, head_dim, hidden, bias, eps, ttt_cfg=None):
+        super().__init__()
+        self.input_layernorm = RMSNorm(dim, eps)
+        self.self_attn = Attention(dim, n_heads, n_kv_heads, head_dim, bias)
+        self.post_attention_layernorm = RMSNorm(dim, eps)
+        self.mlp = MLP(dim, hidden)
+        self.ttt = GatedTTT(ttt_cfg) if ttt_cfg is not None else None
+
+    def forward(self, x, cos, sin, mask, cache, ttt_state=None):
+        a, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        x = x + a
+        if self.ttt is not None:
+            x, ttt_state = self.ttt(x, ttt_state)
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, cache, ttt_state
+
+# -----------------------------------------------------------------------------
+# The state carried across calls
+
+
+class State(NamedTuple):
+    pos: torch.Tensor    # [B] int64: absolute position of the next frame of each row
+    prev: torch.Tensor   # [B, C] int64: the last frame seen (initial tokens when fresh)
+    kpos: torch.Tensor   # [B, W] int64: absolute position held by each cache slot, -1 = empty
+    kv: tuple            # per layer (k, v), each [B, Hkv, W, hd]
+    ttt: tuple           # per TTT layer, a ttt.TTTState (float32)
+
+
+def tree_map(fn, x):
+    """Apply fn to every tensor of a nest of tuples / NamedTuples."""
+    if isinstance(x, torch.Tensor):
+        return fn(x)
+    if isinstance(x, tuple) and hasattr(x, "_fields"):
+        return type(x)(*[tree_map(fn, y) for y in x])
+    if isinstance(x, (tuple, list)):
+        return type(x)(tree_map(fn, y) for y in x)
+    return x
+
+
+def tree_leaves(x):
+    out = []
+    tree_map(out.append, x)
+    return out
+
+
+def detach_state(state):
+    return tree_map(lambda t: t.detach(), state)
+
+
+def state_bytes(state):
+    return sum(t.numel() * t.element_size() for t in tree_leaves(state))
+
+# -----------------------------------------------------------------------------
+# Frame embedding, depth decoder
+
+
+def _offsets(cards):
+    # one embedding table for all columns: column c's rows start at offsets[c]; each column has
+    # card + 1 rows, the last one the "initial" token used before the first frame and for delays
+    return torch.tensor([0] + [c + 1 for c in cards[:-1]]).cumsum(0)
+
+
+class FrameEmbedding(nn.Module):
+    """Sum over streams and codebooks (and text) of per-column embeddings: one vector a frame."""
+
+    def __init__(self, cards, dim):
+        super().__init__()
+        self.register_buffer("offsets", _offsets(cards), persistent=False)
+        self.emb = nn.Embedding(sum(c + 1 for c in cards), dim)
+
+    def forward(self, codes):  # [B, T, C] -> [B, T, D]
+        return self.emb(codes + self.offsets).sum(2)
+
+
+class DepthDecoder(nn.Module):
+    """Predicts the columns of one frame in order (text first, then each stream's codebooks).
+    Position c sees proj_c(h_t) plus the embedding of the frame's column c-1; it has no state
+    across frames (Moshi's depformer, without streaming machinery)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        C, d = cfg.n_cols, cfg.depth_dim
+        self.cfg = cfg
+        self.in_proj = nn.Linear(cfg.dim, C * d, bias=False)  # one projection per position
+        self.register_buffer("offsets", _offsets(cfg.col_cards()[:-1] or (0,)), persistent=False)
+        self.token_emb = nn.Embedding(sum(c + 1 for c in cfg.col_cards()[:-1]) or 1, d)
+        hd = d // cfg.depth_heads
+        self.layers = nn.ModuleList(Block(d, cfg.depth_heads, cfg.depth_heads, hd, cfg.depth_hidden,
+                                          False, cfg.norm_eps) for _ in range(cfg.depth_layers))
+        self.norm = RMSNorm(d, cfg.norm_eps)
+        self.text_heads = nn.Parameter(torch.empty(cfg.n_text, cfg.text_cardinality, d))
+        self.audio_heads = nn.Parameter(torch.empty(cfg.n_audio, cfg.cardinality, d))
+        self.register_buffer("inv_freq", rope_inv_freq(hd, 10000.0).float(), persistent=False)
+
+    def hidden(self, h, codes):
+        """h [N, D] backbone outputs; codes [N, c] the frame's first c columns (c < C) ->
+        depth states [N, c+1, d] for positions 0..c."""
+        N, c = codes.shape
+        d = self.cfg.depth_dim
+        x = self.in_proj(h).view(N, -1, d)[:, :c + 1]                          # [N, c+1, d]
+        if c:
+            x = x + F.pad(self.token_emb(codes + self.offsets[:c]), (0, 0, 1, 0))
+        cos, sin = rope_cos_sin(torch.arange(c + 1, device=h.device)[None], self.inv_freq)
+        empty = x.new_zeros(N, self.layers[0].self_attn.n_kv_heads, 0, d // self.cfg.depth_heads) if len(self.layers) else None
+        for layer in self.layers:
+            x, _, _ = layer(x, cos, sin, None, (empty, empty))
+        return self.norm(x)
+
+    def logits(self, x, cols):
+        """x [N, n, d] depth states -> logits of columns cols (a range) as (text, audio) lists."""
+        nt = self.cfg.n_text
+        out = []
+        for j, c in enumerate(cols):
+            w = self.text_heads[c] if c < nt else self.audio_heads[c - nt]
+            out.append(x[:, j] @ w.t().to(x.dtype))
+        return out
+
+    def forward(self, h, codes):
+        """Teacher-forced: h [B, T, D], codes [B, T, C] -> (text [B, T, nt, Vt], audio [B, T, A, V])."""
+        B, T, C = codes.shape
+        nt = self.cfg.n_text
+        x = self.hidden(h.reshape(B * T, -1), codes.reshape(B * T, C)[:, :-1])   # [BT, C, d]
+        audio = torch.einsum("nad,avd->nav", x[:, nt:], self.audio_heads.to(x.dtype)).view(B, T, -1, self.cfg.cardinality)
+        text = None
+        if nt:
+            text = torch.einsum("nad,avd->nav", x[:, :nt], self.text_heads.to(x.dtype)).view(B, T, nt, -1)
+        return text, audio
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+class Logits(NamedTuple):
+    text: Optional[torch.Tensor]   # [B, T, n_text, text_cardinality] or None
+    audio: torch.Tensor            # [B, T, n_streams * n_codebooks, cardinality]
+
+
+class SpeechLM(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.frame_emb = FrameEmbedding(cfg.col_cards(), cfg.dim)
+        first_ttt = cfg.n_layers - cfg.n_ttt
+        self.layers = nn.ModuleList(
+            Block(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.hidden, cfg.qkv_bias, cfg.norm_eps,
+                  cfg if i >= first_ttt else None) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.depth = DepthDecoder(cfg)
+        if cfg.vocab_size:  # text LM mode of a loaded checkpoint
+            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+            self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).float(),
+                             persistent=False)
+        self.register_buffer("initial", torch.tensor(cfg.col_cards()), persistent=False)  # [C]
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """GPT-2 style: N(0, 0.02), output projections scaled down with depth; TTT keeps its own."""
+        for name, p in self.named_parameters():
+            if ".ttt.layer." in name or p.is_meta:
+                continue
+            if name.endswith("alpha"):
+                p.fill_(self.cfg.ttt_gate_init)
+            elif p.dim() == 1:
+                p.fill_(1.0 if name.endswith("norm.weight") else 0.0)
+            else:
+                depth = self.cfg.depth_layers if name.startswith("depth.") else self.cfg.n_layers
+                out = name.endswith(("o_proj.weight", "down_proj.weight"))
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * max(1, depth)) if out else 0.02)
+
+    def __repr__(self):
+        n = sum(p.numel() for p in self.parameters())
+        return f"{super().__repr__()}\n{n / 1e6:.2f}M parameters"
+
+    def num_params(self, exclude_embeddings=False):
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.frame_emb.emb.weight.numel()
+        return n
+
+    # --- state -----------------------------------------------------------------
+
+    def init_state(self, batch_size, device=None, dtype=None) -> State:
+        """A fresh state: nothing seen, caches empty, TTT fast weights at their learnt start."""
+        cfg = self.cfg
+        device = device or self.inv_freq.device
+        dtype = dtype or self.norm.weight.dtype
+        B, W = batch_size, cfg.window
+        kv = tuple((torch.zeros(B, cfg.n_kv_heads, W, cfg.head_dim, device=device, dtype=dtype),) * 2
+                   for _ in range(cfg.n_layers))
+        ttt = tuple(b.ttt.layer.init_state(B, device=device) for b in self.layers if b.ttt is not None)
+        return State(pos=torch.zeros(B, dtype=torch.long, device=device),
+                     prev=self.initial.to(device).expand(B, -1).clone(),
+                     kpos=torch.full((B, W), -1, dtype=torch.long, device=device), kv=kv, ttt=ttt)
+
+    def reset_rows(self, state, rows):
+        """Fresh state for the rows where rows [B] (bool) is True (a new conversation starts)."""
+        fresh = self.init_state(len(rows), device=rows.device, dtype=state.kv[0][0].dtype if state.kv else None)
+
+        def pick(new, old):
+            m = rows.view(-1, *([1] * (old.dim() - 1))) if old.dim() and old.shape[0] == len(rows) else None
+            return old if m is None else torch.where(m, new.to(old.dtype), old)
+        return State(*[tree_map_pair(pick, f, s) for f, s in zip(fresh, state)])
+
+    # --- forward ---------------------------------------------------------------
+
+    def backbone(self, x, state, fresh=False):
+        """x [B, T, D] frame embeddings -> h [B, T, D] and the new state (prev unchanged)."""
+        B, T, _ = x.shape
+        W = self.cfg.window
+        pos = state.pos[:, None] + torch.arange(T, device=x.device)          # [B, T]
+        cos, sin = rope_cos_sin(pos, self.inv_freq)                          # [B, T, hd]
+        if fresh:  # nothing before x: plain causal attention, banded when T exceeds the window
+            mask = None if T <= W else _band(T, W, x.device)
+        else:
+            kp = torch.cat([state.kpos, pos], 1)                             # [B, W+T]
+            dist = pos[:, :, None] - kp[:, None, :]                          # [B, T, W+T]
+            mask = (kp[:, None, :] >= 0) & (dist >= 0) & (dist < W)
+        kv, ttt = [], []
+        it = iter(state.ttt)
+        for layer in self.layers:
+            ts = next(it) if layer.ttt is not None else None
+            x, cache, ts = layer(x, cos, sin, mask, state.kv[len(kv)], ts)
+            kv.append(cache)
+            if layer.ttt is not None:
+                ttt.append(ts)
+        kpos = torch.cat([state.kpos, pos], 1)[:, -W:]
+        return self.norm(x), State(state.pos + T, state.prev, kpos, tuple(kv), tuple(ttt))
+
+    def forward(self, codes, state: Optional[State] = None):
+        """codes [B, T, C] int64 (delayed, see `delay`) -> Logits for every frame of codes, and
+        the new state. logits[:, t, c] is p(codes[t, c] | codes[<t], codes[t, <c]). With state=None
+        the sequence starts fresh."""
+        B, T, C = codes.shape
+        if C != self.cfg.n_cols:
+            raise ValueError(f"codes have {C} columns per frame; this model takes {self.cfg.n_cols} "
+                             f"({self.cfg.n_text} text + {self.cfg.n_streams} x {self.cfg.n_codebooks})")
+        fresh = state is None
+        if fresh:
+            state = self.init_state(B, codes.device)
+        inp = torch.cat([state.prev[:, None], codes[:, :-1]], 1)  # the backbone sees frames up to t-1
+        h, state = self.backbone(self.frame_emb(inp), state, fresh)
+        text, audio = self.depth(h, codes)
+        return Logits(text, audio), state._replace(prev=codes[:, -1])
+
+    def lm_forward(self, tokens, state=None):
+        """Text LM mode (a loaded Qwen2/Llama checkpoint): tokens [B, T] -> logits [B, T, vocab]."""
+        if not self.cfg.vocab_size:
+            raise ValueError("this model has no text LM head; load one with SpeechLM.from_hf(..., text_lm=True)")
+        fresh = state is None
+        state = state or self.init_state(tokens.shape[0], tokens.device)
+        h, state = self.backbone(self.embed_tokens(tokens), state, fresh)
+        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return h @ w.t(), state
+
+    @torch.no_grad()
+    def step(self, state, sample):
+        """Generate one frame. sample(logits [B, V], column) -> tokens [B]. Returns the frame
+        [B, C], the model's log-probability of it [B] (float32) and the new state."""
+        B = state.pos.shape[0]
+        h, state = self.backbone(self.frame_emb(state.prev[:, None]), state)
+        return self.depth_sample(h[:, 0], sample, state)
+
+    def depth_sample(self, h, sample, state):
+        cols = []
+        logp = torch.zeros(h.shape[0], device=h.device)
+        for c in range(self.cfg.n_cols):
+            prefix = torch.stack(cols, 1) if cols else h.new_zeros(h.shape[0], 0, dtype=torch.long)
+            x = self.depth.hidden(h, prefix)
+            logits = self.depth.logits(x[:, -1:], [c])[0].float()   # [B, V]
+            tok = sample(logits, c)
+            logp = logp + logits.log_softmax(-1).gather(1, tok[:, None])[:, 0]
+            cols.append(tok)
+        frame = torch.stack(cols, 1)
+        return frame, logp, state._replace(prev=frame)
+
+    # --- checkpoints -------------------------------------------------------------
+
+    @classmethod
+    def from_checkpoint(cls, path, device="cpu"):
+        """Load one of our checkpoints: a .safetensors file (config in its metadata) or a training
+        checkpoint directory / .pt file written by train.py."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+        path = str(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, "model.safetensors")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"checkpoint {path!r} does not exist; train one with "
+                                    "`python train.py --data FILE` or pass --ckpt")
+        try:
+            with safe_open(path, "pt") as f:
+                meta = f.metadata() or {}
+            sd = load_file(path, device=str(device))
+        except Exception as e:
+            raise ValueError(f"{path!r} is not a readable safetensors checkpoint ({e})") from None
+        if "config" not in meta:
+            raise ValueError(f"{path!r} has no model config in its metadata: it is not a checkpoint "
+                             "written by this project (for Hugging Face Qwen2/Llama use from_hf)")
+        cfg = config_from_dict(json.loads(meta["config"]))
+        with torch.device("meta"):
+            model = cls(cfg)
+        load_exact(model, sd, path)
+        model._materialize_buffers(device)
+        return model
+
+    def save(self, path, extra_meta=None):
+        """Write model weights + config as safetensors, atomically."""
+        from safetensors.torch import save_file
+        sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        meta = {"config": json.dumps(asdict(self.cfg)), **(extra_meta or {})}
+        tmp = f"{path}.tmp"
+        save_file(sd, tmp, metadata=meta)
+        os.replace(tmp, path)
+
+    def _materialize_buffers(self, device):
+        # non-persistent buffers are derived from the config: rebuild them on the target device
+        fresh = {"inv_freq": rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling).float(),
+                 "initial": torch.tensor(self.cfg.col_cards())}
+        for name, buf in list(self.named_buffers()):
+            mod = self.get_submodule(name.rsplit(".", 1)[0]) if "." in name else self
+            short = name.rsplit(".", 1)[-1]
+            if short == "offsets":
+                cards = self.cfg.col_cards() if mod is self.frame_emb else (self.cfg.col_cards()[:-1] or (0,))
+                val = _offsets(cards)
+            elif mod is self.depth and short == "inv_freq":
+                val = rope_inv_freq(self.cfg.depth_dim // self.cfg.depth_heads, 10000.0).float()
+            else:
+                val = fresh[short]
+            mod.register_buffer(short, val.to(device), persistent=False)
+
+    # --- Hugging Face Qwen2 / Llama ---------------------------------------------
+
+    @classmethod
+    def from_hf(cls, path, text_lm=False, device="cpu", dtype=torch.float32, **overrides):
+        """Load a Hugging Face Qwen2/Qwen2.5/Llama checkpoint directory into the backbone.
+
+        text_lm=True keeps embed_tokens/lm_head: the model is then exactly the text LM
+        (lm_forward), with TTT gates at 0 and the window as set. Otherwise the speech parts (frame
+        embedding, depth decoder, TTT) start fresh and the text head is dropped. overrides set any
+        Config field that is not part of the backbone shape (window, n_ttt, n_streams, ...)."""
+        hf, sd = read_hf_checkpoint(path)
+        cfg = config_from_hf(hf, text_lm=text_lm, **overrides)
+        with torch.device("meta"):
+            model = cls(cfg)
+        backbone = {}
+        for k, v in sd.items():
+            name = k[len("model."):] if k.startswith("model.") else k
+            if name == "lm_head.weight" and not text_lm:
+                continue
+            if name == "embed_tokens.weight" and not text_lm:
+                continue
+            if name.startswith("layers.") and ".rotary_emb." in name:
+                continue
+            backbone[name] = v.to(dtype)
+        if text_lm and cfg.tie_embeddings:
+            backbone.pop("lm_head.weight", None)
+        # the parts a text checkpoint does not have start fresh
+        expected = {k for k in model.state_dict()
+                    if k.startswith(("layers.", "norm.", "embed_tokens.", "lm_head.")) and ".ttt." not in k}
+        missing = sorted(expected - backbone.keys())
+        unexpected = sorted(backbone.keys() - expected)
+        shapes = model.state_dict()
+        wrong = sorted(f"{k}: checkpoint {tuple(backbone[k].shape)} vs model {tuple(shapes[k].shape)}"
+                       for k in expected & backbone.keys() if backbone[k].shape != shapes[k].shape)
+        if missing or unexpected or wrong:
+            raise ValueError(f"{str(path)!r} does not fit a {hf.get('model_type')} backbone:\n" +
+                             _listing(missing, unexpected, wrong))
+        model.load_state_dict(backbone, strict=False, assign=True)
+        # new parts: rebuilt for real on the target device, with their normal initialisation
+        with torch.device(device):
+            fresh = cls(replace(cfg, vocab_size=0, n_layers=0, n_ttt=0))
+            model.frame_emb, model.depth = fresh.frame_emb, fresh.depth
+            first = cfg.n_layers - cfg.n_ttt
+            for b in model.layers[first:]:
+                b.ttt = GatedTTT(cfg)
+        model._materialize_buffers(device)
+        return model.to(device)
+
+
+def tree_map_pair(fn, a, b):
+    if isinstance(a, torch.Tensor):
+        return fn(a, b)
+    if isinstance(a, tuple) and hasattr(a, "_fields"):
+        return type(a)(*[tree_map_pair(fn, x, y) for x, y in zip(a, b)])
+    return type(a)(tree_map_pair(fn, x, y) for x, y in zip(a, b))
+
+
+def _band(T, W, device):
+    i = torch.arange(T, device=device)
+    d = i[:, None] - i[None, :]
+    return (d >= 0) & (d < W)
+
+
+def _listing(missing, unexpected, wrong, n=20):
+    out = []
+    for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)):
+        if items:
+            more = f" ... and {len(items) - n} more" if len(items) > n else ""
+            out.append(f"  {title} ({len(items)}): {', '.join(items[:n])}{more}")
+    return "\n".join(out)
+
+
+def load_exact(model, sd, where):
+    """load_state_dict(assign=True) with every key and shape checked, one error listing all."""
+    own = model.state_dict()
+    missing = sorted(own.keys() - sd.keys())
+    unexpected = sorted(sd.keys() - own.keys())
+    wrong = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+                   for k in own.keys() & sd.keys() if sd[k].shape != own[k].shape)
+    if missing or unexpected or wrong:
+        raise ValueError(f"checkpoint {where!r} does not match its config:\n" + _listing(missing, unexpected, wrong))
+    model.load_state_dict(sd, assign=True)
+
+
+def config_from_dict(d):
+    known = {f.name for f in fields(Config)}
+    return Config(**{k: v for k, v in d.items() if k in known})
+
+
+def read_hf_checkpoint(path):
+    """config.json + weights (one safetensors file or several with their index) of a HF model."""
+    from safetensors.torch import load_file
+    path = str(path)
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file):
+        raise FileNotFoundError(f"{path!r} is not a Hugging Face checkpoint directory (no config.json)")
+    with open(cfg_file) as f:
+        hf = json.load(f)
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path!r} has no model.safetensors or model.safetensors.index.json "
+                                "(only safetensors checkpoints are read)")
+    sd = {}
+    for name in files:
+        sd.update(load_file(os.path.join(path, name)))
+    return hf, sd
+
+
+def config_from_hf(hf, text_lm=False, **overrides):
+    kind = hf.get("model_type")
+    if kind not in ("qwen2", "llama"):
+        raise ValueError(f"unsupported model_type {kind!r}: this loader reads qwen2 (Qwen2, Qwen2.5) and llama")
+    rope = hf.get("rope_parameters") or dict(hf.get("rope_scaling") or {})
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    scaling = {k: v for k, v in rope.items() if k != "rope_theta"} or None
+    if scaling and scaling.get("rope_type", scaling.get("type", "default")) == "default":
+        scaling = None
+    if scaling and "type" in scaling and "rope_type" not in scaling:
+        scaling["rope_type"] = scaling.pop("type")
+    n_heads = hf["num_attention_heads"]
+    shape = dict(dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=n_heads,
+                 n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+                 head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads, hidden=hf["intermediate_size"],
+                 qkv_bias=True if kind == "qwen2" else bool(hf.get("attention_bias", False)),
+                 rope_theta=float(theta), rope_scaling=scaling, norm_eps=hf.get("rms_norm_eps", 1e-6))
+    if kind == "llama" and hf.get("mlp_bias"):
+        raise ValueError("Llama checkpoints with mlp_bias are not supported")
+    if text_lm:
+        shape.update(vocab_size=hf["vocab_size"], tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+    base = dict(window=hf.get("max_position_embeddings", 4096), n_ttt=0, ttt_gate_init=0.0,
+                ttt_heads=max(1, shape["dim"] // 64))
+    clash = sorted(set(overrides) & set(shape))
+    if clash:
+        raise ValueError(f"{clash} are fixed by the checkpoint's config and cannot be overridden")
+    return Config(**{**base, **overrides, **shape})
+
+def flops_per_frame(cfg, seq_len, train=True):
+    """Matrix-multiply FLOPs per frame (x3 for forward + backward), for MFU: 2 per weight per
+    token through the backbone (one token a frame) and the depth decoder (n_cols tokens a frame),
+    plus attention over the window and the TTT inner loop."""
+    D, hd, C, d = cfg.dim, cfg.head_dim, cfg.n_cols, cfg.depth_dim
+    attn_w = D * hd * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
+    layer = attn_w + 3 * D * cfg.hidden
+    keys = min(seq_len, cfg.window) / 2 if train else cfg.window   # average keys a query sees
+    f = 2 * cfg.n_layers * layer + 4 * cfg.n_layers * cfg.n_heads * hd * keys
+    th = D // cfg.ttt_heads
+    inner = (8 * th * th + 4 * cfg.ttt_mini_batch * th) * (5 if cfg.ttt_type == "mlp" else 1)
+    f += cfg.n_ttt * (2 * 5 * D * D + cfg.ttt_heads * inner)                     # q, k, v, o, gate + inner loop
+    dl = 4 * d * d + 3 * d * cfg.depth_hidden
+    f += 2 * D * C * d + C * (2 * cfg.depth_layers * dl + 4 * cfg.depth_layers * d * C / 2)
+    f += 2 * d * (cfg.n_audio * cfg.cardinality + cfg.n_text * cfg.text_cardinality)
+    return f * (3 if train else 1)
+
+
+# -----------------------------------------------------------------------------
+# Delays and loss
+
+
+def delay(codes, cfg, initial=None):
+    """Shift column c right by its delay (Moshi's acoustic delay): [B, T, C] -> [B, T, C], frames
+    before a column's start filled with that column's initial token."""
+    out = codes.clone()
+    for c, d in enumerate(cfg.col_delays()):
+        if d:
+            out[:, d:, c] = codes[:, :-d, c]
+            out[:, :d, c] = cfg.col_cards()[c]
+    return out
+
+
+def undelay(codes, cfg):
+    """Inverse of delay: [B, T, C] -> [B, T - max_delay, C]."""
+    dl = cfg.col_delays()
+    m = max(dl)
+    T = codes.shape[1]
+    return torch.stack([codes[:, d:T - m + d, c] for c, d in enumerate(dl)], 2)
+
+
+def loss_fn(logits: Logits, codes, cfg, reduce=True):
+    """Moshi's weighting: text term + audio term, where the audio term is a weighted mean over
+    codebooks with the semantic one weighted `semantic_weight`. Targets equal to a column's initial
+    token (delay padding) are ignored. Returns (loss, parts) with parts the mean cross-entropy per
+    group ("text", "semantic", "acoustic") for logging."""
+    nt, K = cfg.n_text, cfg.n_codebooks
+    audio_t = codes[..., nt:]
+    ce = F.cross_entropy(logits.audio.float().flatten(0, 2), audio_t.flatten(), reduction="none",
+                         ignore_index=cfg.cardinality).view(audio_t.shape)          # [B, T, A]
+    valid = (audio_t != cfg.cardinality).float()
+    w = torch.ones(K, device=codes.device)
+    w[0] = cfg.semantic_weight
+    w = w.repeat(cfg.n_streams)
+    per_col = (ce * valid).sum((0, 1)) / valid.sum((0, 1)).clamp(min=1)               # [A]
+    loss = (per_col * w).sum() / w.sum()
+    sem = per_col.view(cfg.n_streams, K)[:, 0].mean()
+    parts = {"semantic": sem.detach()}
+    if K > 1:
+        parts["acoustic"] = per_col.view(cfg.n_streams, K)[:, 1:].mean().detach()
+    if nt:
+        text_t = codes[..., :nt]
+        ce_t = F.cross_entropy(logits.text.float().flatten(0, 2), text_t.flatten(),
+                               ignore_index=cfg.text_cardinality)
+        loss = loss + cfg.text_weight * ce_t
+        parts["text"] = ce_t.detach()
+    return loss, parts

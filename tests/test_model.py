@@ -1,0 +1,286 @@
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from model import (Config, SpeechLM, delay, detach_state, loss_fn, state_bytes, undelay)
+
+torch.set_num_threads(2)
+
+
+def _model(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = Config.preset("tiny", **{**dict(n_streams=2, n_codebooks=3, cardinality=32), **kw})
+    m = SpeechLM(cfg).eval()
+    # non-trivial gates and biases, so every branch changes the output
+    with torch.no_grad():
+        for b in m.layers:
+            if b.ttt is not None:
+                b.ttt.alpha.uniform_(0.5, 1.0)
+    return m
+
+
+def _codes(m, B, T, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    cards = torch.tensor(m.cfg.col_cards())
+    return (torch.rand(B, T, m.cfg.n_cols, generator=g) * cards).long()
+
+
+def _cat(outs):
+    a = torch.cat([o.audio for o in outs], 1)
+    t = torch.cat([o.text for o in outs], 1) if outs[0].text is not None else None
+    return a, t
+
+
+def _assert_close(a, b, rtol):
+    err = ((a - b).norm() / b.norm()).item()
+    assert err < rtol, err
+
+
+@pytest.mark.parametrize("ttt_type", ["linear", "mlp"])
+def test_any_split_gives_one_pass(ttt_type):
+    # W not a multiple of b, T >= 3W: full pass, frame by frame, random chunks
+    m = _model(ttt_type=ttt_type, window=10, ttt_mini_batch=4, n_text=1, text_cardinality=20)
+    B, T = 2, 37
+    codes = _codes(m, B, T)
+    with torch.no_grad():
+        full, s_full = m(codes)
+        steps, s = [], None
+        for t in range(T):
+            o, s = m(codes[:, t:t + 1], s)
+            steps.append(o)
+        g = torch.Generator().manual_seed(3)
+        chunks, s2, t = [], None, 0
+        while t < T:
+            n = int(torch.randint(1, 9, (1,), generator=g))
+            o, s2 = m(codes[:, t:t + n], s2)
+            chunks.append(o)
+            t += n
+    for outs in (steps, chunks):
+        a, tx = _cat(outs)
+        _assert_close(a, full.audio, 1e-4)
+        _assert_close(tx, full.text, 1e-4)
+    for x, y in zip(torch.utils._pytree.tree_leaves(s_full), torch.utils._pytree.tree_leaves(s)):
+        assert torch.allclose(x.float(), y.float(), atol=1e-4)
+
+
+def test_full_pass_masks_exactly_w_frames():
+    # the first layer's attention output at frame t depends on frames t-W+1..t only: perturb the
+    # embedding of frame t-W and the frame t logits must not move through attention alone
+    m = _model(window=6, n_ttt=0, n_layers=1)
+    T = 20
+    codes = _codes(m, 1, T)
+    x = m.frame_emb(codes)
+    with torch.no_grad():
+        st = m.init_state(1)
+        h0, _ = m.backbone(x, st, fresh=True)
+        for t in (10, 15):
+            y = x.clone()
+            y[:, t - 6] += 1.0  # just outside the window of frame t
+            h1, _ = m.backbone(y, st, fresh=True)
+            assert torch.equal(h0[:, t], h1[:, t])
+            y = x.clone()
+            y[:, t - 5] += 1.0  # just inside
+            h1, _ = m.backbone(y, st, fresh=True)
+            assert not torch.allclose(h0[:, t], h1[:, t])
+
+
+def test_causality():
+    m = _model(window=8, n_text=1, text_cardinality=20)
+    T = 24
+    codes = _codes(m, 1, T)
+    with torch.no_grad():
+        a, _ = m(codes)
+        for t in (0, 7, 13, 23):
+            c2 = codes.clone()
+            c2[0, t] = (c2[0, t] + 1) % torch.tensor(m.cfg.col_cards())
+            b, _ = m(c2)
+            assert torch.equal(a.audio[:, :t], b.audio[:, :t]) and torch.equal(a.text[:, :t], b.text[:, :t])
+            # within frame t, column c sees only columns before it
+            assert torch.equal(a.text[:, t], b.text[:, t])
+            if t + 1 < T:
+                assert not torch.allclose(a.audio[:, t + 1], b.audio[:, t + 1])
+
+
+def test_state_size_is_constant():
+    m = _model(window=8)
+    codes = _codes(m, 2, 100)
+    with torch.no_grad():
+        s = m.init_state(2)
+        n0 = state_bytes(s)
+        shapes0 = [t.shape for t in torch.utils._pytree.tree_leaves(s)]
+        for t in range(0, 100, 7):
+            _, s = m(codes[:, t:t + 7], s)
+            assert state_bytes(s) == n0
+        assert [t.shape for t in torch.utils._pytree.tree_leaves(s)] == shapes0
+
+
+def test_reset_rows_and_detach():
+    m = _model()
+    codes = _codes(m, 2, 12)
+    with torch.no_grad():
+        _, s = m(codes)
+        s = m.reset_rows(detach_state(s), torch.tensor([True, False]))
+        fresh = m.init_state(2)
+        assert s.pos.tolist() == [0, 12]
+        for x, y in zip(torch.utils._pytree.tree_leaves(s), torch.utils._pytree.tree_leaves(fresh)):
+            if x.dim() and x.shape[0] == 2:
+                assert torch.equal(x[0], y[0])
+        # a reset row continues exactly like a fresh sequence
+        o1, _ = m(codes[:1, :4], None)
+        o2, _ = m(codes[:, :4], s)
+        _assert_close(o2.audio[:1], o1.audio, 1e-5)
+
+
+def test_delay_roundtrip_and_loss_ignores_padding():
+    cfg = Config.preset("tiny", n_streams=2, n_codebooks=3, cardinality=32, delays=(0, 1, 2))
+    codes = torch.randint(0, 32, (2, 10, cfg.n_cols))
+    d = delay(codes, cfg)
+    assert (d[:, 0, 1] == 32).all() and (d[:, :2, 2] == 32).all()
+    assert torch.equal(undelay(d, cfg), codes[:, :8])
+    m = SpeechLM(cfg)
+    logits, _ = m(d)
+    loss, parts = loss_fn(logits, d, cfg)
+    assert torch.isfinite(loss) and set(parts) == {"semantic", "acoustic"}
+    # chance level for random weights is about log(32)
+    assert abs(parts["acoustic"].item() - math.log(32)) < 0.5
+
+
+def test_loss_falls_when_overfitting():
+    torch.manual_seed(0)
+    m = _model()
+    m.train()
+    codes = _codes(m, 2, 16)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    first = None
+    for i in range(60):
+        loss, _ = loss_fn(m(codes)[0], codes, m.cfg)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = first or loss.item()
+    assert loss.item() < 0.3 * first
+
+
+def test_generation_step_matches_forward():
+    m = _model(window=6, n_text=1, text_cardinality=20)
+    g = torch.Generator().manual_seed(0)
+
+    def sample(logits, c):
+        return torch.multinomial(logits.softmax(-1), 1, generator=g)[:, 0]
+    s = m.init_state(2)
+    frames, logps = [], []
+    with torch.no_grad():
+        for _ in range(20):
+            f, lp, s = m.step(s, sample)
+            frames.append(f)
+            logps.append(lp)
+        codes = torch.stack(frames, 1)
+        out, _ = m(codes)
+    lp_a = out.audio.float().log_softmax(-1).gather(-1, codes[..., 1:, None])[..., 0].sum(-1)
+    lp_t = out.text.float().log_softmax(-1).gather(-1, codes[..., :1, None])[..., 0].sum(-1)
+    torch.testing.assert_close(lp_a + lp_t, torch.stack(logps, 1), rtol=1e-4, atol=1e-4)
+
+
+def test_checkpoint_roundtrip(tmp_path):
+    m = _model(n_text=1, text_cardinality=20, delays=(0, 1, 1))
+    p = tmp_path / "m.safetensors"
+    m.save(p)
+    m2 = SpeechLM.from_checkpoint(p)
+    assert m2.cfg == m.cfg
+    codes = _codes(m, 1, 9)
+    with torch.no_grad():
+        assert torch.equal(m(codes)[0].audio, m2(codes)[0].audio)
+    assert "parameters" in repr(m2)
+
+
+def test_bad_checkpoints(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        SpeechLM.from_checkpoint(tmp_path / "none.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable"):
+        SpeechLM.from_checkpoint(tmp_path / "junk.safetensors")
+    from safetensors.torch import save_file
+    save_file({"x": torch.zeros(1)}, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="no model config"):
+        SpeechLM.from_checkpoint(tmp_path / "other.safetensors")
+    m = _model()
+    sd = {k: v.contiguous() for k, v in m.state_dict().items()}
+    sd.pop("norm.weight")
+    sd["layers.0.mlp.up_proj.weight"] = torch.zeros(3, 3)
+    save_file(sd, tmp_path / "bad.safetensors", metadata={"config": json.dumps(m.cfg.__dict__)})
+    with pytest.raises(ValueError, match=r"missing keys \(1\): norm.weight(.|\n)*wrong shapes"):
+        SpeechLM.from_checkpoint(tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match="columns per frame"):
+        m(torch.zeros(1, 3, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="unknown preset"):
+        Config.preset("huge")
+
+
+# --- Hugging Face parity -----------------------------------------------------------------------
+
+transformers = pytest.importorskip("transformers")
+
+
+def _save_hf(tmp_path, kind, tie, shard):
+    torch.manual_seed(0)
+    common = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=tie,
+                  max_position_embeddings=256, rms_norm_eps=1e-6)
+    if kind == "qwen2":
+        conf = transformers.Qwen2Config(**common, rope_parameters={"rope_type": "default", "rope_theta": 5e5})
+        model = transformers.Qwen2ForCausalLM(conf)
+    else:
+        conf = transformers.LlamaConfig(**common, attention_bias=False,
+                                        rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0,
+                                                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                         "original_max_position_embeddings": 32})
+        model = transformers.LlamaForCausalLM(conf)
+    with torch.no_grad():  # HF zero-initialises biases; make them matter
+        for n, p in model.named_parameters():
+            if n.endswith("bias") or "norm" in n:
+                p.normal_(0, 0.5 if n.endswith("bias") else 0.1).add_(1.0 if "norm" in n else 0.0)
+    model.save_pretrained(tmp_path, max_shard_size="40KB" if shard else "1GB")
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind,tie,shard", [("qwen2", True, False), ("qwen2", False, True), ("llama", False, True),
+                                            ("llama", True, False)])
+def test_hf_parity(tmp_path, kind, tie, shard):
+    ref = _save_hf(tmp_path, kind, tie, shard)
+    assert shard == os.path.exists(tmp_path / "model.safetensors.index.json")
+    m = SpeechLM.from_hf(tmp_path, text_lm=True, n_ttt=1).eval()  # TTT branch present, gate at 0
+    tokens = torch.randint(0, 97, (2, 40))
+    with torch.no_grad():
+        want = ref(tokens).logits
+        got, _ = m.lm_forward(tokens)
+        # and the same through the streaming path
+        s, outs = None, []
+        s = m.init_state(2)
+        for t in range(0, 40, 7):
+            o, s = m.lm_forward(tokens[:, t:t + 7], s)
+            outs.append(o)
+    _assert_close(got, want, 1e-5)
+    _assert_close(torch.cat(outs, 1), want, 1e-5)
+
+
+def test_hf_speech_model_and_errors(tmp_path):
+    _save_hf(tmp_path, "qwen2", True, False)
+    m = SpeechLM.from_hf(tmp_path, n_streams=1, n_codebooks=2, cardinality=16, window=8, n_ttt=1)
+    assert not hasattr(m, "embed_tokens")
+    assert not any(p.is_meta for p in m.parameters())
+    logits, _ = m(torch.randint(0, 16, (1, 5, 2)))
+    assert torch.isfinite(logits.audio).all()
+    with pytest.raises(ValueError, match="fixed by the checkpoint"):
+        SpeechLM.from_hf(tmp_path, dim=32)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        SpeechLM.from_hf(tmp_path / "nowhere")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="unsupported model_type 'gpt2'"):
+        SpeechLM.from_hf(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 3}))
+    with pytest.raises(ValueError, match=r"missing keys \(12\): layers.2"):
+        SpeechLM.from_hf(tmp_path)

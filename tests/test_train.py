@@ -1,0 +1,120 @@
+import numpy as np
+import pytest
+import torch
+
+import train
+from codes import write_codes
+from data import StreamSampler, synthetic, window
+from model import SpeechLM
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    p = str(tmp_path_factory.mktemp("data") / "s.bin")
+    synthetic(p, hours=0.3, min_minutes=1.0, max_minutes=3.0, n_codebooks=2, seed=0, quiet=True)
+    return p
+
+
+def _args(data, out, mode, **kw):
+    a = dict(data=data, out_dir=str(out), mode=mode, preset="tiny", seq_len=16, batch_size=2, max_steps=8,
+             eval_interval=0, log_interval=100, warmup=2, lr=3e-3, device="cpu", dtype="float32")
+    a.update(kw)
+    return [f"--{k}={v}" for k, v in a.items()]
+
+
+@pytest.mark.parametrize("mode", ["streaming", "minibatch"])
+def test_resume_is_exact(synth, tmp_path, mode):
+    straight = train.main(_args(synth, tmp_path / "a", mode, grad_accum=2))
+    first = train.main(_args(synth, tmp_path / "b", mode, grad_accum=2, stop_at=4))
+    second = train.main(_args(synth, tmp_path / "b", mode, grad_accum=2))
+    assert len(first) == 4 and len(second) == 4
+    np.testing.assert_allclose(first + second, straight, rtol=1e-6, atol=0)
+    m = SpeechLM.from_checkpoint(tmp_path / "b" / "model.safetensors")  # the exported weights load
+    assert m.cfg.n_codebooks == 2
+
+
+def test_streaming_state_crosses_steps_and_resets(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    lens = [40, 70, 33, 48, 20]
+    p = str(tmp_path / "c.bin")
+    write_codes(p, [rng.integers(0, 2048, (n, 2, 2)) for n in lens], n_streams=2, n_codebooks=2)
+    seen = []
+    orig = SpeechLM.forward
+
+    def spy(self, codes, state=None):
+        if self.training:
+            seen.append((state.pos.clone(), state.kpos.max(1).values.clone()))
+        return orig(self, codes, state)
+    monkeypatch.setattr(SpeechLM, "forward", spy)
+    train.main(_args(p, tmp_path / "r", "streaming", max_steps=12, val_conversations=1, batch_size=2))
+    # each row: positions 0, 16, 32, ... within its conversation, back to 0 when a new one starts
+    pos = torch.stack([s[0] for s in seen])        # [steps, rows]
+    kmax = torch.stack([s[1] for s in seen])
+    for r in range(2):
+        p_r = pos[:, r].tolist()
+        assert p_r[0] == 0
+        for a, b in zip(p_r, p_r[1:]):
+            assert b == a + 16 or b == 0
+        assert 0 in p_r[1:], "a row never moved to its next conversation"
+        assert any(x > 0 for x in p_r)
+        # the cache holds the frames of earlier steps of the same conversation, never of another
+        for t in range(len(p_r)):
+            assert kmax[t, r] == (p_r[t] - 1 if p_r[t] > 0 else -1)
+
+
+def test_stream_sampler_walks_whole_conversations(tmp_path):
+    rng = np.random.default_rng(1)
+    lens = [33, 50, 16]
+    p = str(tmp_path / "c.bin")
+    convs = [rng.integers(0, 2048, (n, 1, 2)) for n in lens]
+    write_codes(p, convs, n_streams=1, n_codebooks=2)
+    from codes import CodesFile
+    f = CodesFile(p)
+    s = StreamSampler(f, np.arange(3), 16, 1, (0, 1), (2048, 2048), seed=0)
+    got = []
+    for _ in range(6):
+        x, reset = s.next()
+        got.append((s.rows[0][0], s.rows[0][1] - 16, bool(reset[0]), x[0]))
+    for c, start, reset, x in got:
+        assert reset == (start == 0)
+        np.testing.assert_array_equal(x, window(f.conversation(c), start, 16, (0, 1), (2048, 2048)))
+    # delayed column: first frame of a conversation is the initial token, later it is the previous frame
+    c, start, _, x = got[0]
+    assert x[0, 1] == 2048 and x[1, 1] == f.conversation(c)[0, 1]
+
+
+def _err(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_bad_inputs(synth, tmp_path, capsys):
+    assert "does not exist" in _err(capsys, _args(str(tmp_path / "none.bin"), tmp_path / "o", "minibatch"))
+    (tmp_path / "junk.bin").write_bytes(b"CONVCODE" + b"\0" * 200)
+    assert "error:" in _err(capsys, _args(str(tmp_path / "junk.bin"), tmp_path / "o", "minibatch"))
+    assert "longer than every conversation" in _err(capsys, _args(synth, tmp_path / "o", "minibatch", seq_len=10**6))
+    assert "is not a checkpoint" in _err(capsys, _args(synth, tmp_path / "o", "minibatch", init_from=str(tmp_path)))
+    # a checkpoint trained on 2 codebooks cannot start a run on a file with 3
+    train.main(_args(synth, tmp_path / "m", "minibatch", max_steps=1))
+    p3 = str(tmp_path / "three.bin")
+    write_codes(p3, [np.zeros((100, 2, 3), np.int64)] * 2, n_streams=2, n_codebooks=3)
+    msg = _err(capsys, _args(p3, tmp_path / "o2", "minibatch", init_from=str(tmp_path / "m")))
+    assert "takes frames of" in msg and "'n_codebooks': 2" in msg
+    assert "multiple of the TTT mini-batch" in _err(capsys, _args(synth, tmp_path / "o", "streaming", seq_len=15))
+
+
+def test_nonfinite_loss_stops_and_keeps_checkpoint(synth, tmp_path, capsys, monkeypatch):
+    train.main(_args(synth, tmp_path / "n", "minibatch", max_steps=4, stop_at=2))
+    before = (tmp_path / "n" / "ckpt.pt").read_bytes()
+    orig = train.loss_fn
+
+    def bad(*a, **k):
+        loss, parts = orig(*a, **k)
+        return loss * float("nan"), parts
+    monkeypatch.setattr(train, "loss_fn", bad)
+    assert "loss is nan at step 3" in _err(capsys, _args(synth, tmp_path / "n", "minibatch", max_steps=4))
+    assert (tmp_path / "n" / "ckpt.pt").read_bytes() == before

@@ -1,0 +1,439 @@
+"""
+Train the speech LM on a codes file.
+
+    python train.py --data conv_codes.bin                      # GPU: small preset, streaming mode
+    python train.py --data synth.bin --preset demo --max_steps 300 --out_dir demo
+    torchrun --nproc_per_node 2 train.py --data conv_codes.bin  # DDP on every GPU given
+    torchrun --nproc_per_node 2 train.py --data conv_codes.bin --init_from Qwen2.5-1.5B --fsdp
+
+Two modes:
+- minibatch: random windows of seq_len frames inside conversations, fresh state each;
+- streaming: each batch row walks one conversation in consecutive chunks and the attention caches
+  and TTT states are carried (detached) from step to step, reset when the row moves to its next
+  conversation: truncated backpropagation through time over whole conversations, so the TTT
+  layers learn to use memory older than one training window.
+
+A run resumes from out_dir/ckpt.pt where one exists (model, optimizer, step, every row's data
+position, the carried states, RNG states); Ctrl-C writes a checkpoint and stops. Every option is a
+field of TrainConfig below or of model.Config (shape overrides), shown by --help.
+"""
+import argparse
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+
+from codes import CodesFile, CodesFormatError
+from data import StreamSampler, WindowSampler
+from model import Config, SpeechLM, detach_state, flops_per_frame, loss_fn, tree_map
+
+H100_BF16_FLOPS = 989e12  # dense bf16 peak of an H100 SXM, for MFU
+
+
+@dataclass
+class TrainConfig:
+    data: str = "conv_codes.bin"   # codes file (python mimi.py encode / python data.py synthetic)
+    val_data: str = ""             # held-out codes file; default: hold out whole conversations of --data
+    val_conversations: int = 0     # conversations held out of --data for validation; 0: about 5%, at least 1
+    out_dir: str = "runs/train"    # checkpoints and logs
+    preset: str = ""               # model preset (model.PRESETS); default small on GPU, demo on CPU
+    init_from: str = ""            # a Hugging Face Qwen2/Llama directory or one of our checkpoints
+    mode: str = "streaming"        # streaming | minibatch
+    seq_len: int = 256             # frames per training chunk (12.5 frames per second)
+    batch_size: int = 8            # rows per micro-batch, per GPU
+    grad_accum: int = 1            # micro-batches per optimizer step
+    max_steps: int = 2000
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup: int = 100
+    weight_decay: float = 0.1
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_interval: int = 250       # steps between evaluations and checkpoints (0: only at the end)
+    eval_batches: int = 8
+    log_interval: int = 10
+    compile: bool = False          # torch.compile the model
+    fsdp: bool = False             # shard weights and optimizer state over GPUs (FSDP2), under torchrun
+    device: str = ""               # cuda, mps or cpu; default: the best there is
+    dtype: str = ""                # bfloat16 (autocast) or float32; default: bfloat16 on CUDA
+    seed: int = 1337
+    stop_at: int = 0               # stop (with a checkpoint) after this step, as if interrupted
+    resume: bool = True            # continue from out_dir/ckpt.pt when it exists
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    comments = _field_comments()
+    for f in fields(TrainConfig):
+        _add(ap, f.name, f.type, f.default, comments.get(f.name, ""))
+    model = ap.add_argument_group("model shape overrides (model.Config; default: the preset's)")
+    for f in fields(Config):
+        if f.name in ("n_streams", "n_codebooks", "cardinality", "n_text", "text_cardinality", "vocab_size",
+                      "tie_embeddings", "rope_scaling"):
+            continue  # the data file or the loaded checkpoint decides these
+        _add(model, f.name, f.type, None, "")
+    a = vars(ap.parse_args(argv))
+    tc = TrainConfig(**{f.name: a.pop(f.name) for f in fields(TrainConfig)})
+    overrides = {k: v for k, v in a.items() if v is not None}
+    return tc, overrides
+
+
+def _add(ap, name, typ, default, help):
+    typ = {"int": int, "float": float, "str": str, "bool": bool, "tuple": str}.get(getattr(typ, "__name__", str(typ)), str)
+    if typ is bool:
+        ap.add_argument(f"--{name}", type=lambda s: s.lower() in ("1", "true", "yes"), default=default,
+                        metavar="BOOL", help=f"{help} (default {default})")
+    elif name == "delays":
+        ap.add_argument(f"--{name}", type=lambda s: tuple(int(x) for x in s.split(",")), default=default,
+                        help="per-codebook delays, e.g. 0,1,1,1,1,1,1,1")
+    else:
+        ap.add_argument(f"--{name}", type=typ, default=default, help=f"{help} (default {default})")
+
+
+def _field_comments():
+    # help text comes from the comments beside the fields above: one place for both
+    import inspect
+    out = {}
+    for line in inspect.getsource(TrainConfig).splitlines():
+        if ":" in line and "#" in line:
+            out[line.split(":")[0].strip()] = line.split("#", 1)[1].strip()
+    return out
+
+# -----------------------------------------------------------------------------
+
+
+def fail(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def build_model(tc, overrides, data, device):
+    """The model for this data: a preset with overrides, our checkpoint, or a HF backbone."""
+    shape = dict(n_streams=data.n_streams, n_codebooks=data.n_codebooks, cardinality=data.cardinality,
+                 n_text=data.n_text, text_cardinality=data.text_cardinality)
+    if tc.init_from:
+        p = tc.init_from
+        if os.path.isdir(p) and os.path.isfile(os.path.join(p, "config.json")):
+            return SpeechLM.from_hf(p, device=device, **{**shape, **overrides})
+        if os.path.isfile(p) or os.path.isfile(os.path.join(p, "model.safetensors")):
+            model = SpeechLM.from_checkpoint(p, device=device)
+            have = {k: getattr(model.cfg, k) for k in shape}
+            if have != shape:
+                raise ValueError(f"--init_from {p!r} takes frames of {have}, but {tc.data!r} holds {shape}")
+            return model
+        raise ValueError(f"--init_from {p!r} is not a checkpoint: give a Hugging Face model directory "
+                         "(config.json + safetensors) or a model.safetensors / run directory written by train.py")
+    preset = tc.preset or ("small" if device.type == "cuda" else "demo")
+    cfg = Config.preset(preset, **{**overrides, **shape})
+    return SpeechLM(cfg).to(device)
+
+
+def lr_at(tc, step):
+    """Linear warmup, then cosine decay to min_lr at max_steps."""
+    if step < tc.warmup:
+        return tc.lr * (step + 1) / tc.warmup
+    p = min(1.0, (step - tc.warmup) / max(1, tc.max_steps - tc.warmup))
+    return tc.min_lr + 0.5 * (1 + math.cos(math.pi * p)) * (tc.lr - tc.min_lr)
+
+
+def make_optimizer(model, tc, device):
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        (decay if p.dim() >= 2 and "ttt.layer" not in n else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = device.type == "cuda" and not tc.fsdp
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=(0.9, tc.beta2), fused=fused or None)
+
+
+def save_atomic(obj, path):
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state():
+    s = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def main(argv=None):
+    tc, overrides = parse_args(argv)
+    try:
+        return train(tc, overrides)
+    except (ValueError, FileNotFoundError, CodesFormatError) as e:
+        fail(e)
+
+
+def train(tc, overrides):
+    if tc.mode not in ("streaming", "minibatch"):
+        raise ValueError(f"--mode must be streaming or minibatch, not {tc.mode!r}")
+    # --- distributed: torchrun sets RANK; one process per GPU -------------------------------
+    ddp = "RANK" in os.environ
+    rank, world, local = 0, 1, 0
+    if ddp:
+        import torch.distributed as dist
+        rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    if tc.fsdp and not ddp:
+        raise ValueError("--fsdp shards over several processes: launch with torchrun")
+    master = rank == 0
+    if tc.device:
+        device = torch.device(tc.device)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", local)
+    elif torch.backends.mps.is_available():
+        device = torch.device("mps")
+    else:
+        device = torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    dtype = tc.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    if dtype not in ("bfloat16", "float32"):
+        raise ValueError(f"--dtype must be bfloat16 or float32, not {dtype!r}")
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext())
+    torch.manual_seed(tc.seed + rank)
+
+    # --- data ----------------------------------------------------------------------------------
+    if not os.path.isfile(tc.data):
+        raise FileNotFoundError(f"data file {tc.data!r} does not exist; make one with `python mimi.py encode "
+                                "AUDIO... --out FILE` or `python data.py synthetic --out FILE`")
+    data = CodesFile(tc.data)
+    n = len(data)
+    if tc.val_data:
+        val, val_ids, train_ids = CodesFile(tc.val_data), None, np.arange(n)
+        if val.meta() != data.meta():
+            raise ValueError(f"--val_data holds frames of {val.meta()}, --data {data.meta()}")
+        val_ids = np.arange(len(val))
+    else:
+        k = tc.val_conversations or max(1, round(0.05 * n))
+        if tc.eval_interval >= 0 and n <= k:
+            raise ValueError(f"{tc.data!r} has {n} conversation(s): too few to hold {k} out for validation; "
+                             "give --val_data FILE or more conversations")
+        val, val_ids, train_ids = data, np.arange(n - k, n), np.arange(n - k)
+
+    model = build_model(tc, overrides, data, device)
+    cfg = model.cfg
+    if tc.mode == "streaming" and cfg.n_ttt and tc.seq_len % cfg.ttt_mini_batch:
+        raise ValueError(f"streaming mode needs seq_len ({tc.seq_len}) to be a multiple of the TTT mini-batch "
+                         f"({cfg.ttt_mini_batch}), so every row is at a mini-batch boundary when it resets")
+    delays, initial = cfg.col_delays(), cfg.col_cards()
+    B, A = tc.batch_size, tc.grad_accum
+    if tc.mode == "streaming":
+        samplers = [StreamSampler(data, train_ids, tc.seq_len, B, delays, initial, tc.seed + 7 * i, rank, world)
+                    for i in range(A)]
+    else:
+        samplers = [WindowSampler(data, train_ids, tc.seq_len, B, delays, initial, tc.seed + 1000 * rank + 7 * i)
+                    for i in range(A)]
+    val_sampler = WindowSampler(val, val_ids, min(tc.seq_len, int(val.lengths[val_ids].max())), B, delays,
+                                initial, 0)
+
+    # --- model, optimizer, resume --------------------------------------------------------------
+    raw = model
+    if tc.fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if dtype == "bfloat16" else None
+        for block in model.layers:
+            fully_shard(block, **({"mp_policy": mp} if mp else {}))
+        fully_shard(model, **({"mp_policy": mp} if mp else {}))
+    elif ddp:
+        from torch.nn.parallel import DistributedDataParallel
+        model = DistributedDataParallel(model, device_ids=[local] if device.type == "cuda" else None)
+    if tc.compile:
+        model = torch.compile(model)
+    opt = make_optimizer(raw, tc, device)
+    os.makedirs(tc.out_dir, exist_ok=True)
+    ckpt_path = os.path.join(tc.out_dir, "ckpt.pt")
+    rank_path = os.path.join(tc.out_dir, f"ckpt_rank{rank}.pt")
+    states = [None] * A
+    step = 0
+    if tc.resume and os.path.exists(ckpt_path):
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if ck["model_config"] != asdict(cfg):
+            raise ValueError(f"{ckpt_path} was written for another model shape; use another --out_dir "
+                             "or --resume false")
+        if ck["world"] != world:
+            raise ValueError(f"{ckpt_path} was written by {ck['world']} processes, this run has {world}")
+        _load_model_opt(raw, opt, ck, tc.fsdp)
+        step = ck["step"]
+        mine = torch.load(rank_path, map_location="cpu", weights_only=False)
+        for s, d in zip(samplers, mine["samplers"]):
+            s.load_state_dict(d)
+        states = [None if s is None else _to(s, device) for s in mine["states"]]
+        set_rng_state(mine["rng"])
+        if master:
+            print(f"resumed from {ckpt_path} at step {step}")
+
+    def checkpoint(step):
+        if tc.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+            msd, osd = get_state_dict(raw, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        else:
+            msd, osd = raw.state_dict(), opt.state_dict()
+        save_atomic({"samplers": [s.state_dict() for s in samplers], "rng": rng_state(),
+                     "states": [None if s is None else _to(s, "cpu") for s in states]}, rank_path)
+        if ddp:
+            torch.distributed.barrier()
+        if master:
+            save_atomic({"model": msd, "optimizer": osd, "step": step, "train_config": asdict(tc),
+                         "model_config": asdict(cfg), "world": world}, ckpt_path)
+            nn_save(cfg, msd, os.path.join(tc.out_dir, "model.safetensors"), step)
+
+    # --- loop ----------------------------------------------------------------------------------
+    stop = {"flag": False}
+
+    def on_sigint(sig, frame):
+        if stop["flag"]:
+            raise KeyboardInterrupt
+        stop["flag"] = True
+        if master:
+            print("\ninterrupted: finishing this step, writing a checkpoint (Ctrl-C again to abort)", flush=True)
+    old_handler = signal.signal(signal.SIGINT, on_sigint) if threading_main() else None
+
+    fpf = flops_per_frame(cfg, tc.seq_len)
+    frames_per_step = B * A * tc.seq_len * world
+    if master:
+        print(f"model: {raw.num_params() / 1e6:.1f}M parameters, {cfg.n_layers} layers of {cfg.dim}, window "
+              f"{cfg.window} frames ({cfg.window / 12.5:.0f} s), TTT-{cfg.ttt_type} in the top {cfg.n_ttt}")
+        print(f"data: {len(train_ids)} conversations for training, {len(val_ids)} for validation; "
+              f"{tc.mode} mode, {frames_per_step} frames a step ({frames_per_step / 12.5 / 60:.1f} min of audio)")
+    t0, t_start, last = time.time(), time.time(), None
+    losses = []
+    while step < tc.max_steps:
+        lr = lr_at(tc, step)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        total = torch.zeros((), device=device)
+        parts_sum = {}
+        for i in range(A):
+            x, reset = samplers[i].next()
+            x = torch.from_numpy(x).to(device, non_blocking=True)
+            if tc.mode == "streaming":
+                st = states[i]
+                st = raw.init_state(B, device) if st is None else raw.reset_rows(st, torch.from_numpy(reset).to(device))
+            else:
+                st = None
+            sync = nullcontext() if not ddp or tc.fsdp or i == A - 1 else model.no_sync()
+            with sync, autocast:
+                logits, new = model(x, st)
+                loss, parts = loss_fn(logits, x, cfg)
+            (loss / A).backward()
+            if tc.mode == "streaming":
+                states[i] = detach_state(new)
+            total += loss.detach() / A
+            for k, v in parts.items():
+                parts_sum[k] = parts_sum.get(k, 0) + v / A
+        norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), tc.grad_clip)
+        if ddp:
+            torch.distributed.all_reduce(total)
+            total /= world
+        lv = total.item()
+        if not math.isfinite(lv):
+            msg = (f"loss is {lv} at step {step + 1}: stopping. The last good checkpoint, if any, is "
+                   f"{ckpt_path}; lower --lr or check the data")
+            if ddp:
+                torch.distributed.destroy_process_group()
+            raise ValueError(msg)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        losses.append(lv)
+        if master and (step % tc.log_interval == 0 or step == tc.max_steps):
+            dt = time.time() - t0
+            n_steps = step - (last or 0) if last is not None else min(step, tc.log_interval)
+            fps = frames_per_step * n_steps / max(dt, 1e-9)
+            mfu = f" | MFU {fps * fpf / world / H100_BF16_FLOPS:.1%}" if device.type == "cuda" else ""
+            eta = (time.time() - t_start) / len(losses) * (tc.max_steps - step)
+            groups = " ".join(f"{k[:4]} {v.item():.3f}" for k, v in parts_sum.items())
+            print(f"step {step}/{tc.max_steps} ({step / tc.max_steps:.0%}) | loss {lv:.4f} ({groups}) | "
+                  f"lr {lr:.2e} | norm {norm.item():.2f} | {fps:,.0f} frames/s{mfu} | eta {_fmt(eta)}", flush=True)
+            t0, last = time.time(), step
+        at_eval = tc.eval_interval > 0 and step % tc.eval_interval == 0
+        if at_eval or step == tc.max_steps or (tc.stop_at and step >= tc.stop_at) or stop["flag"]:
+            if at_eval or step == tc.max_steps:
+                vl = evaluate(model, raw, val_sampler, tc, cfg, device, autocast)
+                if master:
+                    print(f"eval step {step}: val loss {vl:.4f}", flush=True)
+            checkpoint(step)
+            if (tc.stop_at and step >= tc.stop_at) or stop["flag"]:
+                break
+    if old_handler is not None:
+        signal.signal(signal.SIGINT, old_handler)
+    if master:
+        print(f"done: step {step}, {_fmt(time.time() - t_start)}; checkpoint {ckpt_path}")
+    if ddp:
+        torch.distributed.destroy_process_group()
+    return losses
+
+
+def threading_main():
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+@torch.no_grad()
+def evaluate(model, raw, sampler, tc, cfg, device, autocast):
+    """Mean loss over a fixed set of held-out windows (fresh state each)."""
+    saved = sampler.state_dict()
+    sampler.rng = np.random.default_rng(0)
+    raw.eval()
+    tot = 0.0
+    for _ in range(tc.eval_batches):
+        x, _ = sampler.next()
+        x = torch.from_numpy(x).to(device)
+        with autocast:
+            loss, _ = loss_fn(model(x, None)[0], x, cfg)
+        tot += loss.item() / tc.eval_batches
+    raw.train()
+    sampler.load_state_dict(saved)
+    return tot
+
+
+def nn_save(cfg, sd, path, step):
+    """model.safetensors beside the training checkpoint, for generate.py."""
+    import json
+    from safetensors.torch import save_file
+    tmp = f"{path}.tmp"
+    save_file({k: v.detach().float().contiguous().cpu() for k, v in sd.items()}, tmp,
+              metadata={"config": json.dumps(asdict(cfg)), "step": str(step)})
+    os.replace(tmp, path)
+
+
+def _load_model_opt(raw, opt, ck, fsdp):
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+        set_state_dict(raw, opt, model_state_dict=ck["model"], optim_state_dict=ck["optimizer"],
+                       options=StateDictOptions(full_state_dict=True))
+    else:
+        raw.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+
+
+def _to(state, device):
+    return tree_map(lambda t: t.to(device), state)
+
+
+def _fmt(s):
+    s = int(max(0, s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+if __name__ == "__main__":
+    main()
