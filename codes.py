@@ -179,6 +179,18 @@ class CodesWriter:
 
     def add(self, frames):
         """Append one whole conversation, [frames, n_cols] (or [frames, streams, codebooks] without text)."""
+        self._write(frames)
+        self.offsets.append(self.offsets[-1] + len(frames))
+
+    def extend(self, frames):
+        """Append frames to the last conversation (starting one if there is none): for writers
+        that make a conversation piece by piece."""
+        self._write(frames)
+        if len(self.offsets) == 1:
+            self.offsets.append(0)
+        self.offsets[-1] += len(frames)
+
+    def _write(self, frames):
         a = np.asarray(frames)
         if a.ndim == 3 and self.n_text == 0:
             a = a.reshape(len(a), -1)
@@ -194,7 +206,6 @@ class CodesWriter:
             c = int(np.nonzero((a.max(axis=0) >= self.limits) | (a.min(axis=0) < 0))[0][0])
             raise CodesFormatError(f"column {c} holds codes outside [0, {int(self.limits[c])})")
         self.fh.write(np.ascontiguousarray(a, dtype="<u2").tobytes())
-        self.offsets.append(self.offsets[-1] + len(a))
 
     def close(self):
         """Write the index and header, then move the file into place."""

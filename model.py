@@ -112,9 +112,9 @@ class Config:
 PRESETS = {
     "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, window=16, n_ttt=1, ttt_mini_batch=4,
                  ttt_heads=4, depth_dim=32, depth_layers=1, depth_heads=2),
-    # about 4M parameters; 90 minutes of codes on a 2-core CPU runs many times faster than real time
-    "demo": dict(dim=192, n_layers=4, n_heads=6, n_kv_heads=2, window=250, n_ttt=2, ttt_mini_batch=16,
-                 ttt_heads=3, depth_dim=96, depth_layers=1, depth_heads=4, hidden=512),
+    # about 8M parameters, most of them codebook embeddings; 90 minutes of codes on a 2-core CPU runs many times faster than real time
+    "demo": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, hidden=384, window=250, n_ttt=2,
+                 ttt_mini_batch=16, ttt_heads=2, depth_dim=64, depth_layers=1, depth_heads=2),
     # a few hundred million parameters; the window is one minute of audio
     "small": dict(dim=1024, n_layers=20, n_heads=16, n_kv_heads=4, hidden=4096, window=750, n_ttt=4,
                   ttt_mini_batch=16, ttt_heads=16, depth_dim=512, depth_layers=4, depth_heads=8),
@@ -337,6 +337,9 @@ class DepthDecoder(nn.Module):
         self.audio_heads = nn.Parameter(torch.empty(cfg.n_audio, cfg.cardinality, d))
         self.register_buffer("inv_freq", rope_inv_freq(hd, 10000.0).float(), persistent=False)
 
+    def rope(self, n, device):
+        return rope_cos_sin(torch.arange(n, device=device)[None], self.inv_freq)
+
     def hidden(self, h, codes):
         """h [N, D] backbone outputs; codes [N, c] the frame's first c columns (c < C) ->
         depth states [N, c+1, d] for positions 0..c."""
@@ -345,7 +348,7 @@ class DepthDecoder(nn.Module):
         x = self.in_proj(h).view(N, -1, d)[:, :c + 1]                          # [N, c+1, d]
         if c:
             x = x + F.pad(self.token_emb(codes + self.offsets[:c]), (0, 0, 1, 0))
-        cos, sin = rope_cos_sin(torch.arange(c + 1, device=h.device)[None], self.inv_freq)
+        cos, sin = self.rope(c + 1, h.device)
         empty = x.new_zeros(N, self.layers[0].self_attn.n_kv_heads, 0, d // self.cfg.depth_heads) if len(self.layers) else None
         for layer in self.layers:
             x, _, _ = layer(x, cos, sin, None, (empty, empty))
@@ -500,22 +503,45 @@ class SpeechLM(nn.Module):
         return h @ w.t(), state
 
     @torch.no_grad()
-    def step(self, state, sample):
+    def step(self, state, sample, force=None):
         """Generate one frame. sample(logits [B, V], column) -> tokens [B]. Returns the frame
         [B, C], the model's log-probability of it [B] (float32) and the new state."""
-        B = state.pos.shape[0]
         h, state = self.backbone(self.frame_emb(state.prev[:, None]), state)
-        return self.depth_sample(h[:, 0], sample, state)
+        return self.depth_sample(h[:, 0], sample, state, force)
 
-    def depth_sample(self, h, sample, state):
-        cols = []
-        logp = torch.zeros(h.shape[0], device=h.device)
-        for c in range(self.cfg.n_cols):
-            prefix = torch.stack(cols, 1) if cols else h.new_zeros(h.shape[0], 0, dtype=torch.long)
-            x = self.depth.hidden(h, prefix)
-            logits = self.depth.logits(x[:, -1:], [c])[0].float()   # [B, V]
+    def prefill(self, codes, state=None):
+        """Consume frames codes [B, T, C] without predicting them (a prompt): the new state."""
+        fresh = state is None
+        state = self.init_state(codes.shape[0], codes.device) if fresh else state
+        inp = torch.cat([state.prev[:, None], codes[:, :-1]], 1)
+        _, state = self.backbone(self.frame_emb(inp), state, fresh)
+        return state._replace(prev=codes[:, -1])
+
+    def depth_sample(self, h, sample, state, force=None):
+        """Sample a frame column by column from backbone outputs h [B, D]. The depth decoder runs
+        one position at a time over a cache of C slots (positions before c are valid), the same
+        attention as the teacher-forced pass. force [B, C] (-1 = sample) fixes known columns."""
+        cfg, dd = self.cfg, self.depth
+        B, C, d = h.shape[0], cfg.n_cols, cfg.depth_dim
+        x0 = dd.in_proj(h).view(B, C, d)                                   # all positions at once
+        cos, sin = dd.rope(C, h.device)                                    # [1, C, hd]
+        caches = [(h.new_zeros(B, l.self_attn.n_kv_heads, C, l.self_attn.head_dim),) * 2 for l in dd.layers]
+        slot = torch.arange(C + 1, device=h.device)
+        logp = torch.zeros(B, device=h.device)
+        tok, cols = None, []
+        for c in range(C):
+            x = x0[:, c:c + 1]
+            if c:
+                x = x + dd.token_emb(tok + dd.offsets[c - 1])[:, None]
+            mask = (slot >= C - c).view(1, 1, C + 1).expand(B, 1, C + 1)    # cached positions < c, and itself
+            for i, layer in enumerate(dd.layers):
+                x, caches[i], _ = layer(x, cos[:, c:c + 1], sin[:, c:c + 1], mask, caches[i])
+            logits = dd.logits(dd.norm(x), [c])[0].float()                  # [B, V]
+            lp = logits.log_softmax(-1)
             tok = sample(logits, c)
-            logp = logp + logits.log_softmax(-1).gather(1, tok[:, None])[:, 0]
+            if force is not None:
+                tok = torch.where(force[:, c] >= 0, force[:, c], tok)
+            logp = logp + torch.where(tok < lp.shape[1], lp.gather(1, tok.clamp(max=lp.shape[1] - 1)[:, None])[:, 0], 0.0)
             cols.append(tok)
         frame = torch.stack(cols, 1)
         return frame, logp, state._replace(prev=frame)

@@ -1,0 +1,333 @@
+"""
+Generate a conversation: minutes to hours of codes (and audio), written to disk as they are made.
+
+    python generate.py --minutes 90                       # the repo's demo checkpoint
+    python generate.py --ckpt runs/train --minutes 10 --mimi tokenizer.safetensors --out talk.wav
+    python generate.py --prompt start.wav --minutes 5     # continue a recording
+
+Per frame: one backbone step (windowed attention + TTT, constant-size state), the depth decoder
+over the frame's codebooks, and, with Mimi weights, one streaming Mimi decode step whose audio is
+appended to the wav file. The wav header is rewritten as the file grows, so an interrupted run
+(Ctrl-C included) leaves a valid file with everything made so far. Memory stays flat: nothing
+grows with the length of the conversation.
+
+--mode minibatch recomputes the current TTT mini-batch with the chunked (dual) form at every
+frame, as a TTT implementation without the streaming form would; it gives the same codes as the
+default one-step streaming form, more slowly.
+"""
+import argparse
+import contextlib
+import math
+import os
+import resource
+import struct
+import sys
+import time
+
+import numpy as np
+import torch
+
+from codes import CodesFile, CodesFormatError, CodesWriter
+from model import SpeechLM, delay
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEMO_CKPT = os.path.join(HERE, "demo", "model.safetensors")
+FRAME_RATE = 12.5
+SAMPLE_RATE = 24_000
+
+
+class Sampler:
+    """Temperature / top-k / top-p sampling, text and audio set apart. The random numbers of a
+    frame are drawn at once (one exponential draw per column), so any way of computing the logits
+    consumes them in the same order: sampling is argmax(p / Exp(1)), exact and sync-free."""
+
+    def __init__(self, cfg, temp=0.8, top_k=250, top_p=1.0, text_temp=0.7, text_top_k=25, text_top_p=1.0,
+                 generator=None):
+        self.cfg, self.g = cfg, generator
+        self.audio = (temp, top_k, top_p)
+        self.text = (text_temp, text_top_k, text_top_p)
+        self.noise = None
+
+    def new_frame(self, B, device):
+        self.noise_t = torch.empty(B, self.cfg.n_text, self.cfg.text_cardinality, device=device).exponential_(generator=self.g)
+        self.noise_a = torch.empty(B, self.cfg.n_audio, self.cfg.cardinality, device=device).exponential_(generator=self.g)
+
+    def __call__(self, logits, c):
+        nt = self.cfg.n_text
+        temp, k, p = self.text if c < nt else self.audio
+        noise = self.noise_t[:, c] if c < nt else self.noise_a[:, c - nt]
+        if temp <= 0:
+            return logits.argmax(-1)
+        z = logits / temp
+        if k and k < z.shape[-1]:
+            z = z.masked_fill(z < z.topk(k, -1).values[:, -1:], -math.inf)
+        if p < 1.0:
+            zs, idx = z.sort(-1, descending=True)
+            cum = zs.softmax(-1).cumsum(-1)
+            drop = cum - zs.softmax(-1) > p                   # keep the smallest set with mass >= p
+            z = z.masked_fill(drop.scatter(-1, idx, drop), -math.inf)
+        return (z.softmax(-1) / noise).argmax(-1)
+
+
+def generate(model, n_frames, sampler, batch=1, prompt=None, mode="streaming", on_frame=None, device="cpu"):
+    """Make n_frames frames after an optional prompt [B, P, C] (undelayed codes, prefilled through
+    the chunked path). on_frame(codes [B, C], logp [B]) receives each finished frame in order:
+    the prompt's frames first (logp None), then the generated ones, undelayed. Returns the state."""
+    cfg = model.cfg
+    dl = cfg.col_delays()
+    md = max(dl)
+    b = cfg.ttt_mini_batch
+    state = model.init_state(batch, device)
+    P = 0
+    hist = torch.full((batch, md + 1, cfg.n_cols), -1, dtype=torch.long, device=device)  # last md+1 delayed frames
+    force = None
+    if prompt is not None:
+        P = prompt.shape[1]
+        d = delay(prompt, cfg)                                       # [B, P, C] delayed
+        for t in range(0, P, cfg.window):                            # chunked prefill, a window at a time
+            state = model.prefill(d[:, t:t + cfg.window], state)
+        for t in range(P):
+            on_frame and on_frame(prompt[:, t], None)
+        tail = prompt[:, -md:] if md else prompt[:, :0]
+    mb_state, mb_frames = state, []
+    for t in range(n_frames + md):
+        sampler.new_frame(batch, device)
+        # delayed columns not yet started are forced: the prompt's values, or the initial token
+        force = None
+        if t < md:
+            force = torch.full((batch, cfg.n_cols), -1, dtype=torch.long, device=device)
+            for c, dc in enumerate(dl):
+                if t < dc:
+                    force[:, c] = tail[:, md - dc + t, c] if prompt is not None else cfg.col_cards()[c]
+        if mode == "streaming":
+            frame, logp, state = model.step(state, sampler, force)
+        else:
+            if (P + t) % b == 0:                                      # a new TTT mini-batch starts here
+                mb_state, mb_frames = state, []
+            inp = torch.stack([mb_state.prev] + mb_frames, 1)        # frames since the mini-batch start
+            h, st = model.backbone(model.frame_emb(inp), mb_state)
+            frame, logp, state = model.depth_sample(h[:, -1], sampler, st, force)
+            mb_frames.append(frame)
+        hist = torch.cat([hist[:, 1:], frame[:, None]], 1)
+        if t >= md and on_frame is not None:                         # undelay: column c of frame t-md
+            out = torch.stack([hist[:, dc, c] for c, dc in enumerate(dl)], 1)
+            on_frame(out, logp)
+    return state
+
+
+class WavWriter:
+    """16-bit PCM wav appended chunk by chunk; the header's sizes are rewritten after each chunk,
+    so the file on disk is always a valid wav of everything written so far."""
+
+    def __init__(self, path, channels, rate=SAMPLE_RATE):
+        self.path, self.ch, self.rate, self.n = path, channels, rate, 0
+        self.f = open(path, "wb")
+        self._header()
+
+    def _header(self):
+        data = self.n * self.ch * 2
+        self.f.seek(0)
+        self.f.write(b"RIFF" + struct.pack("<I", 36 + data) + b"WAVEfmt " +
+                     struct.pack("<IHHIIHH", 16, 1, self.ch, self.rate, self.rate * self.ch * 2, self.ch * 2, 16) +
+                     b"data" + struct.pack("<I", data))
+        self.f.seek(0, 2)
+
+    def write(self, x):  # x [samples, channels] float in [-1, 1]
+        pcm = (np.clip(x, -1, 1) * 32767).round().astype("<i2")
+        self.f.write(pcm.tobytes())
+        self.n += len(x)
+        self._header()
+        self.f.flush()
+
+    def close(self):
+        self.f.close()
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def minutes_arg(s):
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--minutes must be a number, got {s!r}")
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"--minutes must be a positive number of minutes, got {s!r}")
+    return v
+
+
+def writable(path, what):
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"cannot write {what} {path!r}: folder {folder!r} does not exist")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise ValueError(f"cannot write {what} {path!r}: permission denied")
+    if os.path.isdir(path):
+        raise ValueError(f"cannot write {what} {path!r}: it is a folder")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minutes", type=minutes_arg, default=1.0, help="length to generate (default 1)")
+    ap.add_argument("--ckpt", default=DEMO_CKPT, help="model checkpoint (.safetensors or a train.py run folder)")
+    ap.add_argument("--mimi", default="", help="Mimi weights; default: looked up in the Hugging Face cache")
+    ap.add_argument("--out", default="generated.wav", help="wav to write (stereo: one speaker per channel)")
+    ap.add_argument("--codes_out", default="generated_codes.bin", help="codes file to write")
+    ap.add_argument("--prompt", default="", help="a wav or codes file to continue")
+    ap.add_argument("--mode", default="streaming", choices=["streaming", "minibatch"])
+    ap.add_argument("--temp", type=float, default=0.8, help="audio sampling temperature (0: greedy)")
+    ap.add_argument("--top_k", type=int, default=250, help="audio top-k (0: off)")
+    ap.add_argument("--top_p", type=float, default=1.0, help="audio top-p (1: off)")
+    ap.add_argument("--text_temp", type=float, default=0.7)
+    ap.add_argument("--text_top_k", type=int, default=25)
+    ap.add_argument("--text_top_p", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch", type=int, default=1, help="conversations generated at once")
+    ap.add_argument("--device", default="", help="cuda, mps or cpu (default: the best there is)")
+    ap.add_argument("--cuda_graph", action="store_true", help="capture the frame step as a CUDA graph")
+    ap.add_argument("--quiet", action="store_true")
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    try:
+        return run(a)
+    except (ValueError, FileNotFoundError, CodesFormatError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run(a):
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else
+                                       "mps" if torch.backends.mps.is_available() else "cpu"))
+    if a.batch < 1:
+        raise ValueError(f"--batch must be at least 1, got {a.batch}")
+    writable(a.codes_out, "codes")
+    model = SpeechLM.from_checkpoint(a.ckpt, device=device).eval()
+    cfg = model.cfg
+    torch.manual_seed(a.seed)
+
+    # Mimi, for audio in and out
+    import mimi as mimi_mod
+    mimi_path = a.mimi or mimi_mod.find_checkpoint()
+    codec = None
+    if mimi_path:
+        if cfg.cardinality != mimi_mod.CARDINALITY or cfg.n_codebooks > 32:
+            raise ValueError(f"this model makes {cfg.n_codebooks} codebooks of {cfg.cardinality}: not Mimi codes")
+        codec = mimi_mod.Mimi.from_pretrained(mimi_path, num_codebooks=cfg.n_codebooks, device=device)
+        writable(a.out, "audio")
+
+    prompt = None
+    if a.prompt:
+        prompt = load_prompt(a.prompt, cfg, codec, device).expand(a.batch, -1, -1)
+    n_frames = int(round(a.minutes * 60 * FRAME_RATE))
+    g = torch.Generator(device).manual_seed(a.seed)
+    sampler = Sampler(cfg, a.temp, a.top_k, a.top_p, a.text_temp, a.text_top_k, a.text_top_p, generator=g)
+
+    stack = contextlib.ExitStack()
+    writer = CodesWriter(a.codes_out, **{k: getattr(cfg, k) for k in ("n_streams", "n_codebooks", "cardinality",
+                                                                       "n_text", "text_cardinality")})
+    wavs = []
+    if codec is not None:
+        stem, ext = os.path.splitext(a.out)
+        names = [a.out] if a.batch == 1 else [f"{stem}_{i}{ext}" for i in range(a.batch)]
+        wavs = [WavWriter(n, cfg.n_streams) for n in names]
+        stack.enter_context(codec.streaming(a.batch * cfg.n_streams))
+    made, t0, last_print = [0], time.time(), [0.0]
+    mem1 = [None]
+    total = n_frames + (prompt.shape[1] if prompt is not None else 0)
+    buf = []
+
+    def flush():
+        if not buf:
+            return
+        chunk = torch.stack(buf, 1)                                  # [B, n, C]
+        buf.clear()
+        writer.extend(chunk[0].cpu().numpy())                        # the codes file holds conversation 0
+        if codec is not None:
+            audio = chunk[..., cfg.n_text:].reshape(a.batch, -1, cfg.n_streams, cfg.n_codebooks)
+            audio = audio.permute(0, 2, 3, 1).reshape(a.batch * cfg.n_streams, cfg.n_codebooks, -1)
+            wav = codec.decode(audio).view(a.batch, cfg.n_streams, -1).float().cpu().numpy()
+            for w, x in zip(wavs, wav):
+                w.write(x.T)
+        made[0] += chunk.shape[1]
+
+    def on_frame(frame, logp):
+        buf.append(frame)
+        if len(buf) == 25:                                           # write two seconds at a time
+            flush()
+        if made[0] >= 750 and mem1[0] is None:
+            mem1[0] = peak_memory_mb(device)
+        if not a.quiet and time.time() - last_print[0] > 2:
+            last_print[0] = time.time()
+            el = time.time() - t0
+            rtf = made[0] / FRAME_RATE / max(el, 1e-9)
+            left = (total - made[0]) / FRAME_RATE / max(rtf, 1e-9)
+            print(f"\rminute {made[0] / FRAME_RATE / 60:.1f} of {total / FRAME_RATE / 60:.1f} | "
+                  f"{rtf:.1f}x real time | {left / 60:.1f} min left | peak memory {peak_memory_mb(device):.0f} MB ",
+                  end="", file=sys.stderr, flush=True)
+
+    interrupted = False
+    try:
+        with torch.inference_mode():
+            generate(model, n_frames, sampler, a.batch, prompt, a.mode, on_frame, device)
+            flush()
+    except KeyboardInterrupt:
+        interrupted = True
+        with torch.inference_mode():
+            flush()
+    finally:
+        stack.close()
+        writer.close()
+        for w in wavs:
+            w.close()
+    el = time.time() - t0
+    if not a.quiet:
+        print(file=sys.stderr)
+    mem_end = peak_memory_mb(device)
+    note = " (interrupted)" if interrupted else ""
+    print(f"{made[0]} frames ({made[0] / FRAME_RATE / 60:.2f} min) in {el:.1f}s, "
+          f"{made[0] / FRAME_RATE / max(el, 1e-9):.1f}x real time{note}; codes: {a.codes_out}"
+          + (f"; audio: {', '.join(w.path for w in wavs)}" if wavs else ""))
+    if mem1[0] is not None:
+        print(f"peak memory after minute 1: {mem1[0]:.1f} MB; at the end: {mem_end:.1f} MB "
+              f"({(mem_end - mem1[0]) / mem1[0]:+.2%})")
+    if codec is None:
+        print("no Mimi weights found, so no audio: get them with `huggingface-cli download kyutai/mimi "
+              "model.safetensors` and pass --mimi PATH (or decode later: python mimi.py decode "
+              f"{a.codes_out} --out out.wav)")
+    return made[0]
+
+
+def load_prompt(path, cfg, codec, device):
+    """A prompt as undelayed codes [1, P, C]: a codes file (its first conversation) or audio."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompt {path!r} does not exist")
+    with open(path, "rb") as f:
+        magic = f.read(8)
+    if magic == b"CONVCODE":
+        f = CodesFile(path)
+        want = {k: getattr(cfg, k) for k in ("n_streams", "n_codebooks", "cardinality", "n_text", "text_cardinality")}
+        have = {k: getattr(f, k) for k in want}
+        if have != want:
+            raise ValueError(f"prompt {path!r} holds frames of {have}; the model takes {want}")
+        return torch.from_numpy(np.asarray(f.conversation(0), dtype=np.int64))[None].to(device)
+    if codec is None:
+        raise ValueError(f"prompt {path!r} is audio: encoding it needs Mimi weights (--mimi PATH)")
+    if cfg.n_text:
+        raise ValueError("this model has a text stream: give the prompt as a codes file with text")
+    import mimi as mimi_mod
+    wav = mimi_mod.load_audio(path)                                 # [channels, samples] at 24 kHz
+    if wav.shape[0] != cfg.n_streams:
+        raise ValueError(f"prompt {path!r} has {wav.shape[0]} channel(s); the model has {cfg.n_streams} "
+                         "streams (one speaker per channel)")
+    codes = codec.encode(torch.as_tensor(wav, device=device)[:, None])   # [S, K, F]
+    return codes.permute(2, 0, 1).reshape(1, codes.shape[-1], -1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+import os
+import struct
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import generate
+from codes import CodesFile, write_codes
+from model import Config, SpeechLM, delay
+
+torch.set_num_threads(2)
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    cfg = Config.preset("tiny", **{**dict(n_streams=2, n_codebooks=3, cardinality=64, window=8, ttt_mini_batch=4), **kw})
+    m = SpeechLM(cfg).eval()
+    with torch.no_grad():
+        for b in m.layers:
+            if b.ttt is not None:
+                b.ttt.alpha.fill_(0.8)
+    return m
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    p = tmp_path_factory.mktemp("ck") / "m.safetensors"
+    _model(delays=(0, 1, 1)).save(p)
+    return str(p)
+
+
+def _run(m, n, seed=0, mode="streaming", prompt=None, batch=1, **kw):
+    frames, logps = [], []
+
+    def on_frame(f, lp):
+        frames.append(f.clone())
+        logps.append(lp)
+    g = torch.Generator().manual_seed(seed)
+    s = generate.Sampler(m.cfg, generator=g, **kw)
+    with torch.inference_mode():
+        generate.generate(m, n, s, batch, prompt, mode, on_frame)
+    return torch.stack(frames, 1), logps
+
+
+def test_same_seed_same_codes_and_modes_agree():
+    m = _model(delays=(0, 1, 1), n_text=1, text_cardinality=30)
+    a, _ = _run(m, 45, seed=1, batch=2)
+    b, _ = _run(m, 45, seed=1, batch=2)
+    c, _ = _run(m, 45, seed=1, batch=2, mode="minibatch")
+    d, _ = _run(m, 45, seed=2, batch=2)
+    assert torch.equal(a, b)
+    assert torch.equal(a, c)
+    assert not torch.equal(a, d)
+    assert a.shape == (2, 45, 7)  # 1 text + 2 streams x 3 codebooks
+
+
+def test_logprobs_match_a_full_forward():
+    # several attention windows long (W = 8), with delays: the log-probabilities accumulated while
+    # sampling equal those of one teacher-forced pass over the generated sequence
+    m = _model(delays=(0, 1, 2), n_text=1, text_cardinality=30)
+    n = 40
+    out, logps = _run(m, n, temp=1.0, top_k=0, text_temp=1.0, text_top_k=0)
+    d = delay(out, m.cfg)
+    with torch.no_grad():
+        logits, _ = m(d)
+    md = 2  # delayed frames before md hold initial tokens, which are not predicted
+    lp = logits.audio[:, md:].float().log_softmax(-1).gather(-1, d[:, md:, 1:, None])[..., 0].sum(-1)
+    lp = lp + logits.text[:, md:].float().log_softmax(-1).gather(-1, d[:, md:, :1, None])[..., 0].sum(-1)
+    got = torch.stack(logps, 1)                      # step t >= md gives the logp of delayed frame t
+    torch.testing.assert_close(got[:, :n - md], lp, rtol=1e-4, atol=1e-4)
+
+
+def test_prompt_continues_where_it_ends():
+    m = _model(delays=(0, 1, 1))
+    full, _ = _run(m, 30, seed=3)
+    P = 13
+    prompt = full[:, :P]
+    out, logps = _run(m, 17, seed=4, prompt=prompt)
+    assert torch.equal(out[:, :P], prompt)              # the prompt comes first, unchanged
+    assert out.shape[1] == P + 17 and logps[P - 1] is None and logps[P] is not None
+    # the continuation is conditioned on the prompt exactly: its log-probabilities equal those of
+    # one teacher-forced pass over prompt + continuation (a wrong forced delayed column, or a
+    # state that lost part of the prompt, would change every later frame's)
+    d = delay(out, m.cfg)
+    with torch.no_grad():
+        logits, _ = m(d)
+    lp = logits.audio[:, P + 1:].float().log_softmax(-1).gather(-1, d[:, P + 1:, :, None])[..., 0].sum(-1)
+    got = torch.stack(logps[P:], 1)
+    torch.testing.assert_close(got[:, :-1], lp, rtol=1e-4, atol=1e-4)
+
+
+def test_cli_codes_and_memory(ckpt, tmp_path, capsys):
+    out = tmp_path / "g.bin"
+    n = generate.main(["--ckpt", ckpt, "--minutes", "1.2", "--codes_out", str(out), "--mimi", "", "--quiet"])
+    assert n == 900
+    f = CodesFile(out)
+    assert f.n_frames == 900 and f.n_codebooks == 3
+    text = capsys.readouterr().out
+    assert "peak memory after minute 1" in text and "python mimi.py decode" in text
+    # a codes prompt: the output starts with it
+    write_codes(tmp_path / "p.bin", [f.conversation(0)[:50]], **f.meta())
+    generate.main(["--ckpt", ckpt, "--minutes", "0.1", "--codes_out", str(tmp_path / "c.bin"),
+                   "--prompt", str(tmp_path / "p.bin"), "--quiet"])
+    g2 = CodesFile(tmp_path / "c.bin")
+    assert g2.n_frames == 50 + 75
+    np.testing.assert_array_equal(g2.conversation(0)[:50], f.conversation(0)[:50])
+
+
+def test_wav_writer_is_valid_at_every_moment(tmp_path):
+    p = str(tmp_path / "a.wav")
+    w = generate.WavWriter(p, 2)
+    x = np.random.default_rng(0).uniform(-0.5, 0.5, (1920, 2))
+    w.write(x)
+    info = sf.info(p)                          # readable before close, as after a crash
+    assert info.frames == 1920 and info.channels == 2 and info.samplerate == 24000
+    w.write(x)
+    y, sr = sf.read(p)
+    assert y.shape == (3840, 2)
+    np.testing.assert_allclose(y[:1920], x, atol=1 / 32767)
+    w.close()
+
+
+def _err(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        generate.main(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_bad_inputs(ckpt, tmp_path, capsys):
+    base = ["--codes_out", str(tmp_path / "x.bin"), "--quiet"]
+    for bad in ["0", "-3", "nan", "ten", "inf"]:
+        assert "--minutes must be" in _err(capsys, ["--ckpt", ckpt, "--minutes", bad] + base)
+    assert "does not exist" in _err(capsys, ["--ckpt", str(tmp_path / "none.safetensors")] + base)
+    (tmp_path / "junk.safetensors").write_bytes(b"\0" * 64)
+    assert "not a readable" in _err(capsys, ["--ckpt", str(tmp_path / "junk.safetensors")] + base)
+    assert "folder" in _err(capsys, ["--ckpt", ckpt, "--codes_out", str(tmp_path / "no" / "x.bin")])
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    os.chmod(ro, 0o500)
+    if not os.access(ro, os.W_OK):  # root can write anywhere
+        assert "permission denied" in _err(capsys, ["--ckpt", ckpt, "--codes_out", str(ro / "x.bin")])
+    # a codes prompt of another shape
+    write_codes(tmp_path / "p1.bin", [np.zeros((20, 1, 3), np.int64)], n_streams=1, n_codebooks=3, cardinality=64)
+    msg = _err(capsys, ["--ckpt", ckpt, "--minutes", "0.1", "--prompt", str(tmp_path / "p1.bin")] + base)
+    assert "holds frames of" in msg and "'n_streams': 1" in msg
+    assert "does not exist" in _err(capsys, ["--ckpt", ckpt, "--prompt", str(tmp_path / "nope.wav")] + base)
+    sf.write(tmp_path / "p.wav", np.zeros((2400, 2)), 24000)
+    assert "needs Mimi weights" in _err(capsys, ["--ckpt", ckpt, "--prompt", str(tmp_path / "p.wav")] + base)
