@@ -1,0 +1,588 @@
+"""TTT layers: the pure functions against DESIGN.md written as plainly as possible, chunking
+invariance (one call = token by token = random chunks), gradients, dtypes under autocast, the
+streaming step's freedom from host syncs, and the Triton fast path against the PyTorch one."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ttt
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KINDS = {"linear": (ttt.ttt_linear, ttt.TTTLinear), "mlp": (ttt.ttt_mlp, ttt.TTTMLP)}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tensors are tiny: a second thread only adds barrier waits (slow on a shared CPU)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+# -----------------------------------------------------------------------------
+# The obvious per-token loop: DESIGN.md "TTT layer", one token at a time, autograd for g_j
+
+
+def ln(z, w, b):
+    mu = z.mean(-1, keepdim=True)
+    var = ((z - mu) ** 2).mean(-1, keepdim=True)
+    return (z - mu) / torch.sqrt(var + 1e-6) * w + b
+
+
+def f_linear(x, W, w, b):
+    W1, b1 = W
+    return ln(x @ W1 + b1, w, b)
+
+
+def f_mlp(x, W, w, b):
+    W1, b1, W2, b2 = W
+    return ln(F.gelu(x @ W1 + b1, approximate="tanh") @ W2 + b2, w, b)
+
+
+def reference(kind, q, k, v, lr, tau, ln_w, ln_b, b, W0, i0=0, G0=None):
+    """out_t = q_t + f(q_t; W_start - tau_i sum_{j<=i} lr_j g_j), g_j by autograd at W_start."""
+    f = f_linear if kind == "linear" else f_mlp
+    w, bb = ln_w[:, None], ln_b[:, None]
+    W = list(W0)
+    G = list(G0) if G0 is not None else [torch.zeros_like(p) for p in W]
+    outs = []
+    for t in range(q.shape[2]):
+        i = (i0 + t) % b
+        kt, vt, qt = k[:, :, t:t + 1], v[:, :, t:t + 1], q[:, :, t:t + 1]
+        loss = 0.5 * ((f(kt, W, w, bb) - (vt - kt)) ** 2).sum()  # rows and heads are independent
+        g = torch.autograd.grad(loss, W, create_graph=True)
+        G = [Gp + lr[:, :, t, None, None] * gp for Gp, gp in zip(G, g)]
+        Wi = [p - tau[i] * Gp for p, Gp in zip(W, G)]
+        outs.append(qt + f(qt, Wi, w, bb))
+        if i == b - 1:
+            W, G = Wi, [torch.zeros_like(Gp) for Gp in G]
+    return torch.cat(outs, 2), W, G
+
+
+def make_inputs(kind, B=2, H=2, T=20, d=8, b=4, dtype=torch.float64, seed=0, grad=False):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s, scale=1.0: (torch.randn(*s, generator=g, dtype=dtype) * scale)
+    m = 4 * d
+    q, k, v = r(B, H, T, d), r(B, H, T, d), r(B, H, T, d)
+    lr = torch.rand(B, H, T, generator=g, dtype=dtype) / d * 2
+    tau = (1.0 / torch.arange(1, b + 1, dtype=dtype) + r(b, scale=0.05)).clamp_min(0)
+    ln_w, ln_b = 1 + r(H, d, scale=0.1), r(H, d, scale=0.1)
+    shapes = [(d, d), (1, d)] if kind == "linear" else [(d, m), (1, m), (m, d), (1, d)]
+    W0 = [r(H, *s, scale=0.3 if s[0] > 1 else 0.1)[None].repeat(B, 1, 1, 1) for s in shapes]
+    xs = [q, k, v, lr, tau, ln_w, ln_b, *W0]
+    if grad:
+        for t in xs:
+            t.requires_grad_()
+    return xs
+
+
+def state_of(W, G=None, i=0):
+    G = G if G is not None else [torch.zeros_like(p) for p in W]
+    return ttt.TTTState(tuple(W), tuple(G), torch.tensor(i, dtype=torch.int64))
+
+
+def run_chunks(fn, q, k, v, lr, tau, ln_w, ln_b, b, state, sizes, **kw):
+    """Call fn over consecutive chunks of the given sizes; return outputs and the final state."""
+    outs, s = [], 0
+    for n in sizes:
+        out, state = fn(q[:, :, s:s + n], k[:, :, s:s + n], v[:, :, s:s + n], lr[:, :, s:s + n],
+                        tau, ln_w, ln_b, b, state, **kw)
+        outs.append(out)
+        s += n
+    assert s == q.shape[2]
+    return torch.cat(outs, 2), state
+
+
+def random_sizes(T, seed, hi=9):
+    g = torch.Generator().manual_seed(seed)
+    sizes = []
+    while sum(sizes) < T:
+        sizes.append(min(int(torch.randint(1, hi, (1,), generator=g)), T - sum(sizes)))
+    return sizes
+
+
+def assert_state_close(s1, s2, tol):
+    assert int(s1.i) == int(s2.i)
+    for x, y in zip(s1.params + s1.grads, s2.params + s2.grads):
+        assert (x - y).abs().max().item() <= tol * (1 + y.abs().max().item())
+
+# -----------------------------------------------------------------------------
+# Exactness: the functions equal the per-token loop
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+@pytest.mark.parametrize("b,T", [(4, 23), (16, 37), (64, 70)])
+def test_matches_per_token_loop(kind, b, T):
+    fn = KINDS[kind][0]
+    q, k, v, lr, tau, ln_w, ln_b, *W0 = make_inputs(kind, T=T, b=b, d=8 if b < 64 else 4)
+    for p in W0:
+        p.requires_grad_()  # autograd of g_j in the reference
+    ref, W, G = reference(kind, q, k, v, lr, tau, ln_w, ln_b, b, W0)
+    with torch.no_grad():
+        out, state = fn(q, k, v, lr, tau, ln_w, ln_b, b, state_of(W0))           # chunked, dual
+        out1, state1 = run_chunks(fn, q, k, v, lr, tau, ln_w, ln_b, b, state_of(W0), [1] * T)
+    err = (out - ref).abs().max().item()
+    assert err < 1e-10, err
+    assert (out1 - ref).abs().max().item() < 1e-10
+    assert int(state.i) == T % b
+    for s in (state, state1):
+        for x, y in zip(s.params + s.grads, W + G):
+            assert (x - y).abs().max().item() < 1e-10
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_matches_per_token_loop_from_mid_minibatch(kind):
+    """A state that stands inside a mini-batch with non-zero sums (as left by an earlier call)."""
+    fn = KINDS[kind][0]
+    b, i0 = 16, 11
+    q, k, v, lr, tau, ln_w, ln_b, *W0 = make_inputs(kind, T=30, b=b, seed=3)
+    G0 = [0.01 * torch.randn_like(p) for p in W0]
+    for p in W0:
+        p.requires_grad_()
+    ref, W, G = reference(kind, q, k, v, lr, tau, ln_w, ln_b, b, W0, i0=i0, G0=G0)
+    with torch.no_grad():
+        out, state = fn(q, k, v, lr, tau, ln_w, ln_b, b, state_of(W0, G0, i0))
+    assert (out - ref).abs().max().item() < 1e-10
+    assert int(state.i) == (i0 + 30) % b
+    for x, y in zip(state.params + state.grads, W + G):
+        assert (x - y).abs().max().item() < 1e-10
+
+# -----------------------------------------------------------------------------
+# Chunking invariance
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_chunking_invariance(kind, dtype, tol):
+    fn = KINDS[kind][0]
+    b, T = 16, 53
+    q, k, v, lr, tau, ln_w, ln_b, *W0 = make_inputs(kind, T=T, b=b, dtype=dtype, seed=1)
+    args = (q, k, v, lr, tau, ln_w, ln_b, b)
+    out, state = fn(*args, state_of(W0))
+    for sizes in ([1] * T, random_sizes(T, 0), [5, 30, 18], [3] + random_sizes(T - 3, 1, hi=20)):
+        out2, state2 = run_chunks(fn, *args, state_of(W0), sizes)
+        assert (out2 - out).abs().max().item() < tol, sizes
+        assert_state_close(state2, state, tol)
+
+
+@pytest.mark.parametrize("cls", [ttt.TTTLinear, ttt.TTTMLP])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_module_chunking_invariance(cls, dtype, tol):
+    torch.manual_seed(0)
+    b, T = 8, 29
+    layer = cls(32, 4, mini_batch=b).to(dtype)
+    with torch.no_grad():  # make the fast weights and offsets non-trivial
+        for p in layer.fast_weights():
+            p.add_(0.05 * torch.randn_like(p))
+        layer.learnable_token_idx.add_(0.02 * torch.randn(b))
+    x = torch.randn(2, T, 32, dtype=dtype)
+    with torch.no_grad():
+        y, state = layer(x)
+        for sizes in ([1] * T, random_sizes(T, 2), [3, 13, 13]):
+            ys, st, s = [], layer.init_state(2), 0
+            for n in sizes:
+                yi, st = layer(x[:, s:s + n], st)
+                ys.append(yi)
+                s += n
+            assert (torch.cat(ys, 1) - y).abs().max().item() < tol, sizes
+            assert_state_close(st, state, tol)
+    assert y.shape == x.shape and state.params[0].dtype == dtype
+
+
+def test_rope_is_upstream_permuted_rotate_half():
+    """ttt-lm-pytorch: permute_qk, rotate_half RoPE at position_ids % mini_batch, undo_permute_qk."""
+    B, H, T, d, theta = 1, 2, 7, 8, 10000.0
+    x = torch.randn(B, H, T, d, dtype=torch.float64)
+    pos = torch.arange(T) % 4
+    cs = ttt._rope_cos_sin(pos, d, theta)
+    xp = x.reshape(B, H, T, d // 2, 2).transpose(3, 4).reshape(B, H, T, d)
+    inv = 1.0 / theta ** (torch.arange(0, d, 2).float() / d)
+    ang = pos.float()[:, None] * inv
+    cos, sin = torch.cat((ang, ang), -1).cos(), torch.cat((ang, ang), -1).sin()
+    rot = torch.cat((-xp[..., d // 2:], xp[..., :d // 2]), -1)
+    y = xp * cos + rot * sin
+    y = y.reshape(B, H, T, 2, d // 2).transpose(3, 4).reshape(B, H, T, d)
+    assert (ttt._rope(x, *cs) - y).abs().max().item() < 1e-12
+
+# -----------------------------------------------------------------------------
+# Gradients of the outer loss through the inner loop
+
+
+def grads_of(kind, fn_out, xs, seed=7):
+    out, params, grads = fn_out
+    g = torch.Generator().manual_seed(seed)
+    loss = (out * torch.randn(out.shape, generator=g, dtype=out.dtype)).sum()
+    for p in list(params) + list(grads):  # the final state feeds the next window
+        loss = loss + (p * torch.randn(p.shape, generator=g, dtype=p.dtype)).sum()
+    return torch.autograd.grad(loss, xs)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+@pytest.mark.parametrize("checkpoint_group", [0, 2])
+def test_gradients_match_per_token_loop(kind, checkpoint_group):
+    fn = KINDS[kind][0]
+    b, T = 4, 19
+    xs = make_inputs(kind, T=T, b=b, d=4, grad=True, seed=5)
+    q, k, v, lr, tau, ln_w, ln_b, *W0 = xs
+    ref = grads_of(kind, reference(kind, q, k, v, lr, tau, ln_w, ln_b, b, W0), xs)
+    out, st = fn(q, k, v, lr, tau, ln_w, ln_b, b, state_of(W0), checkpoint_group=checkpoint_group)
+    ours = grads_of(kind, (out, st.params, st.grads), xs)
+    for name, a, r in zip("q k v lr tau ln_w ln_b W1 b1 W2 b2".split(), ours, ref):
+        assert (a - r).abs().max().item() < 1e-8 * (1 + r.abs().max().item()), name
+    # and the same gradients when the sequence arrives in chunks that start mid-mini-batch
+    out, st = run_chunks(fn, q, k, v, lr, tau, ln_w, ln_b, b, state_of(W0), [3, 1, 9, 6],
+                         checkpoint_group=checkpoint_group)
+    for a, r in zip(grads_of(kind, (out, st.params, st.grads), xs), ref):
+        assert (a - r).abs().max().item() < 1e-8 * (1 + r.abs().max().item())
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_gradcheck(kind):
+    fn = KINDS[kind][0]
+    b = 4
+    xs = make_inputs(kind, B=1, H=1, T=6, d=2, b=b, grad=True, seed=2)
+
+    def f(q, k, v, lr, tau, ln_w, ln_b, *W0):
+        G0 = [0.1 * torch.ones_like(p) for p in W0]
+        out, st = fn(q, k, v, lr, tau, ln_w, ln_b, b, state_of(W0, G0, 2))  # starts mid-batch
+        return out, *st.params, *st.grads
+
+    assert torch.autograd.gradcheck(f, xs, eps=1e-6, atol=1e-6)
+
+
+def test_module_gradients_flow_to_every_parameter():
+    layer = ttt.TTTLinear(16, 2, mini_batch=4, checkpoint_group=1).double()
+    x = torch.randn(2, 11, 16, dtype=torch.float64, requires_grad=True)
+    y, state = layer(x)
+    (y.square().sum() + state.params[0].sum()).backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert torch.isfinite(x.grad).all()
+
+# -----------------------------------------------------------------------------
+# Numerics and the streaming step
+
+
+@pytest.mark.parametrize("cls", [ttt.TTTLinear, ttt.TTTMLP])
+def test_bf16_autocast_keeps_the_inner_loop_float32(cls, monkeypatch):
+    seen = []
+    inner = ttt._ln_l2_grad
+
+    def spy(z, target, w, b):
+        seen.append((z.dtype, target.dtype, w.dtype))
+        return inner(z, target, w, b)
+
+    monkeypatch.setattr(ttt, "_ln_l2_grad", spy)
+    layer = cls(32, 2, mini_batch=4)
+    x = torch.randn(2, 9, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, state = layer(x)          # chunked
+        y1, state = layer(x[:, :1], state)  # streaming
+    assert y.dtype == torch.bfloat16  # the projections did run in bf16
+    assert seen and all(dt == (torch.float32,) * 3 for dt in seen), seen
+    for t in state.params + state.grads:
+        assert t.dtype == torch.float32
+    assert state.i.dtype == torch.int64 and state.i.shape == ()
+    y32, _ = layer(x)  # and the bf16 result is close to the float32 one
+    assert (y.float() - y32).abs().max() < 0.05 * y32.abs().max()
+
+
+@pytest.mark.parametrize("cls", [ttt.TTTLinear, ttt.TTTMLP])
+def test_bf16_parameters_still_get_a_float32_state(cls):
+    layer = cls(32, 2, mini_batch=4).to(torch.bfloat16)
+    x = torch.randn(2, 6, 32, dtype=torch.bfloat16)
+    y, state = layer(x)
+    y1, state = layer(x[:, :1], state)
+    assert y.dtype == y1.dtype == torch.bfloat16 and torch.isfinite(y).all()
+    assert all(t.dtype == torch.float32 for t in state.params + state.grads)
+
+
+@pytest.mark.parametrize("cls", [ttt.TTTLinear, ttt.TTTMLP])
+def test_streaming_step_never_syncs_with_the_host(cls):
+    """Trace the T = 1 step with fake tensors: any .item(), int() or branch on a tensor value
+    (anything a CUDA graph or a compiled frame loop cannot hold) raises here."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    layer = cls(16, 2, mini_batch=4)
+    state = layer.init_state(3)
+    x = torch.randn(3, 1, 16)
+    params = dict(layer.named_parameters())
+    step = lambda p, x, s: torch.func.functional_call(layer, p, (x, s))
+    gm = make_fx(step, tracing_mode="fake")(params, x, state)
+    assert "_local_scalar_dense" not in gm.code
+    with pytest.raises(Exception):  # the check has teeth: the chunked path reads state.i once
+        make_fx(step, tracing_mode="fake")(params, torch.randn(3, 2, 16), state)
+    # the traced graph replays the mini-batch boundary correctly without Python branches
+    y, st = layer(x, state)
+    for _ in range(5):
+        y, st = layer(x, st)
+    assert int(st.i) == 6 % 4
+
+
+def test_state_helpers_and_reset_by_rows():
+    layer = ttt.TTTMLP(16, 2, mini_batch=4)
+    state = layer.init_state(3)
+    assert [p.shape for p in state.params] == [(3, 2, 8, 32), (3, 2, 1, 32), (3, 2, 32, 8),
+                                               (3, 2, 1, 8)]
+    assert state.params[0].requires_grad and state.params[0].grad_fn is not None  # linked to W1
+    _, state = layer(torch.randn(3, 8, 16), state)
+    det = ttt.detach_state(state)
+    assert all(t.grad_fn is None for t in det.params + det.grads)
+    fresh = layer.init_state(3)
+    rows = torch.tensor([True, False, True])
+    mixed = ttt.TTTState(*[tuple(torch.where(rows.view(3, 1, 1, 1), a, b) for a, b in zip(x, y))
+                           for x, y in zip(fresh[:2], det[:2])], det.i)
+    assert torch.equal(mixed.params[0][1], det.params[0][1])
+    assert torch.equal(mixed.params[0][0], fresh.params[0][0])
+
+
+def test_bad_inputs_raise_clear_errors():
+    q, k, v, lr, tau, ln_w, ln_b, *W0 = make_inputs("linear", T=5, b=4)
+    with pytest.raises(ValueError, match="lr must be"):
+        ttt.ttt_linear(q, k, v, lr[:, :, :2], tau, ln_w, ln_b, 4, state_of(W0))
+    with pytest.raises(ValueError, match="tau must be"):
+        ttt.ttt_linear(q, k, v, lr, tau[:3], ln_w, ln_b, 4, state_of(W0))
+    with pytest.raises(ValueError, match="another batch size"):
+        ttt.ttt_linear(q[:1], k[:1], v[:1], lr[:1], tau, ln_w, ln_b, 4, state_of(W0))
+    with pytest.raises(ValueError, match="4 fast weights"):
+        ttt.ttt_mlp(q, k, v, lr, tau, ln_w, ln_b, 4, state_of(W0))
+    with pytest.raises(ValueError, match="expects width"):
+        ttt.TTTLinear(16, 2)(torch.randn(1, 3, 8))
+    with pytest.raises(ValueError, match="multiple of n_heads"):
+        ttt.TTTLinear(10, 3)
+
+# -----------------------------------------------------------------------------
+# The Triton fast path against the PyTorch reference
+
+TRITON_CHECK = r'''
+import os, sys
+os.environ["TRITON_INTERPRET"] = "1"  # set before triton.jit runs, hence a fresh process
+import numpy as np
+import triton.runtime.interpreter as ti
+_patch = ti._patch_lang_tensor
+def _index_fix(tensor, scope):  # numpy >= 2.4 refuses int() of a 1-element array (triton 3.6)
+    _patch(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda s: int(np.asarray(s.handle.data).reshape(-1)[0]))
+ti._patch_lang_tensor = _index_fix
+sys.path.insert(0, sys.argv[1])
+import torch, ttt
+torch.manual_seed(0)
+B, H = 1, 2
+worst = 0.0
+for d, b, T, i0, seg, full_G in [(16, 16, 40, 0, 1, 0), (16, 16, 37, 5, 2, 1), (16, 16, 10, 3, 16, 1),
+                                 (16, 16, 16, 0, 1, 0), (16, 16, 11, 5, 1, 1), (32, 32, 70, 9, 3, 1)]:
+    q, k, v = (torch.randn(B, H, T, d, dtype=torch.float64) for _ in range(3))
+    lr = torch.rand(B, H, T, dtype=torch.float64) / d
+    tau = (1 / torch.arange(1, b + 1) + 0.05 * torch.randn(b)).clamp_min(0).double()
+    lnw, lnb = 1 + 0.1 * torch.randn(H, d).double(), 0.1 * torch.randn(H, d).double()
+    W, c = 0.3 * torch.randn(B, H, d, d).double(), 0.1 * torch.randn(B, H, 1, d).double()
+    GW, Gc = 0.01 * full_G * torch.randn_like(W), 0.01 * full_G * torch.randn_like(c)
+    xs = [q, k, v, lr, tau, lnw, lnb, W, c, GW, Gc]
+    res = []
+    for impl, dt in (("torch", torch.float64), ("triton", torch.float32)):
+        xx = [x.to(dt).requires_grad_() for x in xs]
+        st = ttt.TTTState((xx[7], xx[8]), (xx[9], xx[10]), torch.tensor(i0))
+        out, st = ttt.ttt_linear(*xx[:7], b, st, impl=impl, checkpoint_group=seg)
+        g = torch.Generator().manual_seed(1)
+        loss = (out * torch.randn(out.shape, generator=g, dtype=torch.float64).to(dt)).sum()
+        for p in st.params + st.grads:
+            loss = loss + (p * torch.randn(p.shape, generator=g, dtype=torch.float64).to(dt)).sum()
+        res.append([out, *st.params, *st.grads, *torch.autograd.grad(loss, xx)])
+    for name, a, r in zip("out W c GW Gc dq dk dv dlr dtau dlnw dlnb dW dc dGW dGc".split(), *res):
+        err = ((a.double() - r.double()).abs().max() / (1 + r.abs().max())).item()
+        worst = max(worst, err)
+        assert err < 1e-5, (T, i0, seg, name, err)
+    with torch.no_grad():  # inference: no checkpoints kept
+        st = ttt.TTTState((W.float(), c.float()), (GW.float(), Gc.float()), torch.tensor(i0))
+        out, _ = ttt.ttt_linear(*[x.float() for x in xs[:7]], b, st, impl="triton")
+    assert (out.double() - res[0][0]).abs().max() < 1e-5
+print("worst relative error", worst)
+'''
+
+
+def test_triton_kernels_match_torch_in_the_interpreter():
+    """The Triton forward and hand-written backward against autograd of the PyTorch path, run on
+    the CPU by Triton's interpreter: calls that start mid-mini-batch, incomplete last mini-batches,
+    several checkpoint spacings."""
+    pytest.importorskip("triton")
+    r = subprocess.run([sys.executable, "-c", TRITON_CHECK, ROOT], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "worst relative error" in r.stdout
+
+
+def test_triton_path_refuses_what_it_does_not_cover():
+    q, k, v, lr, tau, ln_w, ln_b, *W0 = make_inputs("mlp", T=5, b=4, dtype=torch.float32)
+    with pytest.raises(NotImplementedError, match="impl='torch'"):
+        ttt.ttt_mlp(q, k, v, lr, tau, ln_w, ln_b, 4, state_of(W0), impl="triton")
+
+
+def cuda_inputs(B, H, T, d, b, dtype, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, device="cuda")
+    q, k, v = (r(B, H, T, d).to(dtype) for _ in range(3))
+    lr = torch.rand(B, H, T, generator=g, device="cuda") / d
+    tau = (1 / torch.arange(1, b + 1, device="cuda") + 0.05 * r(b)).clamp_min(0)
+    lnw, lnb = 1 + 0.1 * r(H, d), 0.1 * r(H, d)
+    W, c = 0.02 * r(B, H, d, d), torch.zeros(B, H, 1, d, device="cuda")
+    return [q, k, v, lr, tau, lnw, lnb, W, c]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b", [16, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_matches_torch_on_cuda(b, dtype):
+    B, H, d, T = 2, 4, 64, 3 * b + 5
+    xs = cuda_inputs(B, H, T, d, b, dtype)
+    res = []
+    for impl in ("torch", "triton"):
+        xx = [x.detach().clone().requires_grad_() for x in xs]
+        W, c = xx[7:]
+        st = ttt.TTTState((W, c), (torch.zeros_like(W), torch.zeros_like(c)),
+                          torch.zeros((), dtype=torch.int64, device="cuda"))
+        # three calls: the second starts mid-mini-batch with carried sums
+        outs = []
+        for s, e in ((0, 7), (7, 2 * b + 1), (2 * b + 1, T)):
+            out, st = ttt.ttt_linear(*[x[:, :, s:e] for x in xx[:3]], xx[3][:, :, s:e], *xx[4:7],
+                                     b, st, impl=impl, checkpoint_group=2)
+            outs.append(out)
+        out = torch.cat(outs, 2)
+        loss = out.float().square().sum() + sum(p.square().sum() for p in st.params + st.grads)
+        res.append([out.float(), *st.params, *st.grads, *torch.autograd.grad(loss, xx)])
+    for name, a, r in zip("out W c GW Gc dq dk dv dlr dtau dlnw dlnb dW dc".split(), *res):
+        err = ((a.float() - r.float()).abs().max() / (1e-3 + r.float().abs().max())).item()
+        assert err < (1e-4 if dtype == torch.float32 else 2e-2), (name, err)
+
+
+@pytest.mark.gpu
+def test_module_on_cuda_takes_triton_and_agrees_with_torch():
+    torch.manual_seed(0)
+    layer = ttt.TTTLinear(256, 4, mini_batch=16).cuda()
+    x = torch.randn(2, 100, 256, device="cuda")
+    assert layer._impl(x) == "triton"
+    y, st = layer(x)
+    layer.impl = "torch"
+    y2, st2 = layer(x)
+    assert (y - y2).abs().max() < 1e-4 * y2.abs().max()
+    assert_state_close(st, st2, 1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cls", [ttt.TTTLinear, ttt.TTTMLP])
+def test_streaming_step_in_a_cuda_graph(cls):
+    torch.manual_seed(0)
+    b = 4
+    layer = cls(128, 2, mini_batch=b).cuda()
+    xs = torch.randn(3 * b + 1, 2, 1, 128, device="cuda")
+    ref, st = [], layer.init_state(2)
+    with torch.no_grad():
+        for x in xs:
+            y, st = layer(x, st)
+            ref.append(y)
+        static_x = xs[0].clone()
+        static = ttt.detach_state(layer.init_state(2))
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):  # warm up outside the graph
+            layer(static_x, static)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y_g, st_g = layer(static_x, static)
+        outs = []
+        for x in xs:
+            static_x.copy_(x)
+            graph.replay()
+            outs.append(y_g.clone())
+            for dst, src in zip(static.params + static.grads + (static.i,),
+                                st_g.params + st_g.grads + (st_g.i,)):
+                dst.copy_(src)
+    for y, r in zip(outs, ref):
+        assert (y - r).abs().max() < 1e-5 * (1 + r.abs().max())
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_compile_impl_matches_torch(kind, monkeypatch):
+    """impl="compile" runs the same math with each whole mini-batch under torch.compile; traced
+    here with the aot_eager backend (dynamo + AOTAutograd, no code generation) to stay fast."""
+    import functools
+    fn = KINDS[kind][0]
+    minibatch = ttt._linear_minibatch if kind == "linear" else ttt._mlp_minibatch
+    compiled = torch.compile(functools.partial(ttt._full_minibatch, minibatch), backend="aot_eager",
+                             dynamic=False, fullgraph=True)
+    monkeypatch.setitem(ttt._COMPILED, minibatch, compiled)
+    b = 4
+    xs = make_inputs(kind, T=19, b=b, d=4, grad=True, seed=4)
+    q, k, v, lr, tau, ln_w, ln_b, *W0 = xs
+    res = []
+    for impl in ("torch", "compile"):
+        out, st = run_chunks(fn, q, k, v, lr, tau, ln_w, ln_b, b, state_of(W0), [2, 13, 4],
+                             impl=impl, checkpoint_group=2)
+        res.append([out, *st.params, *grads_of(kind, (out, st.params, st.grads), xs)])
+    for a, r in zip(*res):
+        assert (a - r).abs().max().item() < 1e-10
+
+
+def test_bench_baseline_loops_are_the_same_layer():
+    """bench/ttt.py's per-mini-batch loops (the official code's dual form) equal ttt.py."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_ttt", os.path.join(ROOT, "bench", "ttt.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for kind in ("linear", "mlp"):
+        q, k, v, lr, tau, ln_w, ln_b, *W0 = make_inputs(kind, T=32, b=16, seed=6)
+        loop = bench.loop_linear if kind == "linear" else bench.loop_mlp
+        ref = loop(q, k, v, lr, tau, ln_w, ln_b, 16, *W0)
+        out, _ = KINDS[kind][0](q, k, v, lr, tau, ln_w, ln_b, 16, state_of(W0))
+        assert (ref - out).abs().max().item() < 1e-10
+
+
+@pytest.mark.slow
+def test_bench_quick_runs():
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "ttt.py"), "--quick"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "| linear | 16 | loop |" in r.stdout and "## Streaming step" in r.stdout
+
+
+@pytest.mark.gpu
+def test_compile_impl_on_cuda_matches_torch():
+    torch.manual_seed(0)
+    layer = ttt.TTTMLP(256, 4, mini_batch=16, checkpoint_group=2).cuda()
+    x = torch.randn(2, 70, 256, device="cuda", requires_grad=True)
+    res = []
+    for impl in ("torch", "compile"):
+        layer.impl = impl
+        y, st = layer(x[:, :9])
+        y2, st = layer(x[:, 9:], st)
+        y = torch.cat([y, y2], 1)
+        g = torch.autograd.grad(y.square().sum(), [x, layer.W1])
+        res.append([y, *st.params, *g])
+    for a, r in zip(*res):
+        assert (a - r).abs().max() < 1e-4 * (1 + r.abs().max())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("b", [16, 64])
+def test_triton_kernels_compile_for_h100(b):
+    """Compile both kernels to sm_90 machine code without a GPU (Triton ships ptxas): catches what
+    the interpreter cannot, such as type or layout errors in the compiled language."""
+    pytest.importorskip("triton")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    ints = ("T", "i0", "NM", "NC", "H", "last_full")
+    for kern, consts, warps in (
+            (ttt._ttt_linear_fwd_kernel, dict(D=64, BS=b, SEG=16, SAVE=True, DOT=ttt.TRITON_DOT), 8),
+            (ttt._ttt_linear_bwd_kernel, dict(D=64, BS=b, SEG=16, DOT=ttt.TRITON_DOT),
+             8 if b * 64 <= 1024 else 16)):
+        names = kern.arg_names
+        sig = {n: "constexpr" if n in consts else "i32" if n in ints else "*fp32" for n in names}
+        src = ASTSource(fn=kern, signature=sig,
+                        constexprs={(names.index(n),): v for n, v in consts.items()})
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": warps})
+        assert compiled.metadata.shared <= 227 * 1024  # fits an H100 SM

@@ -1,0 +1,902 @@
+"""
+TTT-Linear and TTT-MLP layers (Sun et al. 2024, "Learning to (Learn at Test Time): RNNs with
+Expressive Hidden States", arXiv:2407.04620), exact in chunked and in streaming form.
+
+A TTT layer's hidden state is a small model f(.; W) (a linear map or a 2-layer MLP, per head) that is
+trained by gradient descent on a self-supervised loss while the sequence is read. With mini-batch
+size b and position i = t mod b inside the mini-batch (DESIGN.md, "TTT layer"):
+
+    loss_j = 1/2 || f(k_j; W) - (v_j - k_j) ||^2          g_j = grad of loss_j at W_start
+    out_i  = q_i + f(q_i; W_start - tau_i * sum_{j<=i} lr_j g_j)
+    after a full mini-batch: W_start <- W_start - tau_{b-1} * sum_{j<b} lr_j g_j
+
+The state carried between calls is (W_start, the running sum sum_j lr_j g_j, i), all float32, so
+a call may begin and end anywhere inside a mini-batch and any split of a sequence into calls gives
+the same result as one call.
+
+    ttt_linear / ttt_mlp     pure functions of the inner loop, plain PyTorch (the reference):
+                             a chunked dual form for T > 1, a per-token primal form for T = 1
+    Triton kernels           a fast path for TTT-Linear on the GPU (forward and backward), tested
+                             against the reference
+    TTTLinear / TTTMLP       the layer of ttt-lm-pytorch (projections, RoPE, learning-rate gate,
+                             post-norm, output gate) around the pure functions
+
+Shapes: B batch, H heads, T tokens, d head width, b mini-batch size, n tokens of one mini-batch.
+"""
+import functools
+import math
+import warnings
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the PyTorch path below is complete on its own
+    triton = None
+
+LN_EPS = 1e-6  # inner LayerNorm and post-norm, as ln_fwd and post_norm in ttt-lm-pytorch
+GELU_C = math.sqrt(2.0 / math.pi)  # tanh approximation of gelu, as upstream (matches the JAX code)
+
+
+class TTTState(NamedTuple):
+    """What a TTT layer carries between calls; a tree of tensors (detach, torch.where, copy, size).
+
+    params: fast weights at the start of the current mini-batch, each [B, H, ...]
+            (TTT-Linear: W1 [B,H,d,d], b1 [B,H,1,d]; TTT-MLP: W1 [B,H,d,4d], b1, W2 [B,H,4d,d], b2)
+    grads:  running sums sum_{j<i} lr_j g_j over the tokens of the current mini-batch seen so far,
+            same shapes as params (zero when i == 0, in every state this code makes)
+    i:      int64 [], position inside the current mini-batch (shared by all batch rows)
+    """
+    params: tuple
+    grads: tuple
+    i: torch.Tensor
+
+
+def detach_state(state: TTTState) -> TTTState:
+    """Cut the autograd history of a state (truncated backprop between training windows)."""
+    return TTTState(tuple(p.detach() for p in state.params), tuple(g.detach() for g in state.grads),
+                    state.i.detach())
+
+# -----------------------------------------------------------------------------
+# Inner-loop math shared by both inner models
+
+
+def _ln(z, w, b):
+    """Per-head LayerNorm: z [..., d], w and b [H, 1, d]."""
+    return F.layer_norm(z, z.shape[-1:], eps=LN_EPS) * w + b
+
+
+def _ln_l2_grad(z, target, w, b):
+    """d/dz of 1/2 || LN(z) - target ||^2, written out (upstream ln_fused_l2_bwd) so that the inner
+    gradient is an ordinary forward computation that outer autograd differentiates through."""
+    mu = z.mean(-1, keepdim=True)                                   # [..., 1]
+    sd = torch.sqrt(z.var(-1, keepdim=True, unbiased=False) + LN_EPS)  # [..., 1]
+    xh = (z - mu) / sd                                              # [..., d] normalised z
+    gxh = (w * xh + b - target) * w                                 # [..., d] d loss / d xh
+    # LayerNorm backward: remove the parts of gxh along 1 and along xh, then undo the scale
+    return (gxh - gxh.mean(-1, keepdim=True) - xh * (gxh * xh).mean(-1, keepdim=True)) / sd
+
+
+def _gelu(x):
+    return F.gelu(x, approximate="tanh")
+
+
+def _gelu_grad(x):
+    """d gelu_tanh(x) / dx with the exact constants (upstream gelu_bwd rounds them to 8 digits)."""
+    t = torch.tanh(GELU_C * (x + 0.044715 * x ** 3))
+    return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * GELU_C * (1 + 3 * 0.044715 * x * x)
+
+# -----------------------------------------------------------------------------
+# TTT-Linear: f(x; W) = LN(x W1 + b1)
+
+
+def _linear_minibatch(params, grads, q, k, v, lr, tau, ln_w, ln_b):
+    """Dual form over n tokens that lie in one mini-batch (paper Sec. 2.5, upstream TTTLinear.ttt).
+
+    params: W1 [B,H,d,d], b1 [B,H,1,d] at the mini-batch start; grads: the running sums of the
+    tokens of this mini-batch already seen, or None at its start; q/k/v [B,H,n,d]; lr [B,H,n];
+    tau [n] (positions of these tokens). Returns out [B,H,n,d] and the sums extended by these tokens.
+    """
+    W1, b1 = params
+    z1 = k @ W1 + b1                                      # [B,H,n,d] f's pre-norm at W_start
+    gz1 = _ln_l2_grad(z1, v - k, ln_w, ln_b)              # [B,H,n,d] d loss_j / d z1_j
+    # g_j = (k_j^T gz1_j, gz1_j), so q_i (W1 - tau_i sum_j lr_j g_j) needs only q_i.k_j: the dual form
+    eta = tau[:, None] * lr[..., None, :]                 # [B,H,n,n] tau_i lr_j
+    att = torch.tril(q @ k.transpose(-2, -1) + 1)         # [B,H,n,n] j <= i; +1 is the bias's share
+    z1q = q @ W1 + b1 - (eta * att) @ gz1                 # [B,H,n,d]
+    GW1 = (lr[..., None] * k).transpose(-2, -1) @ gz1     # [B,H,d,d] sum_j lr_j g_j of these tokens
+    Gb1 = (lr[..., None] * gz1).sum(-2, keepdim=True)     # [B,H,1,d]
+    if grads is not None:  # sums carried in from an earlier call that stopped inside the mini-batch
+        z1q = z1q - tau[:, None] * (q @ grads[0] + grads[1])  # [B,H,n,d]
+        GW1, Gb1 = GW1 + grads[0], Gb1 + grads[1]
+    out = q + _ln(z1q, ln_w, ln_b)                        # [B,H,n,d]
+    return out, (GW1, Gb1)
+
+
+def _linear_token(params, grads, tau_i, q, k, v, lr, ln_w, ln_b):
+    """Primal form for one token: materialise W_i = W_start - tau_i G_i and apply it.
+
+    q/k/v [B,H,1,d]; lr [B,H,1]; tau_i [1]. Returns out, the extended sums and W_i.
+    """
+    W1, b1 = params
+    GW1, Gb1 = grads
+    z1 = k @ W1 + b1                                        # [B,H,1,d]
+    gz1 = _ln_l2_grad(z1, v - k, ln_w, ln_b)                # [B,H,1,d]
+    GW1 = GW1 + lr[..., None] * k.transpose(-2, -1) @ gz1   # [B,H,d,d] + lr_i k_i^T gz1_i
+    Gb1 = Gb1 + lr[..., None] * gz1                         # [B,H,1,d]
+    W1i, b1i = W1 - tau_i * GW1, b1 - tau_i * Gb1           # [B,H,d,d], [B,H,1,d]
+    out = q + _ln(q @ W1i + b1i, ln_w, ln_b)                # [B,H,1,d]
+    return out, (GW1, Gb1), (W1i, b1i)
+
+# -----------------------------------------------------------------------------
+# TTT-MLP: f(x; W) = LN(gelu(x W1 + b1) W2 + b2), hidden width 4d
+
+
+def _mlp_minibatch(params, grads, q, k, v, lr, tau, ln_w, ln_b):
+    """Dual form of TTT-MLP over n tokens in one mini-batch (upstream TTTMLP.ttt); as
+    _linear_minibatch, with W1 [B,H,d,4d], b1 [B,H,1,4d], W2 [B,H,4d,d], b2 [B,H,1,d]."""
+    W1, b1, W2, b2 = params
+    z1 = k @ W1 + b1                                      # [B,H,n,4d]
+    x2 = _gelu(z1)                                        # [B,H,n,4d]
+    z2 = x2 @ W2 + b2                                     # [B,H,n,d]
+    gz2 = _ln_l2_grad(z2, v - k, ln_w, ln_b)              # [B,H,n,d] d loss_j / d z2_j
+    gz1 = (gz2 @ W2.transpose(-2, -1)) * _gelu_grad(z1)   # [B,H,n,4d] d loss_j / d z1_j
+    eta = tau[:, None] * lr[..., None, :]                 # [B,H,n,n] tau_i lr_j
+    att1 = torch.tril(q @ k.transpose(-2, -1) + 1)        # [B,H,n,n]
+    z1q = q @ W1 + b1 - (eta * att1) @ gz1                # [B,H,n,4d]
+    if grads is not None:  # sums carried in from an earlier call that stopped inside the mini-batch
+        z1q = z1q - tau[:, None] * (q @ grads[0] + grads[1])
+    x2q = _gelu(z1q)                                      # [B,H,n,4d]
+    att2 = torch.tril(x2q @ x2.transpose(-2, -1) + 1)     # [B,H,n,n] layer 2 sees x2q against x2
+    z2q = x2q @ W2 + b2 - (eta * att2) @ gz2              # [B,H,n,d]
+    if grads is not None:
+        z2q = z2q - tau[:, None] * (x2q @ grads[2] + grads[3])
+    out = q + _ln(z2q, ln_w, ln_b)                        # [B,H,n,d]
+    lr_ = lr[..., None]                                   # [B,H,n,1]
+    new = ((lr_ * k).transpose(-2, -1) @ gz1,             # [B,H,d,4d] sum_j lr_j g_j of these tokens
+           (lr_ * gz1).sum(-2, keepdim=True),             # [B,H,1,4d]
+           (lr_ * x2).transpose(-2, -1) @ gz2,            # [B,H,4d,d]
+           (lr_ * gz2).sum(-2, keepdim=True))             # [B,H,1,d]
+    if grads is not None:
+        new = tuple(G + g for G, g in zip(grads, new))
+    return out, new
+
+
+def _mlp_token(params, grads, tau_i, q, k, v, lr, ln_w, ln_b):
+    """Primal form of TTT-MLP for one token (see _linear_token)."""
+    W1, b1, W2, b2 = params
+    z1 = k @ W1 + b1                                      # [B,H,1,4d]
+    x2 = _gelu(z1)                                        # [B,H,1,4d]
+    gz2 = _ln_l2_grad(x2 @ W2 + b2, v - k, ln_w, ln_b)    # [B,H,1,d]
+    gz1 = (gz2 @ W2.transpose(-2, -1)) * _gelu_grad(z1)   # [B,H,1,4d]
+    lr_ = lr[..., None]                                   # [B,H,1,1]
+    g = (k.transpose(-2, -1) @ gz1, gz1, x2.transpose(-2, -1) @ gz2, gz2)  # g_i, shapes of params
+    grads = tuple(G + lr_ * gi for G, gi in zip(grads, g))
+    W1i, b1i, W2i, b2i = (p - tau_i * G for p, G in zip(params, grads))
+    out = q + _ln(_gelu(q @ W1i + b1i) @ W2i + b2i, ln_w, ln_b)  # [B,H,1,d]
+    return out, grads, (W1i, b1i, W2i, b2i)
+
+# -----------------------------------------------------------------------------
+# Driving the inner loop over a call: chunked (T > 1) and streaming (T = 1)
+
+
+def _full_minibatch(minibatch, params, q, k, v, lr, tau, ln_w, ln_b):
+    """A whole mini-batch from zero sums (all but a call's first and last piece): its outputs and
+    the next W_start = W_start - tau_{b-1} sum_j lr_j g_j. The unit that impl="compile" compiles."""
+    out, grads = minibatch(params, None, q, k, v, lr, tau, ln_w, ln_b)
+    return out, tuple(w - tau[-1] * g for w, g in zip(params, grads))
+
+
+_COMPILED = {}
+_COMPILE_FAILED = False  # set when an auto-picked compile failed once: stay eager
+
+
+def _compiled_full_minibatch(minibatch):
+    """torch.compile'd _full_minibatch: each mini-batch becomes a few fused kernels instead of a
+    few dozen small launches (the eager loop is launch-bound). Compiled once per inner model."""
+    if minibatch not in _COMPILED:
+        _COMPILED[minibatch] = torch.compile(functools.partial(_full_minibatch, minibatch),
+                                             fullgraph=True)  # a new batch size recompiles once
+    return _COMPILED[minibatch]
+
+
+def _scan(minibatch, state, q, k, v, lr, tau, ln_w, ln_b, b, checkpoint_group, compiled=False):
+    """Chunked path: cut the call at mini-batch boundaries, run the dual form on each piece, and
+    apply the W_start update whenever a piece completes its mini-batch. Reads state.i once."""
+    T = q.shape[2]
+    i0 = int(state.i)  # the one host read of a chunked call
+    edges = [0, *range(b - i0, T, b), T]
+    pieces = list(zip(edges[:-1], edges[1:]))  # token ranges, each inside one mini-batch
+    full = (_compiled_full_minibatch(minibatch) if compiled
+            else functools.partial(_full_minibatch, minibatch))
+
+    def run(pieces, params, grads):
+        outs = []
+        for s, e in pieces:
+            p = (i0 + s) % b  # position of token s inside its mini-batch
+            args = (q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], lr[:, :, s:e], tau[p:p + e - s],
+                    ln_w, ln_b)
+            if s > 0 and e - s == b:  # past the first piece, a whole mini-batch from zero sums
+                out, params = full(params, *args)
+                grads = None
+            else:  # the first piece carries the state's sums; the last may stop mid-mini-batch
+                out, grads = minibatch(params, grads, *args)
+                if p + e - s == b:  # complete: W_start <- W_start - tau_{b-1} sum lr_j g_j
+                    params = tuple(w - tau[b - 1] * g for w, g in zip(params, grads))
+                    grads = None
+            outs.append(out)
+        grads = grads if grads is not None else tuple(torch.zeros_like(w) for w in params)
+        return torch.cat(outs, 2), params, grads
+
+    params, grads = state.params, state.grads
+    if checkpoint_group > 0 and torch.is_grad_enabled():
+        # keep only the state at group boundaries; recompute the group in backward (upstream scan)
+        outs = []
+        for g in range(0, len(pieces), checkpoint_group):
+            out, params, grads = torch.utils.checkpoint.checkpoint(
+                run, pieces[g:g + checkpoint_group], params, grads, use_reentrant=False)
+            outs.append(out)
+        out = torch.cat(outs, 2)
+    else:
+        out, params, grads = run(pieces, params, grads)
+    return out, TTTState(params, grads, (state.i + T) % b)
+
+
+def _step(token, state, q, k, v, lr, tau, ln_w, ln_b, b):
+    """Streaming path, T = 1: no host sync and no branch on tensor values, so it can be captured in
+    a CUDA graph or compiled; the end of a mini-batch is a torch.where on i == b - 1."""
+    tau_i = tau.index_select(0, state.i.view(1))  # [1] (indexing with a tensor would sync)
+    out, grads, Wi = token(state.params, state.grads, tau_i, q, k, v, lr, ln_w, ln_b)
+    last = state.i == b - 1  # [] bool: the token that completes a mini-batch makes W_i the new W_start
+    params = tuple(torch.where(last, w_i, w) for w_i, w in zip(Wi, state.params))
+    grads = tuple(torch.where(last, 0.0, g) for g in grads)
+    return out, TTTState(params, grads, (state.i + 1) % b)
+
+
+def _check_inputs(name, q, k, v, lr, tau, ln_w, ln_b, b, state, shapes):
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"{name}: q, k, v must all be [B, H, T, d]; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    B, H, T, d = q.shape
+    if T < 1:
+        raise ValueError(f"{name}: need at least one token, got T = {T}")
+    if lr.shape != (B, H, T):
+        raise ValueError(f"{name}: lr must be [B, H, T] = {(B, H, T)}, got {tuple(lr.shape)}")
+    if tau.shape != (b,):
+        raise ValueError(f"{name}: tau must be [b] = ({b},), one weight per mini-batch position, "
+                         f"got {tuple(tau.shape)}")
+    if ln_w.shape != (H, d) or ln_b.shape != (H, d):
+        raise ValueError(f"{name}: ln_w and ln_b must be [H, d] = {(H, d)}, got "
+                         f"{tuple(ln_w.shape)}, {tuple(ln_b.shape)}")
+    if not isinstance(state, TTTState) or len(state.params) != len(shapes):
+        raise ValueError(f"{name}: state must be a TTTState with {len(shapes)} fast weights "
+                         "(make one with the layer's init_state(batch_size))")
+    for p, g, s in zip(state.params, state.grads, shapes):
+        if p.shape != (B, H, *s) or g.shape != p.shape:
+            raise ValueError(f"{name}: state tensor of shape {tuple(p.shape)} (grads "
+                             f"{tuple(g.shape)}) does not fit q {tuple(q.shape)}: expected "
+                             f"{(B, H, *s)}; was the state made for another batch size or layer?")
+        if not p.is_floating_point() or g.dtype != p.dtype:
+            raise ValueError(f"{name}: state params and grads must share one float dtype")
+    if state.i.shape != () or state.i.dtype != torch.int64:
+        raise ValueError(f"{name}: state.i must be an int64 tensor of shape [], got "
+                         f"{state.i.dtype} {tuple(state.i.shape)}")
+
+
+def _run(name, minibatch, token, shapes, q, k, v, lr, tau, ln_w, ln_b, b, state, impl,
+         checkpoint_group):
+    _check_inputs(name, q, k, v, lr, tau, ln_w, ln_b, b, state, shapes)
+    if impl not in ("torch", "compile", "triton"):
+        raise ValueError(f"{name}: impl must be 'torch', 'compile' or 'triton', got {impl!r}")
+    out_dtype = q.dtype
+    # The inner loop runs in the state's dtype (float32 from init_state) whatever the autocast
+    # dtype: bf16 fast weights drift over thousands of updates (DESIGN.md point 4).
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        dt = state.params[0].dtype
+        q, k, v, lr, tau = (t.to(dt) for t in (q, k, v, lr, tau))
+        ln_w, ln_b = ln_w.to(dt)[:, None], ln_b.to(dt)[:, None]  # [H, 1, d]
+        if q.shape[2] == 1:
+            out, state = _step(token, state, q, k, v, lr, tau, ln_w, ln_b, b)
+        elif impl == "triton":
+            out, state = _triton_scan(name, state, q, k, v, lr, tau, ln_w[:, 0], ln_b[:, 0], b,
+                                      checkpoint_group)
+        else:
+            out, state = _scan(minibatch, state, q, k, v, lr, tau, ln_w, ln_b, b, checkpoint_group,
+                               compiled=impl == "compile")
+    return out.to(out_dtype), state
+
+
+def ttt_linear(q, k, v, lr, tau, ln_w, ln_b, b, state, *, impl="torch", checkpoint_group=0):
+    """The TTT-Linear inner loop, f(x; W) = LN_h(x W1 + b1), over one call of T >= 1 tokens.
+
+    q, k, v  [B, H, T, d]  any float dtype (bf16 under autocast is fine)
+    lr       [B, H, T]     per-token learning rate: base_lr * sigmoid(gate) / d already applied
+    tau      [b]           per-position token weights, already clamped at 0
+    ln_w     [H, d]        inner LayerNorm weight and bias
+    ln_b     [H, d]
+    b        int           mini-batch size
+    state    TTTState      params (W1 [B,H,d,d], b1 [B,H,1,d]), grads (same shapes), i
+    impl     "torch" (the reference), "compile" (the same loop, each mini-batch torch.compile'd)
+             or "triton" (CUDA kernels); all three only change the T > 1 path
+    checkpoint_group       mini-batches per gradient-checkpoint segment, 0 = keep everything
+                           (the Triton backward always replays; it keeps W1 every checkpoint_group
+                           mini-batches, every 16 when 0)
+
+    Returns out = q + f(q; W_i) [B, H, T, d] in q's dtype and the new state. The inner math runs in
+    the state's dtype (float32) with autocast off. T = 1 takes the primal path, which never syncs
+    with the host; T > 1 takes the dual form and reads state.i once. A call may start and end
+    anywhere inside a mini-batch.
+    """
+    d = q.shape[-1]
+    return _run("ttt_linear", _linear_minibatch, _linear_token, [(d, d), (1, d)], q, k, v, lr,
+                tau, ln_w, ln_b, b, state, impl, checkpoint_group)
+
+
+def ttt_mlp(q, k, v, lr, tau, ln_w, ln_b, b, state, *, impl="torch", checkpoint_group=0):
+    """The TTT-MLP inner loop, f(x; W) = LN_h(gelu(x W1 + b1) W2 + b2) with hidden width m = 4d.
+
+    Arguments and result as ttt_linear, with state params (W1 [B,H,d,m], b1 [B,H,1,m],
+    W2 [B,H,m,d], b2 [B,H,1,d]). impl="triton" is not implemented for TTT-MLP (it raises); its
+    fast path is impl="compile".
+    """
+    d = q.shape[-1]
+    m = state.params[0].shape[-1] if isinstance(state, TTTState) and state.params else 4 * d
+    return _run("ttt_mlp", _mlp_minibatch, _mlp_token, [(d, m), (1, m), (m, d), (1, d)], q, k, v,
+                lr, tau, ln_w, ln_b, b, state, impl, checkpoint_group)
+
+
+# -----------------------------------------------------------------------------
+# Triton fast path for TTT-Linear: one program per (batch row, head) keeps W1, b1 (and the running
+# sums) on chip and walks the mini-batches in order, so a whole call is one launch instead of a
+# few dozen small launches per mini-batch (the official PyTorch loop is launch-bound; the
+# authors' own fused GPU kernels keep the state on chip the same way). Backward is a second kernel that walks the
+# mini-batches in reverse, replaying the forward from W1 saved every SEG mini-batches. Both are
+# tested against the PyTorch functions above (tests/test_ttt.py).
+#
+# Inside the kernels a call is laid on a grid of "virtual" mini-batches: row r of mini-batch m is
+# token t = m*b + r - i0; rows outside [0, T) are padding with lr = 0 and do not contribute.
+
+TRITON_DOT = "tf32x3"  # fp32-accurate tensor-core products (3 tf32 MMAs); "ieee" is exact fp32
+
+
+def triton_supported(kind, d, b):
+    """Whether the Triton path handles a layer: TTT-Linear, d and b in {16, 32, 64}. (d = b = 64
+    already takes 226 KB of shared memory in backward; d = 128 would not fit an H100 SM.)"""
+    pow2 = lambda n: 16 <= n <= 64 and n & (n - 1) == 0
+    return triton is not None and kind == "linear" and pow2(d) and pow2(b)
+
+
+if triton is not None:
+    _EPS = tl.constexpr(LN_EPS)
+
+    @triton.jit
+    def _tl_minibatch(q_ptr, k_ptr, v_ptr, lr_ptr, pid, m, i0, T, D: tl.constexpr, BS: tl.constexpr):
+        """Load mini-batch m of program pid: q, k, v [BS, D], lr [BS] in float32, row mask, offsets."""
+        rd = tl.arange(0, D)
+        t = m * BS + tl.arange(0, BS) - i0                       # [BS] token of each row
+        ok = (t >= 0) & (t < T)                                  # [BS] real tokens, not padding
+        offs = pid * T * D + t[:, None] * D + rd[None, :]        # [BS, D]
+        q = tl.load(q_ptr + offs, mask=ok[:, None], other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + offs, mask=ok[:, None], other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + offs, mask=ok[:, None], other=0.0).to(tl.float32)
+        lr = tl.load(lr_ptr + pid * T + t, mask=ok, other=0.0).to(tl.float32)
+        return q, k, v, lr, ok, offs, t
+
+    @triton.jit
+    def _tl_inner_grad(W, c, k, v, lnw, lnb, D: tl.constexpr, DOT: tl.constexpr):
+        """gz = d/dz 1/2||LN(z) - (v - k)||^2 at z = k W + c, and what its backward needs."""
+        z = tl.dot(k, W, input_precision=DOT) + c[None, :]            # [BS, D]
+        zc = z - tl.sum(z, 1)[:, None] / D                             # [BS, D]
+        rs = 1.0 / tl.sqrt(tl.sum(zc * zc, 1) / D + _EPS)             # [BS] 1 / std
+        xh = zc * rs[:, None]                                          # [BS, D]
+        a = (lnw[None, :] * xh + lnb[None, :] - (v - k)) * lnw[None, :]  # [BS, D] d loss / d xh
+        gz = (a - tl.sum(a, 1)[:, None] / D
+              - xh * (tl.sum(a * xh, 1) / D)[:, None]) * rs[:, None]    # [BS, D]
+        return gz, a, xh, rs
+
+    @triton.jit
+    def _tl_ln(z, D: tl.constexpr):
+        zc = z - tl.sum(z, 1)[:, None] / D                              # [BS, D]
+        rs = 1.0 / tl.sqrt(tl.sum(zc * zc, 1) / D + _EPS)              # [BS]
+        return zc * rs[:, None], rs
+
+    @triton.jit
+    def _tl_fwd_minibatch(W, c, GW, Gc, q, k, v, lr, tau, lnw, lnb, HAS_G: tl.constexpr,
+                          D: tl.constexpr, BS: tl.constexpr, DOT: tl.constexpr):
+        """_linear_minibatch on one (row, head): out [BS, D] and the extended sums."""
+        gz, a, xh, rs = _tl_inner_grad(W, c, k, v, lnw, lnb, D, DOT)
+        r = tl.arange(0, BS)
+        att = tl.dot(q, tl.trans(k), input_precision=DOT) + 1.0                   # [BS, BS]
+        e = tl.where(r[:, None] >= r[None, :], tau[:, None] * lr[None, :] * att, 0.0)  # [BS, BS]
+        zq = tl.dot(q, W, input_precision=DOT) + c[None, :] - tl.dot(e, gz, input_precision=DOT)
+        u = lr[:, None] * gz                                                      # [BS, D]
+        Gn = tl.dot(tl.trans(k), u, input_precision=DOT)                         # [D, D]
+        Gcn = tl.sum(u, 0)                                                        # [D]
+        if HAS_G:  # running sums carried in from an earlier call that stopped mid-mini-batch
+            zq -= tau[:, None] * (tl.dot(q, GW, input_precision=DOT) + Gc[None, :])
+            Gn += GW
+            Gcn += Gc
+        xq, _ = _tl_ln(zq, D)
+        out = q + lnw[None, :] * xq + lnb[None, :]                                # [BS, D]
+        return out, Gn, Gcn
+
+    @triton.jit
+    def _tl_fwd_step(m, W, c, GW, Gc, q_ptr, k_ptr, v_ptr, lr_ptr, out_ptr, GW_ptr, Gc_ptr,
+                     Wck_ptr, cck_ptr, tau, tau_last, lnw, lnb, pid, T, i0, NM, NC, last_full,
+                     HAS_G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, SEG: tl.constexpr,
+                     SAVE: tl.constexpr, DOT: tl.constexpr):
+        """Mini-batch m: outputs, then W_start moves on (or, for an incomplete last one, the
+        running sums are written out as the new state's)."""
+        rd = tl.arange(0, D)
+        dd = rd[:, None] * D + rd[None, :]
+        q, k, v, lr, ok, offs, t = _tl_minibatch(q_ptr, k_ptr, v_ptr, lr_ptr, pid, m, i0, T, D, BS)
+        if SAVE:
+            if m % SEG == 0:  # W at the start of every SEG-th mini-batch, for backward
+                tl.store(Wck_ptr + (pid * NC + m // SEG) * D * D + dd, W)
+                tl.store(cck_ptr + (pid * NC + m // SEG) * D + rd, c)
+        out, Gn, Gcn = _tl_fwd_minibatch(W, c, GW, Gc, q, k, v, lr, tau, lnw, lnb, HAS_G, D, BS,
+                                         DOT)
+        tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=ok[:, None])
+        # all mini-batches but maybe the last are complete: they move W_start and clear the sums
+        full = ((m < NM - 1) | (last_full != 0)).to(tl.float32)
+        last = m == NM - 1
+        tl.store(GW_ptr + pid * D * D + dd, Gn * (1.0 - full), mask=last & (dd >= 0))
+        tl.store(Gc_ptr + pid * D + rd, Gcn * (1.0 - full), mask=last & (rd >= 0))
+        return W - (full * tau_last) * Gn, c - (full * tau_last) * Gcn
+
+    # runtime ints are never specialised: a value of 1 would turn them into compile-time
+    # constants (and flags such as last_full into Python bools); T would recompile per length
+    _RUNTIME = ["T", "i0", "NM", "NC", "H", "last_full"]
+
+    @triton.jit(do_not_specialize=_RUNTIME)
+    def _ttt_linear_fwd_kernel(q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr,
+                               W_ptr, c_ptr, GW_ptr, Gc_ptr, out_ptr, Wck_ptr, cck_ptr,
+                               T, i0, NM, NC, H, last_full,
+                               D: tl.constexpr, BS: tl.constexpr, SEG: tl.constexpr,
+                               SAVE: tl.constexpr, DOT: tl.constexpr):
+        """W_ptr.. Gc_ptr hold the state; the kernel overwrites them with the new state."""
+        pid = tl.program_id(0)          # one (batch row, head)
+        h = pid % H
+        rd, rb = tl.arange(0, D), tl.arange(0, BS)
+        dd = rd[:, None] * D + rd[None, :]                                 # [D, D] offsets
+        W = tl.load(W_ptr + pid * D * D + dd)                              # [D, D] float32 state
+        c = tl.load(c_ptr + pid * D + rd)                                  # [D]
+        lnw = tl.load(lnw_ptr + h * D + rd)
+        lnb = tl.load(lnb_ptr + h * D + rd)
+        tau = tl.load(tau_ptr + rb)                                        # [BS]
+        tau_last = tl.load(tau_ptr + BS - 1)
+        # the first mini-batch carries the sums of an earlier call that stopped inside it
+        GW = tl.load(GW_ptr + pid * D * D + dd)
+        Gc = tl.load(Gc_ptr + pid * D + rd)
+        W, c = _tl_fwd_step(0, W, c, GW, Gc, q_ptr, k_ptr, v_ptr, lr_ptr, out_ptr, GW_ptr, Gc_ptr,
+                            Wck_ptr, cck_ptr, tau, tau_last, lnw, lnb, pid, T, i0, NM, NC,
+                            last_full, True, D, BS, SEG, SAVE, DOT)
+        for m in range(1, NM):  # later ones start from zero sums: their products are skipped
+            W, c = _tl_fwd_step(m, W, c, W, c, q_ptr, k_ptr, v_ptr, lr_ptr, out_ptr, GW_ptr,
+                                Gc_ptr, Wck_ptr, cck_ptr, tau, tau_last, lnw, lnb, pid, T, i0, NM,
+                                NC, last_full, False, D, BS, SEG, SAVE, DOT)
+        tl.store(W_ptr + pid * D * D + dd, W)
+        tl.store(c_ptr + pid * D + rd, c)
+
+    @triton.jit
+    def _tl_bwd_minibatch(W, c, GW, Gc, q, k, v, lr, tau, tau_last, full, lnw, lnb, dout,
+                          dW, dc, dG, dGc, HAS_G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+                          DOT: tl.constexpr):
+        """Reverse of _tl_fwd_minibatch plus the end-of-mini-batch update, derived by hand.
+
+        dW, dc: adjoints of W_start after this mini-batch; dG, dGc: of the sums it hands on.
+        Returns the adjoints of the inputs; dW, dc become those of W_start before it.
+        """
+        r = tl.arange(0, BS)
+        causal = r[:, None] >= r[None, :]
+        # recompute the forward
+        gz, a, xh, rs = _tl_inner_grad(W, c, k, v, lnw, lnb, D, DOT)
+        att = tl.dot(q, tl.trans(k), input_precision=DOT) + 1.0                   # [BS, BS]
+        e = tl.where(causal, tau[:, None] * lr[None, :] * att, 0.0)               # [BS, BS]
+        zq = tl.dot(q, W, input_precision=DOT) + c[None, :] - tl.dot(e, gz, input_precision=DOT)
+        u = lr[:, None] * gz                                                      # [BS, D]
+        Gn = tl.dot(tl.trans(k), u, input_precision=DOT)                         # [D, D]
+        Gcn = tl.sum(u, 0)                                                        # [D]
+        if HAS_G:
+            qG = tl.dot(q, GW, input_precision=DOT) + Gc[None, :]                  # [BS, D]
+            zq -= tau[:, None] * qG
+            Gn += GW
+            Gcn += Gc
+        xq, rsq = _tl_ln(zq, D)
+        # W_next = W - tau_last * Gn when the mini-batch is complete, else the sums go on
+        dGn = full * (-tau_last) * dW + (1.0 - full) * dG                         # [D, D]
+        dGcn = full * (-tau_last) * dc + (1.0 - full) * dGc                       # [D]
+        dtau_last = -full * (tl.sum(tl.sum(dW * Gn, 1), 0) + tl.sum(dc * Gcn, 0))
+        # Gn = GW + k^T u, Gcn = Gc + sum_j u_j, u = lr * gz
+        du = tl.dot(k, dGn, input_precision=DOT) + dGcn[None, :]                  # [BS, D]
+        dk = tl.dot(u, tl.trans(dGn), input_precision=DOT)                       # [BS, D]
+        dlr = tl.sum(du * gz, 1)                                                  # [BS]
+        dgz = lr[:, None] * du                                                    # [BS, D]
+        # out = q + lnw * LN(zq) + lnb
+        dlnw = tl.sum(dout * xq, 0)                                               # [D]
+        dlnb = tl.sum(dout, 0)                                                    # [D]
+        dx = dout * lnw[None, :]
+        dzq = (dx - tl.sum(dx, 1)[:, None] / D
+               - xq * (tl.sum(dx * xq, 1) / D)[:, None]) * rsq[:, None]            # [BS, D]
+        # zq = q W + c - e gz (- tau (q GW + Gc))
+        dq = dout + tl.dot(dzq, tl.trans(W), input_precision=DOT)                # [BS, D]
+        dW += tl.dot(tl.trans(q), dzq, input_precision=DOT)
+        dc += tl.sum(dzq, 0)
+        dtau = tl.zeros([BS], dtype=tl.float32)
+        dGW_in = dGn
+        dGc_in = dGcn
+        if HAS_G:
+            dq -= tau[:, None] * tl.dot(dzq, tl.trans(GW), input_precision=DOT)
+            dGW_in -= tl.dot(tl.trans(q), tau[:, None] * dzq, input_precision=DOT)
+            dGc_in -= tl.sum(tau[:, None] * dzq, 0)
+            dtau -= tl.sum(dzq * qG, 1)
+        dgz -= tl.dot(tl.trans(e), dzq, input_precision=DOT)
+        de = tl.where(causal, -tl.dot(dzq, tl.trans(gz), input_precision=DOT), 0.0)  # [BS, BS]
+        dtau += tl.sum(de * lr[None, :] * att, 1)
+        dlr += tl.sum(de * tau[:, None] * att, 0)
+        datt = de * tau[:, None] * lr[None, :]                                    # [BS, BS]
+        dq += tl.dot(datt, k, input_precision=DOT)
+        dk += tl.dot(tl.trans(datt), q, input_precision=DOT)
+        # gz = P(a, xh) * rs with P(a, xh) = a - mean(a) - xh mean(a xh), a = lnw (lnw xh + lnb - t)
+        dP = dgz * rs[:, None]                                                    # [BS, D]
+        m_axh = tl.sum(a * xh, 1) / D                                             # [BS]
+        m_pxh = tl.sum(dP * xh, 1) / D                                            # [BS]
+        da = dP - tl.sum(dP, 1)[:, None] / D - xh * m_pxh[:, None]                # [BS, D]
+        dxh = -(dP * m_axh[:, None] + a * m_pxh[:, None])                          # [BS, D]
+        dsd = -tl.sum(dgz * gz, 1) * rs                                           # [BS] d / d std
+        rr = lnw[None, :] * xh + lnb[None, :] - (v - k)                           # [BS, D]
+        dr = da * lnw[None, :]
+        dlnw += tl.sum(da * rr + dr * xh, 0)
+        dlnb += tl.sum(dr, 0)
+        dxh += dr * lnw[None, :]
+        dv = -dr
+        dk += dr
+        # xh = (z - mean z) / std: LayerNorm input gradient with the extra d std
+        dz = ((dxh - tl.sum(dxh, 1)[:, None] / D - xh * (tl.sum(dxh * xh, 1) / D)[:, None])
+              * rs[:, None] + xh * (dsd / D)[:, None])                            # [BS, D]
+        dk += tl.dot(dz, tl.trans(W), input_precision=DOT)
+        dW += tl.dot(tl.trans(k), dz, input_precision=DOT)
+        dc += tl.sum(dz, 0)
+        return dq, dk, dv, dlr, dtau, dtau_last, dlnw, dlnb, dW, dc, dGW_in, dGc_in
+
+    @triton.jit(do_not_specialize=_RUNTIME)
+    def _ttt_linear_bwd_kernel(q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr,
+                               GW_ptr, Gc_ptr, Wck_ptr, cck_ptr, Wbuf_ptr, cbuf_ptr, dout_ptr,
+                               dW_ptr, dc_ptr, dGW_ptr, dGc_ptr,
+                               dq_ptr, dk_ptr, dv_ptr, dlr_ptr, dtau_ptr, dlnw_ptr, dlnb_ptr,
+                               T, i0, NM, NC, H, last_full,
+                               D: tl.constexpr, BS: tl.constexpr, SEG: tl.constexpr,
+                               DOT: tl.constexpr):
+        """dW_ptr.. dGc_ptr hold the adjoints of the final state on entry and those of the initial
+        state on exit."""
+        pid = tl.program_id(0)
+        h = pid % H
+        rd, rb = tl.arange(0, D), tl.arange(0, BS)
+        dd = rd[:, None] * D + rd[None, :]
+        lnw = tl.load(lnw_ptr + h * D + rd)
+        lnb = tl.load(lnb_ptr + h * D + rd)
+        tau = tl.load(tau_ptr + rb)
+        tau_last = tl.load(tau_ptr + BS - 1)
+        dW = tl.load(dW_ptr + pid * D * D + dd)
+        dc = tl.load(dc_ptr + pid * D + rd)
+        # adjoint of the sums handed on by the last mini-batch: it matters only when that one is
+        # incomplete (a complete one hands on the constant 0); loaded below with a mask, so that
+        # it does not hold registers through the loop
+        g_out = last_full == 0
+        dtau = tl.zeros([BS], dtype=tl.float32)
+        dlnw = tl.zeros([D], dtype=tl.float32)
+        dlnb = tl.zeros([D], dtype=tl.float32)
+        buf = Wbuf_ptr + pid * SEG * D * D
+        cbuf = cbuf_ptr + pid * SEG * D
+        for si in range(NC):
+            s = NC - 1 - si
+            m0 = s * SEG
+            m1 = tl.minimum(m0 + SEG, NM)
+            # replay this segment's forward from its checkpoint to get W_start of each mini-batch
+            W = tl.load(Wck_ptr + (pid * NC + s) * D * D + dd)
+            c = tl.load(cck_ptr + (pid * NC + s) * D + rd)
+            tl.debug_barrier()  # the previous segment's reads of buf are done
+            for m in range(m0, m1):
+                tl.store(buf + (m - m0) * D * D + dd, W)
+                tl.store(cbuf + (m - m0) * D + rd, c)
+                q, k, v, lr, ok, offs, t = _tl_minibatch(q_ptr, k_ptr, v_ptr, lr_ptr, pid, m,
+                                                         i0, T, D, BS)
+                gz, a, xh, rs = _tl_inner_grad(W, c, k, v, lnw, lnb, D, DOT)
+                u = lr[:, None] * gz
+                GW0 = tl.load(GW_ptr + pid * D * D + dd, mask=(m == 0) & (dd >= 0), other=0.0)
+                Gc0 = tl.load(Gc_ptr + pid * D + rd, mask=(m == 0) & (rd >= 0), other=0.0)
+                full = ((m < NM - 1) | (last_full != 0)).to(tl.float32)
+                W -= (full * tau_last) * (tl.dot(tl.trans(k), u, input_precision=DOT) + GW0)
+                c -= (full * tau_last) * (tl.sum(u, 0) + Gc0)
+            tl.debug_barrier()  # buf is written before any thread reads it
+            # walk the segment backwards; mini-batch 0 (with carried-in sums) is done after the loop
+            for j in range(m1 - tl.maximum(m0, 1)):
+                m = m1 - 1 - j
+                W = tl.load(buf + (m - m0) * D * D + dd)
+                c = tl.load(cbuf + (m - m0) * D + rd)
+                q, k, v, lr, ok, offs, t = _tl_minibatch(q_ptr, k_ptr, v_ptr, lr_ptr, pid, m,
+                                                         i0, T, D, BS)
+                dout = tl.load(dout_ptr + offs, mask=ok[:, None], other=0.0).to(tl.float32)
+                full = ((m < NM - 1) | (last_full != 0)).to(tl.float32)
+                last = (m == NM - 1) & g_out
+                dG = tl.load(dGW_ptr + pid * D * D + dd, mask=last & (dd >= 0), other=0.0)
+                dGc = tl.load(dGc_ptr + pid * D + rd, mask=last & (rd >= 0), other=0.0)
+                # (the sums entering this mini-batch are the constant 0: their adjoint is dropped)
+                dq, dk, dv, dlr, dtau_m, dtl, dlnw_m, dlnb_m, dW, dc, _, _ = _tl_bwd_minibatch(
+                    W, c, dW, dc, q, k, v, lr, tau, tau_last, full, lnw, lnb, dout,
+                    dW, dc, dG, dGc, False, D, BS, DOT)
+                dtau += dtau_m + tl.where(rb == BS - 1, dtl, 0.0)
+                dlnw += dlnw_m
+                dlnb += dlnb_m
+                tl.store(dq_ptr + offs, dq, mask=ok[:, None])
+                tl.store(dk_ptr + offs, dk, mask=ok[:, None])
+                tl.store(dv_ptr + offs, dv, mask=ok[:, None])
+                tl.store(dlr_ptr + pid * T + t, dlr, mask=ok)
+        W = tl.load(buf + dd)   # segment 0 was replayed last: buf[0] holds W_start of mini-batch 0
+        c = tl.load(cbuf + rd)
+        q, k, v, lr, ok, offs, t = _tl_minibatch(q_ptr, k_ptr, v_ptr, lr_ptr, pid, 0, i0, T, D, BS)
+        dout = tl.load(dout_ptr + offs, mask=ok[:, None], other=0.0).to(tl.float32)
+        full = ((NM > 1) | (last_full != 0)).to(tl.float32)
+        GW0 = tl.load(GW_ptr + pid * D * D + dd)     # sums carried into mini-batch 0
+        Gc0 = tl.load(Gc_ptr + pid * D + rd)
+        dG = tl.load(dGW_ptr + pid * D * D + dd, mask=(NM == 1) & g_out & (dd >= 0), other=0.0)
+        dGc = tl.load(dGc_ptr + pid * D + rd, mask=(NM == 1) & g_out & (rd >= 0), other=0.0)
+        dq, dk, dv, dlr, dtau_m, dtl, dlnw_m, dlnb_m, dW, dc, dG, dGc = _tl_bwd_minibatch(
+            W, c, GW0, Gc0, q, k, v, lr, tau, tau_last, full, lnw, lnb, dout,
+            dW, dc, dG, dGc, True, D, BS, DOT)
+        dtau += dtau_m + tl.where(rb == BS - 1, dtl, 0.0)
+        tl.store(dq_ptr + offs, dq, mask=ok[:, None])
+        tl.store(dk_ptr + offs, dk, mask=ok[:, None])
+        tl.store(dv_ptr + offs, dv, mask=ok[:, None])
+        tl.store(dlr_ptr + pid * T + t, dlr, mask=ok)
+        tl.store(dtau_ptr + pid * BS + rb, dtau)
+        tl.store(dlnw_ptr + pid * D + rd, dlnw + dlnw_m)
+        tl.store(dlnb_ptr + pid * D + rd, dlnb + dlnb_m)
+        tl.store(dW_ptr + pid * D * D + dd, dW)
+        tl.store(dc_ptr + pid * D + rd, dc)
+        tl.store(dGW_ptr + pid * D * D + dd, dG)
+        tl.store(dGc_ptr + pid * D + rd, dGc)
+
+
+def _launch_shape(T, i0, b, seg):
+    NM = (i0 + T + b - 1) // b        # virtual mini-batches covering the call
+    NC = (NM + seg - 1) // seg        # checkpoints kept for backward
+    return NM, NC, int((i0 + T) % b == 0)
+
+
+class _TTTLinearTriton(torch.autograd.Function):
+    """ttt_linear's chunked path as two Triton kernels. Inputs are float32 and contiguous."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, lr, tau, ln_w, ln_b, W, c, GW, Gc, b, i0, seg, save):
+        B, H, T, d = q.shape
+        NM, NC, last_full = _launch_shape(T, i0, b, seg)
+        GW_in, Gc_in = GW, Gc
+        W, c, GW, Gc = (x.clone() for x in (W, c, GW, Gc))  # the kernel updates these in place
+        out = torch.empty_like(q)
+        Wck = q.new_empty((B * H, NC if save else 1, d, d))
+        cck = q.new_empty((B * H, NC if save else 1, d))
+        _ttt_linear_fwd_kernel[(B * H,)](
+            q, k, v, lr, tau, ln_w, ln_b, W, c, GW, Gc, out, Wck, cck, T, i0, NM, NC, H, last_full,
+            D=d, BS=b, SEG=seg, SAVE=save, DOT=TRITON_DOT, num_warps=8)
+        if save:
+            ctx.save_for_backward(q, k, v, lr, tau, ln_w, ln_b, GW_in, Gc_in, Wck, cck)
+        ctx.meta = (b, i0, seg)
+        return out, W, c, GW, Gc
+
+    @staticmethod
+    def backward(ctx, dout, dW, dc, dGW, dGc):
+        q, k, v, lr, tau, ln_w, ln_b, GW, Gc, Wck, cck = ctx.saved_tensors
+        b, i0, seg = ctx.meta
+        B, H, T, d = q.shape
+        NM, NC, last_full = _launch_shape(T, i0, b, seg)
+        # adjoints of the final state in, of the initial state out (None: the state was unused)
+        adj = lambda g, like: torch.zeros_like(like) if g is None else g.contiguous().clone()
+        dout = torch.zeros_like(q) if dout is None else dout.contiguous()
+        dW, dc, dGW, dGc = adj(dW, GW), adj(dc, Gc), adj(dGW, GW), adj(dGc, Gc)
+        dq, dk, dv, dlr = (torch.empty_like(x) for x in (q, k, v, lr))
+        dtau, dlnw, dlnb = q.new_empty(B * H, b), q.new_empty(B * H, d), q.new_empty(B * H, d)
+        Wbuf, cbuf = q.new_empty(B * H, seg, d, d), q.new_empty(B * H, seg, d)
+        _ttt_linear_bwd_kernel[(B * H,)](
+            q, k, v, lr, tau, ln_w, ln_b, GW, Gc, Wck, cck, Wbuf, cbuf, dout, dW, dc, dGW, dGc,
+            dq, dk, dv, dlr, dtau, dlnw, dlnb, T, i0, NM, NC, H, last_full,
+            D=d, BS=b, SEG=seg, DOT=TRITON_DOT, num_warps=8 if b * d <= 1024 else 16)
+        return (dq, dk, dv, dlr, dtau.sum(0), dlnw.view(B, H, d).sum(0), dlnb.view(B, H, d).sum(0),
+                dW, dc, dGW, dGc, None, None, None, None)
+
+
+def _triton_scan(name, state, q, k, v, lr, tau, ln_w, ln_b, b, checkpoint_group):
+    """Chunked path of ttt_linear on the Triton kernels (same contract as _scan)."""
+    B, H, T, d = q.shape
+    if name != "ttt_linear" or not triton_supported("linear", d, b):
+        raise NotImplementedError(
+            f"{name} with head width {d} and mini-batch {b} has no Triton path (TTT-Linear with d "
+            "and b in {16, 32, 64} only, and triton installed); use impl='torch' or 'compile'")
+    if q.dtype != torch.float32:
+        raise ValueError(f"the Triton path keeps a float32 state; got a {q.dtype} state")
+    i0 = int(state.i)  # the one host read of a chunked call
+    seg = checkpoint_group if checkpoint_group > 0 else 16
+    W, c = state.params
+    GW, Gc = state.grads
+    args = [x.contiguous() for x in (q, k, v, lr, tau, ln_w, ln_b, W, c, GW, Gc)]
+    save = torch.is_grad_enabled() and any(x.requires_grad for x in args)  # keep W for backward?
+    out, W, c, GW, Gc = _TTTLinearTriton.apply(*args, b, i0, seg, save)
+    return out, TTTState((W, c), (GW, Gc), (state.i + T) % b)
+
+
+# -----------------------------------------------------------------------------
+# The layers of ttt-lm-pytorch (TTTBase, TTTLinear, TTTMLP) around the pure functions
+
+
+def _rope_cos_sin(pos, d, theta):
+    """cos, sin [T, d/2] for integer positions pos [T], made in float32 (never from bf16)."""
+    inv = 1.0 / theta ** (torch.arange(0, d, 2, device=pos.device, dtype=torch.float32) / d)  # [d/2]
+    ang = pos.to(torch.float32)[:, None] * inv                                  # [T, d/2]
+    return ang.cos(), ang.sin()
+
+
+def _rope(x, cos, sin):
+    """Rotate channel pairs (2j, 2j+1) of x [B,H,T,d] by pos * theta^(-2j/d).
+
+    Upstream permutes q/k, applies rotate_half RoPE and permutes back (permute_qk); that is exactly
+    this interleaved rotation. The result is float32 (or float64) whatever x's dtype.
+    """
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    x1, x2 = x[..., 0::2], x[..., 1::2]                                         # [B,H,T,d/2]
+    return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1).flatten(-2)  # [B,H,T,d]
+
+
+class _TTTLayer(nn.Module):
+    """Shared body of TTTLinear and TTTMLP (upstream TTTBase); see their docstrings."""
+
+    def __init__(self, dim, n_heads, mini_batch=16, base_lr=1.0, rope_theta=10000.0, gate=True,
+                 checkpoint_group=0, impl="auto"):
+        super().__init__()
+        if dim % n_heads:
+            raise ValueError(f"dim ({dim}) must be a multiple of n_heads ({n_heads})")
+        if (dim // n_heads) % 2:
+            raise ValueError(f"head width dim / n_heads = {dim // n_heads} must be even for RoPE")
+        if mini_batch < 1:
+            raise ValueError(f"mini_batch must be >= 1, got {mini_batch}")
+        if impl not in ("auto", "torch", "compile", "triton"):
+            raise ValueError(f"impl must be 'auto', 'torch', 'compile' or 'triton', got {impl!r}")
+        self.dim, self.n_heads, self.head_dim = dim, n_heads, dim // n_heads
+        self.mini_batch, self.base_lr, self.rope_theta = mini_batch, base_lr, rope_theta
+        self.checkpoint_group, self.impl = checkpoint_group, impl
+        H, d = n_heads, self.head_dim
+        self.q_proj = nn.Linear(dim, dim, bias=False)
+        self.k_proj = nn.Linear(dim, dim, bias=False)
+        self.v_proj = nn.Linear(dim, dim, bias=False)
+        self.o_proj = nn.Linear(dim, dim, bias=False)
+        # learnable inner learning rate per head, Sec. 2.7: lr = base_lr * sigmoid(w_h . x + c_h) / d
+        self.learnable_ttt_lr_weight = nn.Parameter(torch.randn(H, 1, dim) * 0.02)
+        self.learnable_ttt_lr_bias = nn.Parameter(torch.zeros(H, 1))
+        # tau_i = max(0, 1/(i+1) + offset_i): the 1/(i+1) averages the gradients of a mini-batch
+        self.learnable_token_idx = nn.Parameter(torch.zeros(mini_batch))
+        self.ttt_norm_weight = nn.Parameter(torch.ones(H, d))
+        self.ttt_norm_bias = nn.Parameter(torch.zeros(H, d))
+        self.post_norm = nn.LayerNorm(dim, eps=LN_EPS)
+        self.g_proj = nn.Linear(dim, dim, bias=False) if gate else None
+
+    def fast_weights(self):
+        """The learnable initial fast weights, in state order."""
+        raise NotImplementedError
+
+    def init_state(self, batch_size: int, device=None) -> TTTState:
+        """A fresh state: the initial fast weights broadcast to the batch (float32, or float64 for a
+        float64 layer), still linked to the parameters by autograd; zero sums; position 0."""
+        dt = torch.promote_types(self.W1.dtype, torch.float32)
+        params = tuple(w.to(device=device, dtype=dt)[None].repeat(batch_size, *[1] * w.dim())
+                       for w in self.fast_weights())
+        grads = tuple(torch.zeros_like(p) for p in params)
+        return TTTState(params, grads, torch.zeros((), dtype=torch.int64, device=params[0].device))
+
+    def _impl(self, x):
+        if self.impl != "auto":
+            return self.impl
+        if not x.is_cuda:
+            return "torch"
+        if triton_supported(self.kind, self.head_dim, self.mini_batch):
+            return "triton"
+        return "torch" if _COMPILE_FAILED else "compile"
+
+    def _inner(self, q, k, v, lr, tau, state, impl):
+        global _COMPILE_FAILED
+        run = lambda impl: self.inner(q, k, v, lr, tau, self.ttt_norm_weight, self.ttt_norm_bias,
+                                      self.mini_batch, state, impl=impl,
+                                      checkpoint_group=self.checkpoint_group)
+        if impl != "compile" or self.impl != "auto" or q.shape[2] == 1:  # (T = 1 compiles nothing)
+            return run(impl)
+        try:
+            return run("compile")
+        except Exception as e:  # auto-picked compile must never be what breaks a run
+            warnings.warn(f"torch.compile of the TTT mini-batch failed ({e.__class__.__name__}: "
+                          f"{e}); using the eager PyTorch path")
+            _COMPILE_FAILED = True
+            return run("torch")
+
+    def inner_inputs(self, x, i):
+        """The inner loop's inputs for x [B, T, dim] whose first token sits at position i (int64
+        tensor []) of its mini-batch: q, k, v [B,H,T,d] (RoPE applied, float32), lr [B,H,T], tau [b].
+        """
+        B, T, D = x.shape  # batch, tokens, width
+        H, d, b = self.n_heads, self.head_dim, self.mini_batch
+        q, k, v = (p(x).view(B, T, H, d).transpose(1, 2) for p in (self.q_proj, self.k_proj,
+                                                                    self.v_proj))  # [B,H,T,d]
+        # RoPE at the position inside the mini-batch (upstream position_ids % mini_batch_size); the
+        # state knows where this call starts, so chunked and streaming calls agree
+        cos, sin = _rope_cos_sin((i + torch.arange(T, device=x.device)) % b, d, self.rope_theta)
+        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        with torch.autocast(device_type=x.device.type, enabled=False):  # lr is inner math: float32
+            xf = x.to(torch.promote_types(x.dtype, torch.float32))
+            w = self.learnable_ttt_lr_weight[:, 0].to(xf.dtype)          # [H, D]
+            logit = torch.einsum("btc,hc->bht", xf, w) + self.learnable_ttt_lr_bias.to(xf.dtype)
+            lr = self.base_lr * torch.sigmoid(logit) / d                 # [B,H,T]
+        offset = self.learnable_token_idx.to(torch.promote_types(x.dtype, torch.float32))
+        tau = torch.clamp_min(1.0 / torch.arange(1, b + 1, device=x.device, dtype=offset.dtype)
+                              + offset, 0.0)                              # [b]
+        return q, k, v, lr, tau
+
+    def forward(self, x: torch.Tensor, state: TTTState = None):
+        """x [B, T, dim] -> (y [B, T, dim], new state). state None starts a fresh one; T = 1 is
+        the streaming step, any T continues from wherever the state stands in its mini-batch."""
+        B, T, D = x.shape  # batch, tokens, width
+        if D != self.dim:
+            raise ValueError(f"{type(self).__name__} expects width {self.dim}, got x of shape "
+                             f"{tuple(x.shape)}")
+        if state is None:
+            state = self.init_state(B, device=x.device)
+        q, k, v, lr, tau = self.inner_inputs(x, state.i)
+        out, state = self._inner(q, k, v, lr, tau, state, self._impl(x))
+        y = self.post_norm(out.to(x.dtype).transpose(1, 2).reshape(B, T, D))  # [B,T,D]
+        if self.g_proj is not None:  # output gate as upstream apply_gate
+            y = F.gelu(self.g_proj(x), approximate="tanh") * y
+        return self.o_proj(y), state
+
+
+class TTTLinear(_TTTLayer):
+    """TTT-Linear layer: per head a linear fast model f(x) = LN(x W1 + b1), trained while reading.
+
+    TTTLinear(dim, n_heads, mini_batch=16, base_lr=1.0, rope_theta=10000.0, gate=True,
+              checkpoint_group=0, impl="auto")
+    forward(x [B, T, dim], state=None) -> (y [B, T, dim], TTTState)
+    Parameter names follow ttt-lm-pytorch (q_proj, ..., W1, b1) so its checkpoints map by name.
+    impl "auto": on CUDA the Triton kernels where they support the shape, else the compiled loop
+    (falling back to eager if compiling fails); on the CPU the PyTorch reference.
+    """
+    kind = "linear"
+    inner = staticmethod(ttt_linear)
+
+    def __init__(self, dim, n_heads, **kw):
+        super().__init__(dim, n_heads, **kw)
+        H, d = self.n_heads, self.head_dim
+        self.W1 = nn.Parameter(torch.randn(H, d, d) * 0.02)
+        self.b1 = nn.Parameter(torch.zeros(H, 1, d))
+
+    def fast_weights(self):
+        return (self.W1, self.b1)
+
+
+class TTTMLP(_TTTLayer):
+    """TTT-MLP layer: per head f(x) = LN(gelu(x W1 + b1) W2 + b2), hidden width 4 * head_dim.
+
+    Same constructor and forward as TTTLinear; fast weights W1, b1, W2, b2 as upstream.
+    """
+    kind = "mlp"
+    inner = staticmethod(ttt_mlp)
+
+    def __init__(self, dim, n_heads, **kw):
+        super().__init__(dim, n_heads, **kw)
+        H, d = self.n_heads, self.head_dim
+        self.W1 = nn.Parameter(torch.randn(H, d, 4 * d) * 0.02)
+        self.b1 = nn.Parameter(torch.zeros(H, 1, 4 * d))
+        self.W2 = nn.Parameter(torch.randn(H, 4 * d, d) * 0.02)
+        self.b2 = nn.Parameter(torch.zeros(H, 1, d))
+
+    def fast_weights(self):
+        return (self.W1, self.b1, self.W2, self.b2)
