@@ -333,7 +333,7 @@ class DepthDecoder(nn.Module):
         self.layers = nn.ModuleList(Block(d, cfg.depth_heads, cfg.depth_heads, hd, cfg.depth_hidden,
                                           False, cfg.norm_eps) for _ in range(cfg.depth_layers))
         self.norm = RMSNorm(d, cfg.norm_eps)
-        self.text_heads = nn.Parameter(torch.empty(cfg.n_text, cfg.text_cardinality, d))
+        self.text_heads = nn.Parameter(torch.empty(cfg.n_text, cfg.text_cardinality, d)) if cfg.n_text else None
         self.audio_heads = nn.Parameter(torch.empty(cfg.n_audio, cfg.cardinality, d))
         self.register_buffer("inv_freq", rope_inv_freq(hd, 10000.0).float(), persistent=False)
 
@@ -426,6 +426,14 @@ class SpeechLM(nn.Module):
         if exclude_embeddings:
             n -= self.frame_emb.emb.weight.numel()
         return n
+
+    def compile_blocks(self, **kw):
+        """torch.compile each transformer block on its own (regional compilation): identical
+        blocks share one compiled graph, so compiling costs about one block whatever the depth,
+        and the elementwise work around each matmul (norms, RoPE, SwiGLU, residuals) is fused."""
+        for b in list(self.layers) + list(self.depth.layers):
+            b.compile(dynamic=False, **kw)
+        return self
 
     # --- state -----------------------------------------------------------------
 

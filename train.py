@@ -209,7 +209,7 @@ def train(tc, overrides):
     if dtype not in ("bfloat16", "float32"):
         raise ValueError(f"--dtype must be bfloat16 or float32, not {dtype!r}")
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext())
-    torch.manual_seed(tc.seed + rank)
+    torch.manual_seed(tc.seed)  # the same initial weights on every rank (FSDP does not broadcast them)
 
     # --- data ----------------------------------------------------------------------------------
     if not os.path.isfile(tc.data):
@@ -257,7 +257,7 @@ def train(tc, overrides):
         from torch.nn.parallel import DistributedDataParallel
         model = DistributedDataParallel(model, device_ids=[local] if device.type == "cuda" else None)
     if tc.compile:
-        model = torch.compile(model)
+        raw.compile_blocks()  # block by block: fast to compile, and `raw` stays the plain module
     opt = make_optimizer(raw, tc, device)
     os.makedirs(tc.out_dir, exist_ok=True)
     ckpt_path = os.path.join(tc.out_dir, "ckpt.pt")
@@ -295,6 +295,12 @@ def train(tc, overrides):
             save_atomic({"model": msd, "optimizer": osd, "step": step, "train_config": asdict(tc),
                          "model_config": asdict(cfg), "world": world}, ckpt_path)
             nn_save(cfg, msd, os.path.join(tc.out_dir, "model.safetensors"), step)
+            spm = tc.data + ".spm.model"   # the text stream's tokenizer (data.py): generate.py --text_out reads it
+            if cfg.n_text and os.path.isfile(spm):
+                import shutil
+                tmp = os.path.join(tc.out_dir, "tokenizer.model.tmp")
+                shutil.copyfile(spm, tmp)
+                os.replace(tmp, os.path.join(tc.out_dir, "tokenizer.model"))
 
     # --- loop ----------------------------------------------------------------------------------
     stop = {"flag": False}

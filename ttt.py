@@ -791,8 +791,9 @@ class _TTTLayer(nn.Module):
         """A fresh state: the initial fast weights broadcast to the batch (float32, or float64 for a
         float64 layer), still linked to the parameters by autograd; zero sums; position 0."""
         dt = torch.promote_types(self.W1.dtype, torch.float32)
-        params = tuple(w.to(device=device, dtype=dt)[None].repeat(batch_size, *[1] * w.dim())
-                       for w in self.fast_weights())
+        # under FSDP the parameters are shards outside forward: gather them (differentiably)
+        full = [w.full_tensor() if hasattr(w, "full_tensor") else w for w in self.fast_weights()]
+        params = tuple(w.to(device=device, dtype=dt)[None].repeat(batch_size, *[1] * w.dim()) for w in full)
         grads = tuple(torch.zeros_like(p) for p in params)
         return TTTState(params, grads, torch.zeros((), dtype=torch.int64, device=params[0].device))
 

@@ -1,0 +1,258 @@
+"""
+Speed of the speech LM on a GPU: training throughput, the per-frame step, and generation with
+Mimi decoding. Random weights, random codes (the speed does not depend on the values).
+
+    python bench/lm.py train        # forward+backward frames/s and MFU, bf16 autocast
+    python bench/lm.py step         # per-frame backbone step at batch 1: eager, CUDA graph, compiled
+    python bench/lm.py generate     # whole frames (backbone + depth decoder + Mimi decode)
+    python bench/lm.py all
+
+Each section prints a markdown table; `--presets` and `--quick` shrink the work (`--quick` also
+runs on a CPU, for the tests).
+"""
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from generate import FrameStep, Sampler  # noqa: E402
+from model import Config, SpeechLM, detach_state, flops_per_frame, loss_fn, tree_leaves, tree_map  # noqa: E402
+from train import H100_BF16_FLOPS  # noqa: E402
+
+FRAME_S = 1 / 12.5
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_gb(dev):
+    return torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan")
+
+
+def reset_peak(dev):
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def build(preset, dev, dtype, quick):
+    over = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden=128, ttt_heads=2, depth_dim=32,
+                depth_layers=1, depth_heads=2, window=32, ttt_mini_batch=16, n_ttt=1) if quick else {}
+    cfg = Config.preset(preset, **over)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)   # build directly in the target dtype: a 7B model never exists in fp32
+    with torch.device(dev):
+        m = SpeechLM(cfg)
+    torch.set_default_dtype(old)
+    return m
+
+
+def codes(cfg, B, T, dev):
+    return (torch.rand(B, T, cfg.n_cols, device=dev) * torch.tensor(cfg.col_cards(), device=dev)).long()
+
+
+# --- training -----------------------------------------------------------------------------------
+
+def bench_train(a, dev):
+    rows = []
+    B, T = (2, 32) if a.quick else (a.batch, a.seq_len)
+    for preset in a.presets:
+        for compiled in ([False] if a.quick else [False, True]):
+            m = build(preset, dev, torch.float32, a.quick)   # float32 master weights, bf16 autocast
+            if compiled:
+                m.compile_blocks()
+            opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=dev.type == "cuda")
+            cfg = m.cfg
+            for mode in ("minibatch", "streaming"):
+                reset_peak(dev)
+                state = m.init_state(B, dev) if mode == "streaming" else None
+                x = codes(cfg, B, T, dev)
+                ac = torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda")
+                times = []
+                for i in range(a.warmup + a.iters):
+                    sync(dev)
+                    t0 = time.perf_counter()
+                    with ac:
+                        logits, new = m(x, state)
+                        loss, _ = loss_fn(logits, x, cfg)
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    if state is not None:
+                        state = detach_state(new)
+                    sync(dev)
+                    times.append(time.perf_counter() - t0)
+                dt = sorted(times[a.warmup:])[len(times[a.warmup:]) // 2]
+                fps = B * T / dt
+                mfu = fps * flops_per_frame(cfg, T) / H100_BF16_FLOPS
+                rows.append((preset, mode, "compiled" if compiled else "eager", f"{m.num_params() / 1e6:.0f}M",
+                             f"{fps:,.0f}", f"{mfu:.1%}", f"{peak_gb(dev):.1f}"))
+                print(rows[-1], flush=True)
+            del m, opt
+    table(f"Training, forward + backward + AdamW, bf16 autocast, {B} x {T} frames a step",
+          ["preset", "mode", "", "params", "frames/s", "MFU", "peak GiB"], rows)
+
+
+# --- per-frame steps ------------------------------------------------------------------------------
+
+def graph_of(fn, static):
+    """Capture fn(static) -> (outputs, new_state) with the state copied back into static."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    saved = tree_map(lambda t: t.clone(), static)
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn(static)
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out, new = fn(static)
+        for d, s in zip(tree_leaves(static), tree_leaves(new)):
+            if d is not s:
+                d.copy_(s)
+    for d, s in zip(tree_leaves(static), tree_leaves(saved)):
+        d.copy_(s)
+    return g
+
+
+def time_each(fn, n, dev):
+    """Per-call wall times (host clock, synchronised), warm-up excluded."""
+    out = []
+    for i in range(n + 5):
+        sync(dev)
+        t0 = time.perf_counter()
+        fn()
+        sync(dev)
+        out.append(time.perf_counter() - t0)
+    return sorted(out[5:])
+
+
+def pct(ts, q):
+    return ts[min(len(ts) - 1, int(q * len(ts)))] * 1e3
+
+
+@torch.inference_mode()
+def bench_step(a, dev):
+    rows = []
+    n = 20 if a.quick else a.frames
+    for preset in a.presets:
+        m = build(preset, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32, a.quick).eval()
+        state = m.init_state(1, dev)
+        state = m.prefill(codes(m.cfg, 1, m.cfg.window, dev), state)   # a full cache, as in a long run
+        st = [state]
+
+        def bb(s):
+            h, s2 = m.backbone(m.frame_emb(s.prev[:, None]), s)
+            return h, s2
+
+        def eager():
+            _, st[0] = bb(st[0])
+        rows.append((preset, "backbone", "eager", f"{pct(time_each(eager, n, dev), 0.5):.2f}"))
+        print(rows[-1], flush=True)
+        if dev.type == "cuda":
+            static = tree_map(lambda t: t.clone(), state)
+            g = graph_of(bb, static)
+            rows.append((preset, "backbone", "CUDA graph", f"{pct(time_each(g.replay, n, dev), 0.5):.2f}"))
+            print(rows[-1], flush=True)
+            if not a.no_compile:
+                m.compile_blocks()
+                static = tree_map(lambda t: t.clone(), state)
+                g = graph_of(bb, static)
+                rows.append((preset, "backbone", "compiled + graph", f"{pct(time_each(g.replay, n, dev), 0.5):.2f}"))
+                print(rows[-1], flush=True)
+        del m
+        reset_peak(dev)
+    table("Backbone step, one frame at batch 1 (ms, median); bf16, random weights, full window cache",
+          ["preset", "what", "how", "ms"], rows)
+
+
+@torch.inference_mode()
+def bench_generate(a, dev):
+    import mimi as mimi_mod
+    rows = []
+    n = 20 if a.quick else a.frames
+    codec = None
+    if not a.no_mimi:
+        codec = mimi_mod.Mimi(num_codebooks=8).to(dev).eval()
+    for preset in a.presets:
+        m = build(preset, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32, a.quick).eval()
+        cfg = m.cfg
+        compiled = False
+        for how in (["eager"] if dev.type != "cuda" else ["CUDA graph", "compiled + graph"]):
+            if how == "compiled + graph" and a.no_compile:
+                continue
+            if how == "compiled + graph" and not compiled:
+                m.compile_blocks()
+                compiled = True
+            for B in a.batches:
+                reset_peak(dev)
+                sampler = Sampler(cfg)
+                step = FrameStep(m, sampler, B, dev, cuda_graph=dev.type == "cuda")
+                st = [m.init_state(B, dev)]
+                ctx = codec.streaming(B * cfg.n_streams, cuda_graph=dev.type == "cuda") if codec else None
+                if ctx:
+                    ctx.__enter__()
+
+                def frame():
+                    f, _, st[0] = step(st[0])
+                    if codec is not None:
+                        audio = f[:, cfg.n_text:].reshape(B * cfg.n_streams, cfg.n_codebooks, 1)
+                        codec.decode(audio)
+                ts = time_each(frame, n, dev)
+                if ctx:
+                    ctx.__exit__(None, None, None)
+                med, p99 = pct(ts, 0.5), pct(ts, 0.99)
+                rows.append((preset, how, B, f"{med:.2f}", f"{p99:.2f}", f"{B / (med / 1e3):,.0f}",
+                             f"{FRAME_S / (med / 1e3):.1f}x", f"{peak_gb(dev):.1f}"))
+                print(rows[-1], flush=True)
+        del m
+        reset_peak(dev)
+    mim = "with Mimi streaming decode" if codec else "without Mimi"
+    table(f"Generation, whole frames ({mim}); bf16, random weights; real-time factor per conversation",
+          ["preset", "how", "batch", "ms/frame p50", "p99", "frames/s", "x real time", "peak GiB"], rows)
+
+
+def table(title, head, rows):
+    print(f"\n### {title}\n")
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for r in rows:
+        print("| " + " | ".join(str(x) for x in r) + " |")
+    print(flush=True)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["train", "step", "generate", "all"])
+    ap.add_argument("--presets", nargs="+", default=None)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq_len", type=int, default=256)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--frames", type=int, default=200)
+    ap.add_argument("--no_compile", action="store_true")
+    ap.add_argument("--no_mimi", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes, a few iterations (CPU smoke test)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = ap.parse_args(argv)
+    dev = torch.device(a.device)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        print(torch.cuda.get_device_name(), torch.__version__)
+    defaults = {"train": ["small", "qwen2.5-0.5b"], "step": ["small", "qwen2.5-0.5b", "qwen2.5-7b"],
+                "generate": ["small", "qwen2.5-0.5b", "qwen2.5-7b"]}
+    for what in (["train", "step", "generate"] if a.what == "all" else [a.what]):
+        b = argparse.Namespace(**vars(a))
+        b.presets = a.presets or (["small"] if a.quick else defaults[what])
+        {"train": bench_train, "step": bench_step, "generate": bench_generate}[what](b, dev)
+
+
+if __name__ == "__main__":
+    main()
