@@ -131,7 +131,8 @@ def build_model(tc, overrides, data, device):
                          "(config.json + safetensors) or a model.safetensors / run directory written by train.py")
     preset = tc.preset or ("small" if device.type == "cuda" else "demo")
     cfg = Config.preset(preset, **{**overrides, **shape})
-    return SpeechLM(cfg).to(device)
+    with torch.device(device):  # initialise in place: a 1.5B model is slow to build on a CPU and move
+        return SpeechLM(cfg)
 
 
 def lr_at(tc, step):
@@ -383,7 +384,8 @@ def train(tc, overrides):
     if old_handler is not None:
         signal.signal(signal.SIGINT, old_handler)
     if master:
-        print(f"done: step {step}, {_fmt(time.time() - t_start)}; checkpoint {ckpt_path}")
+        mem = f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""
+        print(f"done: step {step}, {_fmt(time.time() - t_start)}{mem}; checkpoint {ckpt_path}")
     if ddp:
         torch.distributed.destroy_process_group()
     return losses

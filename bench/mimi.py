@@ -1,0 +1,250 @@
+"""
+Mimi speed and memory: ours (mimi.py) next to the official package (moshi 0.2.13), in one run.
+
+    python bench/mimi.py --device cuda --minutes 1 5        # GPU: the README figures
+    python bench/mimi.py --device cpu --minutes 0.1 0.5     # a quick CPU run
+    python bench/mimi.py --no-official                      # ours only (moshi not installed)
+
+Full-size Mimi, random weights: the official model is built from moshi's loaders config, given
+non-degenerate codebooks (scripts/make_mimi_fixtures.py) and saved in the Moshi layout, and ours
+loads that file, so both run the same weights. Without moshi, ours gets random weights of its own.
+Rows: batch encode and decode time per minute of audio and the peak memory of each call (CUDA: the
+allocator's peak above what was allocated before the call; CPU: sampled resident memory above the
+level before the call); streaming encode and decode time per 80 ms frame at batch 1, synchronised
+every frame as a live loop is (median); how many codes agree with the official ones. Float32, TF32
+off unless --tf32 (cuDNN turns it on for convolutions by default, which moves codes).
+"""
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+if sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+    # glibc keeps freed blocks below its (self-raising) mmap threshold, so resident memory would hide
+    # the peaks of later calls; pin the threshold so big tensors go back to the OS, and start again
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(1 << 17)
+    os.execv(sys.executable, [sys.executable] + sys.argv)
+
+import torch  # noqa: E402
+
+from mimi import FRAME_SIZE, Mimi, MimiConfig  # noqa: E402
+from scripts import make_mimi_fixtures as fx  # noqa: E402
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class Peak:
+    """Peak memory (MiB) of the block above the level at its start."""
+
+    def __init__(self, device):
+        self.device, self.mib = device, float("nan")
+
+    def __enter__(self):
+        sync(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        elif os.path.exists("/proc/self/statm"):
+            self.base = self.peak = rss()
+            self.done = False
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def _sample(self):
+        while not self.done:
+            self.peak = max(self.peak, rss())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        sync(self.device)
+        if self.device.type == "cuda":
+            self.mib = (torch.cuda.max_memory_allocated(self.device) - self.base) / 2 ** 20
+        elif hasattr(self, "thread"):
+            self.done = True
+            self.thread.join()
+            self.mib = (max(self.peak, rss()) - self.base) / 2 ** 20
+
+
+def timed(fn, device, repeats):
+    times, out = [], None
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        out = fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), out
+
+
+def per_frame(step, chunks, device, warmup=5):
+    """Median seconds per call of step(chunk), synchronising after each, after a few warm-up calls."""
+    times = []
+    for i, c in enumerate(chunks):
+        sync(device)
+        t = time.perf_counter()
+        step(c)
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def build(args, device):
+    """(ours, official or None, note)"""
+    calib = fx.calibration()
+    if not args.no_official:
+        try:
+            official = fx.moshi_mimi(MimiConfig(), seed=0, calib=calib)
+        except ImportError as e:
+            print(f"official package unavailable ({e}); timing ours only", file=sys.stderr)
+        else:
+            official.set_num_codebooks(args.num_codebooks)
+            with tempfile.TemporaryDirectory() as d:
+                fx.save_moshi(official, os.path.join(d, "mimi.safetensors"))
+                ours = Mimi.from_pretrained(os.path.join(d, "mimi.safetensors"), args.num_codebooks, device=device)
+            return ours, official.to(device), "same random weights (Moshi layout file)"
+    return fx.ours_random(MimiConfig(), seed=0, calib=calib, num_codebooks=args.num_codebooks).to(device), None, \
+        "random weights, ours only"
+
+
+def attempt(results, key, fn):
+    try:
+        results[key] = fn()
+    except Exception as e:  # report and carry on, so one run gives every figure it can
+        traceback.print_exc()
+        results[key] = f"failed: {type(e).__name__}"
+
+
+def bench_batch(res, name, encode, decode, x, minutes, device, repeats):
+    with Peak(device) as p:
+        codes = encode(x)                                                       # also the warm-up
+    res[(name, "enc_mib", minutes)] = p.mib
+    res[(name, "enc_ms", minutes)] = timed(lambda: encode(x), device, repeats)[0] * 1e3 / minutes
+    with Peak(device) as p:
+        audio = decode(codes)
+    res[(name, "dec_mib", minutes)] = p.mib
+    res[(name, "dec_ms", minutes)] = timed(lambda: decode(codes), device, repeats)[0] * 1e3 / minutes
+    print(f"{name:9s} {minutes:g} min: encode {res[(name, 'enc_ms', minutes)]:.1f} ms/min, decode "
+          f"{res[(name, 'dec_ms', minutes)]:.1f} ms/min, peak {res[(name, 'enc_mib', minutes)]:.0f} / "
+          f"{res[(name, 'dec_mib', minutes)]:.0f} MiB", flush=True)
+    return codes, audio
+
+
+def bench_stream(res, name, model, frames, codes, device, kw):
+    chunks = [frames[..., i * FRAME_SIZE:(i + 1) * FRAME_SIZE] for i in range(frames.shape[-1] // FRAME_SIZE)]
+    with torch.no_grad():
+        with model.streaming(1, **kw):
+            res[(name, "s_enc", 0)] = per_frame(model.encode, chunks, device) * 1e3
+        with model.streaming(1, **kw):
+            res[(name, "s_dec", 0)] = per_frame(model.decode, [codes[..., i:i + 1] for i in range(codes.shape[-1])],
+                                                device) * 1e3
+    print(f"{name:18s} streaming: encode {res[(name, 's_enc', 0)]:.2f} ms/frame, decode "
+          f"{res[(name, 's_dec', 0)]:.2f} ms/frame", flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--minutes", type=float, nargs="+", default=[1, 5], help="audio lengths for the batch rows")
+    p.add_argument("--frames", type=int, default=100, help="frames timed one by one for the streaming rows")
+    p.add_argument("--repeats", type=int, default=None, help="timed batch runs, median (default: cuda 5, cpu 1)")
+    p.add_argument("--num_codebooks", type=int, default=8)
+    p.add_argument("--no-official", action="store_true", help="skip the official package")
+    p.add_argument("--no-cuda-graph", action="store_true", help="skip our CUDA-graph streaming rows")
+    p.add_argument("--no-compile", action="store_true", help="skip our CUDA graph + torch.compile streaming row")
+    p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls and convolutions on CUDA")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    repeats = args.repeats or (5 if device.type == "cuda" else 1)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {name}; torch {torch.__version__}; TF32 {'on' if args.tf32 else 'off'}", flush=True)
+    t = time.time()
+    ours, official, note = build(args, device)
+    print(f"built full-size Mimi, {note}, {args.num_codebooks} codebooks, in {time.time() - t:.0f} s", flush=True)
+
+    res, impls = {}, [("ours", ours)] + ([("official", official)] if official is not None else [])
+    for minutes in args.minutes:
+        x = torch.from_numpy(fx.signal(minutes * 60))[None, None].to(device)
+        x = x[..., :x.shape[-1] // FRAME_SIZE * FRAME_SIZE]
+        out = {}
+        for impl, model in impls:
+            def enc(x, model=model):
+                with torch.no_grad():
+                    return model.encode(x)
+
+            def dec(c, model=model):
+                with torch.no_grad():
+                    return model.decode(c)
+            attempt(out, impl, lambda: bench_batch(res, impl, enc, dec, x, minutes, device, repeats))
+        if official is not None and all(isinstance(out.get(k), tuple) for k in ("ours", "official")):
+            (c_ours, _), (c_off, a_off) = out["ours"], out["official"]
+            res[("cmp", "codes", minutes)] = (c_ours == c_off).float().mean().item()
+            with torch.no_grad():
+                a = ours.decode(c_off)
+            res[("cmp", "rel", minutes)] = ((a - a_off).norm() / a_off.norm()).item()
+            print(f"codes equal to official at {minutes:g} min: {100 * res[('cmp', 'codes', minutes)]:.3f}%, "
+                  f"decoded rel err {res[('cmp', 'rel', minutes)]:.1e}", flush=True)
+        del out, x
+
+    x = torch.from_numpy(fx.signal((args.frames + 5) / 12.5))[None, None].to(device)
+    codes = ours.encode(x)
+    streams = [("ours", ours, {})]
+    if device.type == "cuda" and not args.no_cuda_graph:
+        streams.append(("ours+graph", ours, dict(cuda_graph=True)))
+        if not args.no_compile:  # compiles on first use: a minute or two
+            streams.append(("ours+graph+compile", ours, dict(cuda_graph=True, compile=True)))
+    streams += [(n, m, {}) for n, m in impls[1:]]
+    for impl, model, kw in streams:
+        attempt(res, (impl, "stream", 0), lambda: bench_stream(res, impl, model, x, codes, device, kw))
+    print_table(res, args, name, note, [n for n, _, _ in streams])
+
+
+def print_table(res, args, device_name, note, stream_names):
+    def cell(key, fmt):
+        v = res.get(key)
+        return "-" if v is None else v if isinstance(v, str) else format(v, fmt)
+
+    have_off = any(k[0] == "official" for k in res)
+    print(f"\n### Mimi, {device_name}, {args.num_codebooks} codebooks, float32{' + TF32' if args.tf32 else ''}, "
+          f"{note}\n")
+    print("| | ours | official |\n|---|---:|---:|")
+    for m in args.minutes:
+        for k, what in [("enc_ms", "batch encode, ms per minute of audio"), ("dec_ms", "batch decode, ms per minute of audio"),
+                        ("enc_mib", "peak memory, encode (MiB)"), ("dec_mib", "peak memory, decode (MiB)")]:
+            fmt = ".1f" if "ms" in k else ".0f"
+            print(f"| {what}, {m:g} min | {cell(('ours', k, m), fmt)} | {cell(('official', k, m), fmt) if have_off else '-'} |")
+        if ("cmp", "codes", m) in res:
+            print(f"| codes equal to official, {m:g} min | {100 * res[('cmp', 'codes', m)]:.3f}% | |")
+            print(f"| decoded audio rel. err. vs official, {m:g} min | {res[('cmp', 'rel', m)]:.1e} | |")
+    for k, what in [("s_enc", "streaming encode, batch 1, ms per frame"), ("s_dec", "streaming decode, batch 1, ms per frame")]:
+        ours = cell(("ours", k, 0), ".2f")
+        if "ours+graph" in stream_names:
+            ours += f"; CUDA graph {cell(('ours+graph', k, 0), '.2f')}"
+        if "ours+graph+compile" in stream_names:
+            ours += f"; + compile {cell(('ours+graph+compile', k, 0), '.2f')}"
+        failed = [cell((n, "stream", 0), "") for n in stream_names if isinstance(res.get((n, "stream", 0)), str)]
+        print(f"| {what} | {ours} | {cell(('official', k, 0), '.2f') if have_off else '-'} |"
+              + (f" {'; '.join(failed)}" if failed and k == "s_enc" else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,900 @@
+"""
+Mimi, Kyutai's streaming neural audio codec, written from scratch: 24 kHz mono audio <-> 12.5 Hz
+frames of up to 32 codes (1 semantic + 31 acoustic codebooks of 2048 entries).
+
+    python mimi.py encode talks/ interview.flac --out conv_codes.bin   # stereo file = 2 speakers
+    python mimi.py decode conv_codes.bin --out out.wav --conversation 0
+
+    mimi = Mimi.from_pretrained()              # finds the checkpoint in the Hugging Face cache
+    codes = mimi.encode(wav)                   # [B, 1, T] float at 24 kHz -> [B, K, F] int64
+    wav = mimi.decode(codes)                   # [B, K, F] -> [B, 1, F * 1920]
+    with mimi.streaming(batch_size=1):         # chunks of whole frames, every state carried:
+        codes = mimi.encode(chunk)             # the same codes as one batch call
+
+The network (moshi/models/compression.py, loaders.py): a causal SEANet conv encoder (960x down, to
+25 Hz), an 8-layer causal transformer (250-step window, RoPE, layer scale), a learnt stride-2 conv
+(12.5 Hz) and a split residual quantizer; the decoder mirrors it. Every op is causal, so it streams.
+
+Where we differ from the official package, on purpose: attention runs over blocks of queries, each
+reading its own keys and the 249 before them, so memory is linear in length (the official batch path
+builds a dense T x T mask: 9 GiB for 5 min) and a chunk of any size sees its whole window (the
+official streaming cache holds exactly 250 steps, so past 10 s a chunk loses part of its window);
+batch calls run the streaming path over chunks of CHUNK_FRAMES from a fresh state, so activations
+stay bounded (an hour of audio encodes on a CPU machine) and streaming equals batch by construction.
+"""
+import argparse
+import contextlib
+import glob
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from codes import CodesFile, CodesFormatError, CodesWriter
+
+SAMPLE_RATE = 24_000   # Hz
+FRAME_RATE = 12.5      # Hz: frames of codes per second
+FRAME_SIZE = 1920      # samples per frame, SAMPLE_RATE / FRAME_RATE
+CARDINALITY = 2048     # entries per codebook
+MAX_CODEBOOKS = 32     # 1 semantic + 31 acoustic
+CONTEXT = 250          # attention window of both transformers, in 25 Hz steps (10 s)
+CHUNK_FRAMES = 250     # batch calls run in chunks of this many frames (20 s) to bound memory
+QUERY_BLOCK = 250      # attention queries per block; each block reads Q + CONTEXT - 1 keys
+
+MOSHI_REPO, MOSHI_FILE = "kyutai/moshiko-pytorch-bf16", "tokenizer-e351c8d8-checkpoint125.safetensors"
+HF_REPO, HF_FILE = "kyutai/mimi", "model.safetensors"
+GET_CHECKPOINT = (f"get one with `huggingface-cli download {HF_REPO} {HF_FILE}` (or "
+                  f"`huggingface-cli download {MOSHI_REPO} {MOSHI_FILE}`) and pass its path with "
+                  "--mimi PATH (Mimi.from_pretrained(PATH)); files in the Hugging Face cache are "
+                  "found without it")
+
+
+class MimiError(ValueError):
+    """Bad input to the codec (audio, codes, arguments); the message says what to do instead."""
+
+
+class MimiCheckpointError(MimiError):
+    """Not a Mimi checkpoint in a layout we know, or one with missing, unexpected or mis-shaped keys."""
+
+
+@dataclass
+class MimiConfig:
+    """Shapes of a Mimi; the defaults are the released model (moshi/models/loaders.py _mimi_config)."""
+    n_filters: int = 64            # SEANet width at the audio end; doubles at every downsampling
+    ratios: tuple = (8, 6, 5, 4)   # decoder upsampling strides (the encoder runs them reversed): 960x
+    dim: int = 512                 # latent width = transformer width
+    n_layers: int = 8
+    n_heads: int = 8
+    ffn: int = 2048
+    context: int = CONTEXT
+    max_period: float = 10_000.0   # RoPE base
+    q_dim: int = 256               # codebook vector width
+    n_q: int = MAX_CODEBOOKS       # codebooks in the checkpoint
+    bins: int = CARDINALITY
+
+
+# ----------------------------------------------------------------------------- convolutions
+
+class Conv(nn.Module):
+    """Causal Conv1d (moshi/modules/conv.py StreamingConv1d): the (kernel - stride) steps of left context
+    are zeros at the start of a stream, then the end of the previous chunk; there is no right padding,
+    so a chunk must be a whole number of strides. replicate=True starts from copies of the first sample
+    (the downsampling conv, moshi/modules/resample.py)."""
+
+    def __init__(self, cin, cout, k, stride=1, dilation=1, groups=1, bias=True, replicate=False):
+        super().__init__()
+        self.conv = nn.Conv1d(cin, cout, k, stride, dilation=dilation, groups=groups, bias=bias)
+        self.ctx = (k - 1) * dilation + 1 - stride
+        self.replicate = replicate
+        self.state = None
+
+    def init_state(self, B, device, dtype):
+        return [torch.zeros(B, self.conv.in_channels, self.ctx, device=device, dtype=dtype),
+                torch.ones((), dtype=torch.bool, device=device)]  # left context, first call?
+
+    def forward(self, x):  # [B, Cin, T] -> [B, Cout, T / stride]
+        if self.ctx == 0:
+            return self.conv(x)
+        prev, first = self.state
+        if self.replicate:  # a tensor flag rather than a Python one, so a CUDA graph can replay it
+            prev = torch.where(first, x[..., :1], prev)
+            first.fill_(False)
+        x = torch.cat([prev, x], dim=-1)
+        self.state[0].copy_(x[..., -self.ctx:])
+        return self.conv(x)
+
+
+class ConvTr(nn.Module):
+    """Causal ConvTranspose1d (moshi/modules/conv.py StreamingConvTranspose1d): the last (kernel - stride)
+    outputs of a chunk overlap the next chunk's first ones, so they are held back (bias removed) and
+    added there. A fresh state gives the batch result: trim (kernel - stride) on the right."""
+
+    def __init__(self, cin, cout, k, stride, groups=1, bias=True):
+        super().__init__()
+        self.convtr = nn.ConvTranspose1d(cin, cout, k, stride, groups=groups, bias=bias)
+        self.overlap = k - stride
+        self.state = None
+
+    def init_state(self, B, device, dtype):
+        return [torch.zeros(B, self.convtr.out_channels, self.overlap, device=device, dtype=dtype)]
+
+    def forward(self, x):  # [B, Cin, T] -> [B, Cout, T * stride]
+        y = self.convtr(x)
+        (held,) = self.state
+        n = y.shape[-1] - self.overlap
+        y[..., :self.overlap] += held
+        tail = y[..., n:]
+        held.copy_(tail if self.convtr.bias is None else tail - self.convtr.bias[:, None])
+        return y[..., :n]
+
+
+class ResBlock(nn.Module):
+    """x + conv1(elu(conv3(elu(x)))), halving the width inside (moshi/modules/seanet.py, compress=2)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        # the first ELU must keep x for the skip; the second may overwrite the conv output
+        self.block = nn.ModuleList([nn.ELU(), Conv(dim, dim // 2, 3), nn.ELU(inplace=True), Conv(dim // 2, dim, 1)])
+
+    def forward(self, x):
+        y = x
+        for layer in self.block:
+            y = layer(y)
+        return x + y
+
+
+class SEANet(nn.Module):
+    """SEANet encoder (audio -> dim at 25 Hz) or decoder (moshi/modules/seanet.py). The layer indices,
+    activations included, are those of the official nn.Sequential, so checkpoint keys map one to one.
+    Its ELUs work in place: each takes a fresh tensor that nothing else holds."""
+
+    def __init__(self, cfg, decoder=False):
+        super().__init__()
+        nf, top = cfg.n_filters, cfg.n_filters * 2 ** len(cfg.ratios)
+        elu = nn.ELU(inplace=True)  # no weights, so one module can sit at every index
+        if not decoder:
+            layers = [Conv(1, nf, 7)]
+            for i, r in enumerate(reversed(cfg.ratios)):
+                c = nf * 2 ** i
+                layers += [ResBlock(c), elu, Conv(c, 2 * c, 2 * r, stride=r)]
+            layers += [elu, Conv(top, cfg.dim, 3)]
+        else:
+            layers = [Conv(cfg.dim, top, 7)]
+            for i, r in enumerate(cfg.ratios):
+                c = top // 2 ** i
+                layers += [elu, ConvTr(c, c // 2, 2 * r, r), ResBlock(c // 2)]
+            layers += [elu, Conv(nf, 1, 3)]
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+# ----------------------------------------------------------------------------- transformer
+
+def rope(pos, hd, max_period):
+    """Rotations [T, 3, 1, hd/2] (complex) for q, k and v (v: 1) at integer positions pos [T]; the
+    angles are float32 and the pairs interleaved, as in moshi/modules/rope.py."""
+    freqs = torch.exp(torch.arange(hd // 2, device=pos.device, dtype=torch.float32)
+                      * (-math.log(max_period) * 2 / hd))
+    angle = pos.float()[:, None] * freqs                                      # [T, hd/2]
+    rot = torch.complex(torch.cos(angle), torch.sin(angle))
+    return torch.stack([rot, rot, torch.ones_like(rot)], dim=1)[:, :, None]
+
+
+def window_mask(qpos, kpos, context, Q):
+    """Attention mask [nb, Q, Q + C] for queries at qpos [T] taken in blocks of Q; block j reads the keys
+    kpos[j*Q : j*Q + Q + C] (kpos [C + T]: C cached steps, then the queries). Key k is visible from query
+    q when 0 <= q - k < context and k >= 0 (a negative position is an empty cache slot)."""
+    T = qpos.shape[0]
+    C = kpos.shape[0] - T
+    nb = -(-T // Q)
+    if nb * Q > T:  # pad queries and keys with later positions: invisible to every real query
+        extra = qpos[-1] + 1 + torch.arange(nb * Q - T, device=qpos.device)
+        qpos, kpos = torch.cat([qpos, extra]), torch.cat([kpos, extra])
+    kb = kpos.unfold(0, Q + C, Q)                                             # [nb, Q + C]
+    d = qpos.view(nb, Q, 1) - kb[:, None, :]                                  # [nb, Q, Q + C]
+    return (kb[:, None, :] >= 0) & (d >= 0) & (d < context)
+
+
+def windowed_attention(q, kv, mask):
+    """q [B, T, H, hd], kv [B, C + T, 2, H, hd], mask [nb, Q, Q + C] -> [B, T, H * hd]. Query block j
+    attends to its own slice of keys, so memory is (Q + C) / Q times the keys, never T x T."""
+    B, T, H, hd = q.shape
+    nb, Q, L = mask.shape
+    if nb == 1:
+        k, v = kv.permute(2, 0, 3, 1, 4)                                      # [B, H, C + T, hd] each
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask[:, None])
+        return y.transpose(1, 2).reshape(B, T, H * hd)
+    pad = nb * Q - T
+    q = F.pad(q, (0, 0, 0, 0, 0, pad)).view(B * nb, Q, H, hd).transpose(1, 2)  # [B*nb, H, Q, hd]
+    kv = F.pad(kv, (0, 0, 0, 0, 0, 0, 0, pad)).unfold(1, L, Q)               # [B, nb, 2, H, hd, L]
+    k, v = kv.permute(2, 0, 1, 3, 5, 4).reshape(2, B * nb, H, L, hd)          # [B*nb, H, L, hd] each
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(B, 1, 1)[:, None])
+    return y.transpose(1, 2).reshape(B, nb * Q, H * hd)[:, :T]
+
+
+class Layer(nn.Module):
+    """Pre-norm layer with layer scale (moshi/modules/transformer.py StreamingTransformerLayer)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D = cfg.dim
+        self.n_heads = cfg.n_heads
+        self.norm1, self.norm2 = nn.LayerNorm(D, eps=1e-5), nn.LayerNorm(D, eps=1e-5)
+        self.in_proj = nn.Linear(D, 3 * D, bias=False)   # q, k, v; RoPE pairs interleaved (moshi)
+        self.out_proj = nn.Linear(D, D, bias=False)
+        self.linear1 = nn.Linear(D, cfg.ffn, bias=False)
+        self.linear2 = nn.Linear(cfg.ffn, D, bias=False)
+        self.layer_scale_1 = nn.Parameter(torch.full((D,), 0.01))
+        self.layer_scale_2 = nn.Parameter(torch.full((D,), 0.01))
+
+    def forward(self, x, rot, mask, cache):
+        # x [B, T, D]; rot [T, 3, 1, hd/2]; mask [nb, Q, Q + C]; cache [B, C, 2, H, hd], updated in place
+        B, T, D = x.shape
+        H = self.n_heads
+        qkv = self.in_proj(self.norm1(x)).view(B, T, 3, H, D // H // 2, 2)
+        qkv = torch.view_as_real(torch.view_as_complex(qkv.float()) * rot).to(x.dtype).flatten(-2)
+        kv = torch.cat([cache, qkv[:, :, 1:]], dim=1)                         # [B, C + T, 2, H, hd]
+        cache.copy_(kv[:, T:])
+        x = torch.addcmul(x, self.layer_scale_1, self.out_proj(windowed_attention(qkv[:, :, 0], kv, mask)))
+        h = self.linear2(F.gelu(self.linear1(self.norm2(x))))
+        return torch.addcmul(x, self.layer_scale_2, h)
+
+
+class Transformer(nn.Module):
+    """Causal transformer over [B, D, T]; its state is the last context - 1 keys and values of every
+    layer with their absolute positions, so memory stays constant however long the stream."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_layers))
+        self.state = None
+
+    def init_state(self, B, device, dtype):
+        c, C = self.cfg, self.cfg.context - 1
+        return [torch.zeros(c.n_layers, B, C, 2, c.n_heads, c.dim // c.n_heads, device=device, dtype=dtype),
+                torch.full((C,), -1, dtype=torch.long, device=device),   # positions of the cached steps
+                torch.zeros((), dtype=torch.long, device=device)]        # position of the next step
+
+    def forward(self, x):  # [B, D, T] -> [B, D, T]
+        cache, cache_pos, offset = self.state
+        T = x.shape[-1]
+        qpos = offset + torch.arange(T, device=x.device)                      # [T] absolute positions
+        kpos = torch.cat([cache_pos, qpos])                                    # [C + T]
+        rot = rope(qpos, self.cfg.dim // self.cfg.n_heads, self.cfg.max_period)
+        mask = window_mask(qpos, kpos, self.cfg.context, min(T, QUERY_BLOCK))
+        x = x.transpose(1, 2)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rot, mask, cache[i])
+        cache_pos.copy_(kpos[T:])
+        offset.add_(T)
+        return x.transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------- quantizer
+
+class RVQ(nn.Module):
+    """Residual vector quantizer (moshi/quantization/vq.py, core_vq.py): project to q_dim, then each stage
+    codes what the stages before it left with its nearest centroid (Euclidean)."""
+
+    def __init__(self, dim, q_dim, n, bins):
+        super().__init__()
+        self.input_proj = nn.Conv1d(dim, q_dim, 1, bias=False)
+        self.output_proj = nn.Conv1d(q_dim, dim, 1, bias=False)
+        self.register_buffer("codebook", torch.zeros(n, bins, q_dim))         # centroids
+        self.register_buffer("codebook_sq", torch.zeros(n, bins), persistent=False)
+
+    def refresh(self):
+        """Recompute |c|^2 after the centroids change."""
+        self.codebook_sq = self.codebook.pow(2).sum(-1)
+        return self
+
+    def encode(self, x):  # [B, dim, F] -> [B, n, F]
+        B, _, Fr = x.shape
+        r = self.input_proj(x).transpose(1, 2).reshape(B * Fr, -1)            # [N, q_dim]
+        codes = []
+        for cb, sq in zip(self.codebook, self.codebook_sq):
+            # argmin |r - c|^2 = argmin |c|^2 - 2 r.c: the matmul route torch.cdist takes in moshi
+            idx = torch.addmm(sq, r, cb.T, alpha=-2).argmin(-1)               # [N]
+            r = r - cb[idx]
+            codes.append(idx)
+        return torch.stack(codes, 1).view(B, Fr, -1).transpose(1, 2)
+
+    def decode(self, codes):  # [B, n, F] -> [B, dim, F]
+        q = self.codebook[0][codes[:, 0]]                                      # [B, F, q_dim]
+        for k in range(1, codes.shape[1]):
+            q = q + self.codebook[k][codes[:, k]]
+        return self.output_proj(q.transpose(1, 2))
+
+
+class Quantizer(nn.Module):
+    """Split RVQ: codebook 0 quantizes one projection of the latent (semantic, distilled from WavLM), the
+    acoustic codebooks quantize another; the two decoded parts add (moshi SplitResidualVectorQuantizer)."""
+
+    def __init__(self, cfg, num_codebooks):
+        super().__init__()
+        self.rvq_first = RVQ(cfg.dim, cfg.q_dim, 1, cfg.bins)
+        self.rvq_rest = RVQ(cfg.dim, cfg.q_dim, num_codebooks - 1, cfg.bins)
+
+    def refresh(self):
+        self.rvq_first.refresh(), self.rvq_rest.refresh()
+        return self
+
+    def encode(self, x):
+        codes = self.rvq_first.encode(x)
+        if len(self.rvq_rest.codebook):
+            codes = torch.cat([codes, self.rvq_rest.encode(x)], 1)
+        return codes
+
+    def decode(self, codes):
+        x = self.rvq_first.decode(codes[:, :1])
+        return x + self.rvq_rest.decode(codes[:, 1:]) if codes.shape[1] > 1 else x
+
+
+# ----------------------------------------------------------------------------- the codec
+
+class Mimi(nn.Module):
+    """The codec. encode: wav [B, 1, T] float at 24 kHz -> codes [B, K, F] int64; decode: the reverse.
+    Load the released weights with Mimi.from_pretrained."""
+
+    def __init__(self, cfg: MimiConfig = None, num_codebooks: int = 8):
+        super().__init__()
+        cfg = cfg or MimiConfig()
+        self.cfg = cfg
+        stride = round(SAMPLE_RATE / math.prod(cfg.ratios) / FRAME_RATE)       # 25 Hz -> 12.5 Hz: 2
+        self.encoder = SEANet(cfg)
+        self.encoder_transformer = Transformer(cfg)
+        self.downsample = Conv(cfg.dim, cfg.dim, 2 * stride, stride, bias=False, replicate=True)
+        self.quantizer = Quantizer(cfg, num_codebooks)
+        # depthwise (groups=dim): the released weights come from moshi's upsample_channel_wise_bug=True
+        self.upsample = ConvTr(cfg.dim, cfg.dim, 2 * stride, stride, groups=cfg.dim, bias=False)
+        self.decoder_transformer = Transformer(cfg)
+        self.decoder = SEANet(cfg, decoder=True)
+        self.chunk_frames = CHUNK_FRAMES
+        self._streaming, self._graphs, self._compile, self._compiled = False, None, False, {}
+
+    @property
+    def num_codebooks(self):
+        return 1 + len(self.quantizer.rvq_rest.codebook)
+
+    @property
+    def device(self):
+        return self.downsample.conv.weight.device
+
+    @property
+    def dtype(self):
+        return self.downsample.conv.weight.dtype
+
+    # --- the two halves, on chunks of whole frames, states carried in the modules
+    def _latent(self, wav):  # [B, 1, n * FRAME_SIZE] -> [B, D, n]
+        h = self.encoder(wav.to(self.dtype))                                  # [B, D, 2n] at 25 Hz
+        return self.downsample(self.encoder_transformer(h)).float()           # [B, D, n] at 12.5 Hz
+
+    def _encode_step(self, wav):  # -> [B, K, n]
+        return self.quantizer.encode(self._latent(wav))
+
+    def _decode_step(self, codes):  # [B, K, n] -> [B, 1, n * FRAME_SIZE]
+        h = self.upsample(self.quantizer.decode(codes).to(self.dtype))         # [B, D, 2n]
+        return self.decoder(self.decoder_transformer(h)).float()
+
+    def _stateful(self):
+        return [m for m in self.modules() if hasattr(m, "init_state")]
+
+    def _set_state(self, B):
+        for m in self._stateful():
+            m.state = None if B is None else m.init_state(B, self.device, self.dtype)
+        self._batch = B
+
+    @contextlib.contextmanager
+    def _fresh_state(self, B):
+        self._set_state(B)
+        try:
+            yield
+        finally:
+            self._set_state(None)
+
+    @contextlib.contextmanager
+    def streaming(self, batch_size: int, cuda_graph: bool = False, compile: bool = False):
+        """Inside this block, encode and decode take chunks of whole frames of one stream each per batch
+        row and carry every convolution and attention state, so any split of a stream gives the batch
+        result. The state is bounded: conv left contexts and the last 249 steps of attention.
+        cuda_graph=True (CUDA only, ignored elsewhere) records one CUDA graph per chunk shape on first
+        use and replays it: no per-op launch cost, for frame-by-frame use. compile=True first runs the
+        steps through torch.compile, which fuses elementwise ops (a few minutes on first use)."""
+        if self._streaming:
+            raise MimiError("this Mimi is already streaming; leave the first `with mimi.streaming()` block "
+                            "(or use a second Mimi) before starting another stream")
+        self._set_state(batch_size)
+        self._streaming = True
+        self._graphs = {} if cuda_graph and self.device.type == "cuda" else None
+        self._compile = compile
+        try:
+            yield self
+        finally:
+            self._set_state(None)
+            self._streaming, self._graphs, self._compile = False, None, False
+
+    def _run(self, name, fn, x):
+        if self._compile:  # compiled once per Mimi: its guards are on shapes, not on the state tensors
+            if name not in self._compiled:
+                self._compiled[name] = torch.compile(fn, fullgraph=True, dynamic=False)
+            fn = self._compiled[name]
+        if self._graphs is None:
+            return fn(x)
+        key = (name, tuple(x.shape))
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(fn, x)
+        x_in, y_out, graph = self._graphs[key]
+        x_in.copy_(x)
+        graph.replay()
+        return y_out.clone()
+
+    def _capture(self, fn, x):
+        # Warm-up and capture run the step, so put the state back as it was afterwards; the replays
+        # then read and write the very same state tensors as the plain path.
+        saved = [t.clone() for m in self._stateful() for t in m.state]
+        x_in = x.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn(x_in)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y_out = fn(x_in)
+        for t, v in zip([t for m in self._stateful() for t in m.state], saved):
+            t.copy_(v)
+        return x_in, y_out, graph
+
+    def _process(self, name, fn, x, per_frame, empty):
+        """fn over x in chunks of whole frames: the open stream's state, or a fresh one for a batch call."""
+        if self._streaming and x.shape[0] != self._batch:
+            raise MimiError(f"this stream was opened with streaming(batch_size={self._batch}), got a batch of "
+                            f"{x.shape[0]}")
+        if self._streaming and x.shape[-1] == 0:
+            raise MimiError(f"{name}: an empty chunk; a stream advances by whole frames")
+        with contextlib.nullcontext() if self._streaming else self._fresh_state(x.shape[0]):
+            n = self.chunk_frames * per_frame
+            return torch.cat([self._run(name, fn, x[..., i:i + n]) for i in range(0, x.shape[-1], n)] or [empty], -1)
+
+    @torch.no_grad()
+    def encode(self, wav: torch.Tensor) -> torch.Tensor:
+        """wav [B, 1, T] float at 24 kHz -> codes [B, K, ceil(T / 1920)] int64 on the model's device.
+        In batch, the end is zero-padded to whole frames (as the official package does); when streaming,
+        T must be a multiple of FRAME_SIZE."""
+        if not torch.is_tensor(wav) or wav.ndim != 3 or wav.shape[1] != 1 or not wav.is_floating_point():
+            got = f"{tuple(wav.shape)} {wav.dtype}" if torch.is_tensor(wav) else type(wav).__name__
+            raise MimiError(f"encode takes a float tensor [batch, 1, samples] at {SAMPLE_RATE} Hz, got {got}; "
+                            "put the channels of a stereo conversation in the batch: wav[:, None] for [2, T]")
+        T = wav.shape[-1]
+        if self._streaming and T % FRAME_SIZE:
+            raise MimiError(f"when streaming, encode takes whole frames of {FRAME_SIZE} samples, got {T}: buffer "
+                            "the audio, or zero-pad the last chunk of a stream")
+        wav = F.pad(wav.to(self.device), (0, -T % FRAME_SIZE))
+        empty = torch.zeros(wav.shape[0], self.num_codebooks, 0, dtype=torch.long, device=self.device)
+        return self._process("encode", self._encode_step, wav, FRAME_SIZE, empty)
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [B, K, F] integers in [0, 2048) with 1 <= K <= num_codebooks -> wav [B, 1, F * 1920]
+        float32 on the model's device."""
+        if not torch.is_tensor(codes) or codes.ndim != 3 or codes.is_floating_point() or codes.is_complex():
+            got = f"{tuple(codes.shape)} {codes.dtype}" if torch.is_tensor(codes) else type(codes).__name__
+            raise MimiError(f"decode takes an integer tensor [batch, codebooks, frames], got {got}")
+        K = codes.shape[1]
+        if not 1 <= K <= self.num_codebooks:
+            raise MimiError(f"codes have {K} codebooks but this Mimi was loaded with num_codebooks="
+                            f"{self.num_codebooks}; load it with Mimi.from_pretrained(..., num_codebooks={max(K, 1)})")
+        codes = codes.to(self.device, torch.long)
+        if ((codes < 0) | (codes >= self.cfg.bins)).any():
+            raise MimiError(f"codes must lie in [0, {self.cfg.bins}); got values from {int(codes.min())} to "
+                            f"{int(codes.max())}")
+        return self._process("decode", self._decode_step, codes, 1,
+                             torch.zeros(codes.shape[0], 1, 0, device=self.device))
+
+    @torch.no_grad()
+    def latent(self, wav: torch.Tensor) -> torch.Tensor:
+        """wav [B, 1, n * 1920] -> the continuous latent [B, dim, n] that the quantizer codes."""
+        return self._process("latent", self._latent, wav.to(self.device), FRAME_SIZE,
+                             torch.zeros(wav.shape[0], self.cfg.dim, 0, device=self.device))
+
+    @classmethod
+    def from_pretrained(cls, path: str = None, num_codebooks: int = 8, device=None, dtype=None) -> "Mimi":
+        """Load a Mimi checkpoint: the Moshi layout (kyutai/moshiko-pytorch-bf16
+        tokenizer-e351c8d8-checkpoint125.safetensors) or the Hugging Face one (kyutai/mimi
+        model.safetensors, flat or split encoder/decoder keys), told apart by their keys. With no path,
+        look in the Hugging Face cache. device: default cuda, then mps, then cpu. dtype: default float32;
+        the quantizer stays float32 whatever it is."""
+        path = find_checkpoint() if path is None else str(path)
+        if path is None:
+            raise MimiCheckpointError("no Mimi checkpoint in the Hugging Face cache; " + GET_CHECKPOINT)
+        if os.path.isdir(path):
+            found = [os.path.join(path, f) for f in (HF_FILE, MOSHI_FILE) if os.path.isfile(os.path.join(path, f))]
+            if not found:
+                raise MimiCheckpointError(f"folder {path!r} holds neither {HF_FILE} nor {MOSHI_FILE}; "
+                                          + GET_CHECKPOINT)
+            path = found[0]
+        if not os.path.isfile(path):
+            raise MimiCheckpointError(f"checkpoint {path!r} does not exist; " + GET_CHECKPOINT)
+        import safetensors.torch
+        try:
+            raw = safetensors.torch.load_file(path)
+        except Exception as e:  # safetensors raises its own error types for a file that is not one
+            raise MimiCheckpointError(f"{path!r} is not a safetensors file ({e}); " + GET_CHECKPOINT) from None
+        raw, layout = _normalize(raw, path)
+        cfg = _infer_config(raw, layout, os.path.join(os.path.dirname(path), "config.json"))
+        if not 1 <= num_codebooks <= cfg.n_q:
+            raise MimiError(f"num_codebooks must be in 1..{cfg.n_q}, got {num_codebooks}")
+        with torch.device("meta"):
+            model = cls(cfg, num_codebooks)
+        model.load_state_dict(_convert(raw, model, layout, path), assign=True)
+        model.quantizer.refresh()  # |c|^2 is not in the state dict: still on meta
+        model.to(device=default_device(device), dtype=dtype)
+        model.quantizer.float().refresh()
+        return model.eval()
+
+
+def default_device(name=None):
+    """torch.device(name), else the best available: cuda, then mps, then cpu."""
+    try:
+        d = torch.device(name) if name else None
+    except RuntimeError:
+        raise MimiError(f"unknown device {name!r}; use cpu, cuda, cuda:1 or mps") from None
+    if d is not None and d.type == "cuda" and not torch.cuda.is_available():
+        raise MimiError(f"device {name!r} asked for, but torch sees no CUDA device; use cpu")
+    mps = getattr(torch.backends, "mps", None)
+    return d or torch.device("cuda" if torch.cuda.is_available() else "mps" if mps and mps.is_available() else "cpu")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def find_checkpoint():
+    """Path of a Mimi checkpoint in the standard Hugging Face cache (HF_HUB_CACHE, HF_HOME or
+    ~/.cache/huggingface/hub): the kyutai/moshiko-pytorch-bf16 tokenizer or kyutai/mimi; else None."""
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface")
+    hub = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
+    for repo, name in [(MOSHI_REPO, MOSHI_FILE), (HF_REPO, HF_FILE)]:
+        snaps = glob.glob(os.path.join(hub, "models--" + repo.replace("/", "--"), "snapshots", "*", name))
+        snaps = [p for p in snaps if os.path.isfile(p)]  # entries link into blobs/; skip dangling ones
+        if snaps:
+            return max(snaps, key=os.path.getmtime)
+    return None
+
+
+_ALIASES = [  # older or newer spellings -> the names the key maps below use
+    (r"\.self_attn\.in_proj(_weight|\.weight)$", ".self_attn.in_projs.0.weight"),  # moshi _load_hook
+    (r"\.self_attn\.out_proj\.weight$", ".self_attn.out_projs.0.weight"),
+    (r"\._codebook\.(embed_sum|embed_avg)$", "._codebook.embedding_sum"),  # moshi core_vq.py
+    (r"\._codebook\.cluster_size$", "._codebook.cluster_usage"),
+    (r"^encoder\.encoder(_seanet)?\.layers\.", "encoder.layers."),  # transformers' split MimiModel
+    (r"^encoder\.(encoder_transformer|downsample)\.", r"\1."),
+    (r"^decoder\.(decoder_transformer|upsample)\.", r"\1."),
+    (r"^decoder\.decoder(_seanet)?\.layers\.", "decoder.layers."),
+]
+_KEYS = {"moshi": [  # our key -> Moshi key (the module tree of moshi/models/compression.py)
+    (r"^(encoder|decoder)\.layers\.(\d+)\.block\.(\d)\.conv\.", r"\1.model.\2.block.\3.conv.conv."),
+    (r"^(encoder|decoder)\.layers\.(\d+)\.conv\.", r"\1.model.\2.conv.conv."),
+    (r"^decoder\.layers\.(\d+)\.convtr\.", r"decoder.model.\1.convtr.convtr."),
+    (r"^downsample\.conv\.", "downsample.conv.conv.conv."),
+    (r"^upsample\.convtr\.", "upsample.convtr.convtr.convtr."),
+    (r"^(\w+)_transformer\.layers\.(\d+)\.(in|out)_proj\.",
+     r"\1_transformer.transformer.layers.\2.self_attn.\3_projs.0."),
+    (r"^(\w+)_transformer\.layers\.(\d+)\.(layer_scale_\d)$", r"\1_transformer.transformer.layers.\2.\3.scale"),
+    (r"^(\w+)_transformer\.layers\.", r"\1_transformer.transformer.layers."),
+], "hf": [  # our key -> Hugging Face key (transformers/models/mimi, the flat layout of kyutai/mimi)
+    (r"\.convtr\.", ".conv."),
+    (r"\.norm1\.", ".input_layernorm."), (r"\.norm2\.", ".post_attention_layernorm."),
+    (r"\.linear1\.", ".mlp.fc1."), (r"\.linear2\.", ".mlp.fc2."), (r"\.out_proj\.", ".self_attn.o_proj."),
+    (r"\.layer_scale_1$", ".self_attn_layer_scale.scale"), (r"\.layer_scale_2$", ".mlp_layer_scale.scale"),
+    (r"^quantizer\.rvq_first\.", "quantizer.semantic_residual_vector_quantizer."),
+    (r"^quantizer\.rvq_rest\.", "quantizer.acoustic_residual_vector_quantizer."),
+]}
+
+
+def _rename(key, rules):
+    for pattern, repl in rules:
+        key = re.sub(pattern, repl, key)
+    return key
+
+
+def _their_key(ours, layout):
+    return _rename(ours, _KEYS[layout])
+
+
+def _codebook_keys(layout, rvq, k):  # (centroid sum, usage) of stage k; centroid = sum / usage
+    if layout == "moshi":
+        return (f"quantizer.{rvq}.vq.layers.{k}._codebook.embedding_sum",
+                f"quantizer.{rvq}.vq.layers.{k}._codebook.cluster_usage")
+    p = f"{_their_key(f'quantizer.{rvq}.', 'hf')}layers.{k}.codebook."
+    return p + "embed_sum", p + "cluster_usage"
+
+
+def _normalize(raw, path):
+    """Rename aliases and tell the layout from the keys."""
+    raw = {_rename(k, _ALIASES): v for k, v in raw.items()}
+    if any(k.startswith(("encoder.model.", "quantizer.rvq_first.")) for k in raw):
+        return raw, "moshi"
+    if any(k.startswith(("encoder.layers.", "quantizer.semantic_residual_vector_quantizer.")) for k in raw):
+        return raw, "hf"
+    some = ", ".join(sorted(raw)[:4]) or "none"
+    raise MimiCheckpointError(f"{path!r} is not a Mimi checkpoint in a layout we know (its keys: {some}); "
+                              + GET_CHECKPOINT)
+
+
+def _infer_config(raw, layout, config_json):
+    """Read widths and counts off the weights; a missing anchor leaves the default (the key check then
+    reports it). Head count, window and RoPE base are not in the weights: taken from the Hugging Face
+    config.json next to the file if there is one, else the released model's."""
+    def size(ours=None, theirs=None):
+        t = raw.get(theirs or _their_key(ours, layout))
+        return None if t is None else t.shape[0]
+
+    def count(theirs):  # how many of theirs(0), theirs(1), .. the checkpoint holds
+        return next(n for n in range(1 << 16) if theirs(n) not in raw)
+
+    cfg = MimiConfig()
+    last = f"encoder.layers.{3 * len(cfg.ratios) + 2}.conv.weight"  # the SEANet encoder's last conv
+    found = dict(n_filters=size("encoder.layers.0.conv.weight"), dim=size(last),
+                 ffn=size("encoder_transformer.layers.0.linear1.weight"),
+                 q_dim=size("quantizer.rvq_first.input_proj.weight"),
+                 bins=size(theirs=_codebook_keys(layout, "rvq_first", 0)[0]),
+                 n_layers=count(lambda i: _their_key(f"encoder_transformer.layers.{i}.norm1.weight", layout)) or None,
+                 n_q=1 + count(lambda k: _codebook_keys(layout, "rvq_rest", k)[0]))
+    if layout == "hf" and os.path.isfile(config_json):
+        import json
+        with open(config_json) as f:
+            hf = json.load(f)
+        found.update(n_heads=hf.get("num_attention_heads"), context=hf.get("sliding_window"),
+                     max_period=(hf.get("rope_parameters") or {}).get("rope_theta") or hf.get("rope_theta"))
+    for k, v in found.items():
+        if v is not None:
+            setattr(cfg, k, v)
+    return cfg
+
+
+def _convert(raw, model, layout, path):
+    """Our state dict from the checkpoint's tensors: a key map plus shape checks; every problem is
+    reported at once."""
+    cfg, table = model.cfg, {}  # our key -> (their keys, their shapes, f(their tensors) -> ours)
+    for ours, t in model.state_dict().items():
+        if ours.endswith(".codebook"):
+            rvq, n = ours.split(".")[1], t.shape[0]
+            keys = [k for s in range(1 if rvq == "rvq_first" else cfg.n_q - 1) for k in _codebook_keys(layout, rvq, s)]
+            shapes = [(cfg.bins, cfg.q_dim), (cfg.bins,)] * (len(keys) // 2)
+            # centroid = embedding_sum / cluster_usage (moshi core_vq.py EuclideanCodebook.embedding)
+            table[ours] = keys, shapes, lambda *ts, n=n: torch.stack(
+                [s / u.clamp(min=1e-5)[:, None] for s, u in zip(ts[0::2], ts[1::2])][:n]
+                or [torch.zeros(cfg.bins, cfg.q_dim)])[:n]
+        elif layout == "hf" and ours.endswith(".in_proj.weight"):
+            p = _their_key(ours[:-len("in_proj.weight")], layout) + "self_attn."
+            table[ours] = [p + "q_proj.weight", p + "k_proj.weight", p + "v_proj.weight"], [(cfg.dim, cfg.dim)] * 3, \
+                lambda q, k, v: torch.cat([_unpermute(q, cfg.n_heads), _unpermute(k, cfg.n_heads), v])
+        else:
+            table[ours] = [_their_key(ours, layout)], [tuple(t.shape)], lambda x: x
+    missing, shapes, used = [], [], set()
+    for keys, want, _ in table.values():
+        used.update(keys)
+        for k, s in zip(keys, want):
+            if k not in raw:
+                missing.append(k)
+            elif tuple(raw[k].shape) != s:
+                shapes.append(f"{k} {tuple(raw[k].shape)}, expected {s}")
+    unexpected = [k for k in raw if k not in used and not k.endswith("initialized")]
+    if missing or shapes or unexpected:
+        def some(xs):
+            return ", ".join(xs[:6]) + (f" and {len(xs) - 6} more" if len(xs) > 6 else "")
+        report = "; ".join(f"{name} ({len(xs)}): {some(xs)}" for name, xs in
+                           [("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", shapes)] if xs)
+        raise MimiCheckpointError(f"{path!r} does not fit the Mimi architecture ({layout} layout): {report}. "
+                                  "Is it a Mimi checkpoint, complete and unmodified? " + GET_CHECKPOINT)
+    return {ours: fn(*[raw[k].float() for k in keys]) for ours, (keys, _, fn) in table.items()}
+
+
+def _unpermute(w, H):
+    # transformers' convert_mimi_checkpoint_to_pytorch.py reorders q and k rows per head from interleaved
+    # RoPE pairs (r0, i0, r1, i1, ..) to halves (r0, r1, .., i0, i1, ..); put them back
+    D, Din = w.shape
+    return w.view(H, 2, D // H // 2, Din).transpose(1, 2).reshape(D, Din)
+
+
+# ----------------------------------------------------------------------------- audio
+
+AUDIO_EXTS = (".wav", ".flac", ".ogg")
+MAX_PHASES = 1000  # resampling ratios up/down (reduced) with up above this are refused
+
+
+def resample(x, sr_in, sr_out=SAMPLE_RATE, zeros=32, rolloff=0.95, beta=8.6):
+    """Band-limited resampling of x [C, T] float (numpy or torch) -> torch [C, ceil(T * sr_out / sr_in)]:
+    a Kaiser-windowed sinc low-pass at rolloff * min(sr_in, sr_out) / 2, `zeros` zero crossings each side,
+    computed polyphase (one filter per output phase, a strided conv). Refuses ratios it cannot do exactly."""
+    x = torch.as_tensor(x, dtype=torch.float32)
+    if sr_in == sr_out:
+        return x
+    g = math.gcd(int(sr_in), int(sr_out))
+    up, down = sr_out // g, sr_in // g
+    if sr_in <= 0 or up > MAX_PHASES:
+        raise MimiError(f"cannot resample {sr_in} Hz to {sr_out} Hz (ratio {up}/{down}); convert the file "
+                        f"first, e.g. `sox in.wav -r {sr_out} out.wav` or `ffmpeg -i in.wav -ar {sr_out} out.wav`")
+    nu = rolloff * min(sr_in, sr_out) / 2 / sr_in                # cutoff, cycles per input sample
+    width = zeros / (2 * nu)                                    # filter half-width, input samples
+    half = math.ceil(width)
+    # output q*up + p sits at input time q*down + p*down/up: phase p reads inputs q*down + j, j in
+    # [-half, down + half], weighted by h(p*down/up - j) (zero outside the window)
+    tau = np.arange(up)[:, None] * down / up - np.arange(-half, down + half + 1)[None, :]  # [up, taps]
+    win = np.i0(beta * np.sqrt(np.clip(1 - (tau / width) ** 2, 0, None))) / np.i0(beta) * (np.abs(tau) <= width)
+    h = 2 * nu * np.sinc(2 * nu * tau) * win
+    h /= h.sum(1, keepdims=True)                                # unit DC gain in every phase
+    w = torch.from_numpy(h).float()[:, None]                    # [up, 1, taps]: phase p of output q*up + p
+    C, T = x.shape
+    n_out = -(-T * up // down)
+    Q = -(-n_out // up)
+    xp = F.pad(x[:, None], (half, max(0, (Q - 1) * down + w.shape[-1] - T - half)))
+    step = max(1, (1 << 22) // up)                              # outputs per block, to bound memory
+    ys = [F.conv1d(xp[..., q * down:(min(q + step, Q) - 1) * down + w.shape[-1]], w, stride=down)
+          for q in range(0, Q, step)]
+    return torch.cat(ys, -1).transpose(1, 2).reshape(C, -1)[:, :n_out]
+
+
+def list_audio(paths):
+    """Files as given, folders expanded (recursively, sorted) to their wav/flac/ogg files."""
+    out = []
+    for p in paths:
+        if os.path.isdir(p):
+            found = sorted(os.path.join(d, f) for d, _, fs in os.walk(p) for f in fs if f.lower().endswith(AUDIO_EXTS))
+            if not found:
+                raise MimiError(f"folder {p!r} holds no {', '.join(AUDIO_EXTS)} files")
+            out += found
+        elif os.path.isfile(p):
+            out.append(p)
+        else:
+            raise MimiError(f"{p!r} does not exist")
+    return out
+
+
+def audio_info(path):
+    """(channels, samples, sample rate) from the header; a clear error for anything that is not audio."""
+    import soundfile as sf
+    if not os.path.isfile(path):
+        raise MimiError(f"{path!r} does not exist")
+    if os.path.getsize(path) == 0:
+        raise MimiError(f"{path!r} is empty (0 bytes)")
+    try:
+        i = sf.info(path)
+    except Exception as e:  # libsndfile's errors for a file it cannot parse
+        raise MimiError(f"cannot read {path!r} as audio ({e}); give wav, flac or ogg files") from None
+    if i.frames <= 0:
+        raise MimiError(f"{path!r} holds no audio samples")
+    if i.channels > 2:
+        raise MimiError(f"{path!r} has {i.channels} channels; a conversation file is mono (one speaker) or "
+                        "stereo (one speaker per channel)")
+    return i.channels, i.frames, i.samplerate
+
+
+def load_audio(path) -> torch.Tensor:
+    """A wav/flac/ogg file -> float32 [channels, samples] at 24 kHz (resampled if needed); a clear
+    MimiError for a missing, empty or non-audio file, more than 2 channels or an unsupported rate."""
+    import soundfile as sf
+    audio_info(path)
+    try:
+        data, sr = sf.read(path, dtype="float32", always_2d=True)
+    except Exception as e:
+        raise MimiError(f"cannot read {path!r} as audio ({e})") from None
+    return resample(data.T, sr)
+
+
+# ----------------------------------------------------------------------------- command line
+
+class Progress:
+    """'encoded 12.0 of 60.0 min, 35x real time' on stderr, at most every few seconds."""
+
+    def __init__(self, verb, total_s):
+        self.verb, self.total, self.done, self.t0 = verb, total_s, 0.0, time.time()
+        self.last = self.t0
+
+    def add(self, seconds, final=False):
+        self.done += seconds
+        now = time.time()
+        if final or now - self.last > 5:
+            self.last = now
+            print(f"{self.verb} {self.done / 60:.1f} of {self.total / 60:.1f} min, "
+                  f"{self.done / max(now - self.t0, 1e-9):.0f}x real time", file=sys.stderr, flush=True)
+
+
+def cmd_encode(args):
+    files = list_audio(args.audio)
+    infos = [audio_info(f) for f in files]
+    streams = sorted({c for c, _, _ in infos})
+    if len(streams) > 1:
+        per = ", ".join(f"{f}: {c}" for f, (c, _, _) in list(zip(files, infos))[:6])
+        raise MimiError(f"files in one codes file must all be mono or all stereo (channels per file: {per}); "
+                        "encode them into separate codes files")
+    for _, _, sr in infos:
+        resample(np.zeros((1, 1), np.float32), sr)  # refuse an unsupported rate before any work
+    mimi = Mimi.from_pretrained(args.mimi, args.num_codebooks, device=args.device)
+    S, step = streams[0], 750 * FRAME_SIZE                                    # 60 s per call
+    progress, frames = Progress("encoded", sum(n / sr for _, n, sr in infos)), 0
+    with CodesWriter(args.out, n_streams=S, n_codebooks=mimi.num_codebooks, cardinality=mimi.cfg.bins,
+                     frame_rate=FRAME_RATE) as w:
+        for f in files:
+            wav, codes = load_audio(f), []
+            with mimi.streaming(S):  # streaming equals batch; chunks keep memory flat and report progress
+                for i in range(0, wav.shape[-1], step):
+                    x = wav[:, None, i:i + step]
+                    codes.append(mimi.encode(F.pad(x, (0, -x.shape[-1] % FRAME_SIZE))).cpu())
+                    progress.add(x.shape[-1] / SAMPLE_RATE)
+            codes = torch.cat(codes, -1)                                         # [S, K, F]
+            w.add(codes.permute(2, 0, 1).numpy())
+            frames += codes.shape[-1]
+    progress.add(0, final=True)
+    print(f"wrote {args.out}: {len(files)} conversations, {frames / FRAME_RATE / 60:.1f} min, {S} streams x "
+          f"{mimi.num_codebooks} codebooks", file=sys.stderr)
+
+
+def cmd_decode(args):
+    f = CodesFile(args.codes)
+    if f.cardinality > CARDINALITY or not 1 <= f.n_codebooks <= MAX_CODEBOOKS or f.frame_rate != FRAME_RATE:
+        raise MimiError(f"{args.codes!r} holds {f.n_codebooks} codebooks of {f.cardinality} at {f.frame_rate} Hz; "
+                        f"Mimi decodes up to {MAX_CODEBOOKS} codebooks of {CARDINALITY} at {FRAME_RATE} Hz")
+    if not 0 <= args.conversation < len(f):
+        raise MimiError(f"--conversation {args.conversation}: {args.codes!r} holds conversations 0..{len(f) - 1}")
+    fmt = {".wav": "WAV", ".flac": "FLAC"}.get(os.path.splitext(args.out)[1].lower())
+    if fmt is None:
+        raise MimiError(f"--out {args.out!r}: give a .wav or .flac name")
+    if len(f) > 1:
+        print(f"decoding conversation {args.conversation} of {len(f)} (choose with --conversation)", file=sys.stderr)
+    import soundfile as sf
+    mimi = Mimi.from_pretrained(args.mimi, f.n_codebooks, device=args.device)
+    codes, S = f.audio(args.conversation), f.n_streams                        # [frames, S, K]
+    progress, tmp = Progress("decoded", len(codes) / FRAME_RATE), f"{args.out}.{os.getpid()}.tmp"
+    try:
+        with sf.SoundFile(tmp, "w", SAMPLE_RATE, S, subtype="PCM_16", format=fmt) as out, mimi.streaming(S):
+            for i in range(0, len(codes), 750):
+                c = torch.from_numpy(codes[i:i + 750].astype(np.int64)).permute(1, 2, 0)  # [S, K, n]
+                out.write(mimi.decode(c)[:, 0].T.clamp(-1, 1).cpu().numpy())
+                progress.add(c.shape[-1] / FRAME_RATE)
+        os.replace(tmp, args.out)  # the wav appears whole or not at all
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    progress.add(0, final=True)
+    print(f"wrote {args.out}: {len(codes) / FRAME_RATE / 60:.1f} min, {S} channel(s)", file=sys.stderr)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="mimi.py", description="Mimi codec: audio <-> codes files (codes.py)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("encode", help="audio files -> one codes file, one conversation per file")
+    e.add_argument("audio", nargs="+", help="wav/flac/ogg files or folders of them; stereo = one speaker per channel")
+    e.add_argument("--out", required=True, help="codes file to write, e.g. conv_codes.bin")
+    e.add_argument("--num_codebooks", type=int, default=8, help="codebooks per frame, 1 to 32")
+    d = sub.add_parser("decode", help="one conversation of a codes file -> wav (stereo for two streams)")
+    d.add_argument("codes", help="codes file written by `mimi.py encode` or by generate.py")
+    d.add_argument("--out", required=True, help="audio file to write (.wav or .flac)")
+    d.add_argument("--conversation", type=int, default=0, help="which conversation of the file")
+    for s in (e, d):
+        s.add_argument("--mimi", help="Mimi checkpoint (default: found in the Hugging Face cache)")
+        s.add_argument("--device", help="cpu, cuda, mps (default: the best available)")
+    args = p.parse_args(argv)
+    try:
+        (cmd_encode if args.cmd == "encode" else cmd_decode)(args)
+    except (MimiError, CodesFormatError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,468 @@
+"""
+Mimi: parity with the official implementations, streaming == batch, checkpoint layouts, the resampler,
+the codes CLI and every bad input. The fast tests use small random codecs from tests/fixtures/mimi
+(made by scripts/make_mimi_fixtures.py with moshi 0.2.13 and transformers); when moshi or transformers
+is importable, a freshly built official model is compared too. `-m slow` adds the full-size checks.
+"""
+import importlib.util
+import os
+import shutil
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import mimi
+from codes import HEADER_SIZE, CodesFile, CodesWriter
+from mimi import FRAME_SIZE, SAMPLE_RATE, Mimi, MimiCheckpointError, MimiConfig, MimiError
+from scripts import make_mimi_fixtures as fx
+
+FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "mimi")
+MOSHI_CKPT = os.path.join(FIX, "moshi_small.safetensors")
+HF_CKPT = os.path.join(FIX, "hf_small", "model.safetensors")
+REL_TOL = 1e-5
+has_moshi = importlib.util.find_spec("moshi") is not None
+has_transformers = importlib.util.find_spec("transformers") is not None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny ops on a shared 2-core machine: a second OpenMP thread mostly waits for a busy core.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def expected():
+    return np.load(os.path.join(FIX, "expected.npz"))
+
+
+@pytest.fixture(scope="module")
+def small():
+    return Mimi.from_pretrained(MOSHI_CKPT, num_codebooks=32, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def calib():
+    return fx.calibration()  # [2, 1, 24 s]: the signal the fixtures' centroids were fitted on, and noise
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def assert_same(ours_codes, ref_codes, ours_audio, ref_audio):
+    assert ours_codes.shape == ref_codes.shape
+    mismatch = (ours_codes != ref_codes).sum().item()
+    assert mismatch == 0, f"{mismatch} of {ref_codes.numel()} codes differ"
+    assert ours_audio.shape == ref_audio.shape
+    assert rel_err(ours_audio, ref_audio) < REL_TOL
+
+
+# ----------------------------------------------------------------------------- parity
+
+def test_fixture_signal_is_reproduced(expected):
+    x = fx.signal(float(expected["seconds"]))
+    assert fx.signal_crc(x) == int(expected["signal_crc"])
+    assert len(x) / SAMPLE_RATE > 10  # longer than the attention window
+
+
+@pytest.mark.parametrize("layout,path", [("moshi", MOSHI_CKPT), ("hf", HF_CKPT)])
+@pytest.mark.parametrize("n_q", [8, 32])
+def test_parity_with_fixtures(expected, layout, path, n_q):
+    m = Mimi.from_pretrained(path, num_codebooks=n_q, device="cpu")
+    x = torch.from_numpy(fx.signal(float(expected["seconds"])))[None, None]
+    ref = torch.from_numpy(expected[f"{layout}_codes"][:n_q].astype(np.int64))[None]
+    codes = m.encode(x)
+    audio = m.decode(ref)[..., ::int(expected["stride"])]
+    assert_same(codes, ref, audio, torch.from_numpy(expected[f"{layout}_audio{n_q}"])[None, None])
+
+
+@pytest.mark.skipif(not has_moshi, reason="moshi not installed: fixtures only")
+def test_parity_with_official_moshi(tmp_path, calib):
+    ref = fx.moshi_mimi(fx.SMALL, seed=1, calib=calib)
+    fx.save_moshi(ref, tmp_path / "m.safetensors")
+    for n_q in (8, 32):
+        ours = Mimi.from_pretrained(tmp_path / "m.safetensors", num_codebooks=n_q, device="cpu")
+        codes, audio = fx.run_moshi(ref, calib, n_q)
+        assert_same(ours.encode(calib), codes, ours.decode(codes), audio)
+
+
+@pytest.mark.skipif(not has_transformers, reason="transformers not installed: fixtures only")
+def test_parity_with_transformers(tmp_path, calib):
+    ref = fx.hf_mimi(fx.SMALL, seed=1, calib=calib)
+    ref.save_pretrained(tmp_path / "hf")
+    for n_q in (8, 32):
+        ours = Mimi.from_pretrained(tmp_path / "hf" / "model.safetensors", num_codebooks=n_q, device="cpu")
+        codes, audio = fx.run_hf(ref, calib, n_q)
+        assert_same(ours.encode(calib), codes, ours.decode(codes), audio)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not has_moshi, reason="needs moshi")
+def test_full_size_parity_with_official_moshi(tmp_path):
+    calib = fx.calibration()
+    ref = fx.moshi_mimi(MimiConfig(), seed=2, calib=calib)
+    fx.save_moshi(ref, tmp_path / "m.safetensors")
+    x = calib[:1]
+    for n_q in (8, 32):
+        ours = Mimi.from_pretrained(tmp_path / "m.safetensors", num_codebooks=n_q, device="cpu")
+        codes, audio = fx.run_moshi(ref, x, n_q)
+        assert_same(ours.encode(x), codes, ours.decode(codes), audio)
+    stream_codes, stream_audio = stream(ours, x, codes, 1)
+    assert_same(stream_codes, codes, stream_audio, audio)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not has_transformers, reason="needs transformers")
+def test_full_size_parity_with_transformers(tmp_path):
+    calib = fx.calibration()
+    ref = fx.hf_mimi(MimiConfig(), seed=2, calib=calib)
+    ref.save_pretrained(tmp_path / "hf")
+    x = calib[:1]
+    for n_q in (8, 32):
+        ours = Mimi.from_pretrained(tmp_path / "hf", num_codebooks=n_q, device="cpu")
+        codes, audio = fx.run_hf(ref, x, n_q)
+        assert_same(ours.encode(x), codes, ours.decode(codes), audio)
+
+
+# ----------------------------------------------------------------------------- streaming
+
+def stream(m, x, codes, sizes):
+    """Encode x and decode codes in chunks of `sizes` frames (an int, or a list used in turn)."""
+    sizes = sizes if isinstance(sizes, list) else [sizes]
+    enc, dec = [], []
+    with m.streaming(x.shape[0]):
+        i = j = 0
+        while i < x.shape[-1]:
+            n = sizes[j % len(sizes)] * FRAME_SIZE
+            enc.append(m.encode(x[..., i:i + n]))
+            i, j = i + n, j + 1
+        i = j = 0
+        while i < codes.shape[-1]:
+            n = sizes[j % len(sizes)]
+            dec.append(m.decode(codes[..., i:i + n]))
+            i, j = i + n, j + 1
+    return torch.cat(enc, -1), torch.cat(dec, -1)
+
+
+@pytest.mark.parametrize("sizes", [1, 7, [3, 1, 126, 20]], ids=["1-frame", "7-frames", "mixed-incl-126"])
+def test_streaming_equals_batch(small, calib, sizes):
+    # 300 frames = 600 transformer steps > 250, so the window matters; a 126-frame chunk spans two query
+    # blocks; the last 7-frame chunk is short
+    codes, audio = small.encode(calib), small.decode(small.encode(calib))
+    s_codes, s_audio = stream(small, calib, codes, sizes)
+    assert_same(s_codes, codes, s_audio, audio)
+
+
+def test_batch_chunks_equal_one_pass(small, calib):
+    codes, audio = small.encode(calib), small.decode(small.encode(calib))
+    small.chunk_frames = 300  # everything in one chunk: a single 600-step attention call
+    try:
+        assert_same(small.encode(calib), codes, small.decode(codes), audio)
+    finally:
+        small.chunk_frames = mimi.CHUNK_FRAMES
+
+
+def test_attention_window_matters(small, calib, expected):
+    # without the 250-step window the codes of this 24 s input change: the window is exercised
+    codes = small.encode(calib[:1])
+    for t in (small.encoder_transformer, small.decoder_transformer):
+        t.cfg.context = 10_000
+    try:
+        assert (small.encode(calib[:1]) != codes).float().mean() > 0.1
+    finally:
+        for t in (small.encoder_transformer, small.decoder_transformer):
+            t.cfg.context = mimi.CONTEXT
+
+
+def test_streaming_state_is_bounded(small):
+    def size():
+        return sum(t.numel() for m in small._stateful() for t in m.state)
+    x = torch.zeros(1, 1, 200 * FRAME_SIZE)
+    with small.streaming(1):
+        small.encode(x[..., :FRAME_SIZE])
+        small.decode(torch.zeros(1, 32, 1, dtype=torch.long))
+        first = size()
+        small.encode(x)
+        small.decode(torch.zeros(1, 32, 200, dtype=torch.long))
+        assert size() == first
+    assert all(m.state is None for m in small._stateful())
+
+
+def test_fewer_codebooks_are_a_prefix(small, calib):
+    one = Mimi.from_pretrained(MOSHI_CKPT, num_codebooks=1, device="cpu")
+    x = calib[:1, :, :40 * FRAME_SIZE]
+    codes = small.encode(x)
+    assert torch.equal(one.encode(x), codes[:, :1])
+    assert torch.allclose(one.decode(codes[:, :1]), small.decode(codes[:, :1]), atol=1e-6)
+
+
+def test_encode_pads_the_end_to_whole_frames(small, calib):
+    x = calib[:1, :, :10 * FRAME_SIZE + 5]
+    padded = torch.nn.functional.pad(x, (0, FRAME_SIZE - 5))
+    assert torch.equal(small.encode(x), small.encode(padded))
+    assert small.encode(x).shape == (1, 32, 11)
+    assert small.decode(small.encode(x)).shape == (1, 1, 11 * FRAME_SIZE)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kw", [dict(cuda_graph=True), dict(cuda_graph=True, compile=True)], ids=["graph", "compile"])
+def test_cuda_graph_streaming_equals_plain(calib, kw):
+    m = Mimi.from_pretrained(MOSHI_CKPT, num_codebooks=32, device="cuda")
+    x = calib.cuda()
+    codes = m.encode(x)
+    ref = stream(m, x, codes, 1)
+    with m.streaming(2, **kw):
+        enc = torch.cat([m.encode(x[..., i:i + FRAME_SIZE]) for i in range(0, x.shape[-1], FRAME_SIZE)], -1)
+        dec = torch.cat([m.decode(codes[..., i:i + 1]) for i in range(codes.shape[-1])], -1)
+    assert torch.equal(enc, ref[0])
+    assert rel_err(dec, ref[1]) < REL_TOL
+
+
+@pytest.mark.slow
+def test_compiled_streaming_equals_plain(small, calib):
+    # torch.compile(fullgraph=True) also proves the step has no host sync, which a CUDA graph needs
+    x, codes = calib[..., :20 * FRAME_SIZE], small.encode(calib[..., :20 * FRAME_SIZE])
+    ref = stream(small, x, codes, 1)
+    with small.streaming(2, compile=True):
+        enc = torch.cat([small.encode(x[..., i:i + FRAME_SIZE]) for i in range(0, x.shape[-1], FRAME_SIZE)], -1)
+        dec = torch.cat([small.decode(codes[..., i:i + 1]) for i in range(codes.shape[-1])], -1)
+    assert torch.equal(enc, ref[0])
+    assert rel_err(dec, ref[1]) < REL_TOL
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def _tensors(path):
+    import safetensors.torch
+    return safetensors.torch.load_file(path)
+
+
+def _save(d, path):
+    import safetensors.torch
+    safetensors.torch.save_file(d, str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("rename", [
+    ("moshi: in_proj_weight", MOSHI_CKPT, lambda k: k.replace("in_projs.0.weight", "in_proj_weight")
+     .replace("out_projs.0.weight", "out_proj.weight")),
+    ("hf: split encoder/decoder", HF_CKPT, lambda k: next(
+        (k.replace(a, b, 1) for a, b in [("encoder.layers.", "encoder.encoder_seanet.layers."),
+                                         ("decoder.layers.", "decoder.decoder_seanet.layers."),
+                                         ("encoder_transformer.", "encoder.encoder_transformer."),
+                                         ("decoder_transformer.", "decoder.decoder_transformer."),
+                                         ("downsample.", "encoder.downsample."), ("upsample.", "decoder.upsample.")]
+         if k.startswith(a)), k)),
+], ids=lambda r: r[0])
+def test_other_key_spellings_load(tmp_path, calib, rename):
+    _, path, fn = rename
+    renamed = _save({fn(k): v for k, v in _tensors(path).items()}, tmp_path / "model.safetensors")
+    if "hf" in path:
+        shutil.copy(os.path.join(os.path.dirname(path), "config.json"), tmp_path / "config.json")
+    x = calib[:1, :, :20 * FRAME_SIZE]
+    a, b = Mimi.from_pretrained(path, device="cpu"), Mimi.from_pretrained(renamed, device="cpu")
+    assert torch.equal(a.encode(x), b.encode(x))
+
+
+def test_bad_checkpoint_lists_every_problem(tmp_path):
+    d = _tensors(MOSHI_CKPT)
+    del d["decoder.model.5.convtr.convtr.bias"]
+    d["encoder.model.3.conv.conv.weight"] = torch.zeros(3, 3, 3)
+    d["encoder.extra.weight"] = torch.zeros(1)
+    with pytest.raises(MimiCheckpointError) as e:
+        Mimi.from_pretrained(_save(d, tmp_path / "bad.safetensors"))
+    msg = str(e.value)
+    for needle in ["moshi layout", "missing keys (1): decoder.model.5.convtr.convtr.bias",
+                   "unexpected keys (1): encoder.extra.weight", "encoder.model.3.conv.conv.weight (3, 3, 3), expected",
+                   "huggingface-cli download kyutai/mimi model.safetensors"]:
+        assert needle in msg
+
+
+def test_wrong_layout_checkpoint(tmp_path):
+    path = _save({"model.layers.0.weight": torch.zeros(2, 2), "lm_head.weight": torch.zeros(2)}, tmp_path / "lm.safetensors")
+    with pytest.raises(MimiCheckpointError, match="not a Mimi checkpoint in a layout we know"):
+        Mimi.from_pretrained(path)
+    (tmp_path / "junk.safetensors").write_bytes(b"this is not safetensors")
+    with pytest.raises(MimiCheckpointError, match="not a safetensors file"):
+        Mimi.from_pretrained(tmp_path / "junk.safetensors")
+    with pytest.raises(MimiCheckpointError, match="does not exist.*--mimi PATH"):
+        Mimi.from_pretrained(tmp_path / "nope.safetensors")
+    with pytest.raises(MimiError, match="num_codebooks must be in 1..32"):
+        Mimi.from_pretrained(MOSHI_CKPT, num_codebooks=33)
+
+
+def test_find_checkpoint_in_hf_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    assert mimi.find_checkpoint() is None
+    with pytest.raises(MimiCheckpointError) as e:
+        Mimi.from_pretrained()
+    assert "huggingface-cli download kyutai/mimi model.safetensors" in str(e.value) and "--mimi PATH" in str(e.value)
+    snap = tmp_path / "models--kyutai--mimi" / "snapshots" / "0123abc"
+    snap.mkdir(parents=True)
+    os.symlink(HF_CKPT, snap / "model.safetensors")
+    assert mimi.find_checkpoint() == str(snap / "model.safetensors")
+    shutil.copy(os.path.join(FIX, "hf_small", "config.json"), snap / "config.json")
+    assert Mimi.from_pretrained(device="cpu").cfg.dim == 32
+
+
+# ----------------------------------------------------------------------------- bad inputs to the API
+
+def test_encode_rejects_bad_audio(small):
+    for bad in [torch.zeros(1, 1920), torch.zeros(1, 2, 1920), torch.zeros(1, 1, 1920, dtype=torch.int16),
+                np.zeros((1, 1, 1920), np.float32)]:
+        with pytest.raises(MimiError, match=r"float tensor \[batch, 1, samples\]"):
+            small.encode(bad)
+    with small.streaming(1):
+        with pytest.raises(MimiError, match="whole frames of 1920"):
+            small.encode(torch.zeros(1, 1, 1000))
+        with pytest.raises(MimiError, match="batch_size=1"):
+            small.encode(torch.zeros(2, 1, FRAME_SIZE))
+        with pytest.raises(MimiError, match="already streaming"):
+            with small.streaming(1):
+                pass
+
+
+def test_decode_rejects_bad_codes(small):
+    eight = Mimi.from_pretrained(MOSHI_CKPT, num_codebooks=8, device="cpu")
+    with pytest.raises(MimiError, match=rf"must lie in \[0, {fx.SMALL.bins}\)"):
+        small.decode(torch.full((1, 8, 3), fx.SMALL.bins))
+    with pytest.raises(MimiError, match=rf"must lie in \[0, {fx.SMALL.bins}\)"):
+        small.decode(torch.full((1, 8, 3), -1))
+    with pytest.raises(MimiError, match="loaded with num_codebooks=8.*num_codebooks=9"):
+        eight.decode(torch.zeros(1, 9, 3, dtype=torch.long))
+    with pytest.raises(MimiError, match="integer tensor"):
+        small.decode(torch.zeros(1, 8, 3))
+    with pytest.raises(MimiError, match="integer tensor"):
+        small.decode(torch.zeros(8, 3, dtype=torch.long))
+
+
+# ----------------------------------------------------------------------------- resampling
+
+def _sine(freq, sr, seconds=0.5):
+    return np.sin(2 * np.pi * freq * np.arange(round(seconds * sr)) / sr)[None].astype(np.float32)
+
+
+@pytest.mark.parametrize("sr,freq", [(44_100, 1000.0), (16_000, 3000.0), (48_000, 7000.0), (22_050, 440.0)])
+def test_resampler_matches_the_analytic_sine(sr, freq):
+    y = mimi.resample(_sine(freq, sr), sr)
+    assert y.shape == (1, -(-round(0.5 * sr) * SAMPLE_RATE // sr))
+    want = torch.from_numpy(_sine(freq, SAMPLE_RATE))[:, :y.shape[1]]
+    edge = 200  # the filter sees zeros beyond the ends
+    assert (y - want)[:, edge:-edge].abs().max() < 2e-3
+
+
+def test_resampler_removes_what_the_new_rate_cannot_hold():
+    y = mimi.resample(_sine(15_000.0, 48_000), 48_000)  # above 12 kHz, the Nyquist of 24 kHz
+    assert y[:, 200:-200].pow(2).mean().sqrt() < 1e-3
+    assert torch.equal(mimi.resample(_sine(100.0, SAMPLE_RATE), SAMPLE_RATE), torch.from_numpy(_sine(100.0, SAMPLE_RATE)))
+    with pytest.raises(MimiError, match="cannot resample 7919 Hz"):
+        mimi.resample(_sine(100.0, 7919), 7919)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def run_cli(capsys, *argv):
+    rc = mimi.main([str(a) for a in argv])
+    return rc, capsys.readouterr().err
+
+
+def _wav(path, seconds, sr=SAMPLE_RATE, channels=1, seed=0):
+    x = np.stack([fx.signal(seconds * sr / SAMPLE_RATE, seed + c)[:round(seconds * sr)] for c in range(channels)], 1)
+    sf.write(str(path), x, sr)
+    return path
+
+
+def test_cli_round_trip(tmp_path, capsys):
+    folder = tmp_path / "talks"
+    folder.mkdir()
+    _wav(folder / "a.wav", 3.0, sr=48_000, channels=2)
+    _wav(folder / "b.flac", 2.0, channels=2, seed=5)
+    rc, err = run_cli(capsys, "encode", folder, "--out", tmp_path / "c.bin", "--mimi", MOSHI_CKPT, "--device", "cpu")
+    assert rc == 0, err
+    assert "encoded 0.1 of 0.1 min" in err and "real time" in err
+    f = CodesFile(tmp_path / "c.bin")
+    assert (len(f), f.n_streams, f.n_codebooks, f.cardinality) == (2, 2, 8, fx.SMALL.bins)
+    assert list(f.lengths) == [-(-3 * SAMPLE_RATE // FRAME_SIZE), -(-2 * SAMPLE_RATE // FRAME_SIZE)]
+    # the codes are what the API gives for the same (resampled) audio
+    x = mimi.load_audio(folder / "a.wav")[:, None]
+    assert torch.equal(torch.from_numpy(f.audio(0).astype(np.int64)).permute(1, 2, 0),
+                       Mimi.from_pretrained(MOSHI_CKPT, device="cpu").encode(x))
+    rc, err = run_cli(capsys, "decode", tmp_path / "c.bin", "--out", tmp_path / "out.wav", "--conversation", 1,
+                      "--mimi", MOSHI_CKPT, "--device", "cpu")
+    assert rc == 0, err
+    audio, sr = sf.read(str(tmp_path / "out.wav"))
+    assert (sr, audio.shape) == (SAMPLE_RATE, (f.lengths[1] * FRAME_SIZE, 2))
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+    _wav(tmp_path / "mono.ogg", 1.0)
+    rc, err = run_cli(capsys, "encode", tmp_path / "mono.ogg", "--out", tmp_path / "m.bin", "--mimi", MOSHI_CKPT,
+                      "--num_codebooks", 32, "--device", "cpu")
+    assert rc == 0, err
+    assert (CodesFile(tmp_path / "m.bin").n_streams, CodesFile(tmp_path / "m.bin").n_codebooks) == (1, 32)
+
+
+def test_cli_bad_inputs(tmp_path, capsys):
+    ck = ["--mimi", MOSHI_CKPT, "--device", "cpu"]  # later options (the overrides below) win
+    (tmp_path / "empty.wav").write_bytes(b"")
+    (tmp_path / "text.wav").write_text("not audio at all")
+    _wav(tmp_path / "odd.wav", 0.5, sr=7919)
+    _wav(tmp_path / "mono.wav", 0.5)
+    _wav(tmp_path / "stereo.wav", 0.5, channels=2)
+    (tmp_path / "nothing").mkdir()
+    lm = _save({"model.layers.0.weight": torch.zeros(2, 2)}, tmp_path / "lm.safetensors")
+    mono = tmp_path / "mono.wav"
+    cases = [  # (inputs, overriding options, what the error says)
+        ([tmp_path / "missing.wav"], [], "does not exist"),
+        ([tmp_path / "empty.wav"], [], "is empty"),
+        ([tmp_path / "text.wav"], [], "cannot read"),
+        ([tmp_path / "nothing"], [], "holds no .wav"),
+        ([tmp_path / "odd.wav"], [], "cannot resample 7919 Hz"),
+        ([mono, tmp_path / "stereo.wav"], [], "all be mono or all stereo"),
+        ([mono], ["--num_codebooks", 40], "num_codebooks must be in 1..32"),
+        ([mono], ["--mimi", lm], "not a Mimi checkpoint"),
+        ([mono], ["--mimi", tmp_path / "nope.safetensors"], "does not exist"),
+        ([mono], ["--device", "tpu9"], "unknown device"),
+    ]
+    for inputs, options, needle in cases:
+        rc, err = run_cli(capsys, "encode", *inputs, "--out", tmp_path / "c.bin", *ck, *options)
+        assert rc == 2 and err.startswith("error:") and needle in err, (inputs, options, err)
+    assert not os.path.exists(tmp_path / "c.bin")
+
+    bins = fx.SMALL.bins
+
+    def codes_file(name, codes, cardinality=bins):
+        with CodesWriter(tmp_path / name, n_streams=1, n_codebooks=8, cardinality=cardinality) as w:
+            w.add(codes)
+        return tmp_path / name
+    good = codes_file("good.bin", np.zeros((10, 1, 8), np.int64))
+    truncated = tmp_path / "truncated.bin"
+    truncated.write_bytes(good.read_bytes()[:-20])
+    corrupt = tmp_path / "corrupt.bin"  # a code >= the cardinality written over the payload
+    corrupt.write_bytes(good.read_bytes()[:HEADER_SIZE] + struct.pack("<H", bins + 5) + good.read_bytes()[HEADER_SIZE + 2:])
+    cases = [
+        (tmp_path / "none.bin", [], "does not exist"),
+        (truncated, [], "truncated"),
+        (corrupt, [], f"holds code {bins + 5} >= cardinality {bins}"),
+        (good, ["--conversation", 3], "holds conversations 0..0"),
+        (codes_file("wide.bin", np.full((4, 1, 8), 4000), cardinality=4096), [], "codebooks of 4096"),
+        (good, ["--out", tmp_path / "x.mp3"], "give a .wav or .flac name"),
+        (codes_file("big.bin", np.full((4, 1, 8), bins), cardinality=2048), [], f"must lie in [0, {bins})"),
+    ]
+    for codes, options, needle in cases:
+        rc, err = run_cli(capsys, "decode", codes, "--out", tmp_path / "x.wav", *ck, *options)
+        assert rc == 2 and err.startswith("error:") and needle in err, (codes, options, err)
+    assert not [p for p in os.listdir(tmp_path) if p.endswith((".tmp", "x.wav"))]
+
+
+def test_cli_exit_status_without_traceback(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, "mimi.py", "decode", str(tmp_path / "none.bin"), "--out", str(tmp_path / "o.wav")],
+                       cwd=root, capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.startswith("error:") and "Traceback" not in p.stderr
