@@ -1,7 +1,10 @@
 """
-Data for training: a synthetic long-conversation generator, and batch sampling from codes files.
+Data for training: a synthetic long-conversation generator, the text stream (time-aligned
+sentencepiece tokens, Moshi's "inner monologue"), and batch sampling from codes files.
 
     python data.py synthetic --hours 20 --out synth.bin      # two-speaker conversations, 10-90 min
+    python data.py synthetic --hours 2 --text --out synth_text.bin   # ... with a text stream per speaker
+    python data.py align conv.bin --transcripts words/ --spm tokenizer_spm_32k_3.model --out conv_text.bin
 
 The synthetic conversations are built so that memory matters and can be measured:
 - two speakers take turns, with pauses, backchannels and silence (a fixed "silence" frame);
@@ -13,16 +16,25 @@ The synthetic conversations are built so that memory matters and can be measured
   model that remembers the first mention can predict the value at the recall, so loss on these
   frames, by distance since the first mention, measures long-range memory. Their positions are
   written beside the codes file (OUT.events.json).
+With --text, each speaker also says words of a small made-up language (see `_language`): words
+follow a bigram grammar, a word's semantic codes depend on the word, and a text stream per speaker
+holds the words' sentencepiece pieces, laid out as `align` lays out real transcripts. The
+tokenizer, trained on that language, is written beside the codes file (OUT.spm.model).
 """
 import argparse
+import io
 import json
+import math
 import os
+import re
+import shutil
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
 
-from codes import CodesWriter
+from codes import MAX_CARDINALITY, CodesFile, CodesWriter
 
 FRAME_RATE = 12.5
 CARD = 2048
@@ -58,21 +70,27 @@ def _speak(rng, voice, n):
     return pal[np.arange(K)[None, :], idx]
 
 
-def synth_conversation(rng, n_frames, K=8, card=CARD, silence=None, cues=None, events_per_min=0.25):
+def synth_conversation(rng, n_frames, K=8, card=CARD, silence=None, cues=None, events_per_min=0.25,
+                       lang=None, trng=None):
     """One two-speaker conversation: codes [n_frames, 2, K] and its recall events as rows
-    (stream, first_value_start, recall_value_start)."""
+    (stream, first_value_start, recall_value_start). With lang (a `Language`) the speakers also
+    say its words, drawn from trng, and a third value lists them: per stream, (start frame,
+    frames, word index) rows. rng draws the same numbers with or without words."""
     silence = silence if silence is not None else np.zeros(K, np.int64)
     codes = np.broadcast_to(silence, (n_frames, 2, K)).copy()
     voices = [_voice(rng, K, card) for _ in range(2)]
     t, spk = int(rng.integers(0, 25)), int(rng.integers(0, 2))
+    turns = []                                                    # (start, frames, stream), for words
     while t < n_frames:                                           # turns
         n = int(rng.uniform(1.5, 12.0) * FRAME_RATE)
         n = min(n, n_frames - t)
         codes[t:t + n, spk] = _speak(rng, voices[spk], n)
+        turns.append((t, n, spk))
         if n > 40 and rng.random() < 0.3:                         # a backchannel from the listener
             b = int(rng.integers(4, 10))
             s = t + int(rng.integers(10, n - b))
             codes[s:s + b, 1 - spk] = _speak(rng, voices[1 - spk], b)
+            turns.append((s, b, 1 - spk))
         t += n + int(rng.uniform(0.2, 1.5) * FRAME_RATE)          # pause
         spk = 1 - spk if rng.random() < 0.85 else spk
     # recall events: cue + key + value, then later recall cue + key + same value
@@ -101,12 +119,93 @@ def synth_conversation(rng, n_frames, K=8, card=CARD, silence=None, cues=None, e
             codes[start:start + span, s] = np.concatenate([cue, key, value])
             codes[start:start + span, 1 - s] = silence
         events.append((s2, first + CUE_LEN + KEY_LEN, second + CUE_LEN + KEY_LEN))
-    return codes, events
+    if lang is None:
+        return codes, events
+    return codes, events, _say_words(trng, lang, codes, voices, turns, busy)
 
 
-def synthetic(out, hours=20.0, min_minutes=10.0, max_minutes=90.0, n_codebooks=8, seed=0, quiet=False):
+# -----------------------------------------------------------------------------
+# The synthetic language of `synthetic --text`
+
+SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+NEXT_P = (0.6, 0.3, 0.1)   # grammar: probabilities of a word's three successors
+
+
+class Language(NamedTuple):
+    words: list          # n made-up words of 1-3 syllables
+    length: np.ndarray   # [n] frames a word lasts (3-6: "several frames each")
+    sound: list          # per word, [length] semantic palette entries: how it sounds in any voice
+    succ: np.ndarray     # [n, 3] bigram grammar: the likely next words, with probabilities NEXT_P
+    spm: bytes           # a sentencepiece BPE model trained on the words
+
+
+def _language(n_words=300, vocab_size=256):
+    """The made-up language of --text. Fixed (its own seed) like the cue words, so every
+    conversation, and every file made with the same sizes, speaks the same language."""
+    import sentencepiece
+    g = np.random.default_rng(4321)
+    words, seen = [], set()
+    while len(words) < n_words:
+        w = "".join(g.choice(SYLLABLES, int(g.integers(1, 4))))
+        if w not in seen:
+            seen.add(w)
+            words.append(w)
+    length = np.array([2 + (len(w) // 2) + int(g.integers(0, 2)) for w in words])
+    sound = [g.integers(0, 48, size=n) for n in length]   # 48: _voice's palette size
+    succ = g.integers(0, n_words, size=(n_words, len(NEXT_P)))
+    # BPE on the word list in a fixed order with one thread: the same model bytes every time, in
+    # tens of milliseconds. Ids 0-3 are reserved as in Moshi's tokenizer (unk, bos, eos, pad), so
+    # TEXT_EOP and TEXT_PAD are never a piece of a word.
+    buf = io.BytesIO()
+    try:
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=iter(words), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
+            character_coverage=1.0, normalization_rule_name="identity", unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+            num_threads=1, minloglevel=2)
+    except RuntimeError as e:
+        raise ValueError(f"cannot train a {vocab_size}-piece tokenizer on {n_words} words ({e}); "
+                         "lower --text_vocab or raise --text_words") from None
+    return Language(words, length, sound, succ, buf.getvalue())
+
+
+def _runs(mask):
+    """(start, end) of each run of True in a bool array."""
+    d = np.diff(np.concatenate([[0], mask.astype(np.int8), [0]]))
+    return list(zip(np.nonzero(d == 1)[0], np.nonzero(d == -1)[0]))
+
+
+def _say_words(rng, lang, codes, voices, turns, busy):
+    """Fill the speakers' turns (not the recall events) with words: a bigram chain per speaker,
+    0-2 frames apart, each word's frames made its sound in the speaker's voice (semantic entry
+    from the word, acoustic entries from the semantic one, as _speak maps them), so text and
+    audio agree. Returns per stream a sorted list of (start frame, frames, word index)."""
+    K = codes.shape[2]
+    said = [[], []]
+    last = [int(x) for x in rng.integers(0, len(lang.words), size=2)]
+    for start, n, s in turns:
+        pal, _, _, amap = voices[s]
+        for a, b in _runs(~busy[start:start + n]):
+            t, end = start + a + int(rng.integers(0, 3)), start + b
+            while True:
+                w = int(lang.succ[last[s], rng.choice(len(NEXT_P), p=NEXT_P)])
+                L = int(lang.length[w])
+                if t + L > end:
+                    break
+                idx = lang.sound[w]                                           # [L]
+                codes[t:t + L, s, 0] = pal[0, idx]
+                codes[t:t + L, s, 1:] = pal[np.arange(1, K)[None, :], amap[1:, idx].T]
+                said[s].append((t, L, w))
+                last[s] = w
+                t += L + int(rng.integers(0, 3))
+    return [sorted(x) for x in said]
+
+
+def synthetic(out, hours=20.0, min_minutes=10.0, max_minutes=90.0, n_codebooks=8, seed=0, quiet=False,
+              text=False, text_words=300, text_vocab=256, events_per_min=0.25):
     """Write `hours` of synthetic conversations to `out` (codes file) and their recall events to
-    out + '.events.json'. Returns the number of conversations."""
+    out + '.events.json'. text=True adds a text stream per speaker: the words of a made-up
+    language of `text_words` words, tokenized by a `text_vocab`-piece sentencepiece model written
+    to out + '.spm.model'. Returns the number of conversations."""
     rng = np.random.default_rng(seed)
     # shared across conversations, like a language: the silence frame and the two cue words
     g = np.random.default_rng(1234)
@@ -114,11 +213,26 @@ def synthetic(out, hours=20.0, min_minutes=10.0, max_minutes=90.0, n_codebooks=8
     cues = g.integers(0, CARD, size=(2, CUE_LEN, n_codebooks))
     total = int(hours * 3600 * FRAME_RATE)
     done, n, t0, events = 0, 0, time.time(), []
-    with CodesWriter(out, n_streams=2, n_codebooks=n_codebooks, cardinality=CARD, frame_rate=FRAME_RATE) as w:
+    lang = tok = trng = None
+    text_meta = {}
+    if text:
+        lang = _language(text_words, text_vocab)
+        tok = Tokenizer(proto=lang.spm)
+        trng = np.random.default_rng([seed, 1])   # its own generator: rng draws what it draws without text
+        text_meta = dict(n_text=2, text_cardinality=tok.n)
+    with CodesWriter(out, n_streams=2, n_codebooks=n_codebooks, cardinality=CARD, frame_rate=FRAME_RATE,
+                     **text_meta) as w:
         while done < total:
             F = int(rng.uniform(min_minutes, max_minutes) * 60 * FRAME_RATE)
             F = max(min(F, total - done), 1)
-            c, ev = synth_conversation(rng, F, n_codebooks, CARD, silence, cues)
+            if lang is None:
+                c, ev = synth_conversation(rng, F, n_codebooks, CARD, silence, cues, events_per_min)
+            else:
+                c, ev, said = synth_conversation(rng, F, n_codebooks, CARD, silence, cues, events_per_min,
+                                                 lang=lang, trng=trng)
+                cols = [text_tokens([(t / FRAME_RATE, (t + L) / FRAME_RATE, lang.words[x], None) for t, L, x in said[s]],
+                                    tok, F, FRAME_RATE, where=f"{out} conversation {n} stream {s}") for s in range(2)]
+                c = np.concatenate([np.stack(cols, 1), c.reshape(F, -1)], 1)
             w.add(c)
             events += [(n, s, a, b, VALUE_LEN) for s, a, b in ev]
             done += F
@@ -132,6 +246,8 @@ def synthetic(out, hours=20.0, min_minutes=10.0, max_minutes=90.0, n_codebooks=8
         json.dump({"columns": ["conversation", "stream", "first_value_start", "recall_value_start", "value_len"],
                    "events": events}, f)
     os.replace(tmp, out + ".events.json")
+    if lang is not None:
+        _write_atomic(out + ".spm.model", lang.spm)
     if not quiet:
         print(file=sys.stderr)
     return n
@@ -144,6 +260,266 @@ def load_events(path):
         return np.zeros((0, 5), np.int64)
     with open(p) as f:
         return np.array(json.load(f)["events"], dtype=np.int64).reshape(-1, 5)
+
+
+# -----------------------------------------------------------------------------
+# The text stream: time-aligned sentencepiece tokens, one column per speaker (or for one speaker)
+#
+# Moshi's layout (kyutai-labs/moshi-finetune, finetune/data/interleaver.py, build_token_stream):
+# the frames hold the padding token except where a word is spelt; a word's pieces go in the frames
+# from the one where the word starts (the frame t with start * 12.5 in [t, t + 1)), one a frame;
+# the padding frame just before a word becomes the end-of-padding token, so the model announces a
+# word one frame ahead. Ids from moshi/models/lm.py (existing_text_padding_id = 3,
+# existing_text_end_padding_id = 0). Where a word starts before the previous one's pieces are all
+# placed (words shorter than their pieces), its pieces queue after them: the interleaver's
+# keep_and_shift=True (its default, False, drops the rest of the earlier word), so no word is lost.
+# Pieces that would run past the conversation's end are cut, as there. Unlike it, a word of zero
+# duration is kept: aligners give those to real, very short words.
+
+TEXT_PAD = 3   # "no text in this frame"
+TEXT_EOP = 0   # "a word starts in the next frame"
+WORD_START = "\u2581"   # sentencepiece's word-boundary mark, the first character of a word's first piece
+
+ALIGN_HELP = r"""
+Add a text stream to a codes file: each speaker's words, as sentencepiece pieces placed in the
+frames where the words are said (Moshi's layout: padding elsewhere, end-of-padding the frame before
+a word).
+
+Transcripts: a folder with one file per conversation and speaker, named
+<conversation>.<stream>.txt: conversation i is the i-th conversation of the codes file (the i-th
+audio file `python mimi.py encode` took, in its order), stream s its speaker (channel s of a stereo
+file). Each file has one `start end word` line per word, times in seconds from the start of the
+conversation, a word without spaces; blank lines and lines starting with # are skipped:
+
+    0.48 0.80 hello
+    0.80 1.12 there
+
+Common aligner outputs convert in a line of shell:
+
+    # WhisperX JSON (segments[].words[] with word/start/end; words it could not align have no times)
+    jq -r '.segments[].words[] | select(.start) | "\(.start) \(.end) \(.word | gsub("\\s"; ""))"' a.json > words/0.0.txt
+    # moshi-finetune's annotate.py JSON ({"alignments": [[word, [start, end], speaker], ...]})
+    jq -r '.alignments[] | "\(.[1][0]) \(.[1][1]) \(.[0] | gsub("\\s"; ""))"' a.json > words/0.0.txt
+    # Montreal Forced Aligner CSV (Begin,End,Label,Type,Speaker)
+    awk -F, 'NR > 1 && $4 == "words" && $3 != "" {print $1, $2, $3}' a.csv > words/0.0.txt
+
+The sentencepiece model (Moshi's tokenizer_spm_32k_3.model, or your own) is copied beside the
+output as OUT.spm.model, where train.py finds it.
+"""
+
+
+class TranscriptError(ValueError):
+    """A transcript (or the tokenizer for one) cannot be laid out as a text stream."""
+
+
+class Tokenizer:
+    """A sentencepiece model and what the text stream needs of it: which ids are not pieces of
+    a word (control, unknown, padding, end of padding) and which pieces start a word."""
+
+    def __init__(self, path=None, proto=None):
+        import sentencepiece
+        try:
+            self.sp = (sentencepiece.SentencePieceProcessor(model_proto=proto) if proto is not None
+                       else sentencepiece.SentencePieceProcessor(model_file=str(path)))
+        except (OSError, RuntimeError) as e:
+            if path is not None and not os.path.isfile(path):
+                raise FileNotFoundError(f"tokenizer {str(path)!r} does not exist") from None
+            raise TranscriptError(f"{str(path)!r} is not a sentencepiece model ({e}); give the .model "
+                                  "file the text was (or will be) tokenized with") from None
+        self.path, self.n = path, self.sp.get_piece_size()
+        if self.n > MAX_CARDINALITY:
+            raise TranscriptError(f"tokenizer {str(path)!r} has {self.n} pieces; the codes format stores a text "
+                                  f"token in 16 bits (at most {MAX_CARDINALITY} pieces): use a smaller vocabulary")
+        if self.n <= max(TEXT_PAD, TEXT_EOP):
+            raise TranscriptError(f"tokenizer {str(path)!r} has {self.n} pieces: too few to hold the padding "
+                                  f"({TEXT_PAD}) and end-of-padding ({TEXT_EOP}) ids")
+        ids = range(self.n)
+        self.starts_word = np.array([self.sp.id_to_piece(i).startswith(WORD_START) for i in ids])
+        self.special = np.array([self.sp.is_control(i) or self.sp.is_unknown(i) for i in ids])
+        self.special[[TEXT_PAD, TEXT_EOP]] = True
+
+    def encode(self, word):
+        return self.sp.encode(word)
+
+    def decode(self, ids):
+        return self.sp.decode(ids).strip()
+
+
+def read_words(path):
+    """Word timings of one transcript file (`start end word` lines, seconds) as a list of
+    (start, end, word, line number). Raises TranscriptError naming the file and line."""
+    out = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except UnicodeDecodeError:
+        raise TranscriptError(f"{path}: not UTF-8 text; a transcript has `start end word` lines") from None
+    for i, line in enumerate(lines, 1):
+        s = line.strip()
+        if not s or s.startswith("#"):
+            continue
+        parts = s.split()
+        try:
+            if len(parts) != 3:
+                raise ValueError
+            a, b = float(parts[0]), float(parts[1])
+        except ValueError:
+            raise TranscriptError(f"{path}:{i}: expected `start end word` (seconds, seconds, one word without "
+                                  f"spaces), got {s[:80]!r}; see `python data.py align --help` for converting "
+                                  "aligner output") from None
+        if not (math.isfinite(a) and math.isfinite(b) and 0 <= a <= b):
+            raise TranscriptError(f"{path}:{i}: times must satisfy 0 <= start <= end, got {s[:80]!r}")
+        out.append((a, b, parts[2], i))
+    return out
+
+
+def text_tokens(words, tok, n_frames, frame_rate=FRAME_RATE, where="transcript", stats=None):
+    """One text stream [n_frames] int64 from one speaker's words [(start s, end s, word, line)],
+    in Moshi's layout (see above). Words must not overlap and must lie within the audio.
+    stats (a dict), when given, counts words, pieces, shifted words and cut pieces."""
+    F = n_frames
+    out = np.full(F, TEXT_PAD, np.int64)
+    free, prev_end = 0, 0.0                       # first frame not holding a piece; end of the last word
+    st = {"words": 0, "pieces": 0, "shifted": 0, "cut": 0}
+    for a, b, word, line in words:
+        at = f"{where}:{line}" if line is not None else where
+        if a < prev_end - 1e-6:
+            raise TranscriptError(f"{at}: {word!r} starts at {a:.3f} s, before the previous word ends "
+                                  f"({prev_end:.3f} s): one speaker's words must be in order and must not "
+                                  "overlap (clip each word's end to the next word's start)")
+        t0 = int(math.floor(a * frame_rate + 1e-6))   # the frame t with a * rate in [t, t + 1)
+        if t0 >= F or b > (F + 1) / frame_rate:       # one frame of slack for the aligner's rounding
+            raise TranscriptError(f"{at}: {word!r} at {a:.2f}-{b:.2f} s is past the end of the audio "
+                                  f"({F / frame_rate:.2f} s, {F} frames): is this the transcript of another "
+                                  "conversation or speaker?")
+        ids = tok.encode(word)
+        if not ids or not tok.starts_word[ids[0]]:
+            raise TranscriptError(f"{at}: the tokenizer does not mark the start of {word!r} with "
+                                  f"{WORD_START!r}: use a sentencepiece model trained with add_dummy_prefix "
+                                  "(the default), as Moshi's")
+        bad = [i for i in ids if tok.special[i]]
+        if bad:
+            raise TranscriptError(f"{at}: {word!r} encodes to id {bad[0]} ({tok.sp.id_to_piece(bad[0])!r}): "
+                                  "it holds characters the tokenizer does not know, and the text stream keeps "
+                                  f"ids {TEXT_EOP} and {TEXT_PAD} for end of padding and padding; remove or "
+                                  "spell out those characters")
+        t = max(t0, free)
+        if t > 0 and out[t - 1] == TEXT_PAD:
+            out[t - 1] = TEXT_EOP
+        n = max(0, min(len(ids), F - t))
+        out[t:t + n] = ids[:n]
+        free, prev_end = t + n, b
+        st["words"] += 1
+        st["pieces"] += n
+        st["shifted"] += t > t0
+        st["cut"] += len(ids) - n
+    if stats is not None:
+        for k, v in st.items():
+            stats[k] = stats.get(k, 0) + v
+    return out
+
+
+class TextDecoder:
+    """The inverse of `text_tokens`, one frame at a time: push(token) returns the word that this
+    frame's token finishes, as (start frame, word), or None. A word runs from a piece that starts
+    with the word-boundary mark (as Moshi's server prints its text) to the next padding, end of
+    padding or word start, so it is known one frame after its last piece; finish() returns the
+    last one. Pieces after padding without the mark start a word of their own."""
+
+    def __init__(self, tok):
+        self.tok, self.t, self.ids, self.start = tok, 0, [], None
+
+    def push(self, token):
+        token = int(token)
+        special = token >= self.tok.n or self.tok.special[token]
+        out = self.finish() if self.ids and (special or self.tok.starts_word[token]) else None
+        if not special:
+            if not self.ids:
+                self.start = self.t
+            self.ids.append(token)
+        self.t += 1
+        return out
+
+    def finish(self):
+        if not self.ids:
+            return None
+        ids, self.ids = self.ids, []
+        word = self.tok.decode(ids)
+        return (self.start, word) if word else None
+
+
+def words_from_text(tokens, tok):
+    """A text stream [frames] -> its words as a list of (start frame, word): the inverse of
+    text_tokens (pieces joined, padding dropped)."""
+    d = TextDecoder(tok)
+    out = [w for w in (d.push(x) for x in np.asarray(tokens).tolist()) if w]
+    last = d.finish()
+    return out + [last] if last else out
+
+
+def _write_atomic(path, data):
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _transcript_files(folder, n_conv, n_streams, codes_path):
+    """{(conversation, stream): path} of the <conversation>.<stream>.txt files in folder."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"transcripts folder {folder!r} does not exist")
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".txt"):
+            continue
+        m = re.fullmatch(r"(\d+)\.(\d+)\.txt", name)
+        p = os.path.join(folder, name)
+        if not m:
+            raise TranscriptError(f"{p}: name transcripts <conversation>.<stream>.txt (e.g. 0.1.txt: conversation "
+                                  "0, stream 1)")
+        i, s = int(m[1]), int(m[2])
+        if i >= n_conv or s >= n_streams:
+            raise TranscriptError(f"{p}: {codes_path!r} has conversations 0..{n_conv - 1} and streams "
+                                  f"0..{n_streams - 1}")
+        if (i, s) in out:
+            raise TranscriptError(f"{p} and {out[i, s]} are both conversation {i}, stream {s}")
+        out[i, s] = p
+    return out
+
+
+def align(codes, transcripts, spm, out, main=None, allow_missing=False):
+    """Write `out`: the codes file `codes` with a text stream from the transcripts folder (see
+    ALIGN_HELP), one text column per audio stream, or one for stream `main`, tokenized by the
+    sentencepiece model `spm`, which is copied to out + '.spm.model'. A text stream already in
+    `codes` is replaced. Returns the counts of words, pieces, shifted words and cut pieces."""
+    tok = Tokenizer(spm)
+    f = CodesFile(codes)
+    if main is not None and not 0 <= main < f.n_streams:
+        raise ValueError(f"--main {main}: {codes!r} has streams 0..{f.n_streams - 1}")
+    streams = list(range(f.n_streams)) if main is None else [main]
+    files = _transcript_files(transcripts, len(f), f.n_streams, codes)
+    missing = [f"{i}.{s}.txt" for i in range(len(f)) for s in streams if (i, s) not in files]
+    if missing and not allow_missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise TranscriptError(f"{transcripts!r} has no {', '.join(missing[:5])}{more}; add them or pass "
+                              "--allow_missing to leave those text streams as padding")
+    stats = {"words": 0, "pieces": 0, "shifted": 0, "cut": 0}
+    meta = {**f.meta(), "n_text": len(streams), "text_cardinality": tok.n}
+    with CodesWriter(out, **meta) as w:
+        for i in range(len(f)):
+            audio = f.audio(i)                                                   # [F, S, K]
+            text = np.full((len(audio), len(streams)), TEXT_PAD, np.int64)
+            for j, s in enumerate(streams):
+                if (i, s) in files:
+                    p = files[i, s]
+                    text[:, j] = text_tokens(read_words(p), tok, len(audio), f.frame_rate, p, stats)
+            w.add(np.concatenate([text, audio.reshape(len(audio), -1)], 1))
+    if not (os.path.exists(out + ".spm.model") and os.path.samefile(spm, out + ".spm.model")):
+        with open(spm, "rb") as src:
+            _write_atomic(out + ".spm.model", src.read())
+    if os.path.exists(codes + ".events.json") and os.path.abspath(codes) != os.path.abspath(out):
+        shutil.copyfile(codes + ".events.json", out + ".events.json")   # recall events of a synthetic file
+    return stats
 
 
 # -----------------------------------------------------------------------------
@@ -245,12 +621,44 @@ def main(argv=None):
     s.add_argument("--max_minutes", type=float, default=90.0, help="longest conversation")
     s.add_argument("--n_codebooks", type=int, default=8, help="codebooks per stream")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--events_per_min", type=float, default=0.25, help="recall events per minute of conversation")
+    s.add_argument("--text", action="store_true", help="add a text stream per speaker (and OUT.spm.model)")
+    s.add_argument("--text_words", type=int, default=300, help="words in the made-up language of --text")
+    s.add_argument("--text_vocab", type=int, default=256, help="sentencepiece pieces for --text")
+    al = sub.add_parser("align", help="add a time-aligned text stream (sentencepiece) to a codes file",
+                        description=ALIGN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    al.add_argument("codes", help="codes file (python mimi.py encode)")
+    al.add_argument("--transcripts", required=True, help="folder of <conversation>.<stream>.txt word timings")
+    al.add_argument("--spm", required=True, help="sentencepiece model, e.g. Moshi's tokenizer_spm_32k_3.model")
+    al.add_argument("--out", required=True, help="codes file to write (with its text stream)")
+    al.add_argument("--main", type=int, default=None, metavar="STREAM",
+                    help="one text stream, for this speaker's words (Moshi's inner monologue; other "
+                         "streams' transcripts are ignored); default: one text stream per audio stream")
+    al.add_argument("--allow_missing", action="store_true",
+                    help="leave the text of a conversation and stream without a transcript as padding")
     a = ap.parse_args(argv)
+    try:
+        return _run(ap, a)
+    except (ValueError, OSError) as e:   # bad inputs: the message says what to do, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _run(ap, a):
     if a.cmd == "synthetic":
         if not a.hours > 0 or not 0 < a.min_minutes <= a.max_minutes:
             ap.error("need hours > 0 and 0 < min_minutes <= max_minutes")
-        n = synthetic(a.out, a.hours, a.min_minutes, a.max_minutes, a.n_codebooks, a.seed)
-        print(f"wrote {n} conversations to {a.out}")
+        n = synthetic(a.out, a.hours, a.min_minutes, a.max_minutes, a.n_codebooks, a.seed,
+                      text=a.text, text_words=a.text_words, text_vocab=a.text_vocab, events_per_min=a.events_per_min)
+        print(f"wrote {n} conversations to {a.out}" + (f" (tokenizer: {a.out}.spm.model)" if a.text else ""))
+    elif a.cmd == "align":
+        st = align(a.codes, a.transcripts, a.spm, a.out, a.main, a.allow_missing)
+        print(f"wrote {a.out}: {st['words']} words, {st['pieces']} pieces; tokenizer {a.out}.spm.model")
+        if st["shifted"]:
+            print(f"note: {st['shifted']} words start a frame or more after their time, behind the pieces of "
+                  "the word before (words shorter than their pieces)")
+        if st["cut"]:
+            print(f"note: {st['cut']} pieces ran past the end of their conversation and were cut")
 
 
 if __name__ == "__main__":

@@ -4,12 +4,17 @@ Generate a conversation: minutes to hours of codes (and audio), written to disk 
     python generate.py --minutes 90                       # the repo's demo checkpoint
     python generate.py --ckpt runs/train --minutes 10 --mimi tokenizer.safetensors --out talk.wav
     python generate.py --prompt start.wav --minutes 5     # continue a recording
+    python generate.py --ckpt demo_text --minutes 2 --text_out t.txt   # and what it says, as text
 
 Per frame: one backbone step (windowed attention + TTT, constant-size state), the depth decoder
 over the frame's codebooks, and, with Mimi weights, one streaming Mimi decode step whose audio is
 appended to the wav file. The wav header is rewritten as the file grows, so an interrupted run
 (Ctrl-C included) leaves a valid file with everything made so far. Memory stays flat: nothing
 grows with the length of the conversation.
+
+With a text stream (a model trained on `python data.py align` or `synthetic --text` data),
+--text_out writes the words as they are made, `seconds<TAB>word` a line (with a text stream per
+speaker, `seconds<TAB>stream<TAB>word`), decoded with tokenizer.model from the checkpoint's folder.
 
 --mode minibatch recomputes the current TTT mini-batch with the chunked (dual) form at every
 frame, as a TTT implementation without the streaming form would; it gives the same codes as the
@@ -28,7 +33,8 @@ import numpy as np
 import torch
 
 from codes import CodesFile, CodesFormatError, CodesWriter
-from model import SpeechLM, delay
+from data import TextDecoder, Tokenizer
+from model import SpeechLM, delay, tree_leaves, tree_map
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO_CKPT = os.path.join(HERE, "demo", "model.safetensors")
@@ -69,11 +75,63 @@ class Sampler:
         return (z.softmax(-1) / noise).argmax(-1)
 
 
-def generate(model, n_frames, sampler, batch=1, prompt=None, mode="streaming", on_frame=None, device="cpu"):
+class FrameStep:
+    """One frame: draw the frame's random numbers, backbone step, depth decoder.
+    compile=True fuses its kernels with torch.compile; cuda_graph=True captures the whole step
+    once and replays it, the state living in static buffers (the step is free of host syncs)."""
+
+    def __init__(self, model, sampler, batch, device, compile=False, cuda_graph=False):
+        self.model, self.sampler, self.B, self.device = model, sampler, batch, torch.device(device)
+        if compile:
+            model.compile_blocks()
+        self.fn = self.eager
+        self.cuda_graph, self.graph, self.static = cuda_graph, None, None
+
+    def eager(self, state, force=None):
+        self.sampler.new_frame(self.B, self.device)
+        return self.model.step(state, self.sampler, force)
+
+    def __call__(self, state, force=None):
+        if force is not None:          # the first frames of a delayed model: rare, not worth a graph
+            return self.eager(state, force)
+        if not self.cuda_graph:
+            return self.fn(state)
+        if self.graph is None:
+            self._capture(state)
+        elif state is not self.static:
+            _copy(self.static, state)
+        self.graph.replay()
+        return self.frame.clone(), self.logp.clone(), self.static
+
+    def _capture(self, state):
+        self.static = tree_map(lambda t: t.clone(), state)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up (compiles, allocates) off the capture
+            for _ in range(3):
+                _, _, new = self.fn(self.static)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.frame, self.logp, new = self.fn(self.static)
+            _copy(self.static, new)
+        _copy(self.static, state)      # capture ran nothing; the warm-up's steps are undone here
+
+
+def _copy(dst, src):
+    for a, b in zip(tree_leaves(dst), tree_leaves(src)):
+        if a is not b:
+            a.copy_(b)
+
+
+def generate(model, n_frames, sampler, batch=1, prompt=None, mode="streaming", on_frame=None, device="cpu",
+             step=None):
     """Make n_frames frames after an optional prompt [B, P, C] (undelayed codes, prefilled through
     the chunked path). on_frame(codes [B, C], logp [B]) receives each finished frame in order:
-    the prompt's frames first (logp None), then the generated ones, undelayed. Returns the state."""
+    the prompt's frames first (logp None), then the generated ones, undelayed. step: a FrameStep
+    (default: eager). Returns the state."""
     cfg = model.cfg
+    step = step or FrameStep(model, sampler, batch, device)
     dl = cfg.col_delays()
     md = max(dl)
     b = cfg.ttt_mini_batch
@@ -91,7 +149,6 @@ def generate(model, n_frames, sampler, batch=1, prompt=None, mode="streaming", o
         tail = prompt[:, -md:] if md else prompt[:, :0]
     mb_state, mb_frames = state, []
     for t in range(n_frames + md):
-        sampler.new_frame(batch, device)
         # delayed columns not yet started are forced: the prompt's values, or the initial token
         force = None
         if t < md:
@@ -100,8 +157,9 @@ def generate(model, n_frames, sampler, batch=1, prompt=None, mode="streaming", o
                 if t < dc:
                     force[:, c] = tail[:, md - dc + t, c] if prompt is not None else cfg.col_cards()[c]
         if mode == "streaming":
-            frame, logp, state = model.step(state, sampler, force)
+            frame, logp, state = step(state, force)
         else:
+            sampler.new_frame(batch, device)
             if (P + t) % b == 0:                                      # a new TTT mini-batch starts here
                 mb_state, mb_frames = state, []
             inp = torch.stack([mb_state.prev] + mb_frames, 1)        # frames since the mini-batch start
@@ -143,6 +201,60 @@ class WavWriter:
         self.f.close()
 
 
+class TranscriptWriter:
+    """The words of conversation 0's text streams, written as they are made: one line per word
+    with its start time (the frame of its first piece), in order of start time across streams,
+    flushed after every chunk so that an interrupted run keeps what was said."""
+
+    def __init__(self, path, tok, n_text):
+        self.f = open(path, "w", encoding="utf-8")
+        self.dec = [TextDecoder(tok) for _ in range(n_text)]
+        self.done = []                                   # finished words not yet written: (frame, stream, word)
+
+    def add(self, text):
+        """text [n, n_text]: the text columns of the next n frames (numpy, on the host)."""
+        for row in text.tolist():
+            for s, d in enumerate(self.dec):
+                w = d.push(row[s])
+                if w:
+                    self.done.append((w[0], s, w[1]))
+        # a word can go out once no word still being spelt in another stream starts before it
+        self._write(min([d.start for d in self.dec if d.ids] + [self.dec[0].t]))
+
+    def _write(self, before):
+        out = sorted(w for w in self.done if w[0] < before)
+        self.done = [w for w in self.done if w[0] >= before]
+        for t, s, word in out:
+            col = f"{s}\t" if len(self.dec) > 1 else ""
+            self.f.write(f"{t / FRAME_RATE:.2f}\t{col}{word}\n")
+        self.f.flush()
+
+    def close(self):
+        for s, d in enumerate(self.dec):
+            w = d.finish()
+            if w:
+                self.done.append((w[0], s, w[1]))
+        self._write(math.inf)
+        self.f.close()
+
+
+def text_tokenizer(ckpt, cfg):
+    """The sentencepiece model saved beside a checkpoint (train.py copies it there)."""
+    folder = ckpt if os.path.isdir(ckpt) else os.path.dirname(os.path.abspath(ckpt))
+    path = os.path.join(folder, "tokenizer.model")
+    if not cfg.n_text:
+        raise ValueError(f"--text_out: {ckpt!r} has no text stream (it was trained on codes without text); drop "
+                         "--text_out, or train on data with text (python data.py align / synthetic --text)")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--text_out needs the model's text tokenizer at {path!r}; copy there the "
+                                "sentencepiece model its data was aligned with (the codes file's .spm.model)")
+    tok = Tokenizer(path)
+    if tok.n != cfg.text_cardinality:
+        raise ValueError(f"{path!r} has {tok.n} pieces but the model's text stream has {cfg.text_cardinality}: "
+                         "it is the tokenizer of another model")
+    return tok
+
+
 def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -176,6 +288,8 @@ def parse_args(argv=None):
     ap.add_argument("--mimi", default="", help="Mimi weights; default: looked up in the Hugging Face cache")
     ap.add_argument("--out", default="generated.wav", help="wav to write (stereo: one speaker per channel)")
     ap.add_argument("--codes_out", default="generated_codes.bin", help="codes file to write")
+    ap.add_argument("--text_out", default="", help="transcript to write, as it is made (models with a text "
+                    "stream; conversation 0, like --codes_out)")
     ap.add_argument("--prompt", default="", help="a wav or codes file to continue")
     ap.add_argument("--mode", default="streaming", choices=["streaming", "minibatch"])
     ap.add_argument("--temp", type=float, default=0.8, help="audio sampling temperature (0: greedy)")
@@ -187,7 +301,8 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=1, help="conversations generated at once")
     ap.add_argument("--device", default="", help="cuda, mps or cpu (default: the best there is)")
-    ap.add_argument("--cuda_graph", action="store_true", help="capture the frame step as a CUDA graph")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the frame step (fuses its kernels)")
+    ap.add_argument("--cuda_graph", action="store_true", help="capture the frame step as a CUDA graph (CUDA only)")
     ap.add_argument("--quiet", action="store_true")
     return ap.parse_args(argv)
 
@@ -209,6 +324,10 @@ def run(a):
     writable(a.codes_out, "codes")
     model = SpeechLM.from_checkpoint(a.ckpt, device=device).eval()
     cfg = model.cfg
+    tok = None
+    if a.text_out:
+        tok = text_tokenizer(a.ckpt, cfg)
+        writable(a.text_out, "transcript")
     torch.manual_seed(a.seed)
 
     # Mimi, for audio in and out
@@ -225,12 +344,19 @@ def run(a):
     if a.prompt:
         prompt = load_prompt(a.prompt, cfg, codec, device).expand(a.batch, -1, -1)
     n_frames = int(round(a.minutes * 60 * FRAME_RATE))
-    g = torch.Generator(device).manual_seed(a.seed)
+    if a.cuda_graph and device.type != "cuda":
+        raise ValueError("--cuda_graph needs a CUDA device")
+    if a.cuda_graph and a.mode != "streaming":
+        raise ValueError("--cuda_graph captures the streaming step: use --mode streaming")
+    # a graph replays the default generator's stream; eager runs use their own, seeded, generator
+    g = None if a.cuda_graph else torch.Generator(device).manual_seed(a.seed)
     sampler = Sampler(cfg, a.temp, a.top_k, a.top_p, a.text_temp, a.text_top_k, a.text_top_p, generator=g)
+    step = FrameStep(model, sampler, a.batch, device, compile=a.compile, cuda_graph=a.cuda_graph)
 
     stack = contextlib.ExitStack()
     writer = CodesWriter(a.codes_out, **{k: getattr(cfg, k) for k in ("n_streams", "n_codebooks", "cardinality",
                                                                        "n_text", "text_cardinality")})
+    transcript = TranscriptWriter(a.text_out, tok, cfg.n_text) if tok is not None else None
     wavs = []
     if codec is not None:
         stem, ext = os.path.splitext(a.out)
@@ -248,6 +374,8 @@ def run(a):
         chunk = torch.stack(buf, 1)                                  # [B, n, C]
         buf.clear()
         writer.extend(chunk[0].cpu().numpy())                        # the codes file holds conversation 0
+        if transcript is not None:                                   # and so does the transcript
+            transcript.add(chunk[0, :, :cfg.n_text].cpu().numpy())
         if codec is not None:
             audio = chunk[..., cfg.n_text:].reshape(a.batch, -1, cfg.n_streams, cfg.n_codebooks)
             audio = audio.permute(0, 2, 3, 1).reshape(a.batch * cfg.n_streams, cfg.n_codebooks, -1)
@@ -274,7 +402,7 @@ def run(a):
     interrupted = False
     try:
         with torch.inference_mode():
-            generate(model, n_frames, sampler, a.batch, prompt, a.mode, on_frame, device)
+            generate(model, n_frames, sampler, a.batch, prompt, a.mode, on_frame, device, step)
             flush()
     except KeyboardInterrupt:
         interrupted = True
@@ -283,6 +411,8 @@ def run(a):
     finally:
         stack.close()
         writer.close()
+        if transcript is not None:
+            transcript.close()
         for w in wavs:
             w.close()
     el = time.time() - t0
@@ -292,7 +422,8 @@ def run(a):
     note = " (interrupted)" if interrupted else ""
     print(f"{made[0]} frames ({made[0] / FRAME_RATE / 60:.2f} min) in {el:.1f}s, "
           f"{made[0] / FRAME_RATE / max(el, 1e-9):.1f}x real time{note}; codes: {a.codes_out}"
-          + (f"; audio: {', '.join(w.path for w in wavs)}" if wavs else ""))
+          + (f"; audio: {', '.join(w.path for w in wavs)}" if wavs else "")
+          + (f"; transcript: {a.text_out}" if transcript is not None else ""))
     if mem1[0] is not None:
         print(f"peak memory after minute 1: {mem1[0]:.1f} MB; at the end: {mem_end:.1f} MB "
               f"({(mem_end - mem1[0]) / mem1[0]:+.2%})")

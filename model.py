@@ -572,6 +572,7 @@ class SpeechLM(nn.Module):
             with safe_open(path, "pt") as f:
                 meta = f.metadata() or {}
             sd = load_file(path, device=str(device))
+            sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}  # bf16 exports too
         except Exception as e:
             raise ValueError(f"{path!r} is not a readable safetensors checkpoint ({e})") from None
         if "config" not in meta:

@@ -65,6 +65,8 @@ class TrainConfig:
     seed: int = 1337
     stop_at: int = 0               # stop (with a checkpoint) after this step, as if interrupted
     resume: bool = True            # continue from out_dir/ckpt.pt when it exists
+    save: bool = True              # write checkpoints (off for throughput measurements)
+    export_dtype: str = "float32"  # dtype of out_dir/model.safetensors (bfloat16 halves its size)
 
 
 def parse_args(argv=None):
@@ -283,6 +285,8 @@ def train(tc, overrides):
             print(f"resumed from {ckpt_path} at step {step}")
 
     def checkpoint(step):
+        if not tc.save:
+            return
         if tc.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
             msd, osd = get_state_dict(raw, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -295,7 +299,7 @@ def train(tc, overrides):
         if master:
             save_atomic({"model": msd, "optimizer": osd, "step": step, "train_config": asdict(tc),
                          "model_config": asdict(cfg), "world": world}, ckpt_path)
-            nn_save(cfg, msd, os.path.join(tc.out_dir, "model.safetensors"), step)
+            nn_save(cfg, msd, os.path.join(tc.out_dir, "model.safetensors"), step, getattr(torch, tc.export_dtype))
             spm = tc.data + ".spm.model"   # the text stream's tokenizer (data.py): generate.py --text_out reads it
             if cfg.n_text and os.path.isfile(spm):
                 import shutil
@@ -414,12 +418,12 @@ def evaluate(model, raw, sampler, tc, cfg, device, autocast):
     return tot
 
 
-def nn_save(cfg, sd, path, step):
+def nn_save(cfg, sd, path, step, dtype=torch.float32):
     """model.safetensors beside the training checkpoint, for generate.py."""
     import json
     from safetensors.torch import save_file
     tmp = f"{path}.tmp"
-    save_file({k: v.detach().float().contiguous().cpu() for k, v in sd.items()}, tmp,
+    save_file({k: v.detach().to(dtype).contiguous().cpu() for k, v in sd.items()}, tmp,
               metadata={"config": json.dumps(asdict(cfg)), "step": str(step)})
     os.replace(tmp, path)
 

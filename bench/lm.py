@@ -99,6 +99,35 @@ def bench_train(a, dev):
           ["preset", "mode", "", "params", "frames/s", "MFU", "peak GiB"], rows)
 
 
+def bench_profile(a, dev):
+    """Where a training step's GPU time goes: the top kernels of a few steps (small preset)."""
+    from torch.profiler import ProfilerActivity, profile
+    B, T = (2, 32) if a.quick else (a.batch, a.seq_len)
+    m = build(a.presets[0], dev, torch.float32, a.quick)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=dev.type == "cuda")
+    x = codes(m.cfg, B, T, dev)
+    state = m.init_state(B, dev)
+
+    def step(state):
+        with torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
+            logits, new = m(x, state)
+            loss, _ = loss_fn(logits, x, m.cfg)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return detach_state(new)
+    for _ in range(3):
+        state = step(state)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(3):
+            state = step(state)
+        sync(dev)
+    key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
+    print(f"\n### Training step profile ({a.presets[0]}, streaming, eager, {B} x {T}), 3 steps\n")
+    print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
+
+
 # --- per-frame steps ------------------------------------------------------------------------------
 
 def graph_of(fn, static):
@@ -229,7 +258,7 @@ def table(title, head, rows):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["train", "step", "generate", "all"])
+    ap.add_argument("what", choices=["train", "step", "generate", "profile", "all"])
     ap.add_argument("--presets", nargs="+", default=None)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq_len", type=int, default=256)
@@ -246,12 +275,12 @@ def main(argv=None):
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         print(torch.cuda.get_device_name(), torch.__version__)
-    defaults = {"train": ["small", "qwen2.5-0.5b"], "step": ["small", "qwen2.5-0.5b", "qwen2.5-7b"],
+    defaults = {"train": ["small", "qwen2.5-0.5b"], "step": ["small", "qwen2.5-0.5b", "qwen2.5-7b"], "profile": ["small"],
                 "generate": ["small", "qwen2.5-0.5b", "qwen2.5-7b"]}
     for what in (["train", "step", "generate"] if a.what == "all" else [a.what]):
         b = argparse.Namespace(**vars(a))
         b.presets = a.presets or (["small"] if a.quick else defaults[what])
-        {"train": bench_train, "step": bench_step, "generate": bench_generate}[what](b, dev)
+        {"train": bench_train, "step": bench_step, "generate": bench_generate, "profile": bench_profile}[what](b, dev)
 
 
 if __name__ == "__main__":

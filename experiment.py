@@ -1,0 +1,417 @@
+"""
+The long-conversation experiment: can a streaming speech model stay coherent for 90 minutes when its
+long-term memory is a TTT layer instead of an ever-growing KV cache?
+
+    python experiment.py --scale gpu --out runs/exp        # 1 or 2 H100s: about 9 minutes
+    python experiment.py --scale cpu-test --out /tmp/exp   # the whole pipeline in seconds (the tests)
+
+Four models, trained in streaming mode with the same budget (steps, batch, seq_len, learning-rate
+schedule, seed) on the same synthetic conversations:
+
+    window       attention over a short window (20 s at the gpu scale) and nothing else
+    ttt_linear   the same + TTT-Linear in the top layers: a memory of constant size
+    ttt_mlp      the same + TTT-MLP
+    long_window  attention over a long window (4 min, Moshi's context), as a reference: its cache
+                 is 12x the short one, and it still forgets everything older than 4 minutes
+
+Then each is evaluated (evaluate.py) on held-out 90-minute conversations of another seed: loss by
+minute, recall accuracy by distance, and the statistics of a 90-minute generation against the real
+data's. Everything goes under --out:
+
+    data/train.bin, data/heldout.bin      the synthetic codes (+ .events.json: the recall events)
+    runs/NAME/                            train.py's run folder, train.log, train_losses.json,
+                                          eval.json (every number), eval.log
+    summary.md, results.json              the comparison table and all results in one file
+    loss_by_minute.png, recall_by_distance.png, generation.png
+
+Runs are train.py and evaluate.py, called in this process (--parallel 1) or as subprocesses, several
+at a time, spread over the GPUs there are (CUDA_VISIBLE_DEVICES, round robin). A finished training
+(its train_losses.json) is not redone; --stages picks what to (re)do.
+"""
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from evaluate import fmt_seconds
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# Every number of a scale is here; the variants differ only in the lines of VARIANTS below.
+SCALES = {
+    # The test suite runs all of it in seconds on a CPU: the numbers mean nothing, the plumbing is checked.
+    "cpu-test": dict(
+        train_hours=0.25, train_minutes=(1.0, 3.0),     # conversations of 1-3 minutes
+        heldout=(2, 2.0),                                # 2 held-out conversations of 2 minutes
+        n_codebooks=2,
+        model=dict(preset="tiny", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, window=16, n_ttt=1,
+                   ttt_heads=4, ttt_mini_batch=16, depth_dim=32, depth_layers=1, depth_heads=2),
+        long_window=64,
+        train=dict(seq_len=16, batch_size=2, max_steps=3, lr=3e-3, min_lr=3e-4, warmup=1, device="cpu",
+                   dtype="float32", log_interval=1),
+        eval=dict(chunk=128, batch=2, gen_minutes=0.05, gen_budget_s=0, device="cpu"),
+    ),
+    # The real run, on one H100 (all four variants at once) or two. 8 layers of 512 (25M backbone
+    # parameters; 60M with the per-codebook embeddings and heads), windows of 20 s and 4 min, TTT in
+    # the top 2 layers (8 heads of 64, mini-batch 16: the Triton path for TTT-Linear; TTT-MLP's
+    # inner loop runs in PyTorch, one mini-batch at a time, and is the slowest to train). 800 steps
+    # of 32 rows x 256 frames are 145 hours of audio: each row walks several whole conversations
+    # with its state carried. Recall events are 4x the default density, for more training signal.
+    # Generating 90 minutes for four models does not fit the time: generation stops at the first
+    # whole minute after gen_budget_s and the summary says how far it got (--gen_budget_s 0 runs
+    # all 90 minutes).
+    "gpu": dict(
+        train_hours=100.0, train_minutes=(10.0, 90.0),
+        events_per_min=1.0,                              # recall events: 4x the default, for more signal
+        heldout=(8, 90.0),
+        n_codebooks=8,
+        model=dict(preset="small", dim=512, n_layers=8, n_heads=8, n_kv_heads=4, hidden=1408, window=250,
+                   n_ttt=2, ttt_heads=8, ttt_mini_batch=16, depth_dim=256, depth_layers=2, depth_heads=4),
+        long_window=3000,
+        train=dict(seq_len=256, batch_size=32, max_steps=800, lr=1e-3, min_lr=1e-4, warmup=60,
+                   log_interval=50),
+        eval=dict(chunk=256, batch=8, gen_minutes=90.0, gen_budget_s=60),
+    ),
+}
+
+# name -> model overrides on top of the scale's model; "long" stands for the scale's long window
+VARIANTS = {
+    "window": dict(n_ttt=0),                       # (a) short-window attention only
+    "ttt_linear": dict(ttt_type="linear"),         # (b) + TTT-Linear in the top n_ttt layers
+    "ttt_mlp": dict(ttt_type="mlp"),               # (c) + TTT-MLP
+    "long_window": dict(n_ttt=0, window="long"),   # (d) reference: attention over the long window
+}
+SEED = 1337
+HELDOUT_SEED = 1     # the training data uses seed 0: held-out voices, keys and values are new
+
+
+def print_flush(*a):
+    print(*a, flush=True)
+
+
+# -----------------------------------------------------------------------------
+# 1. data
+
+
+def make_data(sc, out):
+    """The training set and the held-out set of long conversations, via data.py's CLI."""
+    os.makedirs(os.path.join(out, "data"), exist_ok=True)
+    train_path, held_path = os.path.join(out, "data", "train.bin"), os.path.join(out, "data", "heldout.bin")
+    n, minutes = sc["heldout"]
+    lo, hi = sc["train_minutes"]
+    cmds = [[sys.executable, "data.py", "synthetic", "--out", train_path, "--hours", str(sc["train_hours"]),
+             "--min_minutes", str(lo), "--max_minutes", str(hi), "--n_codebooks", str(sc["n_codebooks"]),
+             "--seed", "0", "--events_per_min", str(sc.get("events_per_min", 0.25))],
+            [sys.executable, "data.py", "synthetic", "--out", held_path, "--hours", f"{n * minutes / 60 + 1e-6:.7g}",
+             "--min_minutes", str(minutes), "--max_minutes", str(minutes), "--n_codebooks", str(sc["n_codebooks"]),
+             "--seed", str(HELDOUT_SEED), "--events_per_min", str(sc.get("events_per_min", 0.25))]]
+    procs, log = [], open(os.path.join(out, "data", "data.log"), "w")
+    for cmd in cmds:   # data.py needs numpy only: two quick subprocesses, side by side
+        print_flush("$ " + " ".join(cmd[1:]))
+        procs.append(subprocess.Popen(cmd, cwd=HERE, stdout=log, stderr=log))
+    with log:
+        if any(p.wait() for p in procs):
+            raise RuntimeError(f"data.py failed: see {log.name}")
+    import codes
+    lens = codes.CodesFile(held_path, check_codes=False).lengths
+    if len(lens) != n or (lens != round(minutes * 750)).any():
+        raise RuntimeError(f"{held_path}: expected {n} conversations of {minutes:g} minutes, got {len(lens)}")
+    return train_path, held_path
+
+
+# -----------------------------------------------------------------------------
+# 2. + 3. train and evaluate each variant
+
+
+def model_args(sc, name):
+    m = {**sc["model"], **VARIANTS[name]}
+    if m.get("window") == "long":
+        m["window"] = sc["long_window"]
+    return m
+
+
+def train_argv(sc, name, train_path, run_dir):
+    a = {"data": train_path, "out_dir": run_dir, "mode": "streaming", "eval_interval": 0, "seed": SEED,
+         **sc["train"], **model_args(sc, name)}
+    return [f"--{k}={v}" for k, v in a.items()]
+
+
+def eval_argv(sc, run_dir, held_path):
+    a = {"ckpt": run_dir, "data": held_path, "out": os.path.join(run_dir, "eval.json"), **sc["eval"]}
+    return [f"--{k}={v}" for k, v in a.items()] + ["--quiet"]
+
+
+def run_job(script, argv, log, gpu, in_process, threads, result_json=None):
+    """Run train.py or evaluate.py with argv, its output in log: in this process, or as a
+    subprocess on one GPU. For train.py the step losses are written to result_json."""
+    with open(log, "w") as fh:
+        if in_process:
+            fh.write(f"$ python {script}.py {' '.join(argv)}\n\n")
+            fh.flush()
+            mod = __import__(script)
+            try:
+                with contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
+                    out = mod.main(argv)
+                rc = 0
+            except SystemExit as e:   # train.py and evaluate.py exit(2) with a message on bad input
+                rc = e.code or 1
+            if rc == 0 and result_json:
+                _write_json(result_json, out)
+        else:
+            if result_json:   # train.main returns the step losses: keep them
+                code = ("import json, os, sys, train; losses = train.main(sys.argv[2:]); "
+                        "json.dump(losses, open(sys.argv[1] + '.tmp', 'w')); os.replace(sys.argv[1] + '.tmp', sys.argv[1])")
+                cmd = [sys.executable, "-c", code, result_json, *argv]
+            else:
+                cmd = [sys.executable, f"{script}.py", *argv]
+            env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads))
+            if gpu is not None:
+                env["CUDA_VISIBLE_DEVICES"] = gpu
+            fh.write("$ " + " ".join(cmd) + "\n\n")
+            fh.flush()
+            rc = subprocess.run(cmd, cwd=HERE, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
+    if rc:
+        with open(log) as fh:
+            tail = "".join(fh.readlines()[-15:])
+        raise RuntimeError(f"{script}.py failed (exit {rc}); the end of {log}:\n{tail}")
+
+
+def pipeline(name, sc, a, train_path, held_path, gpu, in_process):
+    """Train one variant (unless done) and evaluate it."""
+    run_dir = os.path.join(a.out, "runs", name)
+    os.makedirs(run_dir, exist_ok=True)
+    losses_path = os.path.join(run_dir, "train_losses.json")
+    where = "in this process" if in_process else f"on GPU {gpu}" if gpu is not None else "in a subprocess"
+    if "train" in a.stages:
+        if _done(losses_path, sc["train"]["max_steps"]):
+            print_flush(f"[{name}] already trained ({losses_path}); delete it to train again")
+        else:
+            t0 = time.time()
+            print_flush(f"[{name}] training {where}; log {os.path.join(run_dir, 'train.log')}")
+            run_job("train", train_argv(sc, name, train_path, run_dir), os.path.join(run_dir, "train.log"),
+                    gpu, in_process, a.threads, losses_path)
+            if not a.keep_optimizer:  # the resumable checkpoint (model + AdamW state): not needed once done
+                for f in os.listdir(run_dir):
+                    if f.startswith("ckpt") and f.endswith(".pt"):
+                        os.remove(os.path.join(run_dir, f))
+            with open(losses_path) as fh:
+                last = json.load(fh)[-1]
+            print_flush(f"[{name}] trained in {_fmt(time.time() - t0)}, last step loss {last:.4f}")
+    if "eval" in a.stages:
+        t0 = time.time()
+        print_flush(f"[{name}] evaluating {where}; log {os.path.join(run_dir, 'eval.log')}")
+        run_job("evaluate", eval_argv(sc, run_dir, held_path), os.path.join(run_dir, "eval.log"), gpu, in_process,
+                a.threads)
+        print_flush(f"[{name}] evaluated in {_fmt(time.time() - t0)}")
+
+
+def _done(path, steps):
+    try:
+        with open(path) as fh:
+            return len(json.load(fh)) == steps
+    except (OSError, ValueError):
+        return False
+
+
+def _write_json(path, obj):
+    with open(path + ".tmp", "w") as fh:
+        json.dump(obj, fh, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def _fmt(s):
+    return f"{int(s) // 60}m{int(s) % 60:02d}s"
+
+
+# -----------------------------------------------------------------------------
+# 4. report
+
+
+def report(a, names):
+    """summary.md, results.json and the figures from the runs' eval.json files."""
+    import evaluate
+    results, losses = {}, {}
+    for name in names:
+        p = os.path.join(a.out, "runs", name, "eval.json")
+        if not os.path.exists(p):
+            print_flush(f"[{name}] no {p}: left out of the report")
+            continue
+        with open(p) as fh:
+            results[name] = json.load(fh)
+        lp = os.path.join(a.out, "runs", name, "train_losses.json")
+        if os.path.exists(lp):
+            with open(lp) as fh:
+                losses[name] = json.load(fh)
+    if not results:
+        raise RuntimeError("nothing to report: no evaluation finished")
+    _write_json(os.path.join(a.out, "results.json"), {"scale": a.scale, "train_losses": losses, "eval": results})
+    md = summary(a, results, losses)
+    with open(os.path.join(a.out, "summary.md"), "w") as fh:
+        fh.write(md)
+    print_flush("\n" + md)
+    for p in evaluate.plot(results, a.out):
+        print_flush(f"wrote {p}")
+
+
+def summary(a, results, losses):
+    """The markdown tables of the comparison."""
+    any_r = next(iter(results.values()))
+    ch = any_r["chance"]
+    held = f"{any_r['conversations']} held-out conversations, {any_r['minutes'] / any_r['conversations']:.0f} minutes each"
+    out = [f"# Long-conversation experiment (scale `{a.scale}`)", "",
+           f"{held}. Loss: the training objective (model.loss_fn). Recall: top-1 accuracy on the "
+           f"recalled value codes; chance {ch['accuracy']:.2g} (1/{round(1 / ch['accuracy'])}), chance loss "
+           f"{ch['loss']:.2f}. In/beyond window: distance since the first mention shorter/longer than "
+           "the model's own attention window.", "",
+           "| model | window | TTT | state / conversation | last train loss | loss min 1-5 | loss last 5 min "
+           "| recall in window: acc. / loss | recall beyond window: acc. / loss | 1st mentions: loss (control) |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        lm = r["loss_by_minute"]["loss"]
+        rc = r["recall"]
+        w = r["model"]["window"]
+        tl = losses.get(name)
+        out.append(f"| {name} | {w} ({fmt_seconds(w / 12.5)}) | {r['model']['ttt_type'] or '-'} | "
+                   f"{r['memory']['state_bytes'] / 2**20:.2f} MiB | {(f'{tl[-1]:.3f}' if tl else '-')} | "
+                   f"{_mean(lm[:5]):.3f} | {_mean(lm[-5:]):.3f} | {_acc(rc['within_window'])} / "
+                   f"{_num(rc['within_window']['loss'])} | {_acc(rc['beyond_window'])} / "
+                   f"{_num(rc['beyond_window']['loss'])} | {_num(rc['first_mention']['loss'])} |")
+    labels = [b["label"] for b in any_r["recall"]["buckets"]]
+    out += ["", "Recall accuracy by distance since the pattern was first heard (events; * = within the "
+            "model's window):", "",
+            "| model | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    for name, r in results.items():
+        cells = [f"{_acc(b)}{'*' if b['window'] == 'within' else ''} ({b['events']})" for b in r["recall"]["buckets"]]
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    gens = {n: r["generation"] for n, r in results.items() if r.get("generation") and r["generation"]["minute"]}
+    if gens:
+        ref = any_r["reference"]
+        g0 = next(iter(gens.values()))
+        out += ["", f"Generation from nothing (temperature {g0['temp']}, top-k {g0['top_k']}), statistics of "
+                "the first and the last generated minute; `data` is the held-out conversations' average:", "",
+                "| model | minutes | frames/s | " + " | ".join(f"{k} first / last" for k in ("entropy", "repeat",
+                                                                                     "silence", "overlap", "turns")) + " |",
+                "|---|---|---|" + "---|" * 5]
+        for name, g in gens.items():
+            cells = [f"{g[k][0]:.3g} / {g[k][-1]:.3g}" for k in ("entropy", "repeat", "silence", "overlap", "turns")]
+            out.append(f"| {name} | {g['minutes_done']:.3g} of {g['minutes_requested']:g} | {g['frames_per_s']:.0f} | "
+                       + " | ".join(cells) + " |")
+        n = max(len(g["minute"]) for g in gens.values())
+        cells = [f"{ref[k][0]:.3g} / {ref[k][min(n, len(ref[k])) - 1]:.3g}" for k in ("entropy", "repeat", "silence",
+                                                                                        "overlap", "turns")]
+        out.append("| data | | | " + " | ".join(cells) + " |")
+    out += ["", "Figures: loss_by_minute.png, recall_by_distance.png, generation.png. Every number: results.json.", ""]
+    return "\n".join(out)
+
+
+def _mean(x):
+    return sum(x) / max(1, len(x))
+
+
+def _acc(b):
+    return "-" if b["accuracy"] is None else f"{b['accuracy']:.3f}"
+
+
+def _num(x):
+    return "-" if x is None else f"{x:.2f}"
+
+
+# -----------------------------------------------------------------------------
+
+
+def gpu_list():
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them."""
+    vis = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if vis is not None:
+        return [g for g in vis.split(",") if g.strip()]
+    try:
+        import torch
+        return [str(i) for i in range(torch.cuda.device_count())]
+    except Exception:
+        return []
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scale", choices=list(SCALES), default="gpu", help="size of everything (default gpu)")
+    ap.add_argument("--out", default="runs/experiment", help="folder for data, runs, figures and summary")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    ap.add_argument("--stages", default="data,train,eval,report", help="comma-separated, of: data, train, eval, report")
+    ap.add_argument("--parallel", type=int, default=0,
+                    help="variants run at once, as subprocesses spread over the GPUs (0: all variants on CUDA, "
+                         "1 on CPU; 1 runs in this process)")
+    ap.add_argument("--steps", type=int, default=0, help="override the scale's training steps")
+    ap.add_argument("--gen_minutes", type=float, default=-1, help="override the scale's generation length (0: none)")
+    ap.add_argument("--gen_budget_s", type=float, default=-1,
+                    help="override the scale's time limit on generation, seconds (0: none)")
+    ap.add_argument("--keep_optimizer", action="store_true",
+                    help="keep train.py's resumable ckpt.pt (model + AdamW state) after a finished training")
+    a = ap.parse_args(argv)
+    a.variants = [v.strip() for v in a.variants.split(",") if v.strip()]
+    a.stages = [s.strip() for s in a.stages.split(",") if s.strip()]
+    bad = [v for v in a.variants if v not in VARIANTS] + [s for s in a.stages if s not in ("data", "train", "eval", "report")]
+    if bad or not a.variants:
+        ap.error(f"unknown variant or stage: {', '.join(bad) or '(none given)'}")
+    return a
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    sc = json.loads(json.dumps(SCALES[a.scale]))      # a copy to override
+    if a.steps:
+        sc["train"]["max_steps"] = a.steps
+        sc["train"]["warmup"] = min(sc["train"]["warmup"], a.steps)
+    if a.gen_minutes >= 0:
+        sc["eval"]["gen_minutes"] = a.gen_minutes
+    if a.gen_budget_s >= 0:
+        sc["eval"]["gen_budget_s"] = a.gen_budget_s
+    os.makedirs(a.out, exist_ok=True)
+    t0 = time.time()
+    if "data" in a.stages:
+        train_path, held_path = make_data(sc, a.out)
+        print_flush(f"data: {_fmt(time.time() - t0)}")
+    else:
+        train_path, held_path = (os.path.join(a.out, "data", n) for n in ("train.bin", "heldout.bin"))
+    _write_json(os.path.join(a.out, "config.json"), {"scale": a.scale, "variants": {n: model_args(sc, n) for n in a.variants},
+                                                      **{k: v for k, v in sc.items() if k != "model"}})
+
+    failed = []
+    if "train" in a.stages or "eval" in a.stages:
+        on_cpu = sc["train"].get("device") == "cpu"
+        gpus = [] if on_cpu else gpu_list()
+        parallel = a.parallel or (len(a.variants) if gpus else 1)
+        in_process = parallel == 1 and len(gpus) <= 1
+        a.threads = max(1, (os.cpu_count() or 1) // parallel)   # CPU threads of each subprocess
+        # round robin over the GPUs, in the order of VARIANTS: with 2 GPUs the slowest (ttt_mlp)
+        # shares its GPU with the fastest (window)
+        gpu_of = {n: (gpus[i % len(gpus)] if gpus else None) for i, n in enumerate(a.variants)}
+        lock = threading.Lock()
+
+        def job(name):
+            try:
+                pipeline(name, sc, a, train_path, held_path, gpu_of[name], in_process)
+            except Exception as e:
+                with lock:
+                    failed.append(name)
+                print_flush(f"[{name}] FAILED: {e}")
+        if in_process:
+            for n in a.variants:
+                job(n)
+        else:
+            with ThreadPoolExecutor(parallel) as pool:
+                list(pool.map(job, a.variants))
+        print_flush(f"runs: {_fmt(time.time() - t0)} so far")
+    if "report" in a.stages:
+        report(a, [n for n in a.variants if n not in failed])
+    print_flush(f"done in {_fmt(time.time() - t0)}: {a.out}")
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)} (see their logs under {os.path.join(a.out, 'runs')})")
+
+
+if __name__ == "__main__":
+    main()

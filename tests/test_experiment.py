@@ -1,0 +1,193 @@
+"""The long-conversation experiment (experiment.py, evaluate.py): the whole pipeline at a tiny scale,
+evaluation memory that does not grow with the conversation, and the measurements on known inputs."""
+import json
+import math
+import os
+import weakref
+
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import evaluate
+import experiment
+from codes import CodesFile
+from data import load_events, synthetic
+from model import Config, SpeechLM
+
+
+@pytest.fixture
+def one_thread():
+    # tiny models on a shared 2-core machine: one thread avoids waiting on the other's barrier
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_experiment_runs_end_to_end(tmp_path, one_thread):
+    out = str(tmp_path / "exp")
+    experiment.main(["--scale", "cpu-test", "--out", out])
+    sc = experiment.SCALES["cpu-test"]
+    with open(os.path.join(out, "results.json")) as f:
+        res = json.load(f)
+    assert set(res["eval"]) == set(experiment.VARIANTS)
+    n_conv, minutes = sc["heldout"]
+    for name, r in res["eval"].items():
+        losses = res["train_losses"][name]
+        assert len(losses) == sc["train"]["max_steps"] and all(math.isfinite(x) for x in losses)
+        lm = r["loss_by_minute"]
+        assert lm["minute"] == list(range(1, int(minutes) + 1))
+        assert all(math.isfinite(x) and 0 < x < 20 for x in lm["loss"])
+        assert sum(lm["frames"]) == n_conv * minutes * evaluate.FRAMES_PER_MINUTE
+        assert r["chance"]["accuracy"] == 1 / 2048 and r["chance"]["loss"] == pytest.approx(math.log(2048))
+        rc = r["recall"]
+        assert [b["label"] for b in rc["buckets"]] == list(evaluate.DIST_LABELS)
+        assert {"within_window", "beyond_window", "first_mention"} <= set(rc)
+        n_ev = len(load_events(os.path.join(out, "data", "heldout.bin")))
+        assert sum(b["events"] for b in rc["buckets"]) == n_ev == len(rc["per_event"]) > 0
+        assert rc["first_mention"]["codes"] == rc["within_window"]["codes"] + rc["beyond_window"]["codes"]
+        assert math.isfinite(rc["first_mention"]["loss"])
+        g = r["generation"]
+        assert g["frames"] == round(sc["eval"]["gen_minutes"] * 750) and len(g["minute"]) == 1
+        for k in evaluate.STATS:
+            assert math.isfinite(g[k][0]) and len(r["reference"][k]) == minutes
+        # the most common frame of a stream is data.py's silence frame (drawn first from rng 1234)
+        assert r["reference"]["silence_frame"] == np.random.default_rng(1234).integers(0, 2048, 2).tolist()
+        assert r["model"]["window"] == (sc["long_window"] if name == "long_window" else sc["model"]["window"])
+    mem = {n: r["memory"]["state_bytes"] for n, r in res["eval"].items()}
+    assert mem["window"] < mem["ttt_linear"] < mem["ttt_mlp"] and mem["window"] < mem["long_window"]
+    with open(os.path.join(out, "summary.md")) as f:
+        md = f.read()
+    assert all(f"| {n} |" in md for n in experiment.VARIANTS) and "1/2048" in md
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    for p in ("loss_by_minute.png", "recall_by_distance.png", "generation.png"):
+        assert os.path.getsize(os.path.join(out, p)) > 1000
+
+
+class PeakTensorBytes(TorchDispatchMode):
+    """Peak bytes of the tensor storages alive at once among those made inside the block (CPU has no
+    max_memory_allocated): each op's outputs are counted until their last tensor is freed."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.now, self.peak = {}, 0, 0
+
+    def _free(self, key):
+        entry = self.live[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.now -= entry[0]
+            del self.live[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes():
+                st = t.untyped_storage()
+                key = st.data_ptr()
+                if key in self.live:
+                    self.live[key][1] += 1
+                else:
+                    self.live[key] = [st.nbytes(), 1]
+                    self.now += st.nbytes()
+                    self.peak = max(self.peak, self.now)
+                weakref.finalize(t, self._free, key)
+        return out
+
+
+def _tiny(**kw):
+    torch.manual_seed(0)
+    cfg = Config.preset("tiny", **{**dict(n_codebooks=2, delays=(0, 1), ttt_mini_batch=16), **kw})
+    return SpeechLM(cfg).eval()
+
+
+def test_evaluation_memory_does_not_grow_with_the_conversation(tmp_path, one_thread):
+    m = _tiny(ttt_type="mlp")      # the larger TTT state; with delays and a cache of W = 16 slots
+    peaks, states = [], []
+    for minutes, seed in ((1, 1), (3, 2)):
+        p = str(tmp_path / f"c{minutes}.bin")
+        synthetic(p, hours=minutes / 60, min_minutes=minutes, max_minutes=minutes, n_codebooks=2, seed=seed, quiet=True)
+        f = CodesFile(p)
+        assert len(f) == 1 and f.lengths[0] == minutes * 750
+        with PeakTensorBytes() as meter:
+            r = evaluate.stream_eval(m, f, load_events(p), [0], chunk_len=64)
+        peaks.append(meter.peak)
+        states.append(r["state_bytes"])
+        assert r["n_min"].shape[0] == minutes
+    one_chunk_logits = 64 * m.cfg.n_audio * m.cfg.cardinality * 4
+    assert peaks[0] > one_chunk_logits          # the meter does see the evaluation's tensors
+    assert states[0] == states[1]
+    assert peaks[1] <= 1.02 * peaks[0], f"peak tensor bytes grew with the conversation: {peaks}"
+
+
+def test_recall_entries_point_at_the_value_codes(tmp_path):
+    # with delays and both streams: every entry's target in the delayed input is the value code
+    p = str(tmp_path / "h.bin")
+    synthetic(p, hours=0.1, min_minutes=3, max_minutes=3, n_codebooks=3, seed=3, quiet=True)
+    f, events = CodesFile(p), load_events(p)
+    cfg = Config.preset("tiny", n_codebooks=3, delays=(0, 1, 2))
+    convs = list(range(len(f)))
+    e = evaluate.recall_entries(f, events, convs, cfg)
+    x, live = evaluate.chunk(f, convs, 0, int(f.lengths.max()), cfg.col_delays(), cfg.col_cards())
+    assert live[e[:, 0], e[:, 1]].all()
+    K = cfg.n_codebooks
+    for say in (0, 1):                                         # first mentions, then recalls
+        mine = e[e[:, 3] % 2 == say]
+        ev = events[mine[:, 3] // 2]
+        assert len(mine) == len(events) * 8 * K                 # 8 frames x K codebooks each
+        start = ev[:, 2 + say]
+        frame = mine[:, 1] - np.array(cfg.col_delays())[mine[:, 2]]
+        i = frame - start
+        assert ((0 <= i) & (i < 8)).all()
+        recalled = np.stack([np.asarray(f.audio(c))[s + j, st] for c, st, s, j in
+                             zip(ev[:, 0], ev[:, 1], ev[:, 3], i)])                     # [N, K]
+        assert (x[mine[:, 0], mine[:, 1], mine[:, 2]] == recalled[np.arange(len(mine)), mine[:, 2] % K]).all()
+
+
+def test_recall_table_buckets_and_window_sides():
+    ev = np.array([[0, 0, 0, d, 8] for d in (125, 600, 2000, 5000, 20000, 44000)])   # distances in frames
+    n = np.full(12, 8.0)
+    hit = np.tile([0.0, 4.0], 6)                                                     # recalls right half the time
+    for w, within in ((250, ["within"] + ["beyond"] * 4), (3000, ["within"] * 3 + ["beyond"] * 2)):
+        t = evaluate.recall_table(ev, np.ones(12), hit, n, w)
+        assert [b["window"] for b in t["buckets"]] == within
+        assert [b["events"] for b in t["buckets"]] == [1, 1, 1, 1, 2]
+        assert t["within_window"]["events"] == within.count("within")
+        assert t["within_window"]["accuracy"] == 0.5 and t["first_mention"]["accuracy"] == 0.0
+
+
+def test_frame_stats_on_a_known_conversation():
+    sil = np.array([7, 7])
+    S0 = np.array([[1, 2], [3, 4], [5, 6], [3, 4], [8, 9]])   # speaker codes, no repeats
+    f = []
+    f += [[a, sil] for a in S0]                        # speaker 0, 5 frames
+    f += [[sil, sil]] * 3                              # pause
+    f += [[sil, a] for a in S0] + [[sil, S0[-1]]]      # speaker 1, 6 frames, the last a repeat
+    f += [[S0[0], S0[1]]] * 2                          # both at once (overlap), repeated
+    f += [[sil, S0[2]]]                                # speaker 1 goes on: not a new turn
+    f += [[S0[3], sil]] * 3                            # speaker 0: a turn, 2 repeats
+    x = np.array(f)                                    # [n, 2 streams, 2 codebooks]
+    n = len(x)
+    s = evaluate.FrameStats(sil, bucket=n)
+    s.add(x)
+    r = s.close()
+    speaking = 5 + 6 + 4 + 1 + 3
+    assert r["silence"] == [pytest.approx(1 - speaking / (2 * n))]
+    assert r["overlap"] == [pytest.approx(2 / n)]
+    assert r["repeat"] == [pytest.approx((1 + 2 + 2) / speaking)]
+    assert r["turns"] == [pytest.approx(2 * 750 / n)]
+    # fed in pieces across bucket edges: the same numbers, carried across (prev frame, last speaker)
+    for bucket in (4, 7):
+        a, b = evaluate.FrameStats(sil, bucket), evaluate.FrameStats(sil, bucket)
+        a.add(x)
+        for i in range(0, n, 3):
+            b.add(x[i:i + 3])
+        ra, rb = a.close(), b.close()
+        assert ra == rb and len(ra["turns"]) == math.ceil(n / bucket)
+        assert sum(t * min(bucket, n - i * bucket) / 750 for i, t in enumerate(ra["turns"])) == pytest.approx(2)
