@@ -238,6 +238,9 @@ class GatedTTT(nn.Module):
         self.alpha = nn.Parameter(torch.full((cfg.dim,), float(cfg.ttt_gate_init)))
 
     def forward(self, x, state):
+        if state is not None and state.params[0].dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"the TTT state must stay float32, got {state.params[0].dtype}: something cast it "
+                             "(a mixed-precision wrapper casting forward inputs?)")
         y, state = self.layer(self.norm(x), state)
         return x + torch.tanh(self.alpha).to(y.dtype) * y, state
 

@@ -252,7 +252,10 @@ def train(tc, overrides):
     raw = model
     if tc.fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if dtype == "bfloat16" else None
+        # cast_forward_inputs=False: FSDP would otherwise cast the carried state (float32 TTT fast
+        # weights) to bf16 on the way into every block; autocast already handles the activations
+        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
+              if dtype == "bfloat16" else None)
         for block in model.layers:
             fully_shard(block, **({"mp_policy": mp} if mp else {}))
         fully_shard(model, **({"mp_policy": mp} if mp else {}))

@@ -29,3 +29,12 @@ def test_ddp_and_fsdp_train_alike(tmp_path):
     fsdp = _losses(tmp_path, data, "fsdp", "--fsdp", "true")
     assert len(ddp) == 4 and ddp[-1] < ddp[0]
     assert fsdp == pytest.approx(ddp, rel=1e-4)
+
+
+def test_fsdp_mixed_precision_keeps_ttt_state_float32(tmp_path):
+    # FSDP's bf16 policy must not cast the carried state into the blocks (the model refuses a
+    # bf16 TTT state with a clear error, so this run fails if it does)
+    data = str(tmp_path / "s.bin")
+    synthetic(data, hours=0.3, min_minutes=1.0, max_minutes=3.0, n_codebooks=2, seed=0, quiet=True)
+    losses = _losses(tmp_path, data, "bf16", "--fsdp", "true", "--dtype", "bfloat16", "--ttt_mini_batch", "16")
+    assert len(losses) == 4
