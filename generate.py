@@ -55,8 +55,12 @@ class Sampler:
         self.noise = None
 
     def new_frame(self, B, device):
-        self.noise_t = torch.empty(B, self.cfg.n_text, self.cfg.text_cardinality, device=device).exponential_(generator=self.g)
-        self.noise_a = torch.empty(B, self.cfg.n_audio, self.cfg.cardinality, device=device).exponential_(generator=self.g)
+        # noise for the candidates of each column: the top-k when there is a top-k, else all
+        nt, na = self.cfg.n_text, self.cfg.n_audio
+        vt = min(self.text[1] or self.cfg.text_cardinality, self.cfg.text_cardinality)
+        va = min(self.audio[1] or self.cfg.cardinality, self.cfg.cardinality)
+        self.noise_t = torch.empty(B, nt, vt, device=device).exponential_(generator=self.g)
+        self.noise_a = torch.empty(B, na, va, device=device).exponential_(generator=self.g)
 
     def __call__(self, logits, c):
         nt = self.cfg.n_text
@@ -64,15 +68,16 @@ class Sampler:
         noise = self.noise_t[:, c] if c < nt else self.noise_a[:, c - nt]
         if temp <= 0:
             return logits.argmax(-1)
-        z = logits / temp
-        if k and k < z.shape[-1]:
-            z = z.masked_fill(z < z.topk(k, -1).values[:, -1:], -math.inf)
+        z, idx = logits / temp, None
+        if k and k < z.shape[-1]:                             # sample among the top k only
+            z, idx = z.topk(k, -1)                            # [B, k], sorted
         if p < 1.0:
-            zs, idx = z.sort(-1, descending=True)
-            cum = zs.softmax(-1).cumsum(-1)
-            drop = cum - zs.softmax(-1) > p                   # keep the smallest set with mass >= p
-            z = z.masked_fill(drop.scatter(-1, idx, drop), -math.inf)
-        return (z.softmax(-1) / noise).argmax(-1)
+            zs, order = z.sort(-1, descending=True)
+            ps = zs.softmax(-1)
+            drop = ps.cumsum(-1) - ps > p                     # keep the smallest set with mass >= p
+            z = z.masked_fill(drop.scatter(-1, order, drop), -math.inf)
+        choice = (z.softmax(-1) / noise).argmax(-1, keepdim=True)   # argmax p / Exp(1): a sample of p
+        return (choice if idx is None else idx.gather(-1, choice))[:, 0]
 
 
 class FrameStep:
@@ -335,10 +340,11 @@ def run(a):
     mimi_path = a.mimi or mimi_mod.find_checkpoint()
     codec = None
     if mimi_path:
-        if cfg.cardinality != mimi_mod.CARDINALITY or cfg.n_codebooks > 32:
-            raise ValueError(f"this model makes {cfg.n_codebooks} codebooks of {cfg.cardinality}: not Mimi codes")
-        codec = mimi_mod.Mimi.from_pretrained(mimi_path, num_codebooks=cfg.n_codebooks, device=device)
         writable(a.out, "audio")
+        codec = mimi_mod.Mimi.from_pretrained(mimi_path, num_codebooks=min(cfg.n_codebooks, 32), device=device)
+        if cfg.cardinality != codec.cfg.bins or cfg.n_codebooks > codec.cfg.n_q:
+            raise ValueError(f"this model makes {cfg.n_codebooks} codebooks of {cfg.cardinality}; the Mimi weights "
+                             f"{mimi_path!r} have {codec.cfg.n_q} of {codec.cfg.bins}: they do not fit")
 
     prompt = None
     if a.prompt:
@@ -390,7 +396,7 @@ def run(a):
             flush()
         if made[0] >= 750 and mem1[0] is None:
             mem1[0] = peak_memory_mb(device)
-        if not a.quiet and time.time() - last_print[0] > 2:
+        if not a.quiet and made[0] and time.time() - last_print[0] > 2:
             last_print[0] = time.time()
             el = time.time() - t0
             rtf = made[0] / FRAME_RATE / max(el, 1e-9)

@@ -141,9 +141,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # normalise in float32, scale in the input dtype, as Qwen2
-        y = x.float()
-        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        # normalise in float32, scale in the input dtype, as Qwen2 (one fused op for the first part)
+        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * y.to(x.dtype)
 
 
@@ -193,13 +192,14 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=False)
 
     def forward(self, x, cos, sin, mask, cache):
-        """x [B, T, D]; cos/sin [B, T, hd]; mask: None (causal over x alone), a bool [T, T] band
+        """x [B, T, D]; cos/sin [B, T, hd] (None: no RoPE); mask: None (causal over x alone), a bool [T, T] band
         (x alone, windowed) or a bool [B, T, W+T] over cache + x; cache (k, v) [B, Hkv, W, hd]."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # [B, H, T, hd]
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # keys are cached already rotated
+        if cos is not None:  # the backbone; keys are cached already rotated
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         ck, cv = cache
         W = ck.shape[2]
         kk, vv = torch.cat([ck.to(k.dtype), k], 2), torch.cat([cv.to(v.dtype), v], 2)  # [B, Hkv, W+T, hd]
@@ -323,7 +323,8 @@ class FrameEmbedding(nn.Module):
 class DepthDecoder(nn.Module):
     """Predicts the columns of one frame in order (text first, then each stream's codebooks).
     Position c sees proj_c(h_t) plus the embedding of the frame's column c-1; it has no state
-    across frames (Moshi's depformer, without streaming machinery)."""
+    across frames (Moshi's depformer, without streaming machinery). The projection of h_t is
+    per position, which tells positions apart: like Moshi's depformer, no positional embedding."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -338,10 +339,6 @@ class DepthDecoder(nn.Module):
         self.norm = RMSNorm(d, cfg.norm_eps)
         self.text_heads = nn.Parameter(torch.empty(cfg.n_text, cfg.text_cardinality, d)) if cfg.n_text else None
         self.audio_heads = nn.Parameter(torch.empty(cfg.n_audio, cfg.cardinality, d))
-        self.register_buffer("inv_freq", rope_inv_freq(hd, 10000.0).float(), persistent=False)
-
-    def rope(self, n, device):
-        return rope_cos_sin(torch.arange(n, device=device)[None], self.inv_freq)
 
     def hidden(self, h, codes):
         """h [N, D] backbone outputs; codes [N, c] the frame's first c columns (c < C) ->
@@ -351,20 +348,10 @@ class DepthDecoder(nn.Module):
         x = self.in_proj(h).view(N, -1, d)[:, :c + 1]                          # [N, c+1, d]
         if c:
             x = x + F.pad(self.token_emb(codes + self.offsets[:c]), (0, 0, 1, 0))
-        cos, sin = self.rope(c + 1, h.device)
         empty = x.new_zeros(N, self.layers[0].self_attn.n_kv_heads, 0, d // self.cfg.depth_heads) if len(self.layers) else None
         for layer in self.layers:
-            x, _, _ = layer(x, cos, sin, None, (empty, empty))
+            x, _, _ = layer(x, None, None, None, (empty, empty))
         return self.norm(x)
-
-    def logits(self, x, cols):
-        """x [N, n, d] depth states -> logits of columns cols (a range) as (text, audio) lists."""
-        nt = self.cfg.n_text
-        out = []
-        for j, c in enumerate(cols):
-            w = self.text_heads[c] if c < nt else self.audio_heads[c - nt]
-            out.append(x[:, j] @ w.t().to(x.dtype))
-        return out
 
     def forward(self, h, codes):
         """Teacher-forced: h [B, T, D], codes [B, T, C] -> (text [B, T, nt, Vt], audio [B, T, A, V])."""
@@ -531,30 +518,32 @@ class SpeechLM(nn.Module):
     def depth_sample(self, h, sample, state, force=None):
         """Sample a frame column by column from backbone outputs h [B, D]. The depth decoder runs
         one position at a time over a cache of C slots (positions before c are valid), the same
-        attention as the teacher-forced pass. force [B, C] (-1 = sample) fixes known columns."""
+        attention as the teacher-forced pass. force [B, C] (-1 = sample) fixes known columns;
+        a forced initial token (delay padding) adds nothing to the log-probability."""
         cfg, dd = self.cfg, self.depth
         B, C, d = h.shape[0], cfg.n_cols, cfg.depth_dim
         x0 = dd.in_proj(h).view(B, C, d)                                   # all positions at once
-        cos, sin = dd.rope(C, h.device)                                    # [1, C, hd]
         caches = [(h.new_zeros(B, l.self_attn.n_kv_heads, C, l.self_attn.head_dim),) * 2 for l in dd.layers]
         slot = torch.arange(C + 1, device=h.device)
-        logp = torch.zeros(B, device=h.device)
-        tok, cols = None, []
+        masks = (slot[None] >= C - slot[:C, None])[:, None, None].expand(C, B, 1, C + 1)  # [C, B, 1, C+1]
+        lps, cols = [], []
         for c in range(C):
             x = x0[:, c:c + 1]
             if c:
-                x = x + dd.token_emb(tok + dd.offsets[c - 1])[:, None]
-            mask = (slot >= C - c).view(1, 1, C + 1).expand(B, 1, C + 1)    # cached positions < c, and itself
+                x = x + dd.token_emb(cols[-1] + dd.offsets[c - 1])[:, None]
             for i, layer in enumerate(dd.layers):
-                x, caches[i], _ = layer(x, cos[:, c:c + 1], sin[:, c:c + 1], mask, caches[i])
-            logits = dd.logits(dd.norm(x), [c])[0].float()                  # [B, V]
-            lp = logits.log_softmax(-1)
+                x, caches[i], _ = layer(x, None, None, masks[c], caches[i])  # cached positions < c, and itself
+            w = dd.text_heads[c] if c < cfg.n_text else dd.audio_heads[c - cfg.n_text]
+            logits = (dd.norm(x)[:, 0] @ w.t().to(x.dtype)).float()          # [B, V]
             tok = sample(logits, c)
             if force is not None:
                 tok = torch.where(force[:, c] >= 0, force[:, c], tok)
-            logp = logp + torch.where(tok < lp.shape[1], lp.gather(1, tok.clamp(max=lp.shape[1] - 1)[:, None])[:, 0], 0.0)
+                lps.append(torch.where(tok < w.shape[0], logits.log_softmax(-1).gather(
+                    1, tok.clamp(max=w.shape[0] - 1)[:, None])[:, 0], 0.0))
+            else:
+                lps.append(logits.log_softmax(-1).gather(1, tok[:, None])[:, 0])
             cols.append(tok)
-        frame = torch.stack(cols, 1)
+        frame, logp = torch.stack(cols, 1), torch.stack(lps, 1).sum(1)
         return frame, logp, state._replace(prev=frame)
 
     # --- checkpoints -------------------------------------------------------------
@@ -607,8 +596,6 @@ class SpeechLM(nn.Module):
             if short == "offsets":
                 cards = self.cfg.col_cards() if mod is self.frame_emb else (self.cfg.col_cards()[:-1] or (0,))
                 val = _offsets(cards)
-            elif mod is self.depth and short == "inv_freq":
-                val = rope_inv_freq(self.cfg.depth_dim // self.cfg.depth_heads, 10000.0).float()
             else:
                 val = fresh[short]
             mod.register_buffer(short, val.to(device), persistent=False)
