@@ -2,7 +2,7 @@
 The long-conversation experiment: can a streaming speech model stay coherent for 90 minutes when its
 long-term memory is a TTT layer instead of an ever-growing KV cache?
 
-    python experiment.py --scale gpu --out runs/exp        # 1 or 2 H100s: about 9 minutes
+    python experiment.py --scale gpu --out runs/exp        # one H100 (all four at once): about 10 minutes
     python experiment.py --scale cpu-test --out /tmp/exp   # the whole pipeline in seconds (the tests)
 
 Four models, trained in streaming mode with the same budget (steps, batch, seq_len, learning-rate
