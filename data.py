@@ -535,17 +535,22 @@ def window(conv, start, T, delays, initial):
     return np.where(idx < 0, np.asarray(initial)[None, :], out)
 
 
+def _long_enough(f, convs, T):
+    """The conversations of at least T frames (a chunk never splices two conversations)."""
+    lens = f.lengths[convs]
+    if not (lens >= T).any():
+        raise ValueError(f"seq_len {T} is longer than every conversation (longest {lens.max() if len(lens) else 0} "
+                         "frames); lower --seq_len")
+    return np.asarray(convs)[lens >= T]
+
+
 class WindowSampler:
     """Mini-batch mode: random windows of T frames inside conversations, each drawn with
     probability proportional to its number of windows."""
 
     def __init__(self, f, convs, T, batch, delays, initial, seed):
         self.f, self.T, self.B, self.delays, self.initial = f, T, batch, delays, initial
-        lens = f.lengths[convs]
-        self.convs = np.asarray(convs)[lens >= T]
-        if len(self.convs) == 0:
-            raise ValueError(f"seq_len {T} is longer than every conversation (longest {lens.max() if len(lens) else 0} "
-                             "frames); lower --seq_len")
+        self.convs = _long_enough(f, convs, T)
         n = f.lengths[self.convs] - T + 1
         self.p = n / n.sum()
         self.rng = np.random.default_rng(seed)
@@ -570,11 +575,7 @@ class StreamSampler:
 
     def __init__(self, f, convs, T, batch, delays, initial, seed, rank=0, world=1):
         self.f, self.T, self.B, self.delays, self.initial = f, T, batch, delays, initial
-        lens = f.lengths[convs]
-        self.convs = np.asarray(convs)[lens >= T]
-        if len(self.convs) == 0:
-            raise ValueError(f"seq_len {T} is longer than every conversation (longest {lens.max() if len(lens) else 0} "
-                             "frames); lower --seq_len")
+        self.convs = _long_enough(f, convs, T)
         self.rng = np.random.default_rng(seed)   # same on every rank: one order, dealt out by rank
         self.rank, self.world = rank, world
         self.order, self.cursor, self.epoch = self._shuffle(), rank, 0

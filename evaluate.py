@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from codes import CodesFile, CodesFormatError
 from data import load_events, window
 from generate import FrameStep, Sampler, generate, peak_memory_mb
-from model import SpeechLM, state_bytes
+from model import SpeechLM, default_device, state_bytes
 
 FRAME_RATE = 12.5
 FRAMES_PER_MINUTE = 750
@@ -549,8 +549,7 @@ def main(argv=None):
 
 
 def run(a):
-    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else
-                                       "mps" if torch.backends.mps.is_available() else "cpu"))
+    device = default_device(a.device)
     dtype = a.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     if dtype not in ("bfloat16", "float32"):
         raise ValueError(f"--dtype must be bfloat16 or float32, not {dtype!r}")

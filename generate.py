@@ -34,7 +34,7 @@ import torch
 
 from codes import CodesFile, CodesFormatError, CodesWriter
 from data import TextDecoder, Tokenizer
-from model import SpeechLM, delay, tree_leaves, tree_map
+from model import SpeechLM, default_device, delay, tree_leaves, tree_map
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO_CKPT = os.path.join(HERE, "demo", "model.safetensors")
@@ -322,8 +322,7 @@ def main(argv=None):
 
 
 def run(a):
-    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else
-                                       "mps" if torch.backends.mps.is_available() else "cpu"))
+    device = default_device(a.device)
     if a.batch < 1:
         raise ValueError(f"--batch must be at least 1, got {a.batch}")
     writable(a.codes_out, "codes")

@@ -130,6 +130,13 @@ PRESETS = {
                        depth_dim=1024, depth_layers=6, depth_heads=16),
 }
 
+def default_device(name=""):
+    """The device to run on: `name` if given, else cuda, then mps, then cpu."""
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+
+
 # -----------------------------------------------------------------------------
 # Building blocks (Qwen2: transformers/models/qwen2/modeling_qwen2.py)
 
