@@ -71,9 +71,13 @@ def _speak(rng, voice, n):
 
 
 def synth_conversation(rng, n_frames, K=8, card=CARD, silence=None, cues=None, events_per_min=0.25,
-                       lang=None, trng=None):
+                       lang=None, trng=None, near_share=0.0, near_max_s=40.0, alphabet=None):
     """One two-speaker conversation: codes [n_frames, 2, K] and its recall events as rows
-    (stream, first_value_start, recall_value_start). With lang (a `Language`) the speakers also
+    (stream, first_value_start, recall_value_start). A share `near_share` of the events comes back
+    2 s to `near_max_s` after the first mention, anywhere in the conversation: short enough to
+    fall inside one training chunk, so a model gets a gradient for storing the pattern; the others
+    come back 10 s to an hour later. alphabet [K, A] (optional) restricts keys and values to A codes
+    per codebook (uniformly drawn): codes common enough that a model can learn to copy them. With lang (a `Language`) the speakers also
     say its words, drawn from trng, and a third value lists them: per stream, (start frame,
     frames, word index) rows. rng draws the same numbers with or without words."""
     silence = silence if silence is not None else np.zeros(K, np.int64)
@@ -102,18 +106,30 @@ def synth_conversation(rng, n_frames, K=8, card=CARD, silence=None, cues=None, e
     for _ in range(n_ev * 4):
         if len(events) == n_ev:
             break
-        lo = min(0.5, 0.1 * minutes)
-        first = int(rng.uniform(lo, max(lo, min(20.0, 0.4 * minutes))) * 60 * FRAME_RATE)
-        max_gap = min(60.0 * 60, (n_frames - first - span - 1) / FRAME_RATE)
-        if max_gap < 20:
-            continue
-        gap = int(np.exp(rng.uniform(np.log(10.0), np.log(max_gap))) * FRAME_RATE)  # log-uniform, 10 s to 1 h
+        if near_share > 0 and rng.random() < near_share:              # near: 2 s to near_max_s
+            first = int(rng.integers(0, max(1, n_frames - 2 * span - int(near_max_s * FRAME_RATE))))
+            gap = int(rng.uniform(2.0, near_max_s) * FRAME_RATE)
+            gap = max(gap, span)
+            if first + gap + span >= n_frames:
+                continue
+        else:
+            lo = min(0.5, 0.1 * minutes)
+            first = int(rng.uniform(lo, max(lo, min(20.0, 0.4 * minutes))) * 60 * FRAME_RATE)
+            max_gap = min(60.0 * 60, (n_frames - first - span - 1) / FRAME_RATE)
+            if max_gap < 20:
+                continue
+            gap = int(np.exp(rng.uniform(np.log(10.0), np.log(max_gap))) * FRAME_RATE)  # log-uniform, 10 s to 1 h
         second = first + gap
         if busy[first:first + span].any() or busy[second:second + span].any():
             continue
         busy[first:first + span] = busy[second:second + span] = True
-        key = rng.integers(0, card, size=(KEY_LEN, K))
-        value = rng.integers(0, card, size=(VALUE_LEN, K))
+        if alphabet is None:
+            key = rng.integers(0, card, size=(KEY_LEN, K))
+            value = rng.integers(0, card, size=(VALUE_LEN, K))
+        else:
+            A = alphabet.shape[1]
+            key = alphabet[np.arange(K), rng.integers(0, A, size=(KEY_LEN, K))]
+            value = alphabet[np.arange(K), rng.integers(0, A, size=(VALUE_LEN, K))]
         s1, s2 = int(rng.integers(0, 2)), int(rng.integers(0, 2))
         for start, s, cue in ((first, s1, cues[0]), (second, s2, cues[1])):
             codes[start:start + span, s] = np.concatenate([cue, key, value])
@@ -201,7 +217,8 @@ def _say_words(rng, lang, codes, voices, turns, busy):
 
 
 def synthetic(out, hours=20.0, min_minutes=10.0, max_minutes=90.0, n_codebooks=8, seed=0, quiet=False,
-              text=False, text_words=300, text_vocab=256, events_per_min=0.25):
+              text=False, text_words=300, text_vocab=256, events_per_min=0.25, near_share=0.0,
+              near_max_s=40.0, pattern_codes=0):
     """Write `hours` of synthetic conversations to `out` (codes file) and their recall events to
     out + '.events.json'. text=True adds a text stream per speaker: the words of a made-up
     language of `text_words` words, tokenized by a `text_vocab`-piece sentencepiece model written
@@ -211,6 +228,10 @@ def synthetic(out, hours=20.0, min_minutes=10.0, max_minutes=90.0, n_codebooks=8
     g = np.random.default_rng(1234)
     silence = g.integers(0, CARD, size=n_codebooks)
     cues = g.integers(0, CARD, size=(2, CUE_LEN, n_codebooks))
+    # keys and values: any code, or (pattern_codes > 0) one of a fixed set of that many per codebook
+    alphabet = None
+    if pattern_codes:
+        alphabet = np.stack([g.choice(CARD, pattern_codes, replace=False) for _ in range(n_codebooks)])
     total = int(hours * 3600 * FRAME_RATE)
     done, n, t0, events = 0, 0, time.time(), []
     lang = tok = trng = None
@@ -226,10 +247,12 @@ def synthetic(out, hours=20.0, min_minutes=10.0, max_minutes=90.0, n_codebooks=8
             F = int(rng.uniform(min_minutes, max_minutes) * 60 * FRAME_RATE)
             F = max(min(F, total - done), 1)
             if lang is None:
-                c, ev = synth_conversation(rng, F, n_codebooks, CARD, silence, cues, events_per_min)
+                c, ev = synth_conversation(rng, F, n_codebooks, CARD, silence, cues, events_per_min,
+                                           near_share=near_share, near_max_s=near_max_s, alphabet=alphabet)
             else:
                 c, ev, said = synth_conversation(rng, F, n_codebooks, CARD, silence, cues, events_per_min,
-                                                 lang=lang, trng=trng)
+                                                 lang=lang, trng=trng, near_share=near_share,
+                                                 near_max_s=near_max_s, alphabet=alphabet)
                 cols = [text_tokens([(t / FRAME_RATE, (t + L) / FRAME_RATE, lang.words[x], None) for t, L, x in said[s]],
                                     tok, F, FRAME_RATE, where=f"{out} conversation {n} stream {s}") for s in range(2)]
                 c = np.concatenate([np.stack(cols, 1), c.reshape(F, -1)], 1)
@@ -244,13 +267,23 @@ def synthetic(out, hours=20.0, min_minutes=10.0, max_minutes=90.0, n_codebooks=8
     tmp = out + ".events.json.tmp"
     with open(tmp, "w") as f:
         json.dump({"columns": ["conversation", "stream", "first_value_start", "recall_value_start", "value_len"],
-                   "events": events}, f)
+                   "pattern_codes": pattern_codes or CARD, "events": events}, f)
     os.replace(tmp, out + ".events.json")
     if lang is not None:
         _write_atomic(out + ".spm.model", lang.spm)
     if not quiet:
         print(file=sys.stderr)
     return n
+
+
+def pattern_codes(path):
+    """How many codes per codebook the recall values of a synthetic codes file are drawn from
+    (uniformly): chance accuracy on them is 1 / that. None when the file has no events."""
+    p = path + ".events.json"
+    if not os.path.exists(p):
+        return None
+    with open(p) as f:
+        return int(json.load(f).get("pattern_codes", CARD))
 
 
 def load_events(path):
@@ -623,6 +656,11 @@ def main(argv=None):
     s.add_argument("--n_codebooks", type=int, default=8, help="codebooks per stream")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--events_per_min", type=float, default=0.25, help="recall events per minute of conversation")
+    s.add_argument("--near_share", type=float, default=0.0,
+                   help="share of recall events that come back 2 s to --near_max_s later (the rest: 10 s to 1 h)")
+    s.add_argument("--near_max_s", type=float, default=40.0, help="longest gap of a near recall event, seconds")
+    s.add_argument("--pattern_codes", type=int, default=0,
+                   help="draw recall keys and values from this many codes per codebook (0: all %d)" % CARD)
     s.add_argument("--text", action="store_true", help="add a text stream per speaker (and OUT.spm.model)")
     s.add_argument("--text_words", type=int, default=300, help="words in the made-up language of --text")
     s.add_argument("--text_vocab", type=int, default=256, help="sentencepiece pieces for --text")
@@ -649,8 +687,13 @@ def _run(ap, a):
     if a.cmd == "synthetic":
         if not a.hours > 0 or not 0 < a.min_minutes <= a.max_minutes:
             ap.error("need hours > 0 and 0 < min_minutes <= max_minutes")
+        if not 0 <= a.near_share <= 1 or not a.near_max_s >= 2:
+            ap.error("need 0 <= near_share <= 1 and near_max_s >= 2 (seconds)")
+        if not 0 <= a.pattern_codes <= CARD:
+            ap.error(f"need 0 <= pattern_codes <= {CARD}")
         n = synthetic(a.out, a.hours, a.min_minutes, a.max_minutes, a.n_codebooks, a.seed,
-                      text=a.text, text_words=a.text_words, text_vocab=a.text_vocab, events_per_min=a.events_per_min)
+                      text=a.text, text_words=a.text_words, text_vocab=a.text_vocab, events_per_min=a.events_per_min,
+                      near_share=a.near_share, near_max_s=a.near_max_s, pattern_codes=a.pattern_codes)
         print(f"wrote {n} conversations to {a.out}" + (f" (tokenizer: {a.out}.spm.model)" if a.text else ""))
     elif a.cmd == "align":
         st = align(a.codes, a.transcripts, a.spm, a.out, a.main, a.allow_missing)

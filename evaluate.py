@@ -13,10 +13,11 @@ and for ninety.
    frame, summed into one bucket per minute of the conversation. A model that forgets who is
    speaking, or drifts, shows a loss that climbs with the minute.
 2. Recall. The synthetic conversations hold recall events (data.py): a value pattern of 8 frames of
-   uniformly random codes is said once, and again up to an hour later after the same key. Loss and
-   top-1 accuracy on the second saying's codes, bucketed by the distance since the first, measure
-   long-range memory. Chance is 1/2048 (accuracy) and ln 2048 = 7.62 nats (loss): nothing before
-   the first saying predicts it, and the first saying itself is reported as that control. A
+   uniformly random codes (from all 2048 per codebook, or a fixed set of --pattern_codes A) is said
+   once, and again up to an hour later after the same key. Loss and top-1 accuracy on the second
+   saying's codes, bucketed by the distance since the first, measure long-range memory. Chance is
+   1/A (accuracy) and ln A nats (loss): nothing before the first saying predicts it, and the first
+   saying itself is reported as that control. A
    distance shorter than the model's attention window can be solved by attention; a longer one only
    by a memory that outlives the window (TTT). Each bucket says which side of the window it is on.
 3. Generation. generate.generate makes one long conversation from nothing, one frame at a time;
@@ -40,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from codes import CodesFile, CodesFormatError
-from data import load_events, window
+from data import load_events, pattern_codes, window
 from generate import FrameStep, Sampler, generate, peak_memory_mb
 from model import SpeechLM, default_device, state_bytes
 
@@ -333,6 +334,7 @@ def evaluate(model, data_path, conversations=0, chunk_len=256, batch=16, gen_min
         raise ValueError(f"{data_path!r} holds frames of {have}; the model takes {want}")
     convs = list(range(len(f)))[:conversations or None]
     events = load_events(data_path)
+    n_codes = min(pattern_codes(data_path) or cfg.cardinality, cfg.cardinality)
     events = events[np.isin(events[:, 0], convs)] if len(events) else events
     if not len(events):
         print(f"warning: {data_path!r} has no recall events ({data_path}.events.json): recall is not measured",
@@ -361,9 +363,9 @@ def evaluate(model, data_path, conversations=0, chunk_len=256, batch=16, gen_min
         minutes=float(f.lengths[convs].sum() / FRAMES_PER_MINUTE),
         model=dict(window=cfg.window, n_ttt=cfg.n_ttt, ttt_type=cfg.ttt_type if cfg.n_ttt else None,
                    params=model.num_params(), dim=cfg.dim, n_layers=cfg.n_layers),
-        chance=dict(accuracy=1.0 / cfg.cardinality, loss=math.log(cfg.cardinality),
-                    note=f"recall values are uniformly random codes: chance top-1 accuracy 1/{cfg.cardinality}, "
-                         f"chance loss ln {cfg.cardinality}"),
+        chance=dict(accuracy=1.0 / n_codes, loss=math.log(n_codes),
+                    note=f"recall values are uniformly random among {n_codes} codes per codebook: chance "
+                         f"top-1 accuracy 1/{n_codes}, chance loss ln {n_codes}"),
         loss_by_minute=minute_losses(ce_min, n_min, cfg),
         recall=recall_table(events, say["say_ce"], say["say_hit"], say["say_n"], cfg.window),
         memory=dict(state_bytes=state_b, device=str(device),
@@ -470,7 +472,8 @@ def plot(results, out_dir):
     axes[0].set_ylim(ch["accuracy"] / 3, 1.0)
     axes[1].axhline(ch["loss"], color="k", ls="--", lw=1)
     axes[1].set_ylim(max(0.0, min(losses) - 1.0), max(losses) + 0.5)
-    axes[1].set_title("dashed: chance (ln 2048); dotted: each model on the first mentions", fontsize=9)
+    axes[1].set_title(f"dashed: chance (ln {round(1 / ch['accuracy'])}); dotted: each model on the first mentions",
+                      fontsize=9)
     counts = [b["events"] for b in any_r["recall"]["buckets"]]
     for ax, key in zip(axes, ("top-1 accuracy on the recalled codes", "loss on the recalled codes")):
         ax.set_xticks(np.arange(len(labels)), [f"{x}\n{n} events" for x, n in zip(labels, counts)])

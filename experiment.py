@@ -104,12 +104,13 @@ def make_data(sc, out):
     train_path, held_path = os.path.join(out, "data", "train.bin"), os.path.join(out, "data", "heldout.bin")
     n, minutes = sc["heldout"]
     lo, hi = sc["train_minutes"]
+    recall = [f"--{k}={v}" for k, v in sc.get("recall", {}).items()]   # density and shape of the recall events
     cmds = [[sys.executable, "data.py", "synthetic", "--out", train_path, "--hours", str(sc["train_hours"]),
              "--min_minutes", str(lo), "--max_minutes", str(hi), "--n_codebooks", str(sc["n_codebooks"]),
-             "--seed", "0", "--events_per_min", str(sc.get("events_per_min", 0.25))],
+             "--seed", "0", *recall],
             [sys.executable, "data.py", "synthetic", "--out", held_path, "--hours", f"{n * minutes / 60 + 1e-6:.7g}",
              "--min_minutes", str(minutes), "--max_minutes", str(minutes), "--n_codebooks", str(sc["n_codebooks"]),
-             "--seed", str(HELDOUT_SEED), "--events_per_min", str(sc.get("events_per_min", 0.25))]]
+             "--seed", str(HELDOUT_SEED), *recall]]
     procs, log = [], open(os.path.join(out, "data", "data.log"), "w")
     for cmd in cmds:   # data.py needs numpy only: two quick subprocesses, side by side
         print_flush("$ " + " ".join(cmd[1:]))

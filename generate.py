@@ -40,6 +40,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO_CKPT = os.path.join(HERE, "demo", "model.safetensors")
 FRAME_RATE = 12.5
 SAMPLE_RATE = 24_000
+AUDIO_CHUNK = 25      # frames decoded and written at a time (2 s): Mimi's cost per frame falls with the chunk
 
 
 class Sampler:
@@ -82,12 +83,18 @@ class Sampler:
 
 class FrameStep:
     """One frame: draw the frame's random numbers, backbone step, depth decoder.
-    compile=True fuses its kernels with torch.compile; cuda_graph=True captures the whole step
-    once and replays it, the state living in static buffers (the step is free of host syncs)."""
+    compile fuses kernels with torch.compile: "blocks" (or True) compiles each transformer block on
+    its own (quick to compile), "depth" also the depth decoder's loop over the columns, sampling
+    included, as one graph (fewer kernels, longer to compile). cuda_graph=True captures the whole
+    step once and replays it, the state living in static buffers (the step is free of host syncs)."""
 
     def __init__(self, model, sampler, batch, device, compile=False, cuda_graph=False):
         self.model, self.sampler, self.B, self.device = model, sampler, batch, torch.device(device)
-        if compile:
+        if compile not in (False, True, "blocks", "depth"):
+            raise ValueError(f"compile must be False, 'blocks' or 'depth', got {compile!r}")
+        if compile == "depth":
+            model.compile_depth()
+        elif compile:
             model.compile_blocks()
         self.fn = self.eager
         self.cuda_graph, self.graph, self.static = cuda_graph, None, None
@@ -306,7 +313,9 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=1, help="conversations generated at once")
     ap.add_argument("--device", default="", help="cuda, mps or cpu (default: the best there is)")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the frame step (fuses its kernels)")
+    ap.add_argument("--compile", nargs="?", const="blocks", default="", choices=["", "blocks", "depth"],
+                    help="torch.compile the frame step: each block (`--compile`, quick), or also the depth "
+                         "decoder's loop as one graph (`--compile depth`, fewer kernels, minutes to compile)")
     ap.add_argument("--cuda_graph", action="store_true", help="capture the frame step as a CUDA graph (CUDA only)")
     ap.add_argument("--quiet", action="store_true")
     return ap.parse_args(argv)
@@ -356,7 +365,7 @@ def run(a):
     # a graph replays the default generator's stream; eager runs use their own, seeded, generator
     g = None if a.cuda_graph else torch.Generator(device).manual_seed(a.seed)
     sampler = Sampler(cfg, a.temp, a.top_k, a.top_p, a.text_temp, a.text_top_k, a.text_top_p, generator=g)
-    step = FrameStep(model, sampler, a.batch, device, compile=a.compile, cuda_graph=a.cuda_graph)
+    step = FrameStep(model, sampler, a.batch, device, compile=a.compile or False, cuda_graph=a.cuda_graph)
 
     stack = contextlib.ExitStack()
     writer = CodesWriter(a.codes_out, **{k: getattr(cfg, k) for k in ("n_streams", "n_codebooks", "cardinality",
@@ -391,7 +400,7 @@ def run(a):
 
     def on_frame(frame, logp):
         buf.append(frame)
-        if len(buf) == 25:                                           # write two seconds at a time
+        if len(buf) == AUDIO_CHUNK:                                  # write two seconds at a time
             flush()
         if made[0] >= 750 and mem1[0] is None:
             mem1[0] = peak_memory_mb(device)

@@ -182,13 +182,16 @@ class SEANet(nn.Module):
 # ----------------------------------------------------------------------------- transformer
 
 def rope(pos, hd, max_period):
-    """Rotations [T, 3, 1, hd/2] (complex) for q, k and v (v: 1) at integer positions pos [T]; the
-    angles are float32 and the pairs interleaved, as in moshi/modules/rope.py."""
+    """Rotations (cos, sin), each [T, 3, 1, hd/2], for q, k and v (v: the identity) at integer
+    positions pos [T]; the angles are float32 and the pairs interleaved, as in moshi/modules/rope.py.
+    Real arithmetic rather than complex numbers, so torch.compile can fuse it."""
     freqs = torch.exp(torch.arange(hd // 2, device=pos.device, dtype=torch.float32)
                       * (-math.log(max_period) * 2 / hd))
     angle = pos.float()[:, None] * freqs                                      # [T, hd/2]
-    rot = torch.complex(torch.cos(angle), torch.sin(angle))
-    return torch.stack([rot, rot, torch.ones_like(rot)], dim=1)[:, :, None]
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    cos = torch.stack([cos, cos, torch.ones_like(cos)], dim=1)[:, :, None]
+    sin = torch.stack([sin, sin, torch.zeros_like(sin)], dim=1)[:, :, None]
+    return cos, sin
 
 
 def window_mask(qpos, kpos, context, Q):
@@ -243,7 +246,9 @@ class Layer(nn.Module):
         B, T, D = x.shape
         H = self.n_heads
         qkv = self.in_proj(self.norm1(x)).view(B, T, 3, H, D // H // 2, 2)
-        qkv = torch.view_as_real(torch.view_as_complex(qkv.float()) * rot).to(x.dtype).flatten(-2)
+        re, im = qkv.float().unbind(-1)                                        # [B, T, 3, H, hd/2] each
+        cos, sin = rot
+        qkv = torch.stack([re * cos - im * sin, re * sin + im * cos], -1).to(x.dtype).flatten(-2)
         kv = torch.cat([cache, qkv[:, :, 1:]], dim=1)                         # [B, C + T, 2, H, hd]
         cache.copy_(kv[:, T:])
         x = torch.addcmul(x, self.layer_scale_1, self.out_proj(windowed_attention(qkv[:, :, 0], kv, mask)))

@@ -428,8 +428,22 @@ class SpeechLM(nn.Module):
         """torch.compile each transformer block on its own (regional compilation): identical
         blocks share one compiled graph, so compiling costs about one block whatever the depth,
         and the elementwise work around each matmul (norms, RoPE, SwiGLU, residuals) is fused."""
+        # backbone and depth blocks share Block.forward, and each shape (batch, frames, cache)
+        # is a graph of its own: allow more than torch's default 8 before it falls back to eager
+        cfg = torch._dynamo.config
+        for name, n in (("recompile_limit", 64), ("cache_size_limit", 64), ("accumulated_recompile_limit", 1024),
+                        ("accumulated_cache_size_limit", 1024)):
+            if hasattr(cfg, name):
+                setattr(cfg, name, max(getattr(cfg, name), n))
         for b in list(self.layers) + list(self.depth.layers):
             b.compile(dynamic=False, **kw)
+        return self
+
+    def compile_depth(self):
+        """torch.compile the depth decoder's whole loop over a frame's columns, sampling included,
+        as one graph (on top of compile_blocks): fewer, fused kernels for generation."""
+        self.compile_blocks()
+        self._depth_fn = torch.compile(self._depth_loop, fullgraph=True, dynamic=False)
         return self
 
     # --- state -----------------------------------------------------------------
@@ -527,6 +541,10 @@ class SpeechLM(nn.Module):
         one position at a time over a cache of C slots (positions before c are valid), the same
         attention as the teacher-forced pass. force [B, C] (-1 = sample) fixes known columns;
         a forced initial token (delay padding) adds nothing to the log-probability."""
+        frame, logp = (getattr(self, "_depth_fn", None) or self._depth_loop)(h, sample, force)
+        return frame, logp, state._replace(prev=frame)
+
+    def _depth_loop(self, h, sample, force=None):
         cfg, dd = self.cfg, self.depth
         B, C, d = h.shape[0], cfg.n_cols, cfg.depth_dim
         x0 = dd.in_proj(h).view(B, C, d)                                   # all positions at once
@@ -550,8 +568,7 @@ class SpeechLM(nn.Module):
             else:
                 lps.append(logits.log_softmax(-1).gather(1, tok[:, None])[:, 0])
             cols.append(tok)
-        frame, logp = torch.stack(cols, 1), torch.stack(lps, 1).sum(1)
-        return frame, logp, state._replace(prev=frame)
+        return torch.stack(cols, 1), torch.stack(lps, 1).sum(1)
 
     # --- checkpoints -------------------------------------------------------------
 

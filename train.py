@@ -87,15 +87,18 @@ def parse_args(argv=None):
 
 
 def _add(ap, name, typ, default, help):
+    help = help.replace("%", "%%")  # argparse formats help strings
     typ = {"int": int, "float": float, "str": str, "bool": bool, "tuple": str}.get(getattr(typ, "__name__", str(typ)), str)
     if typ is bool:
         ap.add_argument(f"--{name}", type=lambda s: s.lower() in ("1", "true", "yes"), default=default,
-                        metavar="BOOL", help=f"{help} (default {default})")
+                        metavar="BOOL",
+                        help=f"{help} (default {'the preset' if default is None else default})".strip())
     elif name == "delays":
         ap.add_argument(f"--{name}", type=lambda s: tuple(int(x) for x in s.split(",")), default=default,
                         help="per-codebook delays, e.g. 0,1,1,1,1,1,1,1")
     else:
-        ap.add_argument(f"--{name}", type=typ, default=default, help=f"{help} (default {default})")
+        ap.add_argument(f"--{name}", type=typ, default=default,
+                        help=f"{help} (default {'the preset' if default is None else default})".strip())
 
 
 def _field_comments():

@@ -362,6 +362,9 @@ def ttt_mlp(q, k, v, lr, tau, ln_w, ln_b, b, state, *, impl="torch", checkpoint_
 # token t = m*b + r - i0; rows outside [0, T) are padding with lr = 0 and do not contribute.
 
 TRITON_DOT = "tf32x3"  # fp32-accurate tensor-core products (3 tf32 MMAs); "ieee" is exact fp32
+# launch settings of the forward kernel: warps per program, and the software-pipelining depth of its
+# loop over mini-batches (loads of the next mini-batch overlap the current one's arithmetic)
+TRITON_FWD = dict(num_warps=4, stages=2)  # best of `python bench/ttt.py --only tune` on an H100
 
 
 def triton_supported(kind, d, b):
@@ -458,7 +461,7 @@ if triton is not None:
                                W_ptr, c_ptr, GW_ptr, Gc_ptr, out_ptr, Wck_ptr, cck_ptr,
                                T, i0, NM, NC, H, last_full,
                                D: tl.constexpr, BS: tl.constexpr, SEG: tl.constexpr,
-                               SAVE: tl.constexpr, DOT: tl.constexpr):
+                               SAVE: tl.constexpr, DOT: tl.constexpr, STAGES: tl.constexpr):
         """W_ptr.. Gc_ptr hold the state; the kernel overwrites them with the new state."""
         pid = tl.program_id(0)          # one (batch row, head)
         h = pid % H
@@ -476,7 +479,7 @@ if triton is not None:
         W, c = _tl_fwd_step(0, W, c, GW, Gc, q_ptr, k_ptr, v_ptr, lr_ptr, out_ptr, GW_ptr, Gc_ptr,
                             Wck_ptr, cck_ptr, tau, tau_last, lnw, lnb, pid, T, i0, NM, NC,
                             last_full, True, D, BS, SEG, SAVE, DOT)
-        for m in range(1, NM):  # later ones start from zero sums: their products are skipped
+        for m in tl.range(1, NM, num_stages=STAGES):  # later ones start from zero sums: their products are skipped
             W, c = _tl_fwd_step(m, W, c, W, c, q_ptr, k_ptr, v_ptr, lr_ptr, out_ptr, GW_ptr,
                                 Gc_ptr, Wck_ptr, cck_ptr, tau, tau_last, lnw, lnb, pid, T, i0, NM,
                                 NC, last_full, False, D, BS, SEG, SAVE, DOT)
@@ -683,7 +686,8 @@ class _TTTLinearTriton(torch.autograd.Function):
         cck = q.new_empty((B * H, NC if save else 1, d))
         _ttt_linear_fwd_kernel[(B * H,)](
             q, k, v, lr, tau, ln_w, ln_b, W, c, GW, Gc, out, Wck, cck, T, i0, NM, NC, H, last_full,
-            D=d, BS=b, SEG=seg, SAVE=save, DOT=TRITON_DOT, num_warps=8)
+            D=d, BS=b, SEG=seg, SAVE=save, DOT=TRITON_DOT, STAGES=TRITON_FWD["stages"],
+            num_warps=TRITON_FWD["num_warps"])
         if save:
             ctx.save_for_backward(q, k, v, lr, tau, ln_w, ln_b, GW_in, Gc_in, Wck, cck)
         ctx.meta = (b, i0, seg)

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from generate import FrameStep, Sampler  # noqa: E402
+from generate import AUDIO_CHUNK, FrameStep, Sampler  # noqa: E402
 from model import Config, SpeechLM, detach_state, flops_per_frame, loss_fn, tree_leaves, tree_map  # noqa: E402
 from train import H100_BF16_FLOPS  # noqa: E402
 
@@ -63,12 +63,16 @@ def bench_train(a, dev):
     rows = []
     B, T = (2, 32) if a.quick else (a.batch, a.seq_len)
     for preset in a.presets:
-        for compiled in ([False] if a.quick else [False, True]):
+        for compiled in (["eager"] if a.quick else ["eager", "compiled blocks"]):
             m = build(preset, dev, torch.float32, a.quick)   # float32 master weights, bf16 autocast
-            if compiled:
+            cfg = m.cfg
+
+            def fwd_loss(x, state):
+                logits, new = m(x, state)
+                return loss_fn(logits, x, cfg)[0], new
+            if compiled == "compiled blocks":
                 m.compile_blocks()
             opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=dev.type == "cuda")
-            cfg = m.cfg
             for mode in ("minibatch", "streaming"):
                 reset_peak(dev)
                 state = m.init_state(B, dev) if mode == "streaming" else None
@@ -79,8 +83,7 @@ def bench_train(a, dev):
                     sync(dev)
                     t0 = time.perf_counter()
                     with ac:
-                        logits, new = m(x, state)
-                        loss, _ = loss_fn(logits, x, cfg)
+                        loss, new = fwd_loss(x, state)
                     loss.backward()
                     opt.step()
                     opt.zero_grad(set_to_none=True)
@@ -91,7 +94,7 @@ def bench_train(a, dev):
                 dt = sorted(times[a.warmup:])[len(times[a.warmup:]) // 2]
                 fps = B * T / dt
                 mfu = fps * flops_per_frame(cfg, T) / H100_BF16_FLOPS
-                rows.append((preset, mode, "compiled" if compiled else "eager", f"{m.num_params() / 1e6:.0f}M",
+                rows.append((preset, mode, compiled, f"{m.num_params() / 1e6:.0f}M",
                              f"{fps:,.0f}", f"{mfu:.1%}", f"{peak_gb(dev):.1f}"))
                 print(rows[-1], flush=True)
             del m, opt
@@ -104,6 +107,9 @@ def bench_profile(a, dev):
     from torch.profiler import ProfilerActivity, profile
     B, T = (2, 32) if a.quick else (a.batch, a.seq_len)
     m = build(a.presets[0], dev, torch.float32, a.quick)
+    how = "eager" if a.no_compile or a.quick else "compiled blocks"
+    if how != "eager":
+        m.compile_blocks()
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=dev.type == "cuda")
     x = codes(m.cfg, B, T, dev)
     state = m.init_state(B, dev)
@@ -124,7 +130,7 @@ def bench_profile(a, dev):
             state = step(state)
         sync(dev)
     key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
-    print(f"\n### Training step profile ({a.presets[0]}, streaming, eager, {B} x {T}), 3 steps\n")
+    print(f"\n### Training step profile ({a.presets[0]}, streaming, {how}, {B} x {T}), 3 steps\n")
     print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
 
 
@@ -213,38 +219,55 @@ def bench_generate(a, dev):
         m = build(preset, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32, a.quick).eval()
         cfg = m.cfg
         compiled = False
-        for how in (["eager"] if dev.type != "cuda" else ["CUDA graph", "compiled + graph"]):
-            if how == "compiled + graph" and a.no_compile:
+        hows = ["eager"] if dev.type != "cuda" else a.hows
+        for how in hows:
+            if "compiled" in how and a.no_compile:
                 continue
-            if how == "compiled + graph" and not compiled:
+            if how == "compiled blocks + graph" and not compiled:
                 m.compile_blocks()
                 compiled = True
             for B in a.batches:
-                reset_peak(dev)
-                sampler = Sampler(cfg)
-                step = FrameStep(m, sampler, B, dev, cuda_graph=dev.type == "cuda")
-                st = [m.init_state(B, dev)]
-                ctx = codec.streaming(B * cfg.n_streams, cuda_graph=dev.type == "cuda") if codec else None
-                if ctx:
-                    ctx.__enter__()
-
-                def frame():
-                    f, _, st[0] = step(st[0])
-                    if codec is not None:
-                        audio = f[:, cfg.n_text:].reshape(B * cfg.n_streams, cfg.n_codebooks, 1)
-                        codec.decode(audio)
-                ts = time_each(frame, n, dev)
-                if ctx:
-                    ctx.__exit__(None, None, None)
-                med, p99 = pct(ts, 0.5), pct(ts, 0.99)
-                rows.append((preset, how, B, f"{med:.2f}", f"{p99:.2f}", f"{B / (med / 1e3):,.0f}",
-                             f"{FRAME_S / (med / 1e3):.1f}x", f"{peak_gb(dev):.1f}"))
+                try:
+                    rows.append(gen_row(a, m, codec, preset, how, B, n, dev))
+                except Exception as e:  # report, and go on with the other rows
+                    rows.append((preset, how, B, f"failed: {e.__class__.__name__}: {str(e)[:80]}", "", "", "", "", ""))
                 print(rows[-1], flush=True)
         del m
         reset_peak(dev)
-    mim = "with Mimi streaming decode" if codec else "without Mimi"
-    table(f"Generation, whole frames ({mim}); bf16, random weights; real-time factor per conversation",
-          ["preset", "how", "batch", "ms/frame p50", "p99", "frames/s", "x real time", "peak GiB"], rows)
+    mim = (f"with Mimi streaming decode, {a.audio_chunk} frames at a time as generate.py" if codec
+           else "without Mimi")
+    table(f"Generation, whole frames ({mim}); bf16, random weights; frames/s and real-time factor from the "
+          "mean time per frame (decoding included), per conversation",
+          ["preset", "how", "batch", "ms/frame p50", "p99", "mean", "frames/s", "x real time", "peak GiB"], rows)
+
+
+def gen_row(a, m, codec, preset, how, B, n, dev):
+    cfg = m.cfg
+    reset_peak(dev)
+    sampler = Sampler(cfg)
+    step = FrameStep(m, sampler, B, dev, cuda_graph=dev.type == "cuda",
+                     compile="depth" if how == "compiled depth + graph" else False)
+    st = [m.init_state(B, dev)]
+    ctx = codec.streaming(B * cfg.n_streams, cuda_graph=dev.type == "cuda") if codec else None
+    if ctx:
+        ctx.__enter__()
+
+    buf = []
+
+    def frame():  # as generate.py: audio is decoded AUDIO_CHUNK frames at a time
+        f, _, st[0] = step(st[0])
+        buf.append(f)
+        if codec is not None and len(buf) == a.audio_chunk:
+            audio = torch.stack(buf, 2)[:, cfg.n_text:]           # [B, C, n]
+            codec.decode(audio.reshape(B * cfg.n_streams, cfg.n_codebooks, -1))
+        if len(buf) == a.audio_chunk:
+            buf.clear()
+    ts = time_each(frame, n, dev)
+    if ctx:
+        ctx.__exit__(None, None, None)
+    med, p99, mean = pct(ts, 0.5), pct(ts, 0.99), sum(ts) / len(ts) * 1e3
+    return (preset, how, B, f"{med:.2f}", f"{p99:.2f}", f"{mean:.2f}", f"{B / (mean / 1e3):,.0f}",
+            f"{FRAME_S / (mean / 1e3):.1f}x", f"{peak_gb(dev):.1f}")
 
 
 def table(title, head, rows):
@@ -268,6 +291,11 @@ def main(argv=None):
     ap.add_argument("--frames", type=int, default=200)
     ap.add_argument("--no_compile", action="store_true")
     ap.add_argument("--no_mimi", action="store_true")
+    ap.add_argument("--hows", nargs="+", default=["CUDA graph", "compiled blocks + graph", "compiled depth + graph"],
+                    choices=["CUDA graph", "compiled blocks + graph", "compiled depth + graph"],
+                    help="generate: the ways to run a frame (CUDA only; the CPU runs eager)")
+    ap.add_argument("--audio_chunk", type=int, default=AUDIO_CHUNK,
+                    help="frames decoded by Mimi at a time (generate.py: %(default)s; 1: every frame)")
     ap.add_argument("--quick", action="store_true", help="tiny shapes, a few iterations (CPU smoke test)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args(argv)

@@ -157,6 +157,17 @@ def bench_stream(res, name, model, frames, codes, device, kw):
           f"{res[(name, 's_dec', 0)]:.2f} ms/frame", flush=True)
 
 
+def profile_batch(name, model, x, device):
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.no_grad(), profile(activities=acts) as prof:
+        model.decode(model.encode(x))
+        sync(device)
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    print(f"\n### {name}: one batch encode + decode of {x.shape[-1] / 24000 / 60:g} min, top ops\n")
+    print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=50), flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -169,6 +180,10 @@ def main():
     p.add_argument("--no-compile", action="store_true", help="skip our CUDA graph + torch.compile streaming row")
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls and convolutions on CUDA")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--bf16_stream", action="store_true",
+                   help="also time streaming with the weights in bfloat16 (CUDA graph + compile)")
+    p.add_argument("--profile", action="store_true",
+                   help="also print where the time of one batch encode + decode goes (top kernels), per implementation")
     args = p.parse_args()
     device = torch.device(args.device)
     repeats = args.repeats or (5 if device.type == "cuda" else 1)
@@ -203,6 +218,9 @@ def main():
             res[("cmp", "rel", minutes)] = ((a - a_off).norm() / a_off.norm()).item()
             print(f"codes equal to official at {minutes:g} min: {100 * res[('cmp', 'codes', minutes)]:.3f}%, "
                   f"decoded rel err {res[('cmp', 'rel', minutes)]:.1e}", flush=True)
+        if args.profile and minutes == args.minutes[0]:
+            for impl, model in impls:
+                profile_batch(impl, model, x, device)
         del out, x
 
     x = torch.from_numpy(fx.signal((args.frames + 5) / 12.5))[None, None].to(device)
@@ -212,6 +230,10 @@ def main():
         streams.append(("ours+graph", ours, dict(cuda_graph=True)))
         if not args.no_compile:  # compiles on first use: a minute or two
             streams.append(("ours+graph+compile", ours, dict(cuda_graph=True, compile=True)))
+            if args.bf16_stream:  # the weights in bfloat16, as Kyutai's bf16 checkpoint runs
+                import copy
+                streams.append(("ours+graph+compile bf16", copy.deepcopy(ours).to(torch.bfloat16),
+                                dict(cuda_graph=True, compile=True)))
     streams += [(n, m, {}) for n, m in impls[1:]]
     for impl, model, kw in streams:
         attempt(res, (impl, "stream", 0), lambda: bench_stream(res, impl, model, x, codes, device, kw))
@@ -241,6 +263,8 @@ def print_table(res, args, device_name, note, stream_names):
             ours += f"; CUDA graph {cell(('ours+graph', k, 0), '.2f')}"
         if "ours+graph+compile" in stream_names:
             ours += f"; + compile {cell(('ours+graph+compile', k, 0), '.2f')}"
+        if "ours+graph+compile bf16" in stream_names:
+            ours += f"; + bf16 {cell(('ours+graph+compile bf16', k, 0), '.2f')}"
         failed = [cell((n, "stream", 0), "") for n in stream_names if isinstance(res.get((n, "stream", 0)), str)]
         print(f"| {what} | {ours} | {cell(('official', k, 0), '.2f') if have_off else '-'} |"
               + (f" {'; '.join(failed)}" if failed and k == "s_enc" else ""))

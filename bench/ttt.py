@@ -276,11 +276,34 @@ def streaming_table(modes, dim, H, batches, dev, steps):
             print(f"| {kind} | {batch} | " + " | ".join(cells) + " |", flush=True)
 
 
+def tune(tokens, H, d, Ts, dev):
+    """Mtok/s of the Triton TTT-Linear forward (b = 16) for each launch setting of the kernel."""
+    print(f"\n## Triton forward launch settings, TTT-Linear b=16, {tokens} tokens; Mtok/s\n")
+    print("| warps | stages | " + " | ".join(f"T={T}" for T in Ts) + " |")
+    print("|---:|---:|" + "---:|" * len(Ts))
+    keep = dict(ttt.TRITON_FWD)
+    for warps in (4, 8):
+        for stages in (1, 2, 3):
+            ttt.TRITON_FWD.update(num_warps=warps, stages=stages)
+            cells = []
+            for T in Ts:
+                try:
+                    r = chunked_row("triton", "linear", tokens // T, H, T, d, 16, dev, fwd_only=True)
+                    cells.append(f"{tokens / r['fwd'][0] / 1e6:.3g}")
+                except Exception as e:
+                    cells.append(f"failed: {e.__class__.__name__}: {str(e)[:60]}")
+            print(f"| {warps} | {stages} | " + " | ".join(cells) + " |", flush=True)
+    ttt.TRITON_FWD.update(keep)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny sizes, runs on the CPU")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--only", choices=["streaming", "chunked", "tune"], default=None,
+                    help="just the streaming-step table (every mode), just the chunked tables, or a "
+                         "sweep of the Triton forward kernel's launch settings")
     args = ap.parse_args()
     dev = torch.device(args.device)
     if args.quick:
@@ -293,8 +316,17 @@ def main():
     print(f"# TTT bench on {name}, torch {torch.__version__}"
           + (f", triton {ttt.triton.__version__}" if ttt.triton is not None else ", no triton"))
     steps = 20 if args.quick else 200
-    streaming_table(["eager"] + (["graph"] if dev.type == "cuda" else []), dim, H, batches, dev,
-                    steps)
+    modes = ["eager"] + (["graph"] if dev.type == "cuda" else [])
+    if args.only == "streaming":
+        if dev.type == "cuda" and not args.no_compile:
+            modes.append("compile+graph")
+        streaming_table(modes, dim, H, batches, dev, steps)
+        return
+    if args.only == "tune":
+        tune(tokens, H, d, Ts, dev)
+        return
+    if args.only is None:
+        streaming_table(modes, dim, H, batches, dev, steps)
 
     print(f"\n## Chunked: {tokens} tokens per batch, {H} heads of {d}; Mtok/s (peak GiB)\n")
     print("| kind | b | impl | " + " | ".join(f"T={T} fwd | T={T} fwd+bwd" for T in Ts) + " |")
@@ -349,7 +381,8 @@ def main():
                 cells += cells_of(r)
             print(f"| mlp | {b} | compile | " + " | ".join(cells) + " |", flush=True)
         speedups(results, Ts, [("mlp", b) for b in bs])
-        streaming_table(["compile+graph"], dim, H, batches, dev, steps)
+        if args.only is None:
+            streaming_table(["compile+graph"], dim, H, batches, dev, steps)
 
 
 def speedups(results, Ts, rows):

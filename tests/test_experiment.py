@@ -191,3 +191,33 @@ def test_frame_stats_on_a_known_conversation():
         ra, rb = a.close(), b.close()
         assert ra == rb and len(ra["turns"]) == math.ceil(n / bucket)
         assert sum(t * min(bucket, n - i * bucket) / 750 for i, t in enumerate(ra["turns"])) == pytest.approx(2)
+
+
+def test_near_events_and_pattern_codes(tmp_path):
+    # --near_share 1: every recall within near_max_s; --pattern_codes A: keys and values from A codes
+    # per codebook, the same set in every conversation, and the events file says so (chance = 1/A)
+    p = str(tmp_path / "n.bin")
+    synthetic(p, hours=0.3, min_minutes=3, max_minutes=3, n_codebooks=2, seed=4, quiet=True, events_per_min=6,
+              near_share=1.0, near_max_s=15.0, pattern_codes=16)
+    f, events = CodesFile(p), load_events(p)
+    assert len(events) >= 6 * 3 * len(f) // 2
+    gap = events[:, 3] - events[:, 2]
+    assert (gap >= 12).all() and (gap <= 15.0 * 12.5).all()
+    from data import KEY_LEN, pattern_codes
+    assert pattern_codes(p) == 16
+    used = [set(), set()]
+    for c, s, first, second, L in events:
+        a = np.asarray(f.audio(int(c)))
+        # the events name the recall's stream; the first mention may be in either
+        s1 = [k for k in range(2) if (a[first:first + L, k] == a[second:second + L, s]).all()]
+        assert s1, "the value does not come back"
+        for start, st in ((first, s1[0]), (second, s)):
+            span = a[start - KEY_LEN:start + L, st]                      # key + value frames [KEY_LEN + L, K]
+            for k in range(2):
+                used[k].update(span[:, k].tolist())
+    assert all(len(u) <= 16 for u in used) and all(len(u) >= 8 for u in used)
+    # the default: values from all 2048 codes, events 10 s to an hour apart
+    q = str(tmp_path / "d.bin")
+    synthetic(q, hours=0.2, min_minutes=12, max_minutes=12, n_codebooks=2, seed=4, quiet=True, events_per_min=2)
+    ev = load_events(q)
+    assert pattern_codes(q) == 2048 and ((ev[:, 3] - ev[:, 2]) >= 10 * 12.5 - 1).all()

@@ -200,3 +200,23 @@ def test_bad_inputs(ckpt, tmp_path, capsys):
     assert "does not exist" in _err(capsys, ["--ckpt", ckpt, "--prompt", str(tmp_path / "nope.wav")] + base)
     sf.write(tmp_path / "p.wav", np.zeros((2400, 2)), 24000)
     assert "needs Mimi weights" in _err(capsys, ["--ckpt", ckpt, "--prompt", str(tmp_path / "p.wav")] + base)
+
+
+@pytest.mark.slow
+def test_compiled_frame_step_gives_the_same_codes():
+    # FrameStep(compile="depth"): blocks and the depth decoder's loop compiled (about a minute on a
+    # CPU); the same seed gives the same frames and log-probabilities as the eager step
+    m = _model(delays=(0, 1, 1), n_text=1, text_cardinality=30)
+    out = {}
+    for how in (False, "depth"):
+        s = generate.Sampler(m.cfg, generator=torch.Generator().manual_seed(3))
+        step = generate.FrameStep(m, s, 2, "cpu", compile=how)
+        state, frames, lps = m.init_state(2), [], []
+        with torch.inference_mode():
+            for _ in range(12):
+                f, lp, state = step(state)
+                frames.append(f)
+                lps.append(lp)
+        out[how] = torch.stack(frames, 1), torch.stack(lps, 1)
+    assert torch.equal(out[False][0], out["depth"][0])
+    torch.testing.assert_close(out[False][1], out["depth"][1], rtol=1e-5, atol=1e-5)

@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -6,6 +10,8 @@ import train
 from codes import write_codes
 from data import StreamSampler, synthetic, window
 from model import SpeechLM
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 torch.set_num_threads(2)
 
@@ -118,3 +124,13 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(synth, tmp_path, capsys, monk
     monkeypatch.setattr(train, "loss_fn", bad)
     assert "loss is nan at step 3" in _err(capsys, _args(synth, tmp_path / "n", "minibatch", max_steps=4))
     assert (tmp_path / "n" / "ckpt.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("script", ["train.py", "generate.py", "evaluate.py", "experiment.py", "mimi.py",
+                                    "data.py", "bench/lm.py", "bench/ttt.py", "bench/mimi.py"])
+def test_help_works(script):
+    # every command's --help prints its options (a stray % in a help string used to break train.py's)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "usage:" in r.stdout
