@@ -19,8 +19,8 @@ Where we differ from the official package, on purpose: attention runs over block
 reading its own keys and the 249 before them, so memory is linear in length (the official batch path
 builds a dense T x T mask: 9 GiB for 5 min) and a chunk of any size sees its whole window (the
 official streaming cache holds exactly 250 steps, so past 10 s a chunk loses part of its window);
-batch calls run the streaming path over chunks of CHUNK_FRAMES from a fresh state, so activations
-stay bounded (an hour of audio encodes on a CPU machine) and streaming equals batch by construction.
+batch calls run the streaming path over chunks of CHUNK_FRAMES (CUDA_CHUNK_FRAMES on a GPU) from a
+fresh state, so activations stay bounded (an hour of audio encodes on a CPU machine) and streaming equals batch by construction.
 """
 import argparse
 import contextlib
@@ -46,6 +46,7 @@ CARDINALITY = 2048     # entries per codebook
 MAX_CODEBOOKS = 32     # 1 semantic + 31 acoustic
 CONTEXT = 250          # attention window of both transformers, in 25 Hz steps (10 s)
 CHUNK_FRAMES = 250     # batch calls run in chunks of this many frames (20 s) to bound memory
+CUDA_CHUNK_FRAMES = 750  # on a GPU, chunks of 1 min: fewer, larger kernels, still a bounded memory
 QUERY_BLOCK = 250      # attention queries per block; each block reads Q + CONTEXT - 1 keys
 
 MOSHI_REPO, MOSHI_FILE = "kyutai/moshiko-pytorch-bf16", "tokenizer-e351c8d8-checkpoint125.safetensors"
@@ -366,7 +367,7 @@ class Mimi(nn.Module):
         self.upsample = ConvTr(cfg.dim, cfg.dim, 2 * stride, stride, groups=cfg.dim, bias=False)
         self.decoder_transformer = Transformer(cfg)
         self.decoder = SEANet(cfg, decoder=True)
-        self.chunk_frames = CHUNK_FRAMES
+        self.chunk_frames = None  # None: CUDA_CHUNK_FRAMES on CUDA, CHUNK_FRAMES elsewhere
         self._streaming, self._graphs, self._compile, self._compiled = False, None, False, {}
 
     @property
@@ -471,7 +472,7 @@ class Mimi(nn.Module):
         if self._streaming and x.shape[-1] == 0:
             raise MimiError(f"{name}: an empty chunk; a stream advances by whole frames")
         with contextlib.nullcontext() if self._streaming else self._fresh_state(x.shape[0]):
-            n = self.chunk_frames * per_frame
+            n = (self.chunk_frames or (CUDA_CHUNK_FRAMES if x.is_cuda else CHUNK_FRAMES)) * per_frame
             return torch.cat([self._run(name, fn, x[..., i:i + n]) for i in range(0, x.shape[-1], n)] or [empty], -1)
 
     @torch.no_grad()

@@ -167,7 +167,7 @@ def test_batch_chunks_equal_one_pass(small, calib):
     try:
         assert_same(small.encode(calib), codes, small.decode(codes), audio)
     finally:
-        small.chunk_frames = mimi.CHUNK_FRAMES
+        small.chunk_frames = None
 
 
 def test_attention_window_matters(small, calib, expected):
