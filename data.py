@@ -71,13 +71,15 @@ def _speak(rng, voice, n):
 
 
 def synth_conversation(rng, n_frames, K=8, card=CARD, silence=None, cues=None, events_per_min=0.25,
-                       lang=None, trng=None, near_share=0.0, near_max_s=40.0, alphabet=None):
+                       lang=None, trng=None, near_share=0.0, near_max_s=40.0, alphabet=None,
+                       value_frames=VALUE_LEN):
     """One two-speaker conversation: codes [n_frames, 2, K] and its recall events as rows
     (stream, first_value_start, recall_value_start). A share `near_share` of the events comes back
     2 s to `near_max_s` after the first mention, anywhere in the conversation: short enough to
     fall inside one training chunk, so a model gets a gradient for storing the pattern; the others
     come back 10 s to an hour later. alphabet [K, A] (optional) restricts keys and values to A codes
-    per codebook (uniformly drawn): codes common enough that a model can learn to copy them. With lang (a `Language`) the speakers also
+    per codebook (uniformly drawn): codes common enough that a model can learn to copy them.
+    value_frames: the length of a value pattern. With lang (a `Language`) the speakers also
     say its words, drawn from trng, and a third value lists them: per stream, (start frame,
     frames, word index) rows. rng draws the same numbers with or without words."""
     silence = silence if silence is not None else np.zeros(K, np.int64)
@@ -99,7 +101,7 @@ def synth_conversation(rng, n_frames, K=8, card=CARD, silence=None, cues=None, e
         spk = 1 - spk if rng.random() < 0.85 else spk
     # recall events: cue + key + value, then later recall cue + key + same value
     events = []
-    span = CUE_LEN + KEY_LEN + VALUE_LEN
+    span = CUE_LEN + KEY_LEN + value_frames
     n_ev = max(1, int(n_frames / FRAME_RATE / 60 * events_per_min))
     minutes = n_frames / FRAME_RATE / 60
     busy = np.zeros(n_frames, bool)
@@ -125,11 +127,11 @@ def synth_conversation(rng, n_frames, K=8, card=CARD, silence=None, cues=None, e
         busy[first:first + span] = busy[second:second + span] = True
         if alphabet is None:
             key = rng.integers(0, card, size=(KEY_LEN, K))
-            value = rng.integers(0, card, size=(VALUE_LEN, K))
+            value = rng.integers(0, card, size=(value_frames, K))
         else:
             A = alphabet.shape[1]
             key = alphabet[np.arange(K), rng.integers(0, A, size=(KEY_LEN, K))]
-            value = alphabet[np.arange(K), rng.integers(0, A, size=(VALUE_LEN, K))]
+            value = alphabet[np.arange(K), rng.integers(0, A, size=(value_frames, K))]
         s1, s2 = int(rng.integers(0, 2)), int(rng.integers(0, 2))
         for start, s, cue in ((first, s1, cues[0]), (second, s2, cues[1])):
             codes[start:start + span, s] = np.concatenate([cue, key, value])
@@ -218,7 +220,7 @@ def _say_words(rng, lang, codes, voices, turns, busy):
 
 def synthetic(out, hours=20.0, min_minutes=10.0, max_minutes=90.0, n_codebooks=8, seed=0, quiet=False,
               text=False, text_words=300, text_vocab=256, events_per_min=0.25, near_share=0.0,
-              near_max_s=40.0, pattern_codes=0):
+              near_max_s=40.0, pattern_codes=0, value_frames=VALUE_LEN):
     """Write `hours` of synthetic conversations to `out` (codes file) and their recall events to
     out + '.events.json'. text=True adds a text stream per speaker: the words of a made-up
     language of `text_words` words, tokenized by a `text_vocab`-piece sentencepiece model written
@@ -248,16 +250,18 @@ def synthetic(out, hours=20.0, min_minutes=10.0, max_minutes=90.0, n_codebooks=8
             F = max(min(F, total - done), 1)
             if lang is None:
                 c, ev = synth_conversation(rng, F, n_codebooks, CARD, silence, cues, events_per_min,
-                                           near_share=near_share, near_max_s=near_max_s, alphabet=alphabet)
+                                           near_share=near_share, near_max_s=near_max_s, alphabet=alphabet,
+                                           value_frames=value_frames)
             else:
                 c, ev, said = synth_conversation(rng, F, n_codebooks, CARD, silence, cues, events_per_min,
                                                  lang=lang, trng=trng, near_share=near_share,
-                                                 near_max_s=near_max_s, alphabet=alphabet)
+                                                 near_max_s=near_max_s, alphabet=alphabet,
+                                                 value_frames=value_frames)
                 cols = [text_tokens([(t / FRAME_RATE, (t + L) / FRAME_RATE, lang.words[x], None) for t, L, x in said[s]],
                                     tok, F, FRAME_RATE, where=f"{out} conversation {n} stream {s}") for s in range(2)]
                 c = np.concatenate([np.stack(cols, 1), c.reshape(F, -1)], 1)
             w.add(c)
-            events += [(n, s, a, b, VALUE_LEN) for s, a, b in ev]
+            events += [(n, s, a, b, value_frames) for s, a, b in ev]
             done += F
             n += 1
             if not quiet:
@@ -661,6 +665,7 @@ def main(argv=None):
     s.add_argument("--near_max_s", type=float, default=40.0, help="longest gap of a near recall event, seconds")
     s.add_argument("--pattern_codes", type=int, default=0,
                    help="draw recall keys and values from this many codes per codebook (0: all %d)" % CARD)
+    s.add_argument("--value_frames", type=int, default=VALUE_LEN, help="frames of a recall event's value pattern")
     s.add_argument("--text", action="store_true", help="add a text stream per speaker (and OUT.spm.model)")
     s.add_argument("--text_words", type=int, default=300, help="words in the made-up language of --text")
     s.add_argument("--text_vocab", type=int, default=256, help="sentencepiece pieces for --text")
@@ -689,11 +694,14 @@ def _run(ap, a):
             ap.error("need hours > 0 and 0 < min_minutes <= max_minutes")
         if not 0 <= a.near_share <= 1 or not a.near_max_s >= 2:
             ap.error("need 0 <= near_share <= 1 and near_max_s >= 2 (seconds)")
+        if a.value_frames < 1:
+            ap.error("need value_frames >= 1")
         if not 0 <= a.pattern_codes <= CARD:
             ap.error(f"need 0 <= pattern_codes <= {CARD}")
         n = synthetic(a.out, a.hours, a.min_minutes, a.max_minutes, a.n_codebooks, a.seed,
                       text=a.text, text_words=a.text_words, text_vocab=a.text_vocab, events_per_min=a.events_per_min,
-                      near_share=a.near_share, near_max_s=a.near_max_s, pattern_codes=a.pattern_codes)
+                      near_share=a.near_share, near_max_s=a.near_max_s, pattern_codes=a.pattern_codes,
+                      value_frames=a.value_frames)
         print(f"wrote {n} conversations to {a.out}" + (f" (tokenizer: {a.out}.spm.model)" if a.text else ""))
     elif a.cmd == "align":
         st = align(a.codes, a.transcripts, a.spm, a.out, a.main, a.allow_missing)

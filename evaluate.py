@@ -12,7 +12,7 @@ and for ninety.
 1. Loss by minute. The training objective (model.loss_fn: semantic codebook weighted up) of every
    frame, summed into one bucket per minute of the conversation. A model that forgets who is
    speaking, or drifts, shows a loss that climbs with the minute.
-2. Recall. The synthetic conversations hold recall events (data.py): a value pattern of 8 frames of
+2. Recall. The synthetic conversations hold recall events (data.py): a value pattern of 8 frames (or --value_frames) of
    uniformly random codes (from all 2048 per codebook, or a fixed set of --pattern_codes A) is said
    once, and again up to an hour later after the same key. Loss and top-1 accuracy on the second
    saying's codes, bucketed by the distance since the first, measure long-range memory. Chance is

@@ -48,6 +48,7 @@ SCALES = {
     "cpu-test": dict(
         train_hours=0.25, train_minutes=(1.0, 3.0),     # conversations of 1-3 minutes
         heldout=(2, 2.0),                                # 2 held-out conversations of 2 minutes
+        recall=dict(events_per_min=6.0, near_share=0.75, near_max_s=10.0, pattern_codes=64, value_frames=12),
         n_codebooks=2,
         model=dict(preset="tiny", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, window=16, n_ttt=1,
                    ttt_heads=4, ttt_mini_batch=16, depth_dim=32, depth_layers=1, depth_heads=2),
@@ -56,26 +57,32 @@ SCALES = {
                    dtype="float32", log_interval=1),
         eval=dict(chunk=128, batch=2, gen_minutes=0.05, gen_budget_s=0, device="cpu"),
     ),
-    # The real run, on one H100 (all four variants at once) or two. 8 layers of 512 (25M backbone
+    # The real run, on two H100s (two variants on each) or one. 8 layers of 512 (25M backbone
     # parameters; 60M with the per-codebook embeddings and heads), windows of 20 s and 4 min, TTT in
     # the top 2 layers (8 heads of 64, mini-batch 16: the Triton path for TTT-Linear; TTT-MLP's
-    # inner loop runs in PyTorch, one mini-batch at a time, and is the slowest to train). 800 steps
-    # of 32 rows x 256 frames are 145 hours of audio: each row walks several whole conversations
-    # with its state carried. Recall events are 4x the default density, for more training signal.
+    # inner loop runs one compiled mini-batch at a time and is the slowest to train). Each step is
+    # 16 rows x 512 frames (41 s): every row walks whole conversations with its state carried.
+    # Recall events (data.py): 12 a minute, with values of 16 frames, so that about a fifth of the
+    # frames are recalled values: with fewer (a tenth and less) none of the models learnt to copy
+    # in this budget, attention included (a plateau of thousands of steps before induction forms).
+    # Three in four come back 2-30 s later, inside one training chunk, so storing a pattern gets a
+    # gradient (and from 20 s on, beyond the window, only TTT can serve it); the others come back
+    # 10 s to 60 min later, for the evaluation out to 90 minutes. Keys and values are drawn from 64
+    # codes per codebook (chance 1/64), codes common enough to learn to copy.
     # Generating 90 minutes for four models does not fit the time: generation stops at the first
     # whole minute after gen_budget_s and the summary says how far it got (--gen_budget_s 0 runs
     # all 90 minutes).
     "gpu": dict(
-        train_hours=100.0, train_minutes=(10.0, 90.0),
-        events_per_min=1.0,                              # recall events: 4x the default, for more signal
-        heldout=(8, 90.0),
+        train_hours=60.0, train_minutes=(10.0, 90.0),
+        recall=dict(events_per_min=12.0, near_share=0.75, near_max_s=30.0, pattern_codes=64, value_frames=16),
+        heldout=(4, 90.0),
         n_codebooks=8,
         model=dict(preset="small", dim=512, n_layers=8, n_heads=8, n_kv_heads=4, hidden=1408, window=250,
                    n_ttt=2, ttt_heads=8, ttt_mini_batch=16, depth_dim=256, depth_layers=2, depth_heads=4),
         long_window=3000,
-        train=dict(seq_len=256, batch_size=32, max_steps=800, lr=1e-3, min_lr=1e-4, warmup=60,
-                   log_interval=50),
-        eval=dict(chunk=256, batch=8, gen_minutes=90.0, gen_budget_s=60),
+        train=dict(seq_len=512, batch_size=16, max_steps=1000, lr=1e-3, min_lr=1e-4, warmup=100,
+                   log_interval=100),
+        eval=dict(chunk=512, batch=4, gen_minutes=90.0, gen_budget_s=20),
     ),
 }
 

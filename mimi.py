@@ -308,7 +308,7 @@ class RVQ(nn.Module):
 
     def encode(self, x):  # [B, dim, F] -> [B, n, F]
         B, _, Fr = x.shape
-        r = self.input_proj(x).transpose(1, 2).reshape(B * Fr, -1)            # [N, q_dim]
+        r = self.input_proj(x.to(self.codebook.dtype)).transpose(1, 2).reshape(B * Fr, -1)  # [N, q_dim]
         codes = []
         for cb, sq in zip(self.codebook, self.codebook_sq):
             # argmin |r - c|^2 = argmin |c|^2 - 2 r.c: the matmul route torch.cdist takes in moshi

@@ -232,8 +232,9 @@ def main():
             streams.append(("ours+graph+compile", ours, dict(cuda_graph=True, compile=True)))
             if args.bf16_stream:  # the weights in bfloat16, as Kyutai's bf16 checkpoint runs
                 import copy
-                streams.append(("ours+graph+compile bf16", copy.deepcopy(ours).to(torch.bfloat16),
-                                dict(cuda_graph=True, compile=True)))
+                half = copy.deepcopy(ours).to(torch.bfloat16)
+                half.quantizer.float().refresh()  # as from_pretrained(dtype=...): codes picked in float32
+                streams.append(("ours+graph+compile bf16", half, dict(cuda_graph=True, compile=True)))
     streams += [(n, m, {}) for n, m in impls[1:]]
     for impl, model, kw in streams:
         attempt(res, (impl, "stream", 0), lambda: bench_stream(res, impl, model, x, codes, device, kw))

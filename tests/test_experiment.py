@@ -42,7 +42,8 @@ def test_experiment_runs_end_to_end(tmp_path, one_thread):
         assert lm["minute"] == list(range(1, int(minutes) + 1))
         assert all(math.isfinite(x) and 0 < x < 20 for x in lm["loss"])
         assert sum(lm["frames"]) == n_conv * minutes * evaluate.FRAMES_PER_MINUTE
-        assert r["chance"]["accuracy"] == 1 / 2048 and r["chance"]["loss"] == pytest.approx(math.log(2048))
+        A = sc["recall"]["pattern_codes"]                   # values drawn from A codes per codebook
+        assert r["chance"]["accuracy"] == 1 / A and r["chance"]["loss"] == pytest.approx(math.log(A))
         rc = r["recall"]
         assert [b["label"] for b in rc["buckets"]] == list(evaluate.DIST_LABELS)
         assert {"within_window", "beyond_window", "first_mention"} <= set(rc)
@@ -61,7 +62,7 @@ def test_experiment_runs_end_to_end(tmp_path, one_thread):
     assert mem["window"] < mem["ttt_linear"] < mem["ttt_mlp"] and mem["window"] < mem["long_window"]
     with open(os.path.join(out, "summary.md")) as f:
         md = f.read()
-    assert all(f"| {n} |" in md for n in experiment.VARIANTS) and "1/2048" in md
+    assert all(f"| {n} |" in md for n in experiment.VARIANTS) and f"1/{sc['recall']['pattern_codes']}" in md
     try:
         import matplotlib  # noqa: F401
     except ImportError:
