@@ -270,8 +270,10 @@ def synthetic(out, hours=20.0, min_minutes=10.0, max_minutes=90.0, n_codebooks=8
                       f"{n} conversations, {el:.0f}s", end="", file=sys.stderr, flush=True)
     tmp = out + ".events.json.tmp"
     with open(tmp, "w") as f:
-        json.dump({"columns": ["conversation", "stream", "first_value_start", "recall_value_start", "value_len"],
-                   "pattern_codes": pattern_codes or CARD, "events": events}, f)
+        head = {"columns": ["conversation", "stream", "first_value_start", "recall_value_start", "value_len"]}
+        if pattern_codes:  # (absent: values drawn from all CARD codes)
+            head["pattern_codes"] = pattern_codes
+        json.dump({**head, "events": events}, f)
     os.replace(tmp, out + ".events.json")
     if lang is not None:
         _write_atomic(out + ".spm.model", lang.spm)

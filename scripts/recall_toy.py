@@ -1,0 +1,91 @@
+"""
+How dense must recall events be for a model to learn them? A toy version of the experiment's
+recall task, on fresh random data every step (nothing to learn by heart), through the backbone
+of model.py in its text-LM mode (one token a step, no depth decoder):
+
+    python scripts/recall_toy.py                    # 3 events of 16-token values per 128 tokens
+    python scripts/recall_toy.py --events 2 --value 8
+
+Each sequence is uniform noise over 64 tokens. An event is `cue1 key value` early and `cue2 key
+value` later (2-token cues, a 2-token key, a value of --value tokens, all but the cues drawn from
+the 64). The recalled values can only be predicted by finding the first mention with the same key
+and copying what follows it (an induction circuit). Prints the loss and the top-1 accuracy on the
+recalled tokens (chance 1/64) every 100 steps. On a 2-core CPU (2 layers of 128, 16 x 128 tokens a
+step): 3 events of 16 tokens (38% of the tokens recalled) reach 99% accuracy by step 500; 2 events
+of 8 tokens (12%) stay at chance through step 800.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from model import Config, SpeechLM  # noqa: E402
+
+V, A, CUE, KEY = 2048, 64, 2, 2
+
+
+def batch(g, alphabet, cues, B, T, n_events, value):
+    """x [B, T + 1] tokens and mask [B, T + 1]: True at the recalled value tokens."""
+    x = alphabet[torch.randint(0, A, (B, T + 1), generator=g)]
+    mask = torch.zeros(B, T + 1, dtype=torch.bool)
+    span = CUE + KEY + value
+    if 2 * n_events * span > T:
+        raise SystemExit(f"{n_events} events of span {span} do not fit {T} tokens")
+    for b in range(B):
+        slots = torch.randperm(T // span, generator=g)[:2 * n_events].sort().values * span
+        for e in range(n_events):  # all first mentions, then all recalls: only the key tells them apart
+            kv = alphabet[torch.randint(0, A, (KEY + value,), generator=g)]
+            first, recall = int(slots[e]), int(slots[n_events + e])
+            x[b, first:first + span] = torch.cat([cues[0], kv])
+            x[b, recall:recall + span] = torch.cat([cues[1], kv])
+            mask[b, recall + CUE + KEY:recall + span] = True
+    return x, mask
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--events", type=int, default=3, help="events per sequence")
+    ap.add_argument("--value", type=int, default=16, help="tokens of a value")
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--seq_len", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    torch.manual_seed(a.seed)
+    cfg = Config.preset("demo", n_streams=1, n_codebooks=1, window=a.seq_len, n_ttt=0, dim=a.dim,
+                        n_layers=a.layers, n_heads=a.dim // 32, n_kv_heads=a.dim // 64, hidden=3 * a.dim,
+                        vocab_size=V, tie_embeddings=False)
+    model = SpeechLM(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.1)
+    g = torch.Generator().manual_seed(a.seed + 1)
+    alphabet = torch.randperm(V, generator=g)[:A]
+    cues = torch.randint(0, V, (2, CUE), generator=g)
+    share = a.events * a.value / a.seq_len
+    print(f"{a.events} events of {a.value}-token values per {a.seq_len} tokens: {share:.0%} of the tokens are recalled")
+    t0 = time.time()
+    for step in range(a.steps + 1):
+        x, mask = batch(g, alphabet, cues, a.batch, a.seq_len, a.events, a.value)
+        for group in opt.param_groups:
+            group["lr"] = a.lr * min(1.0, (step + 1) / 50)
+        logits, _ = model.lm_forward(x[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, V), x[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 100 == 0:
+            m = mask[:, 1:]
+            acc = (logits.detach().argmax(-1)[m] == x[:, 1:][m]).float().mean().item()
+            print(f"step {step:5d} | loss {loss.item():.3f} | recall accuracy {acc:.3f} (chance {1 / A:.3f}) | "
+                  f"{time.time() - t0:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
