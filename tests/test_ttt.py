@@ -576,7 +576,8 @@ def test_triton_kernels_compile_for_h100(b):
     from triton.compiler import ASTSource
     ints = ("T", "i0", "NM", "NC", "H", "last_full")
     for kern, consts, warps in (
-            (ttt._ttt_linear_fwd_kernel, dict(D=64, BS=b, SEG=16, SAVE=True, DOT=ttt.TRITON_DOT), 8),
+            (ttt._ttt_linear_fwd_kernel, dict(D=64, BS=b, SEG=16, SAVE=True, DOT=ttt.TRITON_DOT,
+                                              STAGES=ttt.TRITON_FWD["stages"]), ttt.TRITON_FWD["num_warps"]),
             (ttt._ttt_linear_bwd_kernel, dict(D=64, BS=b, SEG=16, DOT=ttt.TRITON_DOT),
              8 if b * 64 <= 1024 else 16)):
         names = kern.arg_names
