@@ -23,6 +23,7 @@ tokenizer, trained on that language, is written beside the codes file (OUT.spm.m
 """
 import argparse
 import io
+import heapq
 import json
 import math
 import os
@@ -72,14 +73,18 @@ def _speak(rng, voice, n):
 
 def synth_conversation(rng, n_frames, K=8, card=CARD, silence=None, cues=None, events_per_min=0.25,
                        lang=None, trng=None, near_share=0.0, near_max_s=40.0, alphabet=None,
-                       value_frames=VALUE_LEN):
+                       value_frames=VALUE_LEN, quiz=False, same_speaker=False):
     """One two-speaker conversation: codes [n_frames, 2, K] and its recall events as rows
     (stream, first_value_start, recall_value_start). A share `near_share` of the events comes back
     2 s to `near_max_s` after the first mention, anywhere in the conversation: short enough to
     fall inside one training chunk, so a model gets a gradient for storing the pattern; the others
     come back 10 s to an hour later. alphabet [K, A] (optional) restricts keys and values to A codes
     per codebook (uniformly drawn): codes common enough that a model can learn to copy them.
-    value_frames: the length of a value pattern. With lang (a `Language`) the speakers also
+    value_frames: the length of a value pattern.
+    quiz: a recall drill instead: events back to back from the start, each recalled as soon as its
+    gap has passed (near_share and near_max_s draw the gaps), so nearly half of the frames are
+    recalled values (about a quarter at most with random places). same_speaker: the recall comes
+    from the speaker of the first mention (else either speaker, drawn anew). With lang (a `Language`) the speakers also
     say its words, drawn from trng, and a third value lists them: per stream, (start frame,
     frames, word index) rows. rng draws the same numbers with or without words."""
     silence = silence if silence is not None else np.zeros(K, np.int64)
@@ -105,6 +110,10 @@ def synth_conversation(rng, n_frames, K=8, card=CARD, silence=None, cues=None, e
     n_ev = max(1, int(n_frames / FRAME_RATE / 60 * events_per_min))
     minutes = n_frames / FRAME_RATE / 60
     busy = np.zeros(n_frames, bool)
+    if quiz:
+        events = _quiz(rng, codes, busy, span, n_frames, near_share, near_max_s, alphabet, card, value_frames, cues,
+                       silence, same_speaker)
+        n_ev = 0
     for _ in range(n_ev * 4):
         if len(events) == n_ev:
             break
@@ -125,14 +134,9 @@ def synth_conversation(rng, n_frames, K=8, card=CARD, silence=None, cues=None, e
         if busy[first:first + span].any() or busy[second:second + span].any():
             continue
         busy[first:first + span] = busy[second:second + span] = True
-        if alphabet is None:
-            key = rng.integers(0, card, size=(KEY_LEN, K))
-            value = rng.integers(0, card, size=(value_frames, K))
-        else:
-            A = alphabet.shape[1]
-            key = alphabet[np.arange(K), rng.integers(0, A, size=(KEY_LEN, K))]
-            value = alphabet[np.arange(K), rng.integers(0, A, size=(value_frames, K))]
+        key, value = _pattern(rng, alphabet, card, value_frames, K)
         s1, s2 = int(rng.integers(0, 2)), int(rng.integers(0, 2))
+        s2 = s1 if same_speaker else s2
         for start, s, cue in ((first, s1, cues[0]), (second, s2, cues[1])):
             codes[start:start + span, s] = np.concatenate([cue, key, value])
             codes[start:start + span, 1 - s] = silence
@@ -140,6 +144,42 @@ def synth_conversation(rng, n_frames, K=8, card=CARD, silence=None, cues=None, e
     if lang is None:
         return codes, events
     return codes, events, _say_words(trng, lang, codes, voices, turns, busy)
+
+
+def _pattern(rng, alphabet, card, value_frames, K):
+    """A recall event's key [KEY_LEN, K] and value [value_frames, K]: any code, or from alphabet [K, A]."""
+    if alphabet is None:
+        return rng.integers(0, card, size=(KEY_LEN, K)), rng.integers(0, card, size=(value_frames, K))
+    A = alphabet.shape[1]
+    return (alphabet[np.arange(K), rng.integers(0, A, size=(KEY_LEN, K))],
+            alphabet[np.arange(K), rng.integers(0, A, size=(value_frames, K))])
+
+
+def _quiz(rng, codes, busy, span, n_frames, near_share, near_max_s, alphabet, card, value_frames, cues, silence,
+          same_speaker):
+    """Fill a conversation with recall events back to back (see synth_conversation's quiz)."""
+    K = codes.shape[2]
+    events, due, said = [], [], {}
+    t = 0
+    while t + span <= n_frames:
+        if due and due[0][0] <= t:                         # a pattern whose gap has passed comes back
+            _, first = heapq.heappop(due)
+            key, value, s1 = said.pop(first)
+            s, cue = int(rng.integers(0, 2)), cues[1]
+            s = s1 if same_speaker else s
+            events.append((s, first + CUE_LEN + KEY_LEN, t + CUE_LEN + KEY_LEN))
+        else:                                              # a new pattern
+            key, value = _pattern(rng, alphabet, card, value_frames, K)
+            s, cue = int(rng.integers(0, 2)), cues[0]
+            near = near_share > 0 and rng.random() < near_share
+            gap = rng.uniform(2.0, near_max_s) if near else np.exp(rng.uniform(np.log(10.0), np.log(3600.0)))
+            heapq.heappush(due, (t + max(int(gap * FRAME_RATE), span), t))
+            said[t] = key, value, s
+        codes[t:t + span, s] = np.concatenate([cue, key, value])
+        codes[t:t + span, 1 - s] = silence
+        busy[t:t + span] = True
+        t += span
+    return events
 
 
 # -----------------------------------------------------------------------------
@@ -220,11 +260,12 @@ def _say_words(rng, lang, codes, voices, turns, busy):
 
 def synthetic(out, hours=20.0, min_minutes=10.0, max_minutes=90.0, n_codebooks=8, seed=0, quiet=False,
               text=False, text_words=300, text_vocab=256, events_per_min=0.25, near_share=0.0,
-              near_max_s=40.0, pattern_codes=0, value_frames=VALUE_LEN):
+              near_max_s=40.0, pattern_codes=0, value_frames=VALUE_LEN, quiz_share=0.0, same_speaker=False):
     """Write `hours` of synthetic conversations to `out` (codes file) and their recall events to
     out + '.events.json'. text=True adds a text stream per speaker: the words of a made-up
     language of `text_words` words, tokenized by a `text_vocab`-piece sentencepiece model written
-    to out + '.spm.model'. Returns the number of conversations."""
+    to out + '.spm.model'. quiz_share: the share of conversations that are recall drills (see
+    synth_conversation); same_speaker: see there. Returns the number of conversations."""
     rng = np.random.default_rng(seed)
     # shared across conversations, like a language: the silence frame and the two cue words
     g = np.random.default_rng(1234)
@@ -248,15 +289,16 @@ def synthetic(out, hours=20.0, min_minutes=10.0, max_minutes=90.0, n_codebooks=8
         while done < total:
             F = int(rng.uniform(min_minutes, max_minutes) * 60 * FRAME_RATE)
             F = max(min(F, total - done), 1)
+            quiz = quiz_share > 0 and rng.random() < quiz_share
             if lang is None:
                 c, ev = synth_conversation(rng, F, n_codebooks, CARD, silence, cues, events_per_min,
                                            near_share=near_share, near_max_s=near_max_s, alphabet=alphabet,
-                                           value_frames=value_frames)
+                                           value_frames=value_frames, quiz=quiz, same_speaker=same_speaker)
             else:
                 c, ev, said = synth_conversation(rng, F, n_codebooks, CARD, silence, cues, events_per_min,
                                                  lang=lang, trng=trng, near_share=near_share,
                                                  near_max_s=near_max_s, alphabet=alphabet,
-                                                 value_frames=value_frames)
+                                                 value_frames=value_frames, quiz=quiz, same_speaker=same_speaker)
                 cols = [text_tokens([(t / FRAME_RATE, (t + L) / FRAME_RATE, lang.words[x], None) for t, L, x in said[s]],
                                     tok, F, FRAME_RATE, where=f"{out} conversation {n} stream {s}") for s in range(2)]
                 c = np.concatenate([np.stack(cols, 1), c.reshape(F, -1)], 1)
@@ -668,6 +710,11 @@ def main(argv=None):
     s.add_argument("--pattern_codes", type=int, default=0,
                    help="draw recall keys and values from this many codes per codebook (0: all %d)" % CARD)
     s.add_argument("--value_frames", type=int, default=VALUE_LEN, help="frames of a recall event's value pattern")
+    s.add_argument("--same_speaker", type=lambda v: v.lower() in ("1", "true", "yes"), default=False,
+                   help="true: a pattern comes back from the speaker who said it first (default: either speaker)")
+    s.add_argument("--quiz_share", type=float, default=0.0,
+                   help="share of conversations that are recall drills: events back to back, nearly half the "
+                        "frames recalled (a model learns to recall from these; scattered events are too rare)")
     s.add_argument("--text", action="store_true", help="add a text stream per speaker (and OUT.spm.model)")
     s.add_argument("--text_words", type=int, default=300, help="words in the made-up language of --text")
     s.add_argument("--text_vocab", type=int, default=256, help="sentencepiece pieces for --text")
@@ -696,6 +743,8 @@ def _run(ap, a):
             ap.error("need hours > 0 and 0 < min_minutes <= max_minutes")
         if not 0 <= a.near_share <= 1 or not a.near_max_s >= 2:
             ap.error("need 0 <= near_share <= 1 and near_max_s >= 2 (seconds)")
+        if not 0 <= a.quiz_share <= 1:
+            ap.error("need 0 <= quiz_share <= 1")
         if a.value_frames < 1:
             ap.error("need value_frames >= 1")
         if not 0 <= a.pattern_codes <= CARD:
@@ -703,7 +752,8 @@ def _run(ap, a):
         n = synthetic(a.out, a.hours, a.min_minutes, a.max_minutes, a.n_codebooks, a.seed,
                       text=a.text, text_words=a.text_words, text_vocab=a.text_vocab, events_per_min=a.events_per_min,
                       near_share=a.near_share, near_max_s=a.near_max_s, pattern_codes=a.pattern_codes,
-                      value_frames=a.value_frames)
+                      value_frames=a.value_frames, quiz_share=a.quiz_share,
+                      same_speaker=a.same_speaker)
         print(f"wrote {n} conversations to {a.out}" + (f" (tokenizer: {a.out}.spm.model)" if a.text else ""))
     elif a.cmd == "align":
         st = align(a.codes, a.transcripts, a.spm, a.out, a.main, a.allow_missing)

@@ -222,3 +222,22 @@ def test_near_events_and_pattern_codes(tmp_path):
     synthetic(q, hours=0.2, min_minutes=12, max_minutes=12, n_codebooks=2, seed=4, quiet=True, events_per_min=2)
     ev = load_events(q)
     assert pattern_codes(q) == 2048 and ((ev[:, 3] - ev[:, 2]) >= 10 * 12.5 - 1).all()
+
+
+def test_quiz_conversations(tmp_path):
+    # --quiz_share 1: every conversation a recall drill, events back to back: nearly half of the
+    # frames are recalled values, each recall comes after its gap (and no earlier than the next span)
+    from data import CUE_LEN, KEY_LEN
+    L = 8
+    p = str(tmp_path / "q.bin")
+    synthetic(p, hours=0.2, min_minutes=3, max_minutes=3, n_codebooks=2, seed=5, quiet=True,
+              near_share=1.0, near_max_s=6.0, pattern_codes=16, value_frames=L, quiz_share=1.0)
+    f, events = CodesFile(p), load_events(p)
+    span = CUE_LEN + KEY_LEN + L
+    share = len(events) * L / f.lengths.sum()
+    assert 0.9 * L / (2 * span) <= share <= L / (2 * span)
+    gap = events[:, 3] - events[:, 2]
+    assert (gap >= max(span, 2 * 12.5)).all() and np.median(gap) <= 6.0 * 12.5    # due at 2-6 s, later when others are due first
+    for c, s, first, second, _ in events:
+        a = np.asarray(f.audio(int(c)))
+        assert (a[second - KEY_LEN:second + L, s] == [a[first - KEY_LEN:first + L, k] for k in range(2)]).all(-1).all(-1).any()
