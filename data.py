@@ -260,12 +260,14 @@ def _say_words(rng, lang, codes, voices, turns, busy):
 
 def synthetic(out, hours=20.0, min_minutes=10.0, max_minutes=90.0, n_codebooks=8, seed=0, quiet=False,
               text=False, text_words=300, text_vocab=256, events_per_min=0.25, near_share=0.0,
-              near_max_s=40.0, pattern_codes=0, value_frames=VALUE_LEN, quiz_share=0.0, same_speaker=False):
+              near_max_s=40.0, pattern_codes=0, value_frames=VALUE_LEN, quiz_share=0.0, same_speaker=False,
+              quiz_max_s=0.0):
     """Write `hours` of synthetic conversations to `out` (codes file) and their recall events to
     out + '.events.json'. text=True adds a text stream per speaker: the words of a made-up
     language of `text_words` words, tokenized by a `text_vocab`-piece sentencepiece model written
     to out + '.spm.model'. quiz_share: the share of conversations that are recall drills (see
-    synth_conversation); same_speaker: see there. Returns the number of conversations."""
+    synth_conversation), their near events coming back 2 s to quiz_max_s later (0: near_max_s);
+    same_speaker: see synth_conversation. Returns the number of conversations."""
     rng = np.random.default_rng(seed)
     # shared across conversations, like a language: the silence frame and the two cue words
     g = np.random.default_rng(1234)
@@ -292,12 +294,14 @@ def synthetic(out, hours=20.0, min_minutes=10.0, max_minutes=90.0, n_codebooks=8
             quiz = quiz_share > 0 and rng.random() < quiz_share
             if lang is None:
                 c, ev = synth_conversation(rng, F, n_codebooks, CARD, silence, cues, events_per_min,
-                                           near_share=near_share, near_max_s=near_max_s, alphabet=alphabet,
+                                           near_share=near_share, near_max_s=quiz_max_s if quiz and quiz_max_s else near_max_s,
+                                           alphabet=alphabet,
                                            value_frames=value_frames, quiz=quiz, same_speaker=same_speaker)
             else:
                 c, ev, said = synth_conversation(rng, F, n_codebooks, CARD, silence, cues, events_per_min,
                                                  lang=lang, trng=trng, near_share=near_share,
-                                                 near_max_s=near_max_s, alphabet=alphabet,
+                                                 near_max_s=quiz_max_s if quiz and quiz_max_s else near_max_s,
+                                                 alphabet=alphabet,
                                                  value_frames=value_frames, quiz=quiz, same_speaker=same_speaker)
                 cols = [text_tokens([(t / FRAME_RATE, (t + L) / FRAME_RATE, lang.words[x], None) for t, L, x in said[s]],
                                     tok, F, FRAME_RATE, where=f"{out} conversation {n} stream {s}") for s in range(2)]
@@ -710,6 +714,9 @@ def main(argv=None):
     s.add_argument("--pattern_codes", type=int, default=0,
                    help="draw recall keys and values from this many codes per codebook (0: all %d)" % CARD)
     s.add_argument("--value_frames", type=int, default=VALUE_LEN, help="frames of a recall event's value pattern")
+    s.add_argument("--quiz_max_s", type=float, default=0.0,
+                   help="longest gap of a near event in the drills, seconds (0: --near_max_s); short enough to "
+                        "fall inside the attention window, the drills teach copying")
     s.add_argument("--same_speaker", type=lambda v: v.lower() in ("1", "true", "yes"), default=False,
                    help="true: a pattern comes back from the speaker who said it first (default: either speaker)")
     s.add_argument("--quiz_share", type=float, default=0.0,
@@ -743,8 +750,8 @@ def _run(ap, a):
             ap.error("need hours > 0 and 0 < min_minutes <= max_minutes")
         if not 0 <= a.near_share <= 1 or not a.near_max_s >= 2:
             ap.error("need 0 <= near_share <= 1 and near_max_s >= 2 (seconds)")
-        if not 0 <= a.quiz_share <= 1:
-            ap.error("need 0 <= quiz_share <= 1")
+        if not 0 <= a.quiz_share <= 1 or not (a.quiz_max_s == 0 or a.quiz_max_s >= 2):
+            ap.error("need 0 <= quiz_share <= 1 and quiz_max_s 0 or >= 2 (seconds)")
         if a.value_frames < 1:
             ap.error("need value_frames >= 1")
         if not 0 <= a.pattern_codes <= CARD:
@@ -753,7 +760,7 @@ def _run(ap, a):
                       text=a.text, text_words=a.text_words, text_vocab=a.text_vocab, events_per_min=a.events_per_min,
                       near_share=a.near_share, near_max_s=a.near_max_s, pattern_codes=a.pattern_codes,
                       value_frames=a.value_frames, quiz_share=a.quiz_share,
-                      same_speaker=a.same_speaker)
+                      same_speaker=a.same_speaker, quiz_max_s=a.quiz_max_s)
         print(f"wrote {n} conversations to {a.out}" + (f" (tokenizer: {a.out}.spm.model)" if a.text else ""))
     elif a.cmd == "align":
         st = align(a.codes, a.transcripts, a.spm, a.out, a.main, a.allow_missing)

@@ -49,7 +49,7 @@ SCALES = {
         train_hours=0.25, train_minutes=(1.0, 3.0),     # conversations of 1-3 minutes
         heldout=(2, 2.0),                                # 2 held-out conversations of 2 minutes
         recall=dict(events_per_min=6.0, near_share=0.75, near_max_s=10.0, pattern_codes=64, value_frames=12),
-        train_quiz_share=0.5,
+        train_quiz=dict(quiz_share=0.5, quiz_max_s=4.0),
         n_codebooks=2,
         model=dict(preset="tiny", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, window=16, n_ttt=1,
                    ttt_heads=4, ttt_mini_batch=16, depth_dim=32, depth_layers=1, depth_heads=2),
@@ -80,7 +80,7 @@ SCALES = {
         train_hours=200.0, train_minutes=(10.0, 90.0),
         recall=dict(events_per_min=8.0, near_share=0.75, near_max_s=30.0, pattern_codes=64, value_frames=32,
                     same_speaker=True),
-        train_quiz_share=0.75,
+        train_quiz=dict(quiz_share=0.75, quiz_max_s=8.0),
         heldout=(4, 90.0),
         n_codebooks=8,
         model=dict(preset="small", dim=512, n_layers=8, n_heads=8, n_kv_heads=4, hidden=1408, window=250,
@@ -118,7 +118,7 @@ def make_data(sc, out):
     n, minutes = sc["heldout"]
     lo, hi = sc["train_minutes"]
     recall = [f"--{k}={v}" for k, v in sc.get("recall", {}).items()]   # density and shape of the recall events
-    quiz = [f"--quiz_share={sc['train_quiz_share']}"] if sc.get("train_quiz_share") else []   # drills: training only
+    quiz = [f"--{k}={v}" for k, v in sc.get("train_quiz", {}).items()]   # recall drills: training data only
     cmds = [[sys.executable, "data.py", "synthetic", "--out", train_path, "--hours", str(sc["train_hours"]),
              "--min_minutes", str(lo), "--max_minutes", str(hi), "--n_codebooks", str(sc["n_codebooks"]),
              "--seed", "0", *recall, *quiz],
@@ -361,6 +361,9 @@ def parse_args(argv=None):
                     help="variants run at once, as subprocesses spread over the GPUs (0: all variants on CUDA, "
                          "1 on CPU; 1 runs in this process)")
     ap.add_argument("--steps", type=int, default=0, help="override the scale's training steps")
+    ap.add_argument("--depth_layers", type=int, default=-1,
+                    help="override the scale's depth decoder blocks (0: each codebook from a projection of the "
+                         "backbone output and the previous codebook's embedding)")
     ap.add_argument("--gen_minutes", type=float, default=-1, help="override the scale's generation length (0: none)")
     ap.add_argument("--gen_budget_s", type=float, default=-1,
                     help="override the scale's time limit on generation, seconds (0: none)")
@@ -381,6 +384,8 @@ def main(argv=None):
     if a.steps:
         sc["train"]["max_steps"] = a.steps
         sc["train"]["warmup"] = min(sc["train"]["warmup"], a.steps)
+    if a.depth_layers >= 0:
+        sc["model"]["depth_layers"] = a.depth_layers
     if a.gen_minutes >= 0:
         sc["eval"]["gen_minutes"] = a.gen_minutes
     if a.gen_budget_s >= 0:

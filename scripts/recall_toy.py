@@ -23,6 +23,7 @@ depends on the path. With --frames the tokens go through the speech model's own 
   --depth_layers 0 --codebooks 8                            chance through step 800 (the semantic
                                                             codebook is 1/8 of the loss)
   the same with --semantic_weight 100 (as the presets)      13% at step 500, 71% at 600, 100% at 700
+  --depth_layers 0 --semantic_weight 100 --silent_speaker   71% at step 300, 100% at 400
 """
 import argparse
 import os
@@ -72,12 +73,14 @@ def main(argv=None):
     ap.add_argument("--codebooks", type=int, default=1, help="--frames: codebooks a frame, each holding the token")
     ap.add_argument("--depth_layers", type=int, default=1, help="--frames: the depth decoder's blocks (demo: 1)")
     ap.add_argument("--semantic_weight", type=float, default=1.0, help="--frames: loss weight of codebook 0")
+    ap.add_argument("--silent_speaker", action="store_true", help="--frames: a second stream, always the same code")
     a = ap.parse_args(argv)
     torch.manual_seed(a.seed)
     K = a.codebooks if a.frames else 1
     path = dict(depth_layers=a.depth_layers, semantic_weight=a.semantic_weight) if a.frames else \
         dict(vocab_size=V, tie_embeddings=False)
-    cfg = Config.preset("demo", n_streams=1, n_codebooks=K, window=a.seq_len, n_ttt=0, dim=a.dim,
+    S = 2 if a.frames and a.silent_speaker else 1
+    cfg = Config.preset("demo", n_streams=S, n_codebooks=K, window=a.seq_len, n_ttt=0, dim=a.dim,
                         n_layers=a.layers, n_heads=a.dim // 32, n_kv_heads=a.dim // 64, hidden=3 * a.dim, **path)
     model = SpeechLM(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.1)
@@ -93,6 +96,8 @@ def main(argv=None):
             group["lr"] = a.lr * min(1.0, (step + 1) / 50)
         if a.frames:   # frames [B, T, K]: the model predicts frame t from frames < t, as in training
             frames = x[:, 1:, None].expand(-1, -1, K).contiguous()
+            if S == 2:
+                frames = torch.cat([frames, torch.full_like(frames, 7)], -1)
             lg, _ = model(frames)
             logits = lg.audio[:, :, 0]
             loss = loss_fn(lg, frames, cfg)[0]
