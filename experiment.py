@@ -80,7 +80,7 @@ SCALES = {
         train_hours=200.0, train_minutes=(10.0, 90.0),
         recall=dict(events_per_min=8.0, near_share=0.75, near_max_s=30.0, pattern_codes=64, value_frames=32,
                     same_speaker=True),
-        train_quiz=dict(quiz_share=0.75, quiz_max_s=8.0),
+        train_quiz=dict(quiz_share=0.75, quiz_max_s=2.0),
         heldout=(4, 90.0),
         n_codebooks=8,
         model=dict(preset="small", dim=512, n_layers=8, n_heads=8, n_kv_heads=4, hidden=1408, window=250,

@@ -1,18 +1,25 @@
 """
 Does a model learn the recall events of a codes file? Trains a fresh model on random windows of
-a synthetic codes file (data.py synthetic) and prints, every --every steps, the top-1 accuracy on
-the semantic codebook of the recalled value frames: over the training batches since the last
-print, and over every whole window of a held-out file (chance 1/64 with --pattern_codes 64).
+a synthetic codes file (data.py synthetic) and prints, every --every steps, the share of frames that
+are answerable recalls (a recalled value frame whose first mention is inside the same window) and
+the top-1 accuracy on their semantic codebook: over the training batches since the last print, and
+over every whole window of a held-out file (chance 1/64 with --pattern_codes 64).
 A quick check of a data layout before a long run; minibatch windows, fresh state, float32, CPU.
 
-    python data.py synthetic --out drills.bin --hours 40 --min_minutes 2 --max_minutes 4 \\
-        --n_codebooks 1 --events_per_min 8 --near_share 1 --near_max_s 15 --pattern_codes 64 \\
+    python data.py synthetic --out drills.bin --hours 40 --min_minutes 2 --max_minutes 4 \
+        --n_codebooks 1 --events_per_min 8 --near_share 1 --near_max_s 2 --pattern_codes 64 \
         --value_frames 32 --quiz_share 1 --same_speaker true
-    python data.py synthetic --out drills_held.bin --hours 0.2 --min_minutes 4 --max_minutes 4 --seed 1 \\
-        --n_codebooks 1 --events_per_min 8 --near_share 1 --near_max_s 15 --pattern_codes 64 \\
+    python data.py synthetic --out drills_held.bin --hours 0.2 --min_minutes 4 --max_minutes 4 --seed 1 \
+        --n_codebooks 1 --events_per_min 8 --near_share 1 --near_max_s 2 --pattern_codes 64 \
         --value_frames 32 --quiz_share 1 --same_speaker true
-    python scripts/recall_pilot.py --data drills.bin --held drills_held.bin --layers 2 --seq_len 128 \\
+    python scripts/recall_pilot.py --data drills.bin --held drills_held.bin --layers 2 --seq_len 128 \
         --batch 16 --depth_layers 0 --steps 1000
+
+On a 2-core CPU: with --near_max_s 2 (each recall right after its first mention) 26% of the frames
+are answerable recalls, and held-out accuracy jumps from chance to 39% at step 300 and 100% at
+step 400. With --near_max_s 15 only 4% are, and the accuracy over all recalled frames stays at
+chance (0.015) through step 1000. The immediate drills with --n_codebooks 8 (each codebook drawn
+on its own): 26% answerable, still at chance at step 600.
 """
 import argparse
 import os
@@ -29,12 +36,19 @@ from model import Config, SpeechLM, loss_fn  # noqa: E402
 
 
 def recall_masks(f, events):
-    """conversation -> bool [frames, streams]: True at the recalled value frames."""
+    """conversation -> int [frames, streams]: at the recalled value frames, where the first mention
+    (its key) starts; -1 elsewhere."""
     masks = {}
-    for conv, s, _, rec, vl in events:
-        m = masks.setdefault(int(conv), np.zeros((f.lengths[conv], f.n_streams), bool))
-        m[rec:rec + vl, s] = True
+    for conv, s, first, rec, vl in events:
+        m = masks.setdefault(int(conv), np.full((f.lengths[conv], f.n_streams), -1, np.int64))
+        m[rec:rec + vl, s] = first - D.KEY_LEN
     return masks
+
+
+def answerable(masks, c, start, T, n_streams):
+    """bool [T, streams]: recalled frames of the window whose first mention is inside it."""
+    m = masks.get(int(c))
+    return np.zeros((T, n_streams), bool) if m is None else m[start:start + T] >= start
 
 
 def hits(logits, x, mask, K):
@@ -71,16 +85,15 @@ def main(argv=None):
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.1, betas=(0.9, 0.95))
     delays, initial = cfg.col_delays(), cfg.col_cards()
     rng = np.random.default_rng(a.seed)
-    share = np.mean([m.any(1).mean() for m in masks.values()]) if masks else 0.0
+    share = np.mean([(m >= 0).any(1).mean() for m in masks.values()]) if masks else 0.0
     print(f"{len(masks)} conversations with events, {share:.0%} of their frames recalled", flush=True)
-    none = np.zeros((0, f.n_streams), bool)
-    t0, h, n, lsum = time.time(), 0, 0, 0.0
+    t0, h, n, lsum, seen = time.time(), 0, 0, 0.0, 0
     for step in range(1, a.steps + 1):
         cs = rng.choice(len(f.lengths), size=a.batch)
         st = [int(rng.integers(0, f.lengths[c] - a.seq_len + 1)) for c in cs]
         x = torch.from_numpy(np.stack([D.window(f.conversation(c), s, a.seq_len, delays, initial) for c, s in zip(cs, st)]))
-        mk = torch.from_numpy(np.stack([masks.get(int(c), np.zeros((f.lengths[c], f.n_streams), bool))[s:s + a.seq_len]
-                                        for c, s in zip(cs, st)]))
+        mk = torch.from_numpy(np.stack([answerable(masks, c, s, a.seq_len, f.n_streams) for c, s in zip(cs, st)]))
+        seen += a.batch * a.seq_len
         for g in opt.param_groups:
             g["lr"] = a.lr * min(1.0, step / 50)
         logits, _ = model(x)
@@ -98,13 +111,14 @@ def main(argv=None):
                 for c in range(len(hf.lengths)):
                     for s in range(0, hf.lengths[c] - a.seq_len + 1, a.seq_len):
                         xx = torch.from_numpy(D.window(hf.conversation(c), s, a.seq_len, delays, initial))[None]
-                        m = torch.from_numpy(held_masks.get(c, none)[s:s + a.seq_len])[None]
+                        m = torch.from_numpy(answerable(held_masks, c, s, a.seq_len, hf.n_streams))[None]
                         if m.any():
                             dh, dn = hits(model(xx)[0], xx, m, K)
                             hh, hn = hh + dh, hn + dn
-            print(f"step {step:5d} | loss {lsum / a.every:.3f} | recall accuracy: training {h / max(n, 1):.3f}, "
-                  f"held-out {hh / max(hn, 1):.3f} | {time.time() - t0:.0f}s", flush=True)
-            h, n, lsum = 0, 0, 0.0
+            print(f"step {step:5d} | loss {lsum / a.every:.3f} | answerable recalled frames {n / seen:.0%} | "
+                  f"recall accuracy: training {h / max(n, 1):.3f}, held-out {hh / max(hn, 1):.3f} | "
+                  f"{time.time() - t0:.0f}s", flush=True)
+            h, n, lsum, seen = 0, 0, 0.0, 0
 
 
 if __name__ == "__main__":
