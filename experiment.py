@@ -69,8 +69,9 @@ SCALES = {
     # pattern gets a gradient (from 20 s on, beyond the window, only TTT can serve it); the others
     # 10 s to 60 min later, for the evaluation out to 90 minutes. Three in four training
     # conversations are recall drills (events back to back: 43% of their frames are recalled
-    # values; scattered events give about 21%, and scripts/recall_toy.py learns keyed recall at 38%
-    # but not at 12%); the held-out conversations are ordinary ones. 200 hours: less than one
+    # values, each right after its first mention, so that most are answerable inside a window;
+    # scripts/recall_pilot.py learns such drills of one codebook, not those with 2-15 s gaps);
+    # the held-out conversations are ordinary ones. 200 hours: less than one
     # epoch, so values cannot be learnt by heart (with 60 hours the training loss fell far below
     # the held-out loss; a CPU pilot on 3 hours learnt the training values, not the task).
     # Generating 90 minutes for four models does not fit the time: generation stops at the first
