@@ -84,9 +84,10 @@ def synth_conversation(rng, n_frames, K=8, card=CARD, silence=None, cues=None, e
     quiz: a recall drill instead: events back to back from the start, each recalled as soon as its
     gap has passed (near_share and near_max_s draw the gaps), so nearly half of the frames are
     recalled values (about a quarter at most with random places). same_speaker: the recall comes
-    from the speaker of the first mention (else either speaker, drawn anew). With lang (a `Language`) the speakers also
-    say its words, drawn from trng, and a third value lists them: per stream, (start frame,
-    frames, word index) rows. rng draws the same numbers with or without words."""
+    from the speaker of the first mention (else either speaker, drawn anew). With lang (a
+    `Language`) the speakers also say its words, drawn from trng, and a third value lists them:
+    per stream, (start frame, frames, word index) rows. rng draws the same numbers with or without
+    words."""
     silence = silence if silence is not None else np.zeros(K, np.int64)
     codes = np.broadcast_to(silence, (n_frames, 2, K)).copy()
     voices = [_voice(rng, K, card) for _ in range(2)]
@@ -292,16 +293,15 @@ def synthetic(out, hours=20.0, min_minutes=10.0, max_minutes=90.0, n_codebooks=8
             F = int(rng.uniform(min_minutes, max_minutes) * 60 * FRAME_RATE)
             F = max(min(F, total - done), 1)
             quiz = quiz_share > 0 and rng.random() < quiz_share
+            gaps = quiz_max_s if quiz and quiz_max_s else near_max_s     # the drills may have their own
             if lang is None:
                 c, ev = synth_conversation(rng, F, n_codebooks, CARD, silence, cues, events_per_min,
-                                           near_share=near_share, near_max_s=quiz_max_s if quiz and quiz_max_s else near_max_s,
-                                           alphabet=alphabet,
+                                           near_share=near_share, near_max_s=gaps, alphabet=alphabet,
                                            value_frames=value_frames, quiz=quiz, same_speaker=same_speaker)
             else:
                 c, ev, said = synth_conversation(rng, F, n_codebooks, CARD, silence, cues, events_per_min,
                                                  lang=lang, trng=trng, near_share=near_share,
-                                                 near_max_s=quiz_max_s if quiz and quiz_max_s else near_max_s,
-                                                 alphabet=alphabet,
+                                                 near_max_s=gaps, alphabet=alphabet,
                                                  value_frames=value_frames, quiz=quiz, same_speaker=same_speaker)
                 cols = [text_tokens([(t / FRAME_RATE, (t + L) / FRAME_RATE, lang.words[x], None) for t, L, x in said[s]],
                                     tok, F, FRAME_RATE, where=f"{out} conversation {n} stream {s}") for s in range(2)]
