@@ -48,6 +48,12 @@ CONTEXT = 250          # attention window of both transformers, in 25 Hz steps (
 CHUNK_FRAMES = 250     # batch calls run in chunks of this many frames (20 s) to bound memory
 CUDA_CHUNK_FRAMES = 750  # on a GPU, chunks of 1 min: fewer, larger kernels, still a bounded memory
 QUERY_BLOCK = 250      # attention queries per block; each block reads Q + CONTEXT - 1 keys
+# Streaming steps are small: a frame is 1920 samples at the SEANet's first layer and 2 steps at the
+# transformer's. Convolutions over at most SMALL_CONV samples (batch included) run on CUDA as one matrix
+# product over the unfolded input (cuDNN's kernels for such shapes spend up to 100 us on one convolution,
+# the matrix product a few); "always" does so on every device (the tests), "never" nowhere.
+SMALL_CONV, CONV_AS_MATMUL = 8192, "cuda"
+SMALL_ATTENTION = 16   # on CUDA, attention for at most this many queries is written out (no fused kernel)
 
 MOSHI_REPO, MOSHI_FILE = "kyutai/moshiko-pytorch-bf16", "tokenizer-e351c8d8-checkpoint125.safetensors"
 HF_REPO, HF_FILE = "kyutai/mimi", "model.safetensors"
@@ -102,14 +108,49 @@ class Conv(nn.Module):
 
     def forward(self, x):  # [B, Cin, T] -> [B, Cout, T / stride]
         if self.ctx == 0:
-            return self.conv(x)
+            return _conv(self.conv, x)
         prev, first = self.state
         if self.replicate:  # a tensor flag rather than a Python one, so a CUDA graph can replay it
             prev = torch.where(first, x[..., :1], prev)
             first.fill_(False)
         x = torch.cat([prev, x], dim=-1)
         self.state[0].copy_(x[..., -self.ctx:])
-        return self.conv(x)
+        return _conv(self.conv, x)
+
+
+def _small(x):
+    small = x.is_cuda and x.shape[0] * x.shape[-1] <= SMALL_CONV
+    return CONV_AS_MATMUL == "always" or (CONV_AS_MATMUL == "cuda" and small)
+
+
+def _conv(conv, x):
+    """conv(x), for a short x as one matrix product: weight [Cout, Cin * k] @ unfolded x [B, Cin * k, Tout]."""
+    if conv.groups != 1 or not _small(x):
+        return conv(x)
+    (k,), (s,), (d,) = conv.kernel_size, conv.stride, conv.dilation
+    u = x.unfold(-1, (k - 1) * d + 1, s)[..., ::d]                             # [B, Cin, Tout, k]
+    u = u.transpose(2, 3).reshape(x.shape[0], -1, u.shape[2])                  # [B, Cin * k, Tout]
+    y = torch.matmul(conv.weight.reshape(conv.out_channels, -1), u)
+    return y if conv.bias is None else y + conv.bias[:, None]
+
+
+def _conv_tr(convtr, x):
+    """convtr(x), for a short x as one matrix product (or a product by channel when depthwise) giving each
+    input step's k outputs, then overlap-added: kernel k = m * stride, so m steps add into each output."""
+    (k,), (s,) = convtr.kernel_size, convtr.stride
+    Cin, Cout, g = convtr.in_channels, convtr.out_channels, convtr.groups
+    if not _small(x) or k % s or (g != 1 and not g == Cin == Cout):
+        return convtr(x)
+    B, _, T = x.shape
+    w = convtr.weight                                                          # [Cin, Cout / g, k]
+    if g == 1:
+        z = torch.matmul(w.reshape(Cin, Cout * k).t(), x).view(B, Cout, k, T)
+    else:
+        z = w[:, 0, :, None] * x[:, :, None, :]                                 # [B, C, k, T]
+    z = z.view(B, Cout, k // s, s, T).transpose(3, 4).reshape(B, Cout, k // s, T * s)
+    m = k // s
+    y = sum(F.pad(z[:, :, j], (j * s, (m - 1 - j) * s)) for j in range(m))   # [B, Cout, (T + m - 1) * s]
+    return y if convtr.bias is None else y + convtr.bias[:, None]
 
 
 class ConvTr(nn.Module):
@@ -127,7 +168,7 @@ class ConvTr(nn.Module):
         return [torch.zeros(B, self.convtr.out_channels, self.overlap, device=device, dtype=dtype)]
 
     def forward(self, x):  # [B, Cin, T] -> [B, Cout, T * stride]
-        y = self.convtr(x)
+        y = _conv_tr(self.convtr, x)
         (held,) = self.state
         n = y.shape[-1] - self.overlap
         y[..., :self.overlap] += held
@@ -217,7 +258,19 @@ def windowed_attention(q, kv, mask):
     nb, Q, L = mask.shape
     if nb == 1:
         k, v = kv.permute(2, 0, 3, 1, 4)                                      # [B, H, C + T, hd] each
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask[:, None])
+        if T <= SMALL_ATTENTION and q.is_cuda:  # a streaming step: a fused kernel would idle (CPUs: no gain)
+            f, q = torch.promote_types(q.dtype, torch.float32), q.transpose(1, 2)
+            if torch.compiler.is_compiling():  # products and sums: each one small fused reduction kernel
+                a = (q[:, :, :, None].to(f) * k[:, :, None].to(f)).sum(-1)     # [B, H, T, C + T]
+            else:                              # eager: matrix products
+                a = (q @ k.transpose(2, 3)).to(f)
+            a = (a * hd ** -0.5).masked_fill(~mask[:, None], -math.inf).softmax(-1)
+            if torch.compiler.is_compiling():
+                y = (a[..., None] * v[:, :, None].to(f)).sum(-2).to(v.dtype)  # [B, H, T, hd]
+            else:
+                y = a.to(v.dtype) @ v
+        else:
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask[:, None])
         return y.transpose(1, 2).reshape(B, T, H * hd)
     pad = nb * Q - T
     q = F.pad(q, (0, 0, 0, 0, 0, pad)).view(B * nb, Q, H, hd).transpose(1, 2)  # [B*nb, H, Q, hd]
@@ -308,7 +361,7 @@ class RVQ(nn.Module):
 
     def encode(self, x):  # [B, dim, F] -> [B, n, F]
         B, _, Fr = x.shape
-        r = self.input_proj(x.to(self.codebook.dtype)).transpose(1, 2).reshape(B * Fr, -1)  # [N, q_dim]
+        r = _conv(self.input_proj, x.to(self.codebook.dtype)).transpose(1, 2).reshape(B * Fr, -1)  # [N, q_dim]
         codes = []
         for cb, sq in zip(self.codebook, self.codebook_sq):
             # argmin |r - c|^2 = argmin |c|^2 - 2 r.c: the matmul route torch.cdist takes in moshi
@@ -321,7 +374,7 @@ class RVQ(nn.Module):
         q = self.codebook[0][codes[:, 0]]                                      # [B, F, q_dim]
         for k in range(1, codes.shape[1]):
             q = q + self.codebook[k][codes[:, k]]
-        return self.output_proj(q.transpose(1, 2))
+        return _conv(self.output_proj, q.transpose(1, 2))
 
 
 class Quantizer(nn.Module):
@@ -349,6 +402,18 @@ class Quantizer(nn.Module):
 
 
 # ----------------------------------------------------------------------------- the codec
+
+@contextlib.contextmanager
+def _no_tf32():
+    """Float32 as float32 for the call: PyTorch runs cuDNN convolutions in TF32 by default (and matrix
+    products too when asked), which moves codes (6% of them over 24 s of audio, measured on an H100)."""
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+
 
 class Mimi(nn.Module):
     """The codec. encode: wav [B, 1, T] float at 24 kHz -> codes [B, K, F] int64; decode: the reverse.
@@ -471,9 +536,10 @@ class Mimi(nn.Module):
                             f"{x.shape[0]}")
         if self._streaming and x.shape[-1] == 0:
             raise MimiError(f"{name}: an empty chunk; a stream advances by whole frames")
-        with contextlib.nullcontext() if self._streaming else self._fresh_state(x.shape[0]):
+        with contextlib.nullcontext() if self._streaming else self._fresh_state(x.shape[0]), _no_tf32():
             n = (self.chunk_frames or (CUDA_CHUNK_FRAMES if x.is_cuda else CHUNK_FRAMES)) * per_frame
-            return torch.cat([self._run(name, fn, x[..., i:i + n]) for i in range(0, x.shape[-1], n)] or [empty], -1)
+            ys = [self._run(name, fn, x[..., i:i + n]) for i in range(0, x.shape[-1], n)]
+            return ys[0] if len(ys) == 1 else torch.cat(ys, -1) if ys else empty()
 
     @torch.no_grad()
     def encode(self, wav: torch.Tensor) -> torch.Tensor:
@@ -488,9 +554,11 @@ class Mimi(nn.Module):
         if self._streaming and T % FRAME_SIZE:
             raise MimiError(f"when streaming, encode takes whole frames of {FRAME_SIZE} samples, got {T}: buffer "
                             "the audio, or zero-pad the last chunk of a stream")
-        wav = F.pad(wav.to(self.device), (0, -T % FRAME_SIZE))
-        empty = torch.zeros(wav.shape[0], self.num_codebooks, 0, dtype=torch.long, device=self.device)
-        return self._process("encode", self._encode_step, wav, FRAME_SIZE, empty)
+        wav = wav.to(self.device)
+        if T % FRAME_SIZE:
+            wav = F.pad(wav, (0, -T % FRAME_SIZE))
+        return self._process("encode", self._encode_step, wav, FRAME_SIZE, lambda: torch.zeros(
+            wav.shape[0], self.num_codebooks, 0, dtype=torch.long, device=self.device))
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
@@ -504,11 +572,11 @@ class Mimi(nn.Module):
             raise MimiError(f"codes have {K} codebooks but this Mimi was loaded with num_codebooks="
                             f"{self.num_codebooks}; load it with Mimi.from_pretrained(..., num_codebooks={max(K, 1)})")
         codes = codes.to(self.device, torch.long)
-        if ((codes < 0) | (codes >= self.cfg.bins)).any():
-            raise MimiError(f"codes must lie in [0, {self.cfg.bins}); got values from {int(codes.min())} to "
-                            f"{int(codes.max())}")
+        lo, hi = torch.stack(torch.aminmax(codes.flatten())).tolist() if codes.numel() else (0, 0)
+        if lo < 0 or hi >= self.cfg.bins:
+            raise MimiError(f"codes must lie in [0, {self.cfg.bins}); got values from {lo} to {hi}")
         return self._process("decode", self._decode_step, codes, 1,
-                             torch.zeros(codes.shape[0], 1, 0, device=self.device))
+                             lambda: torch.zeros(codes.shape[0], 1, 0, device=self.device))
 
     @torch.no_grad()
     def latent(self, wav: torch.Tensor) -> torch.Tensor:

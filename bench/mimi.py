@@ -12,7 +12,8 @@ Rows: batch encode and decode time per minute of audio and the peak memory of ea
 allocator's peak above what was allocated before the call; CPU: sampled resident memory above the
 level before the call); streaming encode and decode time per 80 ms frame at batch 1, synchronised
 every frame as a live loop is (median); how many codes agree with the official ones. Float32, TF32
-off unless --tf32 (cuDNN turns it on for convolutions by default, which moves codes).
+off unless --tf32 (cuDNN turns it on for convolutions by default, which moves codes; ours turns it
+off inside its calls whatever the setting, so --tf32 changes the official package only).
 """
 import argparse
 import os
@@ -35,6 +36,7 @@ import torch  # noqa: E402
 
 from mimi import FRAME_SIZE, Mimi, MimiConfig  # noqa: E402
 from scripts import make_mimi_fixtures as fx  # noqa: E402
+from bench.prof import kernel_table  # noqa: E402
 
 
 def sync(device):
@@ -92,16 +94,17 @@ def timed(fn, device, repeats):
 
 
 def per_frame(step, chunks, device, warmup=5):
-    """Median seconds per call of step(chunk), synchronising after each, after a few warm-up calls."""
-    times = []
+    """(median seconds per call of step(chunk), synchronising after each, after a few warm-up calls;
+    the outputs)."""
+    times, outs = [], []
     for i, c in enumerate(chunks):
         sync(device)
         t = time.perf_counter()
-        step(c)
+        outs.append(step(c))
         sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return statistics.median(times), outs
 
 
 def build(args, device):
@@ -145,16 +148,31 @@ def bench_batch(res, name, encode, decode, x, minutes, device, repeats):
     return codes, audio
 
 
-def bench_stream(res, name, model, frames, codes, device, kw):
+def bench_stream(res, name, model, frames, codes, device, kw, profile=False):
     chunks = [frames[..., i * FRAME_SIZE:(i + 1) * FRAME_SIZE] for i in range(frames.shape[-1] // FRAME_SIZE)]
+    cols = [codes[..., i:i + 1] for i in range(codes.shape[-1])]
     with torch.no_grad():
-        with model.streaming(1, **kw):
-            res[(name, "s_enc", 0)] = per_frame(model.encode, chunks, device) * 1e3
-        with model.streaming(1, **kw):
-            res[(name, "s_dec", 0)] = per_frame(model.decode, [codes[..., i:i + 1] for i in range(codes.shape[-1])],
-                                                device) * 1e3
+        for key, step, xs in (("s_enc", "encode", chunks), ("s_dec", "decode", cols)):
+            with model.streaming(1, **kw):
+                t, outs = per_frame(getattr(model, step), xs, device)
+                res[(name, key, 0)] = t * 1e3
+                if step == "encode":  # against the float32 batch codes of the same audio
+                    res[(name, "s_same", 0)] = (torch.cat(outs, -1) == codes[..., :len(outs)]).float().mean().item()
+                if profile:
+                    profile_stream(f"{name}, streaming {step}", getattr(model, step), xs[:20], device)
     print(f"{name:18s} streaming: encode {res[(name, 's_enc', 0)]:.2f} ms/frame, decode "
-          f"{res[(name, 's_dec', 0)]:.2f} ms/frame", flush=True)
+          f"{res[(name, 's_dec', 0)]:.2f} ms/frame; codes equal to ours in batch (float32): "
+          f"{100 * res[(name, 's_same', 0)]:.2f}%", flush=True)
+
+
+def profile_stream(title, step, xs, device):
+    """The kernels of one streaming frame (CUDA graph replays included), averaged over len(xs) frames."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for x in xs:
+            step(x)
+        sync(device)
+    kernel_table(prof, len(xs), title, limit=25)
 
 
 def profile_batch(name, model, x, device):
@@ -178,12 +196,14 @@ def main():
     p.add_argument("--no-official", action="store_true", help="skip the official package")
     p.add_argument("--no-cuda-graph", action="store_true", help="skip our CUDA-graph streaming rows")
     p.add_argument("--no-compile", action="store_true", help="skip our CUDA graph + torch.compile streaming row")
-    p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls and convolutions on CUDA")
+    p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls and convolutions on CUDA (the official package; ours stays float32)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--bf16_stream", action="store_true",
                    help="also time streaming with the weights in bfloat16 (CUDA graph + compile)")
     p.add_argument("--profile", action="store_true",
                    help="also print where the time of one batch encode + decode goes (top kernels), per implementation")
+    p.add_argument("--profile_stream", action="store_true",
+                   help="also print the kernels of a streaming frame for each of our rows (CUDA)")
     args = p.parse_args()
     device = torch.device(args.device)
     repeats = args.repeats or (5 if device.type == "cuda" else 1)
@@ -237,7 +257,8 @@ def main():
                 streams.append(("ours+graph+compile bf16", half, dict(cuda_graph=True, compile=True)))
     streams += [(n, m, {}) for n, m in impls[1:]]
     for impl, model, kw in streams:
-        attempt(res, (impl, "stream", 0), lambda: bench_stream(res, impl, model, x, codes, device, kw))
+        prof = args.profile_stream and device.type == "cuda"
+        attempt(res, (impl, "stream", 0), lambda: bench_stream(res, impl, model, x, codes, device, kw, prof))
     print_table(res, args, name, note, [n for n, _, _ in streams])
 
 
@@ -269,6 +290,12 @@ def print_table(res, args, device_name, note, stream_names):
         failed = [cell((n, "stream", 0), "") for n in stream_names if isinstance(res.get((n, "stream", 0)), str)]
         print(f"| {what} | {ours} | {cell(('official', k, 0), '.2f') if have_off else '-'} |"
               + (f" {'; '.join(failed)}" if failed and k == "s_enc" else ""))
+    same = [(n, res[(n, "s_same", 0)]) for n in stream_names if (n, "s_same", 0) in res]
+    if same:
+        print("| streaming codes equal to our float32 batch codes | "
+              + "; ".join(f"{n.replace('ours+', '') if n != 'ours' else 'plain'} {100 * v:.2f}%" for n, v in same
+                          if n != "official")
+              + f" | {cell(('official', 's_same', 0), '.2%') if have_off else '-'} |")
 
 
 if __name__ == "__main__":

@@ -161,6 +161,33 @@ def test_streaming_equals_batch(small, calib, sizes):
     assert_same(s_codes, codes, s_audio, audio)
 
 
+@pytest.mark.parametrize("cin,cout,k,stride,dilation",
+                         [(1, 16, 7, 1, 1), (16, 8, 3, 1, 3), (8, 16, 8, 4, 1), (64, 128, 16, 8, 1)])
+def test_conv_as_matrix_product(monkeypatch, cin, cout, k, stride, dilation):
+    # the route short CUDA inputs take (streaming steps), checked here on the CPU
+    monkeypatch.setattr(mimi, "CONV_AS_MATMUL", "always")
+    conv = torch.nn.Conv1d(cin, cout, k, stride, dilation=dilation).double()
+    x = torch.randn(2, cin, 5 * stride + (k - 1) * dilation, dtype=torch.float64)
+    assert torch.allclose(mimi._conv(conv, x), conv(x), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("cin,cout,k,stride,groups", [(32, 16, 8, 4, 1), (16, 16, 4, 2, 16), (8, 4, 6, 2, 1)])
+def test_transposed_conv_as_matrix_product(monkeypatch, cin, cout, k, stride, groups):
+    monkeypatch.setattr(mimi, "CONV_AS_MATMUL", "always")
+    conv = torch.nn.ConvTranspose1d(cin, cout, k, stride, groups=groups, bias=groups == 1).double()
+    x = torch.randn(2, cin, 7, dtype=torch.float64)
+    y = mimi._conv_tr(conv, x)
+    assert y.shape == conv(x).shape and torch.allclose(y, conv(x), rtol=0, atol=1e-12)
+
+
+def test_streaming_with_matrix_product_convs_equals_batch(small, calib, monkeypatch):
+    codes, audio = small.encode(calib), small.decode(small.encode(calib))
+    monkeypatch.setattr(mimi, "CONV_AS_MATMUL", "always")
+    monkeypatch.setattr(mimi, "SMALL_CONV", 10 ** 9)
+    s_codes, s_audio = stream(small, calib, codes, [1, 4])
+    assert_same(s_codes, codes, s_audio, audio)
+
+
 def test_batch_chunks_equal_one_pass(small, calib):
     codes, audio = small.encode(calib), small.decode(small.encode(calib))
     small.chunk_frames = 300  # everything in one chunk: a single 600-step attention call
@@ -219,6 +246,7 @@ def test_cuda_graph_streaming_equals_plain(calib, kw):
     x = calib.cuda()
     codes = m.encode(x)
     ref = stream(m, x, codes, 1)
+    assert torch.equal(ref[0], codes) and rel_err(ref[1], m.decode(codes)) < REL_TOL   # CUDA streaming == batch
     with m.streaming(2, **kw):
         enc = torch.cat([m.encode(x[..., i:i + FRAME_SIZE]) for i in range(0, x.shape[-1], FRAME_SIZE)], -1)
         dec = torch.cat([m.decode(codes[..., i:i + 1]) for i in range(codes.shape[-1])], -1)
