@@ -71,7 +71,7 @@ class Sampler:
             return logits.argmax(-1)
         z, idx = logits / temp, None
         if k and k < z.shape[-1]:                             # sample among the top k only
-            z, idx = z.topk(k, -1)                            # [B, k], sorted
+            z, idx = z.topk(k, -1, sorted=False)              # [B, k], in no particular order
         if p < 1.0:
             zs, order = z.sort(-1, descending=True)
             ps = zs.softmax(-1)
@@ -96,7 +96,7 @@ class FrameStep:
             model.compile_depth()
         elif compile:
             model.compile_blocks()
-        self.fn = self.eager
+        self.fn, self.compile = self.eager, compile
         self.cuda_graph, self.graph, self.static = cuda_graph, None, None
 
     def eager(self, state, force=None):
@@ -128,6 +128,25 @@ class FrameStep:
             self.frame, self.logp, new = self.fn(self.static)
             _copy(self.static, new)
         _copy(self.static, state)      # capture ran nothing; the warm-up's steps are undone here
+
+
+def compiled_or_eager(step, model, a, device, sampler):
+    """Compile now, on a throwaway frame (the sampler's random numbers are put back), so that a machine
+    where torch.compile cannot run (no C++ compiler, say) falls back to eager with a note, not a crash."""
+    if not a.quiet:
+        print(f"compiling the frame step (--compile {step.compile}; --compile '' skips it)", file=sys.stderr)
+    g = sampler.g.get_state() if sampler.g is not None else None
+    try:
+        step(model.init_state(a.batch, device))
+    except Exception as e:  # noqa: BLE001 (any compiler failure)
+        print(f"note: torch.compile failed here ({e.__class__.__name__}: {str(e).splitlines()[0][:120]}); "
+              "generating without it", file=sys.stderr)
+        torch._dynamo.reset()
+        model = SpeechLM.from_checkpoint(a.ckpt, device=device).eval().to(getattr(torch, a.dtype))
+        step = FrameStep(model, sampler, a.batch, device)
+    if g is not None:
+        sampler.g.set_state(g)
+    return step, model
 
 
 def _copy(dst, src):
@@ -313,10 +332,13 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=1, help="conversations generated at once")
     ap.add_argument("--device", default="", help="cuda, mps or cpu (default: the best there is)")
-    ap.add_argument("--compile", nargs="?", const="blocks", default="", choices=["", "blocks", "depth"],
+    ap.add_argument("--compile", nargs="?", const="blocks", default="auto", choices=["auto", "", "blocks", "depth"],
                     help="torch.compile the frame step: each block (`--compile`, quick), or also the depth "
-                         "decoder's loop as one graph (`--compile depth`, fewer kernels, minutes to compile)")
+                         "decoder's loop as one graph (`--compile depth`: fewer kernels; on a GPU minutes to "
+                         "compile); auto (default): depth on a CPU for 5 minutes or more, else off; '' off")
     ap.add_argument("--cuda_graph", action="store_true", help="capture the frame step as a CUDA graph (CUDA only)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="the model's weights and activations (the TTT state stays float32); bfloat16 on a GPU")
     ap.add_argument("--quiet", action="store_true")
     return ap.parse_args(argv)
 
@@ -335,7 +357,7 @@ def run(a):
     if a.batch < 1:
         raise ValueError(f"--batch must be at least 1, got {a.batch}")
     writable(a.codes_out, "codes")
-    model = SpeechLM.from_checkpoint(a.ckpt, device=device).eval()
+    model = SpeechLM.from_checkpoint(a.ckpt, device=device).eval().to(getattr(torch, a.dtype))
     cfg = model.cfg
     tok = None
     if a.text_out:
@@ -365,7 +387,12 @@ def run(a):
     # a graph replays the default generator's stream; eager runs use their own, seeded, generator
     g = None if a.cuda_graph else torch.Generator(device).manual_seed(a.seed)
     sampler = Sampler(cfg, a.temp, a.top_k, a.top_p, a.text_temp, a.text_top_k, a.text_top_p, generator=g)
-    step = FrameStep(model, sampler, a.batch, device, compile=a.compile or False, cuda_graph=a.cuda_graph)
+    compile = a.compile
+    if compile == "auto":  # on a CPU, compiling (about 20 s) pays for itself within a few minutes
+        compile = "depth" if device.type == "cpu" and a.minutes >= 5 else ""
+    step = FrameStep(model, sampler, a.batch, device, compile=compile or False, cuda_graph=a.cuda_graph)
+    if compile and not a.cuda_graph:
+        step, model = compiled_or_eager(step, model, a, device, sampler)
 
     stack = contextlib.ExitStack()
     writer = CodesWriter(a.codes_out, **{k: getattr(cfg, k) for k in ("n_streams", "n_codebooks", "cardinality",

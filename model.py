@@ -187,6 +187,49 @@ def apply_rope(x, cos, sin):
     return (x.float() * cos[:, None] + rot.float() * sin[:, None]).to(x.dtype)
 
 
+# On a GPU, a step of a few frames (generation: one frame, or one codebook in the depth decoder) has its
+# attention written out: fused attention kernels are built for long queries and spend most of such a
+# step idle. 0 sends everything to scaled_dot_product_attention (bench/lm.py --attention sdpa).
+SMALL_ATTENTION = 4
+
+
+def attend_few(q, k, v, mask):
+    """Softmax attention for a few queries: q [B, H, T, hd], k and v [B, Hkv, L, hd] (query head h reads
+    kv head h // (H / Hkv)), mask [B, T, L] bool (True: visible) -> [B, H, T, hd]. Scores in float32 at least."""
+    B, H, T, hd = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    f = torch.promote_types(q.dtype, torch.float32)
+    q = q.reshape(B, Hkv, H // Hkv, T, hd)
+    k, v = k[:, :, None], v[:, :, None]                                                 # [B, Hkv, 1, L, hd]
+    if torch.compiler.is_compiling():  # products and sums: each becomes one small fused reduction kernel
+        a = (q[..., None, :].to(f) * k[:, :, :, None].to(f)).sum(-1)                   # [B, Hkv, G, T, L]
+    else:                              # eager: matrix products
+        a = (q @ k.transpose(3, 4)).to(f)
+    a = (a * hd ** -0.5).masked_fill(~mask[:, None, None], -math.inf).softmax(-1)
+    if torch.compiler.is_compiling():
+        return (a[..., None] * v[:, :, :, None].to(f)).sum(-2).to(v.dtype).view(B, H, T, hd)
+    return (a.to(v.dtype) @ v).view(B, H, T, hd)
+
+
+# A pass over a short sequence with nothing cached (the depth decoder's teacher-forced pass over a
+# frame's columns: thousands of 16-long sequences) attends through plain matrix products: fused kernels
+# work in tiles of 64 or more positions and would spend most of their time on padding. 0: off.
+SHORT_SEQUENCE = 32
+
+
+def attend_short(q, k, v):
+    """Causal softmax attention over a short sequence: q [B, H, T, hd], k and v [B, Hkv, T, hd] ->
+    [B, H, T, hd], as matrix products (differentiable). Scores in float32 at least."""
+    B, H, T, hd = q.shape
+    Hkv = k.shape[1]
+    q = q.reshape(B, Hkv, H // Hkv, T, hd)
+    a = q @ k[:, :, None].transpose(3, 4)                                               # [B, Hkv, G, T, T]
+    a = a.to(torch.promote_types(a.dtype, torch.float32)) * hd ** -0.5
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    a = a.masked_fill(~causal, -math.inf).softmax(-1).to(v.dtype)
+    return (a @ v[:, :, None]).view(B, H, T, hd)
+
+
 class Attention(nn.Module):
     """Grouped-query attention over a window of W frames, with a cache of exactly W slots."""
 
@@ -198,23 +241,39 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
         self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache):
+    def fused(self):
+        """q, k and v's weights (and biases) as one: one matrix product where a step of a few frames
+        would run three (the depth decoder's loop builds it once per frame)."""
+        ps = (self.q_proj, self.k_proj, self.v_proj)
+        bias = torch.cat([p.bias for p in ps]) if self.q_proj.bias is not None else None
+        return torch.cat([p.weight for p in ps]), bias
+
+    def forward(self, x, cos, sin, mask, cache, qkv=None):
         """x [B, T, D]; cos/sin [B, T, hd] (None: no RoPE); mask: None (causal over x alone), a bool [T, T] band
-        (x alone, windowed) or a bool [B, T, W+T] over cache + x; cache (k, v) [B, Hkv, W, hd]."""
+        (x alone, windowed) or a bool [B, T, W+T] over cache + x; cache (k, v) [B, Hkv, W, hd]; qkv: fused()."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # [B, H, T, hd]
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        if qkv is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            q, k, v = F.linear(x, *qkv).split([H * hd, Hkv * hd, Hkv * hd], -1)
+        q = q.view(B, T, H, hd).transpose(1, 2)                                        # [B, H, T, hd]
+        k = k.view(B, T, Hkv, hd).transpose(1, 2)                                      # [B, Hkv, T, hd]
+        v = v.view(B, T, Hkv, hd).transpose(1, 2)
         if cos is not None:  # the backbone; keys are cached already rotated
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         ck, cv = cache
         W = ck.shape[2]
         kk, vv = torch.cat([ck.to(k.dtype), k], 2), torch.cat([cv.to(v.dtype), v], 2)  # [B, Hkv, W+T, hd]
         gqa = self.n_heads != self.n_kv_heads
-        if mask is None:
+        if mask is None and T <= SHORT_SEQUENCE:
+            y = attend_short(q, k, v)
+        elif mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         elif mask.dim() == 2:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        elif T <= SMALL_ATTENTION and q.is_cuda:  # (on a CPU the library call is as fast)
+            y = attend_few(q, kk, vv, mask)
         else:
             y = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask[:, None], enable_gqa=gqa)
         y = self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
@@ -228,8 +287,15 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def fused(self):
+        """gate and up weights as one (see Attention.fused)."""
+        return torch.cat([self.gate_proj.weight, self.up_proj.weight])
+
+    def forward(self, x, gate_up=None):
+        if gate_up is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        g, u = F.linear(x, gate_up).chunk(2, -1)
+        return self.down_proj(F.silu(g) * u)
 
 
 class GatedTTT(nn.Module):
@@ -261,12 +327,17 @@ class Block(nn.Module):
         self.mlp = MLP(dim, hidden)
         self.ttt = GatedTTT(ttt_cfg) if ttt_cfg is not None else None
 
-    def forward(self, x, cos, sin, mask, cache, ttt_state=None):
-        a, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def fused(self):
+        """The weights fused for steps of a few frames: (qkv, gate_up), passed back as `fused`."""
+        return self.self_attn.fused(), self.mlp.fused()
+
+    def forward(self, x, cos, sin, mask, cache, ttt_state=None, fused=None):
+        qkv, gate_up = fused or (None, None)
+        a, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, qkv)
         x = x + a
         if self.ttt is not None:
             x, ttt_state = self.ttt(x, ttt_state)
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.mlp(self.post_attention_layernorm(x), gate_up)
         return x, cache, ttt_state
 
 # -----------------------------------------------------------------------------
@@ -551,13 +622,14 @@ class SpeechLM(nn.Module):
         caches = [(h.new_zeros(B, l.self_attn.n_kv_heads, C, l.self_attn.head_dim),) * 2 for l in dd.layers]
         slot = torch.arange(C + 1, device=h.device)
         masks = (slot[None] >= C - slot[:C, None])[:, None, None].expand(C, B, 1, C + 1)  # [C, B, 1, C+1]
+        fused = [layer.fused() for layer in dd.layers]                      # once a frame, used C times
         lps, cols = [], []
         for c in range(C):
             x = x0[:, c:c + 1]
             if c:
                 x = x + dd.token_emb(cols[-1] + dd.offsets[c - 1])[:, None]
-            for i, layer in enumerate(dd.layers):
-                x, caches[i], _ = layer(x, None, None, masks[c], caches[i])  # cached positions < c, and itself
+            for i, layer in enumerate(dd.layers):  # cached positions < c, and itself
+                x, caches[i], _ = layer(x, None, None, masks[c], caches[i], fused=fused[i])
             w = dd.text_heads[c] if c < cfg.n_text else dd.audio_heads[c - cfg.n_text]
             logits = (dd.norm(x)[:, 0] @ w.t().to(x.dtype)).float()          # [B, V]
             tok = sample(logits, c)

@@ -5,6 +5,8 @@ Mimi decoding. Random weights, random codes (the speed does not depend on the va
     python bench/lm.py train        # forward+backward frames/s and MFU, bf16 autocast
     python bench/lm.py step         # per-frame backbone step at batch 1: eager, CUDA graph, compiled
     python bench/lm.py generate     # whole frames (backbone + depth decoder + Mimi decode)
+    python bench/lm.py profile --mode minibatch --batch 48   # the top kernels of a training step
+    python bench/lm.py profile_generate                      # a frame's parts and kernels at batch 1
     python bench/lm.py all
 
 Each section prints a markdown table; `--presets` and `--quick` shrink the work (`--quick` also
@@ -20,8 +22,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from generate import AUDIO_CHUNK, FrameStep, Sampler  # noqa: E402
+import model as model_mod  # noqa: E402
 from model import Config, SpeechLM, detach_state, flops_per_frame, loss_fn, tree_leaves, tree_map  # noqa: E402
 from train import H100_BF16_FLOPS  # noqa: E402
+
+from bench.prof import kernel_table  # noqa: E402
 
 FRAME_S = 1 / 12.5
 
@@ -112,7 +117,8 @@ def bench_profile(a, dev):
         m.compile_blocks()
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=dev.type == "cuda")
     x = codes(m.cfg, B, T, dev)
-    state = m.init_state(B, dev)
+    stream = a.mode == "streaming"
+    state = m.init_state(B, dev) if stream else None
 
     def step(state):
         with torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
@@ -121,17 +127,62 @@ def bench_profile(a, dev):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return detach_state(new)
+        return detach_state(new) if stream else None
     for _ in range(3):
         state = step(state)
+    sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(3):
+        state = step(state)
+    sync(dev)
+    wall = (time.perf_counter() - t0) / 3
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     with profile(activities=acts) as prof:
         for _ in range(3):
             state = step(state)
         sync(dev)
     key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
-    print(f"\n### Training step profile ({a.presets[0]}, streaming, {how}, {B} x {T}), 3 steps\n")
+    what = f"{a.presets[0]}, {a.mode}, {how}, {B} x {T}"
+    print(f"\n### Training step profile ({what}), 3 steps; {wall * 1e3:.1f} ms a step unprofiled\n")
     print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
+    if dev.type == "cuda":
+        kernel_table(prof, 3, f"Training step kernels ({what})", limit=30)
+
+
+@torch.inference_mode()
+def bench_profile_generate(a, dev):
+    """Where a generated frame's time goes at batch 1: the frame, the backbone step and the depth
+    decoder each captured as a CUDA graph and timed, then the kernels of the whole frame."""
+    from torch.profiler import ProfilerActivity, profile
+    preset = a.presets[0]
+    m = build(preset, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32, a.quick).eval()
+    graph = dev.type == "cuda"
+    sampler = Sampler(m.cfg)
+    step = FrameStep(m, sampler, 1, dev, cuda_graph=graph, compile=False if a.no_compile else "depth")
+    state = m.prefill(codes(m.cfg, 1, m.cfg.window, dev), m.init_state(1, dev))
+    st = [state]
+
+    def frame():
+        _, _, st[0] = step(st[0])
+    n = 20 if a.quick else a.frames
+    rows = [("whole frame", f"{pct(time_each(frame, n, dev), 0.5):.3f}")]
+    if graph:
+        static = tree_map(lambda t: t.clone(), state)
+        g = graph_of(lambda s: m.backbone(m.frame_emb(s.prev[:, None]), s), static)
+        rows.append(("backbone step", f"{pct(time_each(g.replay, n, dev), 0.5):.3f}"))
+        h = torch.randn(1, m.cfg.dim, device=dev, dtype=torch.bfloat16)
+        loop = getattr(m, "_depth_fn", None) or m._depth_loop
+        sampler.new_frame(1, dev)
+        g = graph_of(lambda s: (loop(h, sampler), s), [h])
+        rows.append(("depth decoder with sampling", f"{pct(time_each(g.replay, n, dev), 0.5):.3f}"))
+    table(f"Frame at batch 1 ({preset}, {'eager' if a.no_compile else 'compiled depth'}"
+          f"{' + CUDA graph' if graph else ''}), ms, median", ["part", "ms"], rows)
+    if graph:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(n):
+                frame()
+            sync(dev)
+        kernel_table(prof, n, f"Kernels of a frame ({preset}, batch 1)", limit=30)
 
 
 # --- per-frame steps ------------------------------------------------------------------------------
@@ -156,16 +207,16 @@ def graph_of(fn, static):
     return g
 
 
-def time_each(fn, n, dev):
-    """Per-call wall times (host clock, synchronised), warm-up excluded."""
+def time_each(fn, n, dev, warmup=5):
+    """Per-call wall times (host clock, synchronised), warm-up calls excluded."""
     out = []
-    for i in range(n + 5):
+    for i in range(n + warmup):
         sync(dev)
         t0 = time.perf_counter()
         fn()
         sync(dev)
         out.append(time.perf_counter() - t0)
-    return sorted(out[5:])
+    return sorted(out[warmup:])
 
 
 def pct(ts, q):
@@ -262,7 +313,7 @@ def gen_row(a, m, codec, preset, how, B, n, dev):
             codec.decode(audio.reshape(B * cfg.n_streams, cfg.n_codebooks, -1))
         if len(buf) == a.audio_chunk:
             buf.clear()
-    ts = time_each(frame, n, dev)
+    ts = time_each(frame, n, dev, warmup=a.audio_chunk + 5)   # the warm-up includes a first Mimi decode
     if ctx:
         ctx.__exit__(None, None, None)
     med, p99, mean = pct(ts, 0.5), pct(ts, 0.99), sum(ts) / len(ts) * 1e3
@@ -281,10 +332,11 @@ def table(title, head, rows):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["train", "step", "generate", "profile", "all"])
+    ap.add_argument("what", choices=["train", "step", "generate", "profile", "profile_generate", "all"])
     ap.add_argument("--presets", nargs="+", default=None)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq_len", type=int, default=256)
+    ap.add_argument("--mode", choices=["minibatch", "streaming"], default="streaming", help="profile: training mode")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
@@ -297,18 +349,25 @@ def main(argv=None):
     ap.add_argument("--audio_chunk", type=int, default=AUDIO_CHUNK,
                     help="frames decoded by Mimi at a time (generate.py: %(default)s; 1: every frame)")
     ap.add_argument("--quick", action="store_true", help="tiny shapes, a few iterations (CPU smoke test)")
+    ap.add_argument("--attention", choices=["auto", "sdpa"], default="auto",
+                    help="auto: steps of a few frames and short sequences (the depth decoder) attend through "
+                         "plain products (model.SMALL_ATTENTION, SHORT_SEQUENCE); sdpa: every call goes to "
+                         "scaled_dot_product_attention")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args(argv)
+    if a.attention == "sdpa":
+        model_mod.SMALL_ATTENTION = model_mod.SHORT_SEQUENCE = 0
     dev = torch.device(a.device)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         print(torch.cuda.get_device_name(), torch.__version__)
     defaults = {"train": ["small", "qwen2.5-0.5b"], "step": ["small", "qwen2.5-0.5b", "qwen2.5-7b"], "profile": ["small"],
-                "generate": ["small", "qwen2.5-0.5b", "qwen2.5-7b"]}
+                "profile_generate": ["small"], "generate": ["small", "qwen2.5-0.5b", "qwen2.5-7b"]}
     for what in (["train", "step", "generate"] if a.what == "all" else [a.what]):
         b = argparse.Namespace(**vars(a))
         b.presets = a.presets or (["small"] if a.quick else defaults[what])
-        {"train": bench_train, "step": bench_step, "generate": bench_generate, "profile": bench_profile}[what](b, dev)
+        {"train": bench_train, "step": bench_step, "generate": bench_generate, "profile": bench_profile,
+         "profile_generate": bench_profile_generate}[what](b, dev)
 
 
 if __name__ == "__main__":

@@ -220,3 +220,19 @@ def test_compiled_frame_step_gives_the_same_codes():
         out[how] = torch.stack(frames, 1), torch.stack(lps, 1)
     assert torch.equal(out[False][0], out["depth"][0])
     torch.testing.assert_close(out[False][1], out["depth"][1], rtol=1e-5, atol=1e-5)
+
+
+def test_compile_failure_falls_back_to_eager(ckpt, tmp_path, capsys, monkeypatch):
+    # a machine where torch.compile cannot build (no C++ compiler): a note, then the eager codes
+    def broken(self):
+        def fail(*args, **kwargs):
+            raise RuntimeError("no C++ compiler found")
+        self._depth_fn = fail
+        return self
+    ref, out = tmp_path / "ref.bin", tmp_path / "out.bin"
+    generate.main(["--ckpt", ckpt, "--minutes", "0.1", "--compile", "", "--codes_out", str(ref), "--mimi", "", "--quiet"])
+    monkeypatch.setattr(SpeechLM, "compile_depth", broken)
+    generate.main(["--ckpt", ckpt, "--minutes", "0.1", "--compile", "depth", "--codes_out", str(out), "--mimi", "",
+                   "--quiet"])
+    assert "torch.compile failed here (RuntimeError: no C++ compiler found); generating without it" in capsys.readouterr().err
+    np.testing.assert_array_equal(CodesFile(out).conversation(0), CodesFile(ref).conversation(0))

@@ -4,7 +4,9 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+import model as model_mod
 from model import (Config, SpeechLM, delay, detach_state, loss_fn, state_bytes, undelay)
 
 torch.set_num_threads(2)
@@ -284,3 +286,33 @@ def test_hf_speech_model_and_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 3}))
     with pytest.raises(ValueError, match=r"missing keys \(12\): layers.2"):
         SpeechLM.from_hf(tmp_path)
+
+
+@pytest.mark.parametrize("T,H,Hkv", [(1, 4, 4), (3, 8, 2), (4, 6, 1)])
+def test_attend_few_equals_sdpa(T, H, Hkv):
+    # the written-out attention of generation steps against PyTorch's, with grouped kv heads and a mask
+    g = torch.Generator().manual_seed(T)
+    B, L, hd = 2, 9, 8
+    q = torch.randn(B, H, T, hd, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(B, Hkv, L, hd, generator=g, dtype=torch.float64) for _ in range(2))
+    mask = torch.rand(B, T, L, generator=g) < 0.6
+    mask[..., -1] = True
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=H != Hkv)
+    assert torch.allclose(model_mod.attend_few(q, k, v, mask), ref, rtol=0, atol=1e-12)
+    if T == 3:  # compiled, it takes its other form (products and sums)
+        compiled = torch.compile(model_mod.attend_few, fullgraph=True, dynamic=False)
+        assert torch.allclose(compiled(q, k, v, mask), ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("H,Hkv", [(4, 4), (8, 2)])
+def test_attend_short_equals_sdpa_with_gradients(H, Hkv):
+    g = torch.Generator().manual_seed(H)
+    q = torch.randn(2, H, 7, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, Hkv, 7, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    ours = model_mod.attend_short(q, k, v)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != Hkv)
+    assert torch.allclose(ours, ref, rtol=0, atol=1e-12)
+    w = torch.randn(ours.shape, generator=g, dtype=torch.float64)
+    g1 = torch.autograd.grad((ours * w).sum(), (q, k, v))
+    g2 = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-12) for a, b in zip(g1, g2))
