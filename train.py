@@ -246,7 +246,9 @@ def train(tc, overrides):
         samplers = [StreamSampler(data, train_ids, tc.seq_len, B, delays, initial, tc.seed + 7 * i, rank, world)
                     for i in range(A)]
     else:
-        samplers = [WindowSampler(data, train_ids, tc.seq_len, B, delays, initial, tc.seed + 1000 * rank + 7 * i)
+        # one seed per (rank, micro-batch) slot: N GPUs x A micro-batches draw the windows that one GPU
+        # with N * A micro-batches draws, so the two runs see the same data
+        samplers = [WindowSampler(data, train_ids, tc.seq_len, B, delays, initial, tc.seed + 7 * (rank * A + i))
                     for i in range(A)]
     val_sampler = WindowSampler(val, val_ids, min(tc.seq_len, int(val.lengths[val_ids].max())), B, delays,
                                 initial, 0)
