@@ -19,7 +19,7 @@ On a 2-core CPU: with --near_max_s 2 (each recall right after its first mention)
 are answerable recalls, and held-out accuracy jumps from chance to 39% at step 300 and 100% at
 step 400. With --near_max_s 15 only 4% are, and the accuracy over all recalled frames stays at
 chance (0.015) through step 1000. The immediate drills with --n_codebooks 8 (each codebook drawn
-on its own): 26% answerable, still at chance at step 600.
+on its own): 26% answerable, still at chance at step 2500 (training 0.016, held-out 0.019).
 """
 import argparse
 import os
