@@ -73,7 +73,7 @@ def _speak(rng, voice, n):
 
 def synth_conversation(rng, n_frames, K=8, card=CARD, silence=None, cues=None, events_per_min=0.25,
                        lang=None, trng=None, near_share=0.0, near_max_s=40.0, alphabet=None,
-                       value_frames=VALUE_LEN, quiz=False, same_speaker=False):
+                       value_frames=VALUE_LEN, quiz=False, same_speaker=False, tie=None):
     """One two-speaker conversation: codes [n_frames, 2, K] and its recall events as rows
     (stream, first_value_start, recall_value_start). A share `near_share` of the events comes back
     2 s to `near_max_s` after the first mention, anywhere in the conversation: short enough to
@@ -84,7 +84,8 @@ def synth_conversation(rng, n_frames, K=8, card=CARD, silence=None, cues=None, e
     quiz: a recall drill instead: events back to back from the start, each recalled as soon as its
     gap has passed (near_share and near_max_s draw the gaps), so nearly half of the frames are
     recalled values (about a quarter at most with random places). same_speaker: the recall comes
-    from the speaker of the first mention (else either speaker, drawn anew). With lang (a
+    from the speaker of the first mention (else either speaker, drawn anew). tie [K, A] (optional):
+    a pattern's codebook k is tie[k] of its semantic code (see _pattern). With lang (a
     `Language`) the speakers also say its words, drawn from trng, and a third value lists them:
     per stream, (start frame, frames, word index) rows. rng draws the same numbers with or without
     words."""
@@ -113,7 +114,7 @@ def synth_conversation(rng, n_frames, K=8, card=CARD, silence=None, cues=None, e
     busy = np.zeros(n_frames, bool)
     if quiz:
         events = _quiz(rng, codes, busy, span, n_frames, near_share, near_max_s, alphabet, card, value_frames, cues,
-                       silence, same_speaker)
+                       silence, same_speaker, tie)
         n_ev = 0
     for _ in range(n_ev * 4):
         if len(events) == n_ev:
@@ -135,7 +136,7 @@ def synth_conversation(rng, n_frames, K=8, card=CARD, silence=None, cues=None, e
         if busy[first:first + span].any() or busy[second:second + span].any():
             continue
         busy[first:first + span] = busy[second:second + span] = True
-        key, value = _pattern(rng, alphabet, card, value_frames, K)
+        key, value = _pattern(rng, alphabet, card, value_frames, K, tie)
         s1, s2 = int(rng.integers(0, 2)), int(rng.integers(0, 2))
         s2 = s1 if same_speaker else s2
         for start, s, cue in ((first, s1, cues[0]), (second, s2, cues[1])):
@@ -147,8 +148,14 @@ def synth_conversation(rng, n_frames, K=8, card=CARD, silence=None, cues=None, e
     return codes, events, _say_words(trng, lang, codes, voices, turns, busy)
 
 
-def _pattern(rng, alphabet, card, value_frames, K):
-    """A recall event's key [KEY_LEN, K] and value [value_frames, K]: any code, or from alphabet [K, A]."""
+def _pattern(rng, alphabet, card, value_frames, K, tie=None):
+    """A recall event's key [KEY_LEN, K] and value [value_frames, K]: any code, or from alphabet [K, A].
+    With tie [K, A or card] each frame draws only its semantic code; codebook k is then tie[k] of it
+    (tie[0] is the identity), as speech's acoustic codes follow its semantic ones."""
+    if tie is not None:
+        idx = tie[:, rng.integers(0, tie.shape[1], size=KEY_LEN + value_frames)].T         # [n, K]
+        codes = idx if alphabet is None else alphabet[np.arange(K), idx]
+        return codes[:KEY_LEN], codes[KEY_LEN:]
     if alphabet is None:
         return rng.integers(0, card, size=(KEY_LEN, K)), rng.integers(0, card, size=(value_frames, K))
     A = alphabet.shape[1]
@@ -157,7 +164,7 @@ def _pattern(rng, alphabet, card, value_frames, K):
 
 
 def _quiz(rng, codes, busy, span, n_frames, near_share, near_max_s, alphabet, card, value_frames, cues, silence,
-          same_speaker):
+          same_speaker, tie=None):
     """Fill a conversation with recall events back to back (see synth_conversation's quiz)."""
     K = codes.shape[2]
     events, due, said = [], [], {}
@@ -170,7 +177,7 @@ def _quiz(rng, codes, busy, span, n_frames, near_share, near_max_s, alphabet, ca
             s = s1 if same_speaker else s
             events.append((s, first + CUE_LEN + KEY_LEN, t + CUE_LEN + KEY_LEN))
         else:                                              # a new pattern
-            key, value = _pattern(rng, alphabet, card, value_frames, K)
+            key, value = _pattern(rng, alphabet, card, value_frames, K, tie)
             s, cue = int(rng.integers(0, 2)), cues[0]
             near = near_share > 0 and rng.random() < near_share
             gap = rng.uniform(2.0, near_max_s) if near else np.exp(rng.uniform(np.log(10.0), np.log(3600.0)))
@@ -262,13 +269,15 @@ def _say_words(rng, lang, codes, voices, turns, busy):
 def synthetic(out, hours=20.0, min_minutes=10.0, max_minutes=90.0, n_codebooks=8, seed=0, quiet=False,
               text=False, text_words=300, text_vocab=256, events_per_min=0.25, near_share=0.0,
               near_max_s=40.0, pattern_codes=0, value_frames=VALUE_LEN, quiz_share=0.0, same_speaker=False,
-              quiz_max_s=0.0):
+              quiz_max_s=0.0, tied_patterns=False):
     """Write `hours` of synthetic conversations to `out` (codes file) and their recall events to
     out + '.events.json'. text=True adds a text stream per speaker: the words of a made-up
     language of `text_words` words, tokenized by a `text_vocab`-piece sentencepiece model written
     to out + '.spm.model'. quiz_share: the share of conversations that are recall drills (see
     synth_conversation), their near events coming back 2 s to quiz_max_s later (0: near_max_s);
-    same_speaker: see synth_conversation. Returns the number of conversations."""
+    same_speaker: see synth_conversation. tied_patterns: a pattern's acoustic codes follow from its
+    semantic ones through one fixed table (see _pattern), else each is drawn on its own. Returns the
+    number of conversations."""
     rng = np.random.default_rng(seed)
     # shared across conversations, like a language: the silence frame and the two cue words
     g = np.random.default_rng(1234)
@@ -278,6 +287,10 @@ def synthetic(out, hours=20.0, min_minutes=10.0, max_minutes=90.0, n_codebooks=8
     alphabet = None
     if pattern_codes:
         alphabet = np.stack([g.choice(CARD, pattern_codes, replace=False) for _ in range(n_codebooks)])
+    tie = None
+    if tied_patterns:
+        tie = g.integers(0, pattern_codes or CARD, size=(n_codebooks, pattern_codes or CARD))
+        tie[0] = np.arange(pattern_codes or CARD)
     total = int(hours * 3600 * FRAME_RATE)
     done, n, t0, events = 0, 0, time.time(), []
     lang = tok = trng = None
@@ -297,12 +310,14 @@ def synthetic(out, hours=20.0, min_minutes=10.0, max_minutes=90.0, n_codebooks=8
             if lang is None:
                 c, ev = synth_conversation(rng, F, n_codebooks, CARD, silence, cues, events_per_min,
                                            near_share=near_share, near_max_s=gaps, alphabet=alphabet,
-                                           value_frames=value_frames, quiz=quiz, same_speaker=same_speaker)
+                                           value_frames=value_frames, quiz=quiz, same_speaker=same_speaker,
+                                           tie=tie)
             else:
                 c, ev, said = synth_conversation(rng, F, n_codebooks, CARD, silence, cues, events_per_min,
                                                  lang=lang, trng=trng, near_share=near_share,
                                                  near_max_s=gaps, alphabet=alphabet,
-                                                 value_frames=value_frames, quiz=quiz, same_speaker=same_speaker)
+                                                 value_frames=value_frames, quiz=quiz, same_speaker=same_speaker,
+                                           tie=tie)
                 cols = [text_tokens([(t / FRAME_RATE, (t + L) / FRAME_RATE, lang.words[x], None) for t, L, x in said[s]],
                                     tok, F, FRAME_RATE, where=f"{out} conversation {n} stream {s}") for s in range(2)]
                 c = np.concatenate([np.stack(cols, 1), c.reshape(F, -1)], 1)
@@ -719,6 +734,9 @@ def main(argv=None):
                         "fall inside the attention window, the drills teach copying")
     s.add_argument("--same_speaker", type=lambda v: v.lower() in ("1", "true", "yes"), default=False,
                    help="true: a pattern comes back from the speaker who said it first (default: either speaker)")
+    s.add_argument("--tied_patterns", type=lambda v: v.lower() in ("1", "true", "yes"), default=False,
+                   help="true: a recall pattern's acoustic codes follow from its semantic codes through one "
+                        "fixed table, as in speech (default: each codebook drawn on its own)")
     s.add_argument("--quiz_share", type=float, default=0.0,
                    help="share of conversations that are recall drills: events back to back, nearly half the "
                         "frames recalled (a model learns to recall from these; scattered events are too rare)")
@@ -760,7 +778,7 @@ def _run(ap, a):
                       text=a.text, text_words=a.text_words, text_vocab=a.text_vocab, events_per_min=a.events_per_min,
                       near_share=a.near_share, near_max_s=a.near_max_s, pattern_codes=a.pattern_codes,
                       value_frames=a.value_frames, quiz_share=a.quiz_share,
-                      same_speaker=a.same_speaker, quiz_max_s=a.quiz_max_s)
+                      same_speaker=a.same_speaker, quiz_max_s=a.quiz_max_s, tied_patterns=a.tied_patterns)
         print(f"wrote {n} conversations to {a.out}" + (f" (tokenizer: {a.out}.spm.model)" if a.text else ""))
     elif a.cmd == "align":
         st = align(a.codes, a.transcripts, a.spm, a.out, a.main, a.allow_missing)

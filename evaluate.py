@@ -15,7 +15,9 @@ and for ninety.
 2. Recall. The synthetic conversations hold recall events (data.py): a value pattern of 8 frames (or --value_frames) of
    uniformly random codes (from all 2048 per codebook, or a fixed set of --pattern_codes A) is said
    once, and again up to an hour later after the same key. Loss and top-1 accuracy on the second
-   saying's codes, bucketed by the distance since the first, measure long-range memory. Chance is
+   saying's semantic codes (the first codebook: with --tied_patterns the others follow from it, so
+   they would score without any memory), bucketed by the distance since the first, measure
+   long-range memory. Chance is
    1/A (accuracy) and ln A nats (loss): nothing before the first saying predicts it, and the first
    saying itself is reported as that control. A
    distance shorter than the model's attention window can be solved by attention; a longer one only
@@ -71,8 +73,8 @@ def chunk(f, convs, start, T, delays, initial):
 
 
 def recall_entries(f, events, convs, cfg):
-    """Every value code of every recall event of these conversations, as rows (row, input position,
-    audio column, saying), sorted by position. Saying 2e is event e's first mention (the control),
+    """Every semantic value code of every recall event of these conversations, as rows (row, input
+    position, audio column, saying), sorted by position. Saying 2e is event e's first mention (the control),
     2e+1 its recall. Delays: column c of frame t is the target at input position t + delay[c]."""
     dl = cfg.col_delays()[cfg.n_text:]
     K = cfg.n_codebooks
@@ -83,7 +85,7 @@ def recall_entries(f, events, convs, cfg):
         s1 = [k for k in range(f.n_streams) if np.array_equal(audio[first:first + vlen, k], audio[recall:recall + vlen, s])]
         for say, start, st in ((2 * e, first, s1[:1]), (2 * e + 1, recall, [s])):
             for i in range(vlen):
-                for a in [a for k in st for a in range(k * K, (k + 1) * K)]:
+                for a in [k * K for k in st]:                   # the stream's semantic codebook
                     p = start + i + dl[a]
                     if p < len(audio):
                         rows.append((r, p, a, say))

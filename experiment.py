@@ -48,7 +48,8 @@ SCALES = {
     "cpu-test": dict(
         train_hours=0.25, train_minutes=(1.0, 3.0),     # conversations of 1-3 minutes
         heldout=(2, 2.0),                                # 2 held-out conversations of 2 minutes
-        recall=dict(events_per_min=6.0, near_share=0.75, near_max_s=10.0, pattern_codes=64, value_frames=12),
+        recall=dict(events_per_min=6.0, near_share=0.75, near_max_s=10.0, pattern_codes=64, value_frames=12,
+                    tied_patterns=True),
         train_quiz=dict(quiz_share=0.5, quiz_max_s=4.0),
         n_codebooks=2,
         model=dict(preset="tiny", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, window=16, n_ttt=1,
@@ -65,7 +66,9 @@ SCALES = {
     # 16 rows x 512 frames (41 s): every row walks whole conversations with its state carried.
     # Recall events (data.py): 8 a minute asked (about 5 fit), values of 32 frames (2.6 s), keys and
     # values drawn from 64 codes per codebook (chance 1/64), a pattern coming back from the speaker
-    # who said it. Three in four come back 2-30 s later, inside one training chunk, so storing a
+    # who said it, its acoustic codes following from its semantic ones as in speech (tied_patterns:
+    # with 8 codebooks drawn on their own, scripts/recall_pilot.py stays at chance through 8000 steps;
+    # tied, it learns the drills). Three in four come back 2-30 s later, inside one training chunk, so storing a
     # pattern gets a gradient (from 20 s on, beyond the window, only TTT can serve it); the others
     # 10 s to 60 min later, for the evaluation out to 90 minutes. Three in four training
     # conversations are recall drills (events back to back: 43% of their frames are recalled
@@ -80,7 +83,7 @@ SCALES = {
     "gpu": dict(
         train_hours=200.0, train_minutes=(10.0, 90.0),
         recall=dict(events_per_min=8.0, near_share=0.75, near_max_s=30.0, pattern_codes=64, value_frames=32,
-                    same_speaker=True),
+                    same_speaker=True, tied_patterns=True),
         train_quiz=dict(quiz_share=0.75, quiz_max_s=2.0),
         heldout=(4, 90.0),
         n_codebooks=8,
@@ -281,7 +284,7 @@ def summary(a, results, losses):
     held = f"{any_r['conversations']} held-out conversations, {any_r['minutes'] / any_r['conversations']:.0f} minutes each"
     out = [f"# Long-conversation experiment (scale `{a.scale}`)", "",
            f"{held}. Loss: the training objective (model.loss_fn). Recall: top-1 accuracy on the "
-           f"recalled value codes; chance {ch['accuracy']:.2g} (1/{round(1 / ch['accuracy'])}), chance loss "
+           f"recalled values' semantic codes; chance {ch['accuracy']:.2g} (1/{round(1 / ch['accuracy'])}), chance loss "
            f"{ch['loss']:.2f}. In/beyond window: distance since the first mention shorter/longer than "
            "the model's own attention window.", "",
            "| model | window | TTT | state / conversation | last train loss | loss min 1-5 | loss last 5 min "

@@ -4,7 +4,7 @@ a synthetic codes file (data.py synthetic) and prints, every --every steps, the 
 are answerable recalls (a recalled value frame whose first mention is inside the same window) and
 the top-1 accuracy on their semantic codebook: over the training batches since the last print, and
 over every whole window of a held-out file (chance 1/64 with --pattern_codes 64).
-A quick check of a data layout before a long run; minibatch windows, fresh state, float32, CPU.
+A quick check of a data layout before a long run; minibatch windows, fresh state, float32, CPU or --device cuda.
 
     python data.py synthetic --out drills.bin --hours 40 --min_minutes 2 --max_minutes 4 \
         --n_codebooks 1 --events_per_min 8 --near_share 1 --near_max_s 2 --pattern_codes 64 \
@@ -20,6 +20,10 @@ are answerable recalls, and held-out accuracy jumps from chance to 39% at step 3
 step 400. With --near_max_s 15 only 4% are, and the accuracy over all recalled frames stays at
 chance (0.015) through step 1000. The immediate drills with --n_codebooks 8 (each codebook drawn
 on its own): 26% answerable, still at chance at step 2500 (training 0.016, held-out 0.019).
+On an H100 (--device cuda --steps 8000 --every 500): one codebook, held-out 1.000 at step 500; 8
+codebooks drawn on their own, chance through step 8000; 8 codebooks with --tied_patterns true (the
+acoustic codes follow from the semantic one, as in speech), 0.44 at step 1000 and 1.000 from 6000
+(on the CPU the same jump to 0.44 came at step 900-1000).
 """
 import argparse
 import os
@@ -74,14 +78,16 @@ def main(argv=None):
     ap.add_argument("--depth_layers", type=int, default=1)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (float32 either way)")
     a = ap.parse_args(argv)
+    dev = torch.device(a.device)
     torch.manual_seed(a.seed)
     f, hf = CodesFile(a.data, check_codes=False), CodesFile(a.held, check_codes=False)
     masks, held_masks = recall_masks(f, D.load_events(a.data)), recall_masks(hf, D.load_events(a.held))
     K = f.n_codebooks
     cfg = Config.preset("demo", n_codebooks=K, dim=a.dim, n_layers=a.layers, n_heads=a.dim // 32,
                         n_kv_heads=a.dim // 64, hidden=3 * a.dim, window=a.seq_len, n_ttt=0, depth_layers=a.depth_layers)
-    model = SpeechLM(cfg)
+    model = SpeechLM(cfg).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.1, betas=(0.9, 0.95))
     delays, initial = cfg.col_delays(), cfg.col_cards()
     rng = np.random.default_rng(a.seed)
@@ -91,8 +97,9 @@ def main(argv=None):
     for step in range(1, a.steps + 1):
         cs = rng.choice(len(f.lengths), size=a.batch)
         st = [int(rng.integers(0, f.lengths[c] - a.seq_len + 1)) for c in cs]
-        x = torch.from_numpy(np.stack([D.window(f.conversation(c), s, a.seq_len, delays, initial) for c, s in zip(cs, st)]))
-        mk = torch.from_numpy(np.stack([answerable(masks, c, s, a.seq_len, f.n_streams) for c, s in zip(cs, st)]))
+        x = torch.from_numpy(np.stack([D.window(f.conversation(c), s, a.seq_len, delays, initial)
+                                       for c, s in zip(cs, st)])).to(dev)
+        mk = torch.from_numpy(np.stack([answerable(masks, c, s, a.seq_len, f.n_streams) for c, s in zip(cs, st)])).to(dev)
         seen += a.batch * a.seq_len
         for g in opt.param_groups:
             g["lr"] = a.lr * min(1.0, step / 50)
@@ -110,8 +117,8 @@ def main(argv=None):
             with torch.no_grad():
                 for c in range(len(hf.lengths)):
                     for s in range(0, hf.lengths[c] - a.seq_len + 1, a.seq_len):
-                        xx = torch.from_numpy(D.window(hf.conversation(c), s, a.seq_len, delays, initial))[None]
-                        m = torch.from_numpy(answerable(held_masks, c, s, a.seq_len, hf.n_streams))[None]
+                        xx = torch.from_numpy(D.window(hf.conversation(c), s, a.seq_len, delays, initial))[None].to(dev)
+                        m = torch.from_numpy(answerable(held_masks, c, s, a.seq_len, hf.n_streams))[None].to(dev)
                         if m.any():
                             dh, dn = hits(model(xx)[0], xx, m, K)
                             hh, hn = hh + dh, hn + dn

@@ -128,7 +128,8 @@ def test_evaluation_memory_does_not_grow_with_the_conversation(tmp_path, one_thr
 
 
 def test_recall_entries_point_at_the_value_codes(tmp_path):
-    # with delays and both streams: every entry's target in the delayed input is the value code
+    # with delays and both streams: every entry's target in the delayed input is the value's
+    # semantic code (the other codebooks are not measured: tied patterns would score without memory)
     p = str(tmp_path / "h.bin")
     synthetic(p, hours=0.1, min_minutes=3, max_minutes=3, n_codebooks=3, seed=3, quiet=True)
     f, events = CodesFile(p), load_events(p)
@@ -141,7 +142,7 @@ def test_recall_entries_point_at_the_value_codes(tmp_path):
     for say in (0, 1):                                         # first mentions, then recalls
         mine = e[e[:, 3] % 2 == say]
         ev = events[mine[:, 3] // 2]
-        assert len(mine) == len(events) * 8 * K                 # 8 frames x K codebooks each
+        assert len(mine) == len(events) * 8 and (mine[:, 2] % K == 0).all()   # 8 frames, semantic codebook
         start = ev[:, 2 + say]
         frame = mine[:, 1] - np.array(cfg.col_delays())[mine[:, 2]]
         i = frame - start
@@ -250,6 +251,23 @@ def test_quiz_conversations(tmp_path):
               near_max_s=20.0, pattern_codes=16, value_frames=L, quiz_share=1.0)
     short, long = (np.median(load_events(x)[:, 3] - load_events(x)[:, 2]) for x in (q, r))
     assert short <= 3.0 * 12.5 < 8 * 12.5 < long
+
+
+def test_tied_patterns(tmp_path):
+    # --tied_patterns: a pattern's acoustic codes are a fixed function of its semantic code (one table
+    # for the whole file); untied, the same semantic code comes with other acoustic codes
+    L = 8
+    for tied in (True, False):
+        p = str(tmp_path / f"t{tied}.bin")
+        synthetic(p, hours=0.2, min_minutes=3, max_minutes=3, n_codebooks=4, seed=5, quiet=True, near_share=1.0,
+                  near_max_s=6.0, pattern_codes=16, value_frames=L, quiz_share=1.0, tied_patterns=tied)
+        f, events = CodesFile(p), load_events(p)
+        seen = {}
+        for c, s, first, second, _ in events:
+            for frame in np.asarray(f.audio(int(c)))[second:second + L, s]:   # [K], the recalled value
+                seen.setdefault(int(frame[0]), set()).add(tuple(int(x) for x in frame[1:]))
+        assert len(seen) == 16
+        assert all(len(v) == 1 for v in seen.values()) == tied
 
 
 def test_recall_pilot_runs(tmp_path, capsys):
