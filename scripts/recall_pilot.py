@@ -23,7 +23,8 @@ on its own): 26% answerable, still at chance at step 2500 (training 0.016, held-
 On an H100 (--device cuda --steps 8000 --every 500): one codebook, held-out 1.000 at step 500; 8
 codebooks drawn on their own, chance through step 8000; 8 codebooks with --tied_patterns true (the
 acoustic codes follow from the semantic one, as in speech), 0.44 at step 1000 and 1.000 from 6000
-(on the CPU the same jump to 0.44 came at step 900-1000).
+(on the CPU the same jump to 0.44 came at step 900-1000; with --depth_layers 2 it only starts at
+step 1500, held-out 0.059).
 """
 import argparse
 import os
