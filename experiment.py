@@ -91,7 +91,7 @@ SCALES = {
                    n_ttt=2, ttt_heads=8, ttt_mini_batch=16, depth_dim=256, depth_layers=2, depth_heads=4),
         long_window=3000,
         train=dict(seq_len=512, batch_size=16, max_steps=4000, lr=1e-3, min_lr=1e-4, warmup=100,
-                   log_interval=100),
+                   log_interval=100, eval_interval=500),   # a checkpoint every 500 steps: Ctrl-C, then resume
         eval=dict(chunk=512, batch=4, gen_minutes=90.0, gen_budget_s=20),
     ),
 }
@@ -214,6 +214,12 @@ def pipeline(name, sc, a, train_path, held_path, gpu, in_process):
             print_flush(f"[{name}] training {where}; log {os.path.join(run_dir, 'train.log')}")
             run_job("train", train_argv(sc, name, train_path, run_dir), os.path.join(run_dir, "train.log"),
                     gpu, in_process, a.threads, losses_path)
+            if not _done(losses_path, sc["train"]["max_steps"]):   # interrupted (Ctrl-C): checkpoint kept
+                with open(losses_path) as fh:
+                    n = len(json.load(fh))
+                print_flush(f"[{name}] stopped at step {n} of {sc['train']['max_steps']}; the same command "
+                            "resumes from its checkpoint")
+                return False
             if not a.keep_optimizer:  # the resumable checkpoint (model + AdamW state): not needed once done
                 for f in os.listdir(run_dir):
                     if f.startswith("ckpt") and f.endswith(".pt"):
@@ -227,6 +233,7 @@ def pipeline(name, sc, a, train_path, held_path, gpu, in_process):
         run_job("evaluate", eval_argv(sc, run_dir, held_path), os.path.join(run_dir, "eval.log"), gpu, in_process,
                 a.threads)
         print_flush(f"[{name}] evaluated in {_fmt(time.time() - t0)}")
+    return True
 
 
 def _done(path, steps):
@@ -418,17 +425,34 @@ def main(argv=None):
 
         def job(name):
             try:
-                pipeline(name, sc, a, train_path, held_path, gpu_of[name], in_process)
+                if not pipeline(name, sc, a, train_path, held_path, gpu_of[name], in_process):
+                    with lock:
+                        stopped.append(name)
             except Exception as e:
                 with lock:
                     failed.append(name)
                 print_flush(f"[{name}] FAILED: {e}")
+        stopped = []
         if in_process:
             for n in a.variants:
                 job(n)
+                if stopped:
+                    break
         else:
-            with ThreadPoolExecutor(parallel) as pool:
-                list(pool.map(job, a.variants))
+            pool = ThreadPoolExecutor(parallel)
+            futures = [pool.submit(job, n) for n in a.variants]
+            try:
+                for f in futures:
+                    f.result()
+            except KeyboardInterrupt:   # the trainings got the signal too: each finishes its step and checkpoints
+                print_flush("interrupted: waiting for the trainings to write their checkpoints")
+                for f in futures:
+                    f.cancel()
+                pool.shutdown(wait=True)
+                stopped.append("interrupted")
+            pool.shutdown(wait=True)
+        if stopped:
+            sys.exit("stopped before the end of training: run the same command again to resume")
         print_flush(f"runs: {_fmt(time.time() - t0)} so far")
     if "report" in a.stages:
         report(a, [n for n in a.variants if n not in failed])

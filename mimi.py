@@ -51,9 +51,14 @@ QUERY_BLOCK = 250      # attention queries per block; each block reads Q + CONTE
 # Streaming steps are small: a frame is 1920 samples at the SEANet's first layer and 2 steps at the
 # transformer's. Convolutions over at most SMALL_CONV samples (batch included) run on CUDA as one matrix
 # product over the unfolded input (cuDNN's kernels for such shapes spend up to 100 us on one convolution,
-# the matrix product a few); "always" does so on every device (the tests), "never" nowhere.
-SMALL_CONV, CONV_AS_MATMUL = 8192, "cuda"
+# the matrix product a few). STEP_ROUTES says where this and the two routes below are taken: "cuda",
+# "always" (every device: the tests) or "never".
+SMALL_CONV, STEP_ROUTES = 8192, "cuda"
 SMALL_ATTENTION = 16   # on CUDA, attention for at most this many queries is written out (no fused kernel)
+# Compiled CUDA steps: a matrix product over at most SMALL_ROWS rows (the 25 Hz layers of a streaming frame)
+# is written as products and sums, which Inductor turns into one reduction kernel that streams the weight
+# at close to memory speed; cuBLAS's kernels for such shapes take 5-60 us (a 4 MB weight: 6.4 us, H100).
+SMALL_ROWS = 16
 
 MOSHI_REPO, MOSHI_FILE = "kyutai/moshiko-pytorch-bf16", "tokenizer-e351c8d8-checkpoint125.safetensors"
 HF_REPO, HF_FILE = "kyutai/mimi", "model.safetensors"
@@ -118,9 +123,25 @@ class Conv(nn.Module):
         return _conv(self.conv, x)
 
 
+def _routes(x):
+    return STEP_ROUTES == "always" or (STEP_ROUTES == "cuda" and x.is_cuda)
+
+
 def _small(x):
-    small = x.is_cuda and x.shape[0] * x.shape[-1] <= SMALL_CONV
-    return CONV_AS_MATMUL == "always" or (CONV_AS_MATMUL == "cuda" and small)
+    return _routes(x) and x.shape[0] * x.shape[-1] <= SMALL_CONV
+
+
+def _few_rows(x):
+    return torch.compiler.is_compiling() and _routes(x) and x.numel() <= SMALL_ROWS * x.shape[-1]
+
+
+def linear(x, w):
+    """x [..., K] @ w [N, K].T: F.linear, or products and sums over few rows in a compiled CUDA step."""
+    return linear_as_sum(x, w) if _few_rows(x) else F.linear(x, w)
+
+
+def linear_as_sum(x, w):
+    return (x[..., None, :] * w).sum(-1)
 
 
 def _conv(conv, x):
@@ -130,7 +151,7 @@ def _conv(conv, x):
     (k,), (s,), (d,) = conv.kernel_size, conv.stride, conv.dilation
     u = x.unfold(-1, (k - 1) * d + 1, s)[..., ::d]                             # [B, Cin, Tout, k]
     u = u.transpose(2, 3).reshape(x.shape[0], -1, u.shape[2])                  # [B, Cin * k, Tout]
-    y = torch.matmul(conv.weight.reshape(conv.out_channels, -1), u)
+    y = linear(u.transpose(1, 2), conv.weight.reshape(conv.out_channels, -1)).transpose(1, 2)
     return y if conv.bias is None else y + conv.bias[:, None]
 
 
@@ -144,7 +165,7 @@ def _conv_tr(convtr, x):
     B, _, T = x.shape
     w = convtr.weight                                                          # [Cin, Cout / g, k]
     if g == 1:
-        z = torch.matmul(w.reshape(Cin, Cout * k).t(), x).view(B, Cout, k, T)
+        z = linear(x.transpose(1, 2), w.reshape(Cin, Cout * k).t()).transpose(1, 2).view(B, Cout, k, T)
     else:
         z = w[:, 0, :, None] * x[:, :, None, :]                                 # [B, C, k, T]
     z = z.view(B, Cout, k // s, s, T).transpose(3, 4).reshape(B, Cout, k // s, T * s)
@@ -258,7 +279,7 @@ def windowed_attention(q, kv, mask):
     nb, Q, L = mask.shape
     if nb == 1:
         k, v = kv.permute(2, 0, 3, 1, 4)                                      # [B, H, C + T, hd] each
-        if T <= SMALL_ATTENTION and q.is_cuda:  # a streaming step: a fused kernel would idle (CPUs: no gain)
+        if T <= SMALL_ATTENTION and _routes(q):  # a streaming step: a fused kernel would idle (CPUs: no gain)
             f, q = torch.promote_types(q.dtype, torch.float32), q.transpose(1, 2)
             if torch.compiler.is_compiling():  # products and sums: each one small fused reduction kernel
                 a = (q[:, :, :, None].to(f) * k[:, :, None].to(f)).sum(-1)     # [B, H, T, C + T]
@@ -299,14 +320,14 @@ class Layer(nn.Module):
         # x [B, T, D]; rot [T, 3, 1, hd/2]; mask [nb, Q, Q + C]; cache [B, C, 2, H, hd], updated in place
         B, T, D = x.shape
         H = self.n_heads
-        qkv = self.in_proj(self.norm1(x)).view(B, T, 3, H, D // H // 2, 2)
+        qkv = linear(self.norm1(x), self.in_proj.weight).view(B, T, 3, H, D // H // 2, 2)
         re, im = qkv.float().unbind(-1)                                        # [B, T, 3, H, hd/2] each
         cos, sin = rot
         qkv = torch.stack([re * cos - im * sin, re * sin + im * cos], -1).to(x.dtype).flatten(-2)
         kv = torch.cat([cache, qkv[:, :, 1:]], dim=1)                         # [B, C + T, 2, H, hd]
         cache.copy_(kv[:, T:])
-        x = torch.addcmul(x, self.layer_scale_1, self.out_proj(windowed_attention(qkv[:, :, 0], kv, mask)))
-        h = self.linear2(F.gelu(self.linear1(self.norm2(x))))
+        x = torch.addcmul(x, self.layer_scale_1, linear(windowed_attention(qkv[:, :, 0], kv, mask), self.out_proj.weight))
+        h = linear(F.gelu(linear(self.norm2(x), self.linear1.weight)), self.linear2.weight)
         return torch.addcmul(x, self.layer_scale_2, h)
 
 
@@ -365,7 +386,8 @@ class RVQ(nn.Module):
         codes = []
         for cb, sq in zip(self.codebook, self.codebook_sq):
             # argmin |r - c|^2 = argmin |c|^2 - 2 r.c: the matmul route torch.cdist takes in moshi
-            idx = torch.addmm(sq, r, cb.T, alpha=-2).argmin(-1)               # [N]
+            d = sq - 2 * linear_as_sum(r, cb) if _few_rows(r) else torch.addmm(sq, r, cb.T, alpha=-2)
+            idx = d.argmin(-1)                                                 # [N]
             r = r - cb[idx]
             codes.append(idx)
         return torch.stack(codes, 1).view(B, Fr, -1).transpose(1, 2)

@@ -274,7 +274,7 @@ def train(tc, overrides):
     ckpt_path = os.path.join(tc.out_dir, "ckpt.pt")
     rank_path = os.path.join(tc.out_dir, f"ckpt_rank{rank}.pt")
     states = [None] * A
-    step = 0
+    step, losses = 0, []
     if tc.resume and os.path.exists(ckpt_path):
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         if ck["model_config"] != asdict(cfg):
@@ -283,7 +283,7 @@ def train(tc, overrides):
         if ck["world"] != world:
             raise ValueError(f"{ckpt_path} was written by {ck['world']} processes, this run has {world}")
         _load_model_opt(raw, opt, ck, tc.fsdp)
-        step = ck["step"]
+        step, losses = ck["step"], ck.get("losses", [])
         mine = torch.load(rank_path, map_location="cpu", weights_only=False)
         for s, d in zip(samplers, mine["samplers"]):
             s.load_state_dict(d)
@@ -305,7 +305,7 @@ def train(tc, overrides):
         if ddp:
             torch.distributed.barrier()
         if master:
-            save_atomic({"model": msd, "optimizer": osd, "step": step, "train_config": asdict(tc),
+            save_atomic({"model": msd, "optimizer": osd, "step": step, "losses": losses, "train_config": asdict(tc),
                          "model_config": asdict(cfg), "world": world}, ckpt_path)
             nn_save(cfg, msd, os.path.join(tc.out_dir, "model.safetensors"), step, getattr(torch, tc.export_dtype))
             spm = tc.data + ".spm.model"   # the text stream's tokenizer (data.py): generate.py --text_out reads it
@@ -333,8 +333,7 @@ def train(tc, overrides):
               f"{cfg.window} frames ({cfg.window / 12.5:.0f} s), TTT-{cfg.ttt_type} in the top {cfg.n_ttt}")
         print(f"data: {len(train_ids)} conversations for training, {len(val_ids)} for validation; "
               f"{tc.mode} mode, {frames_per_step} frames a step ({frames_per_step / 12.5 / 60:.1f} min of audio)")
-    t0, t_start, last = time.time(), time.time(), None
-    losses = []
+    t0, t_start, last, first = time.time(), time.time(), None, step
     while step < tc.max_steps:
         lr = lr_at(tc, step)
         for g in opt.param_groups:
@@ -379,7 +378,7 @@ def train(tc, overrides):
             n_steps = step - (last or 0) if last is not None else min(step, tc.log_interval)
             fps = frames_per_step * n_steps / max(dt, 1e-9)
             mfu = f" | MFU {fps * fpf / world / H100_BF16_FLOPS:.1%}" if device.type == "cuda" else ""
-            eta = (time.time() - t_start) / len(losses) * (tc.max_steps - step)
+            eta = (time.time() - t_start) / (step - first) * (tc.max_steps - step)
             groups = " ".join(f"{k[:4]} {v.item():.3f}" for k, v in parts_sum.items())
             print(f"step {step}/{tc.max_steps} ({step / tc.max_steps:.0%}) | loss {lv:.4f} ({groups}) | "
                   f"lr {lr:.2e} | norm {norm.item():.2f} | {fps:,.0f} frames/s{mfu} | eta {_fmt(eta)}", flush=True)

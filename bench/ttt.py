@@ -282,7 +282,7 @@ def tune(tokens, H, d, Ts, dev):
     print("| warps | stages | " + " | ".join(f"T={T}" for T in Ts) + " |")
     print("|---:|---:|" + "---:|" * len(Ts))
     keep = dict(ttt.TRITON_FWD)
-    for warps in (4, 8):
+    for warps in (4, 8, 16):
         for stages in (1, 2, 3):
             ttt.TRITON_FWD.update(num_warps=warps, stages=stages)
             cells = []
@@ -304,6 +304,7 @@ def main():
     ap.add_argument("--only", choices=["streaming", "chunked", "tune"], default=None,
                     help="just the streaming-step table (every mode), just the chunked tables, or a "
                          "sweep of the Triton forward kernel's launch settings")
+    ap.add_argument("--T", type=int, nargs="+", default=None, help="sequence lengths (default 2048 8192 32768)")
     args = ap.parse_args()
     dev = torch.device(args.device)
     if args.quick:
@@ -311,6 +312,7 @@ def main():
         tokens, H, d, Ts, bs, dim, batches = 128, 2, 16, [32, 64], [16], 64, [1, 2]
     else:
         tokens, H, d, Ts, bs, dim, batches = 65536, 16, 64, [2048, 8192, 32768], [16, 64], 1024, [1, 64]
+    Ts = args.T or Ts
     fast = dev.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
     print(f"# TTT bench on {name}, torch {torch.__version__}"

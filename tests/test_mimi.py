@@ -165,7 +165,7 @@ def test_streaming_equals_batch(small, calib, sizes):
                          [(1, 16, 7, 1, 1), (16, 8, 3, 1, 3), (8, 16, 8, 4, 1), (64, 128, 16, 8, 1)])
 def test_conv_as_matrix_product(monkeypatch, cin, cout, k, stride, dilation):
     # the route short CUDA inputs take (streaming steps), checked here on the CPU
-    monkeypatch.setattr(mimi, "CONV_AS_MATMUL", "always")
+    monkeypatch.setattr(mimi, "STEP_ROUTES", "always")
     conv = torch.nn.Conv1d(cin, cout, k, stride, dilation=dilation).double()
     x = torch.randn(2, cin, 5 * stride + (k - 1) * dilation, dtype=torch.float64)
     assert torch.allclose(mimi._conv(conv, x), conv(x), rtol=0, atol=1e-12)
@@ -173,17 +173,26 @@ def test_conv_as_matrix_product(monkeypatch, cin, cout, k, stride, dilation):
 
 @pytest.mark.parametrize("cin,cout,k,stride,groups", [(32, 16, 8, 4, 1), (16, 16, 4, 2, 16), (8, 4, 6, 2, 1)])
 def test_transposed_conv_as_matrix_product(monkeypatch, cin, cout, k, stride, groups):
-    monkeypatch.setattr(mimi, "CONV_AS_MATMUL", "always")
+    monkeypatch.setattr(mimi, "STEP_ROUTES", "always")
     conv = torch.nn.ConvTranspose1d(cin, cout, k, stride, groups=groups, bias=groups == 1).double()
     x = torch.randn(2, cin, 7, dtype=torch.float64)
     y = mimi._conv_tr(conv, x)
     assert y.shape == conv(x).shape and torch.allclose(y, conv(x), rtol=0, atol=1e-12)
 
 
-def test_streaming_with_matrix_product_convs_equals_batch(small, calib, monkeypatch):
+def test_linear_as_sum():
+    x, w = torch.randn(3, 2, 40, dtype=torch.float64), torch.randn(24, 40, dtype=torch.float64)
+    assert torch.allclose(mimi.linear_as_sum(x, w), torch.nn.functional.linear(x, w), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("compiled_form", [False, True], ids=["eager-form", "compiled-form"])
+def test_streaming_with_matrix_product_convs_equals_batch(small, calib, monkeypatch, compiled_form):
+    # the GPU routes of a streaming step, taken on the CPU: convolutions as matrix products, attention
+    # written out and (the forms a compiled step takes) products and sums for few-row matrix products
     codes, audio = small.encode(calib), small.decode(small.encode(calib))
-    monkeypatch.setattr(mimi, "CONV_AS_MATMUL", "always")
+    monkeypatch.setattr(mimi, "STEP_ROUTES", "always")
     monkeypatch.setattr(mimi, "SMALL_CONV", 10 ** 9)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiled_form)
     s_codes, s_audio = stream(small, calib, codes, [1, 4])
     assert_same(s_codes, codes, s_audio, audio)
 
