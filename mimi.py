@@ -131,13 +131,13 @@ def _small(x):
     return _routes(x) and x.shape[0] * x.shape[-1] <= SMALL_CONV
 
 
-def _few_rows(x):
-    return torch.compiler.is_compiling() and _routes(x) and x.numel() <= SMALL_ROWS * x.shape[-1]
+def _few_rows(x, rows):
+    return torch.compiler.is_compiling() and _routes(x) and rows <= SMALL_ROWS
 
 
 def linear(x, w):
     """x [..., K] @ w [N, K].T: F.linear, or products and sums over few rows in a compiled CUDA step."""
-    return linear_as_sum(x, w) if _few_rows(x) else F.linear(x, w)
+    return linear_as_sum(x, w) if _few_rows(x, x.numel() // x.shape[-1]) else F.linear(x, w)
 
 
 def linear_as_sum(x, w):
@@ -151,7 +151,8 @@ def _conv(conv, x):
     (k,), (s,), (d,) = conv.kernel_size, conv.stride, conv.dilation
     u = x.unfold(-1, (k - 1) * d + 1, s)[..., ::d]                             # [B, Cin, Tout, k]
     u = u.transpose(2, 3).reshape(x.shape[0], -1, u.shape[2])                  # [B, Cin * k, Tout]
-    y = linear(u.transpose(1, 2), conv.weight.reshape(conv.out_channels, -1)).transpose(1, 2)
+    w = conv.weight.reshape(conv.out_channels, -1)
+    y = linear_as_sum(u.transpose(1, 2), w).transpose(1, 2) if _few_rows(x, u.shape[0] * u.shape[2]) else w @ u
     return y if conv.bias is None else y + conv.bias[:, None]
 
 
@@ -165,7 +166,8 @@ def _conv_tr(convtr, x):
     B, _, T = x.shape
     w = convtr.weight                                                          # [Cin, Cout / g, k]
     if g == 1:
-        z = linear(x.transpose(1, 2), w.reshape(Cin, Cout * k).t()).transpose(1, 2).view(B, Cout, k, T)
+        w = w.reshape(Cin, Cout * k).t()
+        z = (linear_as_sum(x.transpose(1, 2), w).transpose(1, 2) if _few_rows(x, B * T) else w @ x).view(B, Cout, k, T)
     else:
         z = w[:, 0, :, None] * x[:, :, None, :]                                 # [B, C, k, T]
     z = z.view(B, Cout, k // s, s, T).transpose(3, 4).reshape(B, Cout, k // s, T * s)
@@ -386,7 +388,7 @@ class RVQ(nn.Module):
         codes = []
         for cb, sq in zip(self.codebook, self.codebook_sq):
             # argmin |r - c|^2 = argmin |c|^2 - 2 r.c: the matmul route torch.cdist takes in moshi
-            d = sq - 2 * linear_as_sum(r, cb) if _few_rows(r) else torch.addmm(sq, r, cb.T, alpha=-2)
+            d = sq - 2 * linear_as_sum(r, cb) if _few_rows(r, r.shape[0]) else torch.addmm(sq, r, cb.T, alpha=-2)
             idx = d.argmin(-1)                                                 # [N]
             r = r - cb[idx]
             codes.append(idx)

@@ -140,16 +140,75 @@ def inputs(kind, B, H, T, d, b, dev, grad):
     return xs
 
 
-def run_impl(impl, kind, xs, b):
+def run_impl(impl, kind, xs, b, checkpoint_group=16, host_pos=False):
     q, k, v, lr, tau, ln_w, ln_b, *W = xs
     B = q.shape[0]
     Wb = [w[None].expand(B, *w.shape) for w in W]               # broadcast to the batch
     if impl == "loop":
         return (loop_linear if kind == "linear" else loop_mlp)(q, k, v, lr, tau, ln_w, ln_b, b, *Wb)
     fn = ttt.ttt_linear if kind == "linear" else ttt.ttt_mlp
+    # host_pos: the position inside the mini-batch lives on the host, so the call never syncs (a CUDA graph)
     state = ttt.TTTState(tuple(w.contiguous() for w in Wb), tuple(torch.zeros_like(w) for w in Wb),
-                         torch.zeros((), dtype=torch.int64, device=q.device))
-    return fn(q, k, v, lr, tau, ln_w, ln_b, b, state, impl=impl, checkpoint_group=16)[0]
+                         torch.zeros((), dtype=torch.int64, device="cpu" if host_pos else q.device))
+    return fn(q, k, v, lr, tau, ln_w, ln_b, b, state, impl=impl, checkpoint_group=checkpoint_group)[0]
+
+
+def graphed_row(kind, B, H, T, d, b, dev, impl="compile"):
+    """The whole chunked call replayed as CUDA graphs (fixed shapes, as in training with a fixed
+    seq_len): forward captured with torch.cuda.graph, forward+backward with
+    torch.cuda.make_graphed_callables. No gradient checkpointing (its recompute stays eager)."""
+    res = {}
+    for mode in ("fwd", "fwd+bwd"):
+        grad = mode == "fwd+bwd"
+        xs = inputs(kind, B, H, T, d, b, dev, grad)
+        f = lambda *a: run_impl(impl, kind, list(a), b, checkpoint_group=0, host_pos=True)
+        if grad:
+            g = torch.cuda.make_graphed_callables(f, tuple(xs), num_warmup_iters=2)
+
+            def call():
+                g(*xs).float().sum().backward()
+        else:
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s), torch.no_grad():
+                f(*xs)
+                f(*xs)
+            torch.cuda.current_stream().wait_stream(s)
+            gr = torch.cuda.CUDAGraph()
+            with torch.no_grad(), torch.cuda.graph(gr):
+                f(*xs)
+            call = gr.replay
+        res[mode] = measure(call, dev)
+        del call
+        torch.cuda.empty_cache()
+    return res
+
+
+def graph_table(tokens, H, d, Ts, bs, dev):
+    """TTT-MLP: the per-mini-batch loop against the same call (each mini-batch compiled) as CUDA graphs."""
+    print(f"\n## TTT-MLP as CUDA graphs: {tokens} tokens per batch, {H} heads of {d}; Mtok/s (peak GiB)\n")
+    print("| b | impl | " + " | ".join(f"T={T} fwd | T={T} fwd+bwd" for T in Ts) + " |")
+    print("|---:|---|" + "---:|---:|" * len(Ts))
+    fmt = lambda r: f"{tokens / r[0] / 1e6:.3g} ({r[1] / 2 ** 30:.2f})"
+    res = {}
+    for b in bs:
+        for impl in ("loop", "compile+graph"):
+            cells = []
+            for T in Ts:
+                try:
+                    r = (chunked_row("loop", "mlp", tokens // T, H, T, d, b, dev) if impl == "loop"
+                         else graphed_row("mlp", tokens // T, H, T, d, b, dev))
+                    res[b, impl, T] = r
+                    cells += [fmt(r["fwd"]), fmt(r["fwd+bwd"])]
+                except Exception as e:
+                    cells += [f"failed: {e.__class__.__name__}: {str(e)[:80]}", ""]
+                torch.cuda.empty_cache()
+            print(f"| {b} | {impl} | " + " | ".join(cells) + " |", flush=True)
+        cells = []
+        for T in Ts:
+            a, g = res.get((b, "loop", T)), res.get((b, "compile+graph", T))
+            cells += [f"{a[m][0] / g[m][0]:.3g}x" if a and g else "-" for m in ("fwd", "fwd+bwd")]
+        print(f"| {b} | speed-up | " + " | ".join(cells) + " |", flush=True)
 
 
 def chunked_row(impl, kind, B, H, T, d, b, dev, fwd_only=False):
@@ -301,9 +360,10 @@ def main():
     ap.add_argument("--quick", action="store_true", help="tiny sizes, runs on the CPU")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--only", choices=["streaming", "chunked", "tune"], default=None,
-                    help="just the streaming-step table (every mode), just the chunked tables, or a "
-                         "sweep of the Triton forward kernel's launch settings")
+    ap.add_argument("--only", choices=["streaming", "chunked", "tune", "graph"], default=None,
+                    help="just the streaming-step table (every mode), just the chunked tables, a "
+                         "sweep of the Triton forward kernel's launch settings, or TTT-MLP's loop against "
+                         "the same call as CUDA graphs (CUDA)")
     ap.add_argument("--T", type=int, nargs="+", default=None, help="sequence lengths (default 2048 8192 32768)")
     args = ap.parse_args()
     dev = torch.device(args.device)
@@ -326,6 +386,9 @@ def main():
         return
     if args.only == "tune":
         tune(tokens, H, d, Ts, dev)
+        return
+    if args.only == "graph":
+        graph_table(tokens, H, d, Ts, bs, dev)
         return
     if args.only is None:
         streaming_table(modes, dim, H, batches, dev, steps)
