@@ -17,14 +17,23 @@ A quick check of a data layout before a long run; minibatch windows, fresh state
 
 On a 2-core CPU: with --near_max_s 2 (each recall right after its first mention) 26% of the frames
 are answerable recalls, and held-out accuracy jumps from chance to 39% at step 300 and 100% at
-step 400. With --near_max_s 15 only 4% are, and the accuracy over all recalled frames stays at
-chance (0.015) through step 1000. The immediate drills with --n_codebooks 8 (each codebook drawn
-on its own): 26% answerable, still at chance at step 2500 (training 0.016, held-out 0.019).
-On an H100 (--device cuda --steps 8000 --every 500): one codebook, held-out 1.000 at step 500; 8
-codebooks drawn on their own, chance through step 8000; 8 codebooks with --tied_patterns true (the
-acoustic codes follow from the semantic one, as in speech), 0.44 at step 1000 and 1.000 from 6000
-(on the CPU the same jump to 0.44 came at step 900-1000; with --depth_layers 2 it only starts at
-step 1500, held-out 0.059).
+step 400. Such drills can be answered by copying from a fixed distance back. With --near_max_s 10
+(recalls 2-10 s later, other events in between: a lookup by content; --seq_len 256) the model stays at
+chance through step 1000 with --pattern_codes 64 (a code recurs every few frames), and reaches
+0.69 at step 1000 with --pattern_codes 1024 (chance 1/1024). On an H100 (--device cuda
+--every 500): 8 codebooks drawn on their own (64 codes, right after), chance through step 8000;
+8 codebooks with --tied_patterns true (the acoustic codes follow from the semantic one, as in
+speech), 0.44 at step 1000 and 1.000 from 6000; tied, 1024 codes, --near_max_s 10: 0.34 at step
+2000 with --layers 2 --dim 128 --seq_len 256, and 0.30 at step 3000 with --layers 8 --dim 512
+--seq_len 512 (the gpu scale's shape). A depth decoder block slows the jump: with --depth_layers
+2 the tied drills' jump starts only at step 1500 (CPU, held-out 0.059).
+
+    python data.py synthetic --out t0.bin --hours 20 --min_minutes 2 --max_minutes 4 --n_codebooks 8 \
+        --events_per_min 8 --near_share 1 --near_max_s 10 --pattern_codes 1024 --value_frames 32 \
+        --quiz_share 1 --same_speaker true --tied_patterns true
+    (t1.bin: the same with --hours 0.2 --min_minutes 4 --seed 1)
+    python scripts/recall_pilot.py --data t0.bin --held t1.bin --layers 8 --dim 512 --seq_len 512 \
+        --batch 16 --depth_layers 0 --device cuda --steps 4000 --every 500
 """
 import argparse
 import os
