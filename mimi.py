@@ -144,6 +144,13 @@ def linear_as_sum(x, w):
     return (x[..., None, :] * w).sum(-1)
 
 
+def _weight_times(w, u):
+    """w [N, K] @ u [B, K, T] -> [B, N, T]; products and sums over few rows in a compiled CUDA step."""
+    if _few_rows(u, u.shape[0] * u.shape[2]):
+        return linear_as_sum(u.transpose(1, 2), w).transpose(1, 2)
+    return w @ u
+
+
 def _conv(conv, x):
     """conv(x), for a short x as one matrix product: weight [Cout, Cin * k] @ unfolded x [B, Cin * k, Tout]."""
     if conv.groups != 1 or not _small(x):
@@ -151,8 +158,7 @@ def _conv(conv, x):
     (k,), (s,), (d,) = conv.kernel_size, conv.stride, conv.dilation
     u = x.unfold(-1, (k - 1) * d + 1, s)[..., ::d]                             # [B, Cin, Tout, k]
     u = u.transpose(2, 3).reshape(x.shape[0], -1, u.shape[2])                  # [B, Cin * k, Tout]
-    w = conv.weight.reshape(conv.out_channels, -1)
-    y = linear_as_sum(u.transpose(1, 2), w).transpose(1, 2) if _few_rows(x, u.shape[0] * u.shape[2]) else w @ u
+    y = _weight_times(conv.weight.reshape(conv.out_channels, -1), u)
     return y if conv.bias is None else y + conv.bias[:, None]
 
 
@@ -166,8 +172,7 @@ def _conv_tr(convtr, x):
     B, _, T = x.shape
     w = convtr.weight                                                          # [Cin, Cout / g, k]
     if g == 1:
-        w = w.reshape(Cin, Cout * k).t()
-        z = (linear_as_sum(x.transpose(1, 2), w).transpose(1, 2) if _few_rows(x, B * T) else w @ x).view(B, Cout, k, T)
+        z = _weight_times(w.reshape(Cin, Cout * k).t(), x).view(B, Cout, k, T)
     else:
         z = w[:, 0, :, None] * x[:, :, None, :]                                 # [B, C, k, T]
     z = z.view(B, Cout, k // s, s, T).transpose(3, 4).reshape(B, Cout, k // s, T * s)
@@ -328,7 +333,8 @@ class Layer(nn.Module):
         qkv = torch.stack([re * cos - im * sin, re * sin + im * cos], -1).to(x.dtype).flatten(-2)
         kv = torch.cat([cache, qkv[:, :, 1:]], dim=1)                         # [B, C + T, 2, H, hd]
         cache.copy_(kv[:, T:])
-        x = torch.addcmul(x, self.layer_scale_1, linear(windowed_attention(qkv[:, :, 0], kv, mask), self.out_proj.weight))
+        y = linear(windowed_attention(qkv[:, :, 0], kv, mask), self.out_proj.weight)
+        x = torch.addcmul(x, self.layer_scale_1, y)
         h = linear(F.gelu(linear(self.norm2(x), self.linear1.weight)), self.linear2.weight)
         return torch.addcmul(x, self.layer_scale_2, h)
 
@@ -388,7 +394,10 @@ class RVQ(nn.Module):
         codes = []
         for cb, sq in zip(self.codebook, self.codebook_sq):
             # argmin |r - c|^2 = argmin |c|^2 - 2 r.c: the matmul route torch.cdist takes in moshi
-            d = sq - 2 * linear_as_sum(r, cb) if _few_rows(r, r.shape[0]) else torch.addmm(sq, r, cb.T, alpha=-2)
+            if _few_rows(r, r.shape[0]):
+                d = sq - 2 * linear_as_sum(r, cb)
+            else:
+                d = torch.addmm(sq, r, cb.T, alpha=-2)
             idx = d.argmin(-1)                                                 # [N]
             r = r - cb[idx]
             codes.append(idx)
