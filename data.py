@@ -274,7 +274,8 @@ def synthetic(out, hours=20.0, min_minutes=10.0, max_minutes=90.0, n_codebooks=8
     out + '.events.json'. text=True adds a text stream per speaker: the words of a made-up
     language of `text_words` words, tokenized by a `text_vocab`-piece sentencepiece model written
     to out + '.spm.model'. quiz_share: the share of conversations that are recall drills (see
-    synth_conversation), their near events coming back 2 s to quiz_max_s later (0: near_max_s);
+    synth_conversation), all their events coming back 2 s to quiz_max_s later (0: their near events
+    2 s to near_max_s, the others 10 s to an hour, as in ordinary conversations);
     same_speaker: see synth_conversation. tied_patterns: a pattern's acoustic codes follow from its
     semantic ones through one fixed table (see _pattern), else each is drawn on its own. Returns the
     number of conversations."""
@@ -306,15 +307,16 @@ def synthetic(out, hours=20.0, min_minutes=10.0, max_minutes=90.0, n_codebooks=8
             F = int(rng.uniform(min_minutes, max_minutes) * 60 * FRAME_RATE)
             F = max(min(F, total - done), 1)
             quiz = quiz_share > 0 and rng.random() < quiz_share
-            gaps = quiz_max_s if quiz and quiz_max_s else near_max_s     # the drills may have their own
+            own = quiz and quiz_max_s > 0    # the drills' own gaps: every event back 2 s to quiz_max_s later
+            gaps, near = (quiz_max_s, 1.0) if own else (near_max_s, near_share)
             if lang is None:
                 c, ev = synth_conversation(rng, F, n_codebooks, CARD, silence, cues, events_per_min,
-                                           near_share=near_share, near_max_s=gaps, alphabet=alphabet,
+                                           near_share=near, near_max_s=gaps, alphabet=alphabet,
                                            value_frames=value_frames, quiz=quiz, same_speaker=same_speaker,
                                            tie=tie)
             else:
                 c, ev, said = synth_conversation(rng, F, n_codebooks, CARD, silence, cues, events_per_min,
-                                                 lang=lang, trng=trng, near_share=near_share,
+                                                 lang=lang, trng=trng, near_share=near,
                                                  near_max_s=gaps, alphabet=alphabet,
                                                  value_frames=value_frames, quiz=quiz, same_speaker=same_speaker,
                                            tie=tie)
@@ -730,8 +732,9 @@ def main(argv=None):
                    help="draw recall keys and values from this many codes per codebook (0: all %d)" % CARD)
     s.add_argument("--value_frames", type=int, default=VALUE_LEN, help="frames of a recall event's value pattern")
     s.add_argument("--quiz_max_s", type=float, default=0.0,
-                   help="longest gap of a near event in the drills, seconds (0: --near_max_s); short enough to "
-                        "fall inside the attention window, the drills teach copying")
+                   help="the drills' own gaps: every event of a drill comes back 2 s to this many seconds later "
+                        "(0: as in ordinary conversations, --near_share and --near_max_s); short enough to fall "
+                        "inside the attention window, the drills teach copying")
     s.add_argument("--same_speaker", type=lambda v: v.lower() in ("1", "true", "yes"), default=False,
                    help="true: a pattern comes back from the speaker who said it first (default: either speaker)")
     s.add_argument("--tied_patterns", type=lambda v: v.lower() in ("1", "true", "yes"), default=False,

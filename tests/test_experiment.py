@@ -251,6 +251,11 @@ def test_quiz_conversations(tmp_path):
               near_max_s=20.0, pattern_codes=16, value_frames=L, quiz_share=1.0)
     short, long = (np.median(load_events(x)[:, 3] - load_events(x)[:, 2]) for x in (q, r))
     assert short <= 3.0 * 12.5 < 8 * 12.5 < long
+    # with their own gaps, every event of a drill comes back within them, whatever near_share says
+    synthetic(q, hours=0.2, min_minutes=3, max_minutes=3, n_codebooks=2, seed=5, quiet=True, near_share=0.5,
+              near_max_s=20.0, pattern_codes=16, value_frames=L, quiz_share=1.0, quiz_max_s=3.0)
+    ev = load_events(q)
+    assert len(ev) > 20 and (ev[:, 3] - ev[:, 2]).max() <= 8 * 12.5
 
 
 def test_tied_patterns(tmp_path):
