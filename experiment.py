@@ -73,12 +73,13 @@ SCALES = {
     # stays at chance through 8000 steps). Three in four come back 2-30 s later, inside one
     # training chunk, so storing a pattern gets a gradient (from 20 s on, beyond the window, only
     # TTT can serve it); the others 10 s to 60 min later, for the evaluation out to 90 minutes.
-    # Three in four training conversations are recall drills (events back to back: 43% of their
-    # frames are recalled values, each 2-15 s after its first mention, a varying number of other
-    # events in between, so that most are answerable inside a window and only a lookup by content
-    # answers them); the held-out conversations are ordinary ones. 200 hours: less than one
-    # epoch, so values cannot be learnt by heart (with 60 hours the training loss fell far below
-    # the held-out loss; a CPU pilot on 3 hours learnt the training values, not the task).
+    # Nine in ten training conversations are recall drills (events back to back: 43% of their
+    # frames are recalled values, every one 2-10 s after its first mention, a varying number of
+    # other events in between, so that they are answerable inside a window and only a lookup by
+    # content answers them); the held-out conversations are ordinary ones. 200 hours (about five
+    # passes in 6000 steps) hold too many values to learn by heart (with 60 hours the training
+    # loss fell far below the held-out loss; a CPU pilot on 3 hours learnt the training values,
+    # not the task).
     # Generating 90 minutes for four models does not fit the time: generation stops at the first
     # whole minute after gen_budget_s and the summary says how far it got (--gen_budget_s 0 runs
     # all 90 minutes).
