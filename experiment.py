@@ -19,8 +19,9 @@ minute, recall accuracy by distance, and the statistics of a 90-minute generatio
 data's. Everything goes under --out:
 
     data/train.bin, data/heldout.bin      the synthetic codes (+ .events.json: the recall events)
+    data/drills_heldout.bin               held-out recall drills like the training ones
     runs/NAME/                            train.py's run folder, train.log, train_losses.json,
-                                          eval.json (every number), eval.log
+                                          eval.json (every number), eval.log, drills_eval.json
     summary.md, results.json              the comparison table and all results in one file
     loss_by_minute.png, recall_by_distance.png, generation.png
 
@@ -48,6 +49,7 @@ SCALES = {
     "cpu-test": dict(
         train_hours=0.25, train_minutes=(1.0, 3.0),     # conversations of 1-3 minutes
         heldout=(2, 2.0),                                # 2 held-out conversations of 2 minutes
+        drills_heldout=(0.05, 1.0),                      # hours, minutes each
         recall=dict(events_per_min=6.0, near_share=0.75, near_max_s=10.0, pattern_codes=64, value_frames=12,
                     tied_patterns=True),
         train_quiz=dict(quiz_share=0.5, quiz_max_s=4.0),
@@ -89,6 +91,7 @@ SCALES = {
                     same_speaker=True, tied_patterns=True),
         train_quiz=dict(quiz_share=0.9, quiz_max_s=10.0),
         heldout=(4, 90.0),
+        drills_heldout=(0.4, 4.0),
         n_codebooks=8,
         model=dict(preset="small", dim=512, n_layers=8, n_heads=8, n_kv_heads=4, hidden=1408, window=250,
                    n_ttt=2, ttt_heads=8, ttt_mini_batch=16, depth_dim=256, depth_layers=0, depth_heads=4),
@@ -132,6 +135,12 @@ def make_data(sc, out):
             [sys.executable, "data.py", "synthetic", "--out", held_path, "--hours", f"{n * minutes / 60 + 1e-6:.7g}",
              "--min_minutes", str(minutes), "--max_minutes", str(minutes), "--n_codebooks", str(sc["n_codebooks"]),
              "--seed", str(HELDOUT_SEED), *recall]]
+    if quiz:   # held-out drills: has a model learnt the drills at all, whatever it does on ordinary speech?
+        d_hours, d_minutes = sc["drills_heldout"]
+        cmds.append([sys.executable, "data.py", "synthetic", "--out", drills_path(out), "--hours", str(d_hours),
+                     "--min_minutes", str(d_minutes), "--max_minutes", str(d_minutes), "--n_codebooks",
+                     str(sc["n_codebooks"]), "--seed", str(HELDOUT_SEED), *recall,
+                     *[f"--{k}={v}" for k, v in {**sc["train_quiz"], "quiz_share": 1.0}.items()]])
     procs, log = [], open(os.path.join(out, "data", "data.log"), "w")
     for cmd in cmds:   # data.py needs numpy only: two quick subprocesses, side by side
         print_flush("$ " + " ".join(cmd[1:]))
@@ -163,8 +172,14 @@ def train_argv(sc, name, train_path, run_dir):
     return [f"--{k}={v}" for k, v in a.items()]
 
 
-def eval_argv(sc, run_dir, held_path):
-    a = {"ckpt": run_dir, "data": held_path, "out": os.path.join(run_dir, "eval.json"), **sc["eval"]}
+def drills_path(out):
+    return os.path.join(out, "data", "drills_heldout.bin")
+
+
+def eval_argv(sc, run_dir, held_path, out="eval.json"):
+    a = {"ckpt": run_dir, "data": held_path, "out": os.path.join(run_dir, out), **sc["eval"]}
+    if out != "eval.json":   # the held-out drills: recall only
+        a["gen_minutes"] = 0
     return [f"--{k}={v}" for k, v in a.items()] + ["--quiet"]
 
 
@@ -235,6 +250,9 @@ def pipeline(name, sc, a, train_path, held_path, gpu, in_process):
         print_flush(f"[{name}] evaluating {where}; log {os.path.join(run_dir, 'eval.log')}")
         run_job("evaluate", eval_argv(sc, run_dir, held_path), os.path.join(run_dir, "eval.log"), gpu, in_process,
                 a.threads)
+        if os.path.exists(drills_path(a.out)):
+            run_job("evaluate", eval_argv(sc, run_dir, drills_path(a.out), "drills_eval.json"),
+                    os.path.join(run_dir, "drills_eval.log"), gpu, in_process, a.threads)
         print_flush(f"[{name}] evaluated in {_fmt(time.time() - t0)}")
     return True
 
@@ -272,6 +290,10 @@ def report(a, names):
             continue
         with open(p) as fh:
             results[name] = json.load(fh)
+        dp = os.path.join(a.out, "runs", name, "drills_eval.json")
+        if os.path.exists(dp):
+            with open(dp) as fh:
+                results[name]["drills_recall"] = json.load(fh)["recall"]
         lp = os.path.join(a.out, "runs", name, "train_losses.json")
         if os.path.exists(lp):
             with open(lp) as fh:
@@ -296,10 +318,13 @@ def summary(a, results, losses):
            f"{held}. Loss: the training objective (model.loss_fn). Recall: top-1 accuracy on the "
            f"recalled values' semantic codes; chance {ch['accuracy']:.2g} (1/{round(1 / ch['accuracy'])}), chance loss "
            f"{ch['loss']:.2f}. In/beyond window: distance since the first mention shorter/longer than "
-           "the model's own attention window.", "",
+           "the model's own attention window. Drills: held-out recall drills like the training ones "
+           "(recall in window), to tell a model that learnt no lookup from one whose lookup does not "
+           "carry over to ordinary speech.", "",
            "| model | window | TTT | state / conversation | last train loss | loss min 1-5 | loss last 5 min "
-           "| recall in window: acc. / loss | recall beyond window: acc. / loss | 1st mentions: loss (control) |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "| recall in window: acc. / loss | recall beyond window: acc. / loss | 1st mentions: loss (control) "
+           "| drills: recall in window |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         lm = r["loss_by_minute"]["loss"]
         rc = r["recall"]
@@ -309,7 +334,8 @@ def summary(a, results, losses):
                    f"{r['memory']['state_bytes'] / 2**20:.2f} MiB | {(f'{tl[-1]:.3f}' if tl else '-')} | "
                    f"{_mean(lm[:5]):.3f} | {_mean(lm[-5:]):.3f} | {_acc(rc['within_window'])} / "
                    f"{_num(rc['within_window']['loss'])} | {_acc(rc['beyond_window'])} / "
-                   f"{_num(rc['beyond_window']['loss'])} | {_num(rc['first_mention']['loss'])} |")
+                   f"{_num(rc['beyond_window']['loss'])} | {_num(rc['first_mention']['loss'])} | "
+                   f"{_acc(r['drills_recall']['within_window']) if 'drills_recall' in r else '-'} |")
     labels = [b["label"] for b in any_r["recall"]["buckets"]]
     out += ["", "Recall accuracy by distance since the pattern was first heard (events; * = within the "
             "model's window):", "",

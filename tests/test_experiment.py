@@ -58,11 +58,15 @@ def test_experiment_runs_end_to_end(tmp_path, one_thread):
         # the most common frame of a stream is data.py's silence frame (drawn first from rng 1234)
         assert r["reference"]["silence_frame"] == np.random.default_rng(1234).integers(0, 2048, 2).tolist()
         assert r["model"]["window"] == (sc["long_window"] if name == "long_window" else sc["model"]["window"])
+        d = r["drills_recall"]   # held-out drills, recall only
+        assert sum(b["events"] for b in d["buckets"]) == len(load_events(os.path.join(out, "data", "drills_heldout.bin"))) > 0
+    assert res["eval"]["long_window"]["drills_recall"]["within_window"]["codes"] > 0
     mem = {n: r["memory"]["state_bytes"] for n, r in res["eval"].items()}
     assert mem["window"] < mem["ttt_linear"] < mem["ttt_mlp"] and mem["window"] < mem["long_window"]
     with open(os.path.join(out, "summary.md")) as f:
         md = f.read()
     assert all(f"| {n} |" in md for n in experiment.VARIANTS) and f"1/{sc['recall']['pattern_codes']}" in md
+    assert "drills: recall in window" in md
     try:
         import matplotlib  # noqa: F401
     except ImportError:
