@@ -176,9 +176,9 @@ def drills_path(out):
     return os.path.join(out, "data", "drills_heldout.bin")
 
 
-def eval_argv(sc, run_dir, held_path, out="eval.json"):
+def eval_argv(sc, run_dir, held_path, out="eval.json", generate=True):
     a = {"ckpt": run_dir, "data": held_path, "out": os.path.join(run_dir, out), **sc["eval"]}
-    if out != "eval.json":   # the held-out drills: recall only
+    if not generate:
         a["gen_minutes"] = 0
     return [f"--{k}={v}" for k, v in a.items()] + ["--quiet"]
 
@@ -251,7 +251,7 @@ def pipeline(name, sc, a, train_path, held_path, gpu, in_process):
         run_job("evaluate", eval_argv(sc, run_dir, held_path), os.path.join(run_dir, "eval.log"), gpu, in_process,
                 a.threads)
         if os.path.exists(drills_path(a.out)):
-            run_job("evaluate", eval_argv(sc, run_dir, drills_path(a.out), "drills_eval.json"),
+            run_job("evaluate", eval_argv(sc, run_dir, drills_path(a.out), "drills_eval.json", generate=False),
                     os.path.join(run_dir, "drills_eval.log"), gpu, in_process, a.threads)
         print_flush(f"[{name}] evaluated in {_fmt(time.time() - t0)}")
     return True
@@ -480,7 +480,6 @@ def main(argv=None):
                 print_flush("interrupted: waiting for the trainings to write their checkpoints")
                 for f in futures:
                     f.cancel()
-                pool.shutdown(wait=True)
                 stopped.append("interrupted")
             pool.shutdown(wait=True)
         if stopped:
