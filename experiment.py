@@ -319,11 +319,11 @@ def summary(a, results, losses):
            f"recalled values' semantic codes; chance {ch['accuracy']:.2g} (1/{round(1 / ch['accuracy'])}), chance loss "
            f"{ch['loss']:.2f}. In/beyond window: distance since the first mention shorter/longer than "
            "the model's own attention window. Drills: held-out recall drills like the training ones "
-           "(recall in window), to tell a model that learnt no lookup from one whose lookup does not "
+           "(recall in / beyond the window), to tell a model that learnt no lookup from one whose lookup does not "
            "carry over to ordinary speech.", "",
            "| model | window | TTT | state / conversation | last train loss | loss min 1-5 | loss last 5 min "
            "| recall in window: acc. / loss | recall beyond window: acc. / loss | 1st mentions: loss (control) "
-           "| drills: recall in window |",
+           "| drills: recall in / beyond window |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         lm = r["loss_by_minute"]["loss"]
@@ -334,8 +334,9 @@ def summary(a, results, losses):
                    f"{r['memory']['state_bytes'] / 2**20:.2f} MiB | {(f'{tl[-1]:.3f}' if tl else '-')} | "
                    f"{_mean(lm[:5]):.3f} | {_mean(lm[-5:]):.3f} | {_acc(rc['within_window'])} / "
                    f"{_num(rc['within_window']['loss'])} | {_acc(rc['beyond_window'])} / "
-                   f"{_num(rc['beyond_window']['loss'])} | {_num(rc['first_mention']['loss'])} | "
-                   f"{_acc(r['drills_recall']['within_window']) if 'drills_recall' in r else '-'} |")
+                   f"{_num(rc['beyond_window']['loss'])} | {_num(rc['first_mention']['loss'])} | " +
+                   (f"{_acc(r['drills_recall']['within_window'])} / {_acc(r['drills_recall']['beyond_window'])}"
+                    if 'drills_recall' in r else '-') + " |")
     labels = [b["label"] for b in any_r["recall"]["buckets"]]
     out += ["", "Recall accuracy by distance since the pattern was first heard (events; * = within the "
             "model's window):", "",
@@ -406,6 +407,9 @@ def parse_args(argv=None):
                          "backbone output and the previous codebook's embedding)")
     ap.add_argument("--mode", choices=["streaming", "minibatch"], default="streaming",
                     help="train.py's mode (default streaming: state carried through whole conversations)")
+    ap.add_argument("--quiz_max_s", type=float, default=-1,
+                    help="override the scale's drill gaps: every drill event comes back 2 s to this many seconds "
+                         "later (longer than the window: only a memory beyond it can answer some)")
     ap.add_argument("--gen_minutes", type=float, default=-1, help="override the scale's generation length (0: none)")
     ap.add_argument("--gen_budget_s", type=float, default=-1,
                     help="override the scale's time limit on generation, seconds (0: none)")
@@ -429,6 +433,8 @@ def main(argv=None):
     if a.depth_layers >= 0:
         sc["model"]["depth_layers"] = a.depth_layers
     sc["mode"] = a.mode
+    if a.quiz_max_s >= 0:
+        sc["train_quiz"]["quiz_max_s"] = a.quiz_max_s
     if a.gen_minutes >= 0:
         sc["eval"]["gen_minutes"] = a.gen_minutes
     if a.gen_budget_s >= 0:

@@ -66,7 +66,7 @@ def test_experiment_runs_end_to_end(tmp_path, one_thread):
     with open(os.path.join(out, "summary.md")) as f:
         md = f.read()
     assert all(f"| {n} |" in md for n in experiment.VARIANTS) and f"1/{sc['recall']['pattern_codes']}" in md
-    assert "drills: recall in window" in md
+    assert "drills: recall in / beyond window" in md
     try:
         import matplotlib  # noqa: F401
     except ImportError:
