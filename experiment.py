@@ -407,6 +407,11 @@ def parse_args(argv=None):
                          "backbone output and the previous codebook's embedding)")
     ap.add_argument("--mode", choices=["streaming", "minibatch"], default="streaming",
                     help="train.py's mode (default streaming: state carried through whole conversations)")
+    ap.add_argument("--dtype", choices=["", "bfloat16", "float32"], default="",
+                    help="train.py's dtype (default: bfloat16 on a GPU; float32 with TF32 products learnt the "
+                         "drills sooner in a GPU comparison, see README)")
+    ap.add_argument("--min_lr", type=float, default=-1,
+                    help="override the scale's final learning rate (the scale's --lr: a constant rate)")
     ap.add_argument("--quiz_max_s", type=float, default=-1,
                     help="override the scale's drill gaps: every drill event comes back 2 s to this many seconds "
                          "later (longer than the window: only a memory beyond it can answer some)")
@@ -433,6 +438,10 @@ def main(argv=None):
     if a.depth_layers >= 0:
         sc["model"]["depth_layers"] = a.depth_layers
     sc["mode"] = a.mode
+    if a.dtype:
+        sc["train"]["dtype"] = a.dtype
+    if a.min_lr >= 0:
+        sc["train"]["min_lr"] = a.min_lr
     if a.quiz_max_s >= 0:
         sc["train_quiz"]["quiz_max_s"] = a.quiz_max_s
     if a.gen_minutes >= 0:
