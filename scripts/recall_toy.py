@@ -40,9 +40,10 @@ V, A, CUE, KEY = 2048, 64, 2, 2
 
 
 def batch(g, alphabet, cues, B, T, n_events, value):
-    """x [B, T + 1] tokens and mask [B, T + 1]: True at the recalled value tokens."""
+    """x [B, T + 1] tokens and dist [B, T + 1]: at the recalled value tokens, how far back the
+    token they copy is; 0 elsewhere."""
     x = alphabet[torch.randint(0, A, (B, T + 1), generator=g)]
-    mask = torch.zeros(B, T + 1, dtype=torch.bool)
+    dist = torch.zeros(B, T + 1, dtype=torch.long)
     span = CUE + KEY + value
     if 2 * n_events * span > T:
         raise SystemExit(f"{n_events} events of span {span} do not fit {T} tokens")
@@ -53,8 +54,8 @@ def batch(g, alphabet, cues, B, T, n_events, value):
             first, recall = int(slots[e]), int(slots[n_events + e])
             x[b, first:first + span] = torch.cat([cues[0], kv])
             x[b, recall:recall + span] = torch.cat([cues[1], kv])
-            mask[b, recall + CUE + KEY:recall + span] = True
-    return x, mask
+            dist[b, recall + CUE + KEY:recall + span] = recall - first
+    return x, dist
 
 
 def main(argv=None):
@@ -74,13 +75,22 @@ def main(argv=None):
     ap.add_argument("--depth_layers", type=int, default=1, help="--frames: the depth decoder's blocks (demo: 1)")
     ap.add_argument("--semantic_weight", type=float, default=1.0, help="--frames: loss weight of codebook 0")
     ap.add_argument("--silent_speaker", action="store_true", help="--frames: a second stream, always the same code")
+    ap.add_argument("--window", type=int, default=0, help="attention window (default: --seq_len)")
+    ap.add_argument("--n_ttt", type=int, default=0, help="TTT branch in the top n layers")
+    ap.add_argument("--ttt_type", default="linear", help="linear or mlp")
+    ap.add_argument("--ttt_mini_batch", type=int, default=16)
+    ap.add_argument("--ttt_base_lr", type=float, default=1.0)
+    ap.add_argument("--ttt_gate_init", type=float, default=0.1)
     a = ap.parse_args(argv)
     torch.manual_seed(a.seed)
     K = a.codebooks if a.frames else 1
     path = dict(depth_layers=a.depth_layers, semantic_weight=a.semantic_weight) if a.frames else \
         dict(vocab_size=V, tie_embeddings=False)
     S = 2 if a.frames and a.silent_speaker else 1
-    cfg = Config.preset("demo", n_streams=S, n_codebooks=K, window=a.seq_len, n_ttt=0, dim=a.dim,
+    ttt = dict(n_ttt=a.n_ttt, ttt_type=a.ttt_type, ttt_mini_batch=a.ttt_mini_batch, ttt_heads=max(1, a.dim // 64),
+               ttt_base_lr=a.ttt_base_lr, ttt_gate_init=a.ttt_gate_init)
+    W = a.window or a.seq_len
+    cfg = Config.preset("demo", n_streams=S, n_codebooks=K, window=W, **ttt, dim=a.dim,
                         n_layers=a.layers, n_heads=a.dim // 32, n_kv_heads=a.dim // 64, hidden=3 * a.dim, **path)
     model = SpeechLM(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.1)
@@ -91,7 +101,7 @@ def main(argv=None):
     print(f"{a.events} events of {a.value}-token values per {a.seq_len} tokens: {share:.0%} of the tokens are recalled")
     t0 = time.time()
     for step in range(a.steps + 1):
-        x, mask = batch(g, alphabet, cues, a.batch, a.seq_len, a.events, a.value)
+        x, dist = batch(g, alphabet, cues, a.batch, a.seq_len, a.events, a.value)
         for group in opt.param_groups:
             group["lr"] = a.lr * min(1.0, (step + 1) / 50)
         if a.frames:   # frames [B, T, K]: the model predicts frame t from frames < t, as in training
@@ -109,10 +119,13 @@ def main(argv=None):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % 100 == 0:
-            m = mask[:, 1:]
-            acc = (logits.detach().argmax(-1)[m] == x[:, 1:][m]).float().mean().item()
-            print(f"step {step:5d} | loss {loss.item():.3f} | recall accuracy {acc:.3f} (chance {1 / A:.3f}) | "
-                  f"{time.time() - t0:.0f}s", flush=True)
+            d, hit = dist[:, 1:], logits.detach().argmax(-1) == x[:, 1:]
+            # the copied token at distance d is visible to attention when d < W (the query sees itself
+            # and the W - 1 tokens before it)
+            acc = [f"{hit[m].float().mean().item():.3f} ({m.sum().item()})" if m.any() else "-"
+                   for m in ((d > 0) & (d < W), d >= W)]
+            print(f"step {step:5d} | loss {loss.item():.3f} | recall accuracy in / beyond the window "
+                  f"{acc[0]} / {acc[1]} (chance {1 / A:.3f}) | {time.time() - t0:.0f}s", flush=True)
 
 
 if __name__ == "__main__":
