@@ -53,6 +53,7 @@ SCALES = {
         recall=dict(events_per_min=6.0, near_share=0.75, near_max_s=10.0, pattern_codes=64, value_frames=12,
                     tied_patterns=True),
         train_quiz=dict(quiz_share=0.5, quiz_max_s=4.0),
+        warmup_drills=dict(steps=0, hours=0.1, minutes=(1.0, 2.0), quiz_max_s=4.0),
         n_codebooks=2,
         model=dict(preset="tiny", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, window=16, n_ttt=1,
                    ttt_heads=4, ttt_mini_batch=16, depth_dim=32, depth_layers=1, depth_heads=2),
@@ -90,6 +91,8 @@ SCALES = {
         recall=dict(events_per_min=8.0, near_share=0.75, near_max_s=30.0, pattern_codes=1024, value_frames=32,
                     same_speaker=True, tied_patterns=True),
         train_quiz=dict(quiz_share=0.9, quiz_max_s=10.0),
+        # --warmup_drills N: N steps on drills alone (2-4 minute conversations, 20 hours) first
+        warmup_drills=dict(steps=0, hours=20.0, minutes=(2.0, 4.0), quiz_max_s=10.0),
         heldout=(4, 90.0),
         drills_heldout=(0.4, 4.0),
         n_codebooks=8,
@@ -141,6 +144,12 @@ def make_data(sc, out):
                      "--min_minutes", str(d_minutes), "--max_minutes", str(d_minutes), "--n_codebooks",
                      str(sc["n_codebooks"]), "--seed", str(HELDOUT_SEED), *recall,
                      *[f"--{k}={v}" for k, v in {**sc["train_quiz"], "quiz_share": 1.0}.items()]])
+    wd = sc.get("warmup_drills", {})
+    if wd.get("steps"):   # phase 1's data: drills alone, in short conversations, a seed of their own
+        lo_w, hi_w = wd["minutes"]
+        cmds.append([sys.executable, "data.py", "synthetic", "--out", drills_train_path(out), "--hours", str(wd["hours"]),
+                     "--min_minutes", str(lo_w), "--max_minutes", str(hi_w), "--n_codebooks", str(sc["n_codebooks"]),
+                     "--seed", "2", *recall, "--quiz_share=1.0", f"--quiz_max_s={wd['quiz_max_s']}"])
     procs, log = [], open(os.path.join(out, "data", "data.log"), "w")
     for cmd in cmds:   # data.py needs numpy only: two quick subprocesses, side by side
         print_flush("$ " + " ".join(cmd[1:]))
@@ -170,6 +179,19 @@ def train_argv(sc, name, train_path, run_dir):
     a = {"data": train_path, "out_dir": run_dir, "mode": sc.get("mode", "streaming"), "eval_interval": 0, "seed": SEED,
          **sc["train"], **model_args(sc, name)}
     return [f"--{k}={v}" for k, v in a.items()]
+
+
+def warmup_argv(sc, name, drills_train, warm_dir):
+    """Phase 1 (--warmup_drills): the same model on drills alone, in mini-batch mode, float32 and a
+    constant learning rate, the setting in which the lookup formed soonest (scripts/recall_factors.sh)."""
+    t = {**sc["train"], "max_steps": sc["warmup_drills"]["steps"], "min_lr": sc["train"]["lr"],
+         "warmup": min(50, sc["train"]["warmup"]), "dtype": "float32"}
+    a = {"data": drills_train, "out_dir": warm_dir, "mode": "minibatch", "seed": SEED, **t, **model_args(sc, name)}
+    return [f"--{k}={v}" for k, v in a.items()]
+
+
+def drills_train_path(out):
+    return os.path.join(out, "data", "drills_train.bin")
 
 
 def drills_path(out):
@@ -222,29 +244,20 @@ def pipeline(name, sc, a, train_path, held_path, gpu, in_process):
     """Train one variant (unless done) and evaluate it."""
     run_dir = os.path.join(a.out, "runs", name)
     os.makedirs(run_dir, exist_ok=True)
-    losses_path = os.path.join(run_dir, "train_losses.json")
     where = "in this process" if in_process else f"on GPU {gpu}" if gpu is not None else "in a subprocess"
     if "train" in a.stages:
-        if _done(losses_path, sc["train"]["max_steps"]):
-            print_flush(f"[{name}] already trained ({losses_path}); delete it to train again")
-        else:
-            t0 = time.time()
-            print_flush(f"[{name}] training {where}; log {os.path.join(run_dir, 'train.log')}")
-            run_job("train", train_argv(sc, name, train_path, run_dir), os.path.join(run_dir, "train.log"),
-                    gpu, in_process, a.threads, losses_path)
-            if not _done(losses_path, sc["train"]["max_steps"]):   # interrupted (Ctrl-C): checkpoint kept
-                with open(losses_path) as fh:
-                    n = len(json.load(fh))
-                print_flush(f"[{name}] stopped at step {n} of {sc['train']['max_steps']}; the same command "
-                            "resumes from its checkpoint")
+        wd = sc.get("warmup_drills", {})
+        if wd.get("steps"):   # phase 1: the drills alone, until the lookup forms; phase 2 starts from it
+            warm_dir = os.path.join(run_dir, "warmup")
+            if not _train_phase(f"{name}: drills warm-up", warmup_argv(sc, name, drills_train_path(a.out), warm_dir),
+                                warm_dir, wd["steps"], gpu, in_process, a):
                 return False
-            if not a.keep_optimizer:  # the resumable checkpoint (model + AdamW state): not needed once done
-                for f in os.listdir(run_dir):
-                    if f.startswith("ckpt") and f.endswith(".pt"):
-                        os.remove(os.path.join(run_dir, f))
-            with open(losses_path) as fh:
-                last = json.load(fh)[-1]
-            print_flush(f"[{name}] trained in {_fmt(time.time() - t0)}, last step loss {last:.4f}")
+            extra = [f"--init_from={os.path.join(warm_dir, 'model.safetensors')}"]
+        else:
+            extra = []
+        if not _train_phase(name, train_argv(sc, name, train_path, run_dir) + extra, run_dir,
+                            sc["train"]["max_steps"], gpu, in_process, a):
+            return False
     if "eval" in a.stages:
         t0 = time.time()
         print_flush(f"[{name}] evaluating {where}; log {os.path.join(run_dir, 'eval.log')}")
@@ -254,6 +267,32 @@ def pipeline(name, sc, a, train_path, held_path, gpu, in_process):
             run_job("evaluate", eval_argv(sc, run_dir, drills_path(a.out), "drills_eval.json", generate=False),
                     os.path.join(run_dir, "drills_eval.log"), gpu, in_process, a.threads)
         print_flush(f"[{name}] evaluated in {_fmt(time.time() - t0)}")
+    return True
+
+
+def _train_phase(label, argv, run_dir, steps, gpu, in_process, a):
+    """train.py with argv into run_dir, unless its losses are complete; False when interrupted."""
+    os.makedirs(run_dir, exist_ok=True)
+    losses_path = os.path.join(run_dir, "train_losses.json")
+    if _done(losses_path, steps):
+        print_flush(f"[{label}] already trained ({losses_path}); delete it to train again")
+        return True
+    where = "in this process" if in_process else f"on GPU {gpu}" if gpu is not None else "in a subprocess"
+    t0 = time.time()
+    print_flush(f"[{label}] training {where}; log {os.path.join(run_dir, 'train.log')}")
+    run_job("train", argv, os.path.join(run_dir, "train.log"), gpu, in_process, a.threads, losses_path)
+    if not _done(losses_path, steps):   # interrupted (Ctrl-C): checkpoint kept
+        with open(losses_path) as fh:
+            n = len(json.load(fh))
+        print_flush(f"[{label}] stopped at step {n} of {steps}; the same command resumes from its checkpoint")
+        return False
+    if not a.keep_optimizer:  # the resumable checkpoint (model + AdamW state): not needed once done
+        for f in os.listdir(run_dir):
+            if f.startswith("ckpt") and f.endswith(".pt"):
+                os.remove(os.path.join(run_dir, f))
+    with open(losses_path) as fh:
+        last = json.load(fh)[-1]
+    print_flush(f"[{label}] trained in {_fmt(time.time() - t0)}, last step loss {last:.4f}")
     return True
 
 
@@ -412,6 +451,9 @@ def parse_args(argv=None):
                          "drills sooner in a GPU comparison, see README)")
     ap.add_argument("--min_lr", type=float, default=-1,
                     help="override the scale's final learning rate (the scale's --lr: a constant rate)")
+    ap.add_argument("--warmup_drills", type=int, default=-1,
+                    help="train each variant first for this many steps on drills alone (mini-batch mode, "
+                         "float32, constant learning rate), then the scale's training starts from it")
     ap.add_argument("--quiz_max_s", type=float, default=-1,
                     help="override the scale's drill gaps: every drill event comes back 2 s to this many seconds "
                          "later (longer than the window: only a memory beyond it can answer some)")
@@ -440,6 +482,8 @@ def main(argv=None):
     sc["mode"] = a.mode
     if a.dtype:
         sc["train"]["dtype"] = a.dtype
+    if a.warmup_drills >= 0:
+        sc["warmup_drills"]["steps"] = a.warmup_drills
     if a.min_lr >= 0:
         sc["train"]["min_lr"] = a.min_lr
     if a.quiz_max_s >= 0:

@@ -75,6 +75,29 @@ def test_experiment_runs_end_to_end(tmp_path, one_thread):
         assert os.path.getsize(os.path.join(out, p)) > 1000
 
 
+def test_drills_warmup_phase(tmp_path, one_thread):
+    # --warmup_drills N: N steps on a drills file of its own (mini-batch, float32, constant lr), then
+    # the scale's training starts from those weights
+    out = str(tmp_path / "exp")
+    args = ["--scale", "cpu-test", "--variants", "window", "--stages", "data,train"]
+    experiment.main(args + ["--out", out, "--warmup_drills", "2"])
+    warm = os.path.join(out, "runs", "window", "warmup")
+    with open(os.path.join(warm, "train_losses.json")) as f:
+        assert len(json.load(f)) == 2
+    events = load_events(experiment.drills_train_path(out))   # drills: due 2 s to quiz_max_s later
+    assert len(events) > 10
+    assert np.median(events[:, 3] - events[:, 2]) <= experiment.SCALES["cpu-test"]["warmup_drills"]["quiz_max_s"] * 12.5
+    with open(os.path.join(warm, "train.log")) as f:
+        argv = f.readline()
+    assert "--mode=minibatch" in argv and "--dtype=float32" in argv and "--min_lr=0.003" in argv
+    # phase 2 starts from the warm-up's weights: its first loss differs from a fresh start's
+    fresh = str(tmp_path / "fresh")
+    experiment.main(args + ["--out", fresh])
+    with open(os.path.join(out, "runs", "window", "train_losses.json")) as f, \
+            open(os.path.join(fresh, "runs", "window", "train_losses.json")) as g:
+        assert abs(json.load(f)[0] - json.load(g)[0]) > 1e-3
+
+
 class PeakTensorBytes(TorchDispatchMode):
     """Peak bytes of the tensor storages alive at once among those made inside the block (CPU has no
     max_memory_allocated): each op's outputs are counted until their last tensor is freed."""
