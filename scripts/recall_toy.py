@@ -24,6 +24,11 @@ depends on the path. With --frames the tokens go through the speech model's own 
                                                             codebook is 1/8 of the loss)
   the same with --semantic_weight 100 (as the presets)      13% at step 500, 71% at 600, 100% at 700
   --depth_layers 0 --semantic_weight 100 --silent_speaker   71% at step 300, 100% at 400
+
+Beyond the window: with --window 16 every recall lies beyond attention (the first mentions are
+about 60 tokens back), and only a TTT branch (--n_ttt) could carry the pattern there:
+
+    python scripts/recall_toy.py --window 16 --n_ttt 1 --steps 2000
 """
 import argparse
 import os
