@@ -129,7 +129,8 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(synth, tmp_path, capsys, monk
 
 @pytest.mark.parametrize("script", ["train.py", "generate.py", "evaluate.py", "experiment.py", "mimi.py",
                                     "data.py", "bench/lm.py", "bench/ttt.py", "bench/mimi.py",
-                                    "scripts/recall_toy.py", "scripts/recall_pilot.py"])
+                                    "scripts/recall_toy.py", "scripts/recall_pilot.py",
+                                    "scripts/ttt_memory.py"])
 def test_help_works(script):
     # every command's --help prints its options (a stray % in a help string used to break train.py's)
     r = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True, text=True,

@@ -587,3 +587,14 @@ def test_triton_kernels_compile_for_h100(b):
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                                   options={"num_warps": warps})
         assert compiled.metadata.shared <= 227 * 1024  # fits an H100 SM
+
+
+def test_memory_probe():
+    # scripts/ttt_memory.py: one pair written into a fresh layer comes back; a key never written
+    # does not (chance 1/256); with 63 pairs after it the first one is still there at base lr 1
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import ttt_memory
+    first, last, never = ttt_memory.probe("linear", 1.0, 0, 1.0, trials=64)
+    assert first == last >= 0.95 and never <= 0.1
+    first, last, never = ttt_memory.probe("linear", 1.0, 63, 1.0, trials=64)
+    assert first >= 0.9 and never <= 0.1
