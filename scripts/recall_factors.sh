@@ -23,21 +23,21 @@ PILOT="--n_heads 16 --n_kv_heads 8 --hidden 1536 --window 512 --depth_dim 64"   
 GPUS="--n_heads 8 --n_kv_heads 4 --hidden 1408 --window 250 --depth_dim 256 --depth_heads 4"  # the gpu scale's
 run() { n=$1; shift; python train.py --out_dir "$O/$n" "$@" > "$O/$n.log" 2>&1
         python evaluate.py --ckpt "$O/$n" --data "$D/held.bin" --out "$O/$n.eval.json" --gen_minutes 0 --chunk 512 --batch 4 --quiet > "$O/$n.eval.log" 2>&1; }
-B=${BATCH:-1 2}
-if [[ " $B " == *" 1 "* ]]; then
-  run pilot_shape      --data "$D/t0.bin"  --mode minibatch --dtype float32  $COMMON $PILOT &
-  run t0_mini_f32      --data "$D/t0.bin"  --mode minibatch --dtype float32  $COMMON $GPUS &
-  run t0_mini_bf16     --data "$D/t0.bin"  --mode minibatch --dtype bfloat16 $COMMON $GPUS &
-  run mix_stream_bf16  --data "$D/mix.bin" --mode streaming --dtype bfloat16 $COMMON $GPUS &
+# batch  name             data  mode      dtype     shape
+RUNS="1 pilot_shape      t0  minibatch float32  PILOT
+1 t0_mini_f32      t0  minibatch float32  GPUS
+1 t0_mini_bf16     t0  minibatch bfloat16 GPUS
+1 mix_stream_bf16  mix streaming bfloat16 GPUS
+2 mix_mini_bf16    mix minibatch bfloat16 GPUS
+2 t0_stream_bf16   t0  streaming bfloat16 GPUS
+2 t0_stream_f32    t0  streaming float32  GPUS
+2 mix_mini_f32     mix minibatch float32  GPUS"
+for batch in ${BATCH:-1 2}; do   # four runs side by side, then the next four
+  while read -r b n data mode dtype shape; do
+    [ "$b" = "$batch" ] && run "$n" --data "$D/$data.bin" --mode "$mode" --dtype "$dtype" $COMMON ${!shape} &
+  done <<< "$RUNS"
   wait
-fi
-if [[ " $B " == *" 2 "* ]]; then
-  run mix_mini_bf16    --data "$D/mix.bin" --mode minibatch --dtype bfloat16 $COMMON $GPUS &
-  run t0_stream_bf16   --data "$D/t0.bin"  --mode streaming --dtype bfloat16 $COMMON $GPUS &
-  run t0_stream_f32    --data "$D/t0.bin"  --mode streaming --dtype float32  $COMMON $GPUS &
-  run mix_mini_f32     --data "$D/mix.bin" --mode minibatch --dtype float32  $COMMON $GPUS &
-  wait
-fi
+done
 echo "| run | data | mode | dtype | loss at step 1000 / 2000 / 3000 | held-out drills: recall |"
 echo "|---|---|---|---|---|---|"
 for f in "$O"/*.eval.json; do
