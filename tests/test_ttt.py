@@ -359,15 +359,8 @@ def test_bad_inputs_raise_clear_errors():
 
 TRITON_CHECK = r'''
 import os, sys
-os.environ["TRITON_INTERPRET"] = "1"  # set before triton.jit runs, hence a fresh process
-import numpy as np
-import triton.runtime.interpreter as ti
-_patch = ti._patch_lang_tensor
-def _index_fix(tensor, scope):  # numpy >= 2.4 refuses int() of a 1-element array (triton 3.6)
-    _patch(tensor, scope)
-    scope.set_attr(tensor, "__index__", lambda s: int(np.asarray(s.handle.data).reshape(-1)[0]))
-ti._patch_lang_tensor = _index_fix
-sys.path.insert(0, sys.argv[1])
+sys.path[:0] = [sys.argv[1], os.path.join(sys.argv[1], "tests")]
+import interpreted  # Triton's CPU interpreter: before anything defines a kernel
 import torch, ttt
 torch.manual_seed(0)
 B, H = 1, 2
