@@ -365,6 +365,7 @@ TRITON_DOT = "tf32x3"  # fp32-accurate tensor-core products (3 tf32 MMAs); "ieee
 # launch settings of the forward kernel: warps per program, and the software-pipelining depth of its
 # loop over mini-batches (loads of the next mini-batch overlap the current one's arithmetic)
 TRITON_FWD = dict(num_warps=4, stages=2)  # best of `python bench/ttt.py --only tune` on an H100
+TRITON_BWD = dict(num_warps=0)  # 0: 8 warps when b * d <= 1024, else 4 (best of `--only tune`, H100)
 
 
 def triton_supported(kind, d, b):
@@ -709,7 +710,8 @@ class _TTTLinearTriton(torch.autograd.Function):
         _ttt_linear_bwd_kernel[(B * H,)](
             q, k, v, lr, tau, ln_w, ln_b, GW, Gc, Wck, cck, Wbuf, cbuf, dout, dW, dc, dGW, dGc,
             dq, dk, dv, dlr, dtau, dlnw, dlnb, T, i0, NM, NC, H, last_full,
-            D=d, BS=b, SEG=seg, DOT=TRITON_DOT, num_warps=8 if b * d <= 1024 else 16)
+            D=d, BS=b, SEG=seg, DOT=TRITON_DOT,
+            num_warps=TRITON_BWD["num_warps"] or (8 if b * d <= 1024 else 4))
         return (dq, dk, dv, dlr, dtau.sum(0), dlnw.view(B, H, d).sum(0), dlnb.view(B, H, d).sum(0),
                 dW, dc, dGW, dGc, None, None, None, None)
 

@@ -336,7 +336,8 @@ def streaming_table(modes, dim, H, batches, dev, steps):
 
 
 def tune(tokens, H, d, Ts, dev):
-    """Mtok/s of the Triton TTT-Linear forward (b = 16) for each launch setting of the kernel."""
+    """Mtok/s of the Triton TTT-Linear forward (b = 16) for each launch setting of the kernel, then
+    forward+backward for each number of warps of the backward kernel (b = 16 and 64)."""
     print(f"\n## Triton forward launch settings, TTT-Linear b=16, {tokens} tokens; Mtok/s\n")
     print("| warps | stages | " + " | ".join(f"T={T}" for T in Ts) + " |")
     print("|---:|---:|" + "---:|" * len(Ts))
@@ -353,6 +354,21 @@ def tune(tokens, H, d, Ts, dev):
                     cells.append(f"failed: {e.__class__.__name__}: {str(e)[:60]}")
             print(f"| {warps} | {stages} | " + " | ".join(cells) + " |", flush=True)
     ttt.TRITON_FWD.update(keep)
+    print(f"\n## Triton backward launch settings, TTT-Linear, {tokens} tokens; forward+backward Mtok/s\n")
+    print("| warps | " + " | ".join(f"b={b}, T={T}" for b in (16, 64) for T in Ts) + " |")
+    print("|---:|" + "---:|" * (2 * len(Ts)))
+    for warps in (4, 8, 16, 32):
+        ttt.TRITON_BWD.update(num_warps=warps)
+        cells = []
+        for b in (16, 64):
+            for T in Ts:
+                try:
+                    r = chunked_row("triton", "linear", tokens // T, H, T, d, b, dev)
+                    cells.append(f"{tokens / r['fwd+bwd'][0] / 1e6:.3g}")
+                except Exception as e:
+                    cells.append(f"failed: {e.__class__.__name__}: {str(e)[:60]}")
+        print(f"| {warps} | " + " | ".join(cells) + " |", flush=True)
+    ttt.TRITON_BWD.update(num_warps=0)
 
 
 def main():
@@ -362,7 +378,7 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--only", choices=["streaming", "chunked", "tune", "graph"], default=None,
                     help="just the streaming-step table (every mode), just the chunked tables, a "
-                         "sweep of the Triton forward kernel's launch settings, or TTT-MLP's loop against "
+                         "sweep of the Triton kernels' launch settings, or TTT-MLP's loop against "
                          "the same call as CUDA graphs (CUDA)")
     ap.add_argument("--T", type=int, nargs="+", default=None, help="sequence lengths (default 2048 8192 32768)")
     args = ap.parse_args()
