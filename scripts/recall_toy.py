@@ -29,6 +29,11 @@ Beyond the window: with --window 16 every recall lies beyond attention (the firs
 about 60 tokens back), and only a TTT branch (--n_ttt) could carry the pattern there:
 
     python scripts/recall_toy.py --window 16 --n_ttt 1 --steps 2000
+
+--memory swaps the TTT branch for a control (linear attention, or softmax attention over the
+whole sequence): softmax attention in the branch of both layers learns the recall by step 200,
+in the top layer alone it does not by step 1200, and linear attention does not in either
+(docs/experiment/notes.md has the table).
 """
 import argparse
 import os
@@ -41,7 +46,54 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import Config, SpeechLM, loss_fn  # noqa: E402
 
+from model import GatedTTT  # noqa: E402
+from ttt import TTTState, _rope, _rope_cos_sin, _TTTLayer  # noqa: E402
+
 V, A, CUE, KEY = 2048, 64, 2, 2
+
+
+class LinearAttention(torch.nn.Module):
+    """y_t = o(LN(sum_{s <= t} (q_t . k_s) v_s)) per head, q and k L2-normalised: the fast-weight memory
+    W_t = sum_s v_s k_s^T read by q_t, with none of TTT's inner LayerNorm or learning rates. softmax=True:
+    plain causal softmax attention over the whole sequence instead (the same branch, a memory that grows)."""
+
+    def __init__(self, dim, n_heads, softmax=False, rope=False):
+        super().__init__()
+        self.H, self.softmax, self.rope = n_heads, softmax, rope
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (torch.nn.Linear(dim, dim, bias=False) for _ in range(4))
+        self.post_norm = torch.nn.LayerNorm(dim)
+
+    def init_state(self, batch_size, device=None):  # nothing is carried: whole sequences only
+        z = torch.zeros(1, device=device)
+        return TTTState((z,), (z,), torch.zeros((), dtype=torch.long, device=device))
+
+    def forward(self, x, state=None):
+        B, T, D = x.shape
+        q, k, v = (p(x).view(B, T, self.H, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        if self.rope:
+            cos, sin = _rope_cos_sin(torch.arange(T), q.shape[-1], 10000.0)
+            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        if self.softmax:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, D)
+            return self.o_proj(self.post_norm(y)), state
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        a = (q @ k.transpose(2, 3)).tril()                                     # [B, H, T, T]
+        y = (a @ v).transpose(1, 2).reshape(B, T, D)
+        return self.o_proj(self.post_norm(y)), state
+
+
+class ProjConv(torch.nn.Module):
+    """proj(x) [B, T, D] followed by a causal depthwise convolution over the last k tokens."""
+
+    def __init__(self, proj, k):
+        super().__init__()
+        D = proj.out_features
+        self.proj, self.k = proj, k
+        self.conv = torch.nn.Conv1d(D, D, k, groups=D)
+
+    def forward(self, x):
+        y = self.proj(x).transpose(1, 2)                                       # [B, D, T]
+        return self.conv(F.pad(y, (self.k - 1, 0))).transpose(1, 2)
 
 
 def batch(g, alphabet, cues, B, T, n_events, value):
@@ -86,6 +138,14 @@ def main(argv=None):
     ap.add_argument("--ttt_mini_batch", type=int, default=16)
     ap.add_argument("--ttt_base_lr", type=float, default=1.0)
     ap.add_argument("--ttt_gate_init", type=float, default=0.1)
+    ap.add_argument("--ttt_conv", type=int, default=0,
+                    help="a causal depthwise convolution of this many tokens after the TTT layers' q and k "
+                         "projections (upstream's share_qk backbone; whole sequences only: no state)")
+    ap.add_argument("--memory", default="ttt", choices=["ttt", "linear_attention", "softmax_attention", "softmax_attention_rope"],
+                    help="what the --n_ttt branches hold: the TTT layer, or (controls) causal linear attention "
+                         "over the whole sequence with L2-normalised q and k, or causal softmax attention (with RoPE at absolute positions)")
+    ap.add_argument("--no_post_norm", action="store_true",
+                    help="drop the branch layer's LayerNorm on its output (TTT's post_norm, or the controls')")
     a = ap.parse_args(argv)
     torch.manual_seed(a.seed)
     K = a.codebooks if a.frames else 1
@@ -98,6 +158,19 @@ def main(argv=None):
     cfg = Config.preset("demo", n_streams=S, n_codebooks=K, window=W, **ttt, dim=a.dim,
                         n_layers=a.layers, n_heads=a.dim // 32, n_kv_heads=a.dim // 64, hidden=3 * a.dim, **path)
     model = SpeechLM(cfg)
+    if a.memory != "ttt":
+        for m in model.modules():
+            if isinstance(m, GatedTTT):
+                m.layer = LinearAttention(a.dim, max(1, a.dim // 64), softmax=a.memory.startswith("softmax"),
+                                          rope=a.memory.endswith("rope"))
+    if a.no_post_norm:
+        for m in model.modules():
+            if isinstance(m, GatedTTT):
+                m.layer.post_norm = torch.nn.Identity()
+    if a.ttt_conv:
+        for m in model.modules():
+            if isinstance(m, (_TTTLayer, LinearAttention)):
+                m.q_proj, m.k_proj = (ProjConv(p, a.ttt_conv) for p in (m.q_proj, m.k_proj))
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.1)
     g = torch.Generator().manual_seed(a.seed + 1)
     alphabet = torch.randperm(V, generator=g)[:A]
@@ -131,6 +204,7 @@ def main(argv=None):
                    for m in ((d > 0) & (d < W), d >= W)]
             print(f"step {step:5d} | loss {loss.item():.3f} | recall accuracy in / beyond the window "
                   f"{acc[0]} / {acc[1]} (chance {1 / A:.3f}) | {time.time() - t0:.0f}s", flush=True)
+    return model
 
 
 if __name__ == "__main__":

@@ -137,3 +137,20 @@ def test_help_works(script):
                        timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "usage:" in r.stdout
+
+
+@pytest.mark.parametrize("memory", ["ttt", "linear_attention", "softmax_attention_rope"])
+def test_recall_toy_branches(memory, capsys):
+    # the toy's controls really take the TTT branch's place (and train a step)
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import recall_toy
+    from model import GatedTTT
+    from ttt import TTTLinear
+    model = recall_toy.main(["--steps", "1", "--seq_len", "32", "--events", "1", "--value", "4", "--batch", "2",
+                             "--dim", "64", "--window", "8", "--n_ttt", "2", "--memory", memory, "--ttt_conv", "2"])
+    branches = [m.layer for m in model.modules() if isinstance(m, GatedTTT)]
+    want = TTTLinear if memory == "ttt" else recall_toy.LinearAttention
+    assert len(branches) == 2 and all(isinstance(b, want) for b in branches)
+    assert all(isinstance(b.q_proj, recall_toy.ProjConv) for b in branches)
+    assert "step     0" in capsys.readouterr().out
+
