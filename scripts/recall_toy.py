@@ -55,11 +55,15 @@ V, A, CUE, KEY = 2048, 64, 2, 2
 class LinearAttention(torch.nn.Module):
     """y_t = o(LN(sum_{s <= t} (q_t . k_s) v_s)) per head, q and k L2-normalised: the fast-weight memory
     W_t = sum_s v_s k_s^T read by q_t, with none of TTT's inner LayerNorm or learning rates. softmax=True:
-    plain causal softmax attention over the whole sequence instead (the same branch, a memory that grows)."""
+    plain causal softmax attention over the whole sequence instead (the same branch, a memory that grows).
+    delta=True: the delta rule, W_t = W_{t-1} + beta_t (v_t - W_{t-1} k_t) k_t^T, y_t = W_t q_t, with a
+    learnt beta_t = sigmoid(w . x_t) per head (TTT-Linear without its inner LayerNorm, one token a
+    mini-batch, normalised keys), one token at a time."""
 
-    def __init__(self, dim, n_heads, softmax=False, rope=False):
+    def __init__(self, dim, n_heads, softmax=False, rope=False, delta=False):
         super().__init__()
-        self.H, self.softmax, self.rope = n_heads, softmax, rope
+        self.H, self.softmax, self.rope, self.delta = n_heads, softmax, rope, delta
+        self.beta = torch.nn.Linear(dim, n_heads)
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (torch.nn.Linear(dim, dim, bias=False) for _ in range(4))
         self.post_norm = torch.nn.LayerNorm(dim)
 
@@ -71,12 +75,23 @@ class LinearAttention(torch.nn.Module):
         B, T, D = x.shape
         q, k, v = (p(x).view(B, T, self.H, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
         if self.rope:
-            cos, sin = _rope_cos_sin(torch.arange(T), q.shape[-1], 10000.0)
+            cos, sin = _rope_cos_sin(torch.arange(T, device=x.device), q.shape[-1], 10000.0)
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         if self.softmax:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, D)
             return self.o_proj(self.post_norm(y)), state
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        if self.delta:
+            beta = torch.sigmoid(self.beta(x)).transpose(1, 2)                 # [B, H, T]
+            W = q.new_zeros(B, self.H, v.shape[-1], k.shape[-1])
+            ys = []
+            for t in range(T):
+                kt, vt = k[:, :, t], v[:, :, t]                                # [B, H, d]
+                err = vt - (W @ kt[..., None])[..., 0]
+                W = W + beta[:, :, t, None, None] * err[..., None] * kt[..., None, :]
+                ys.append((W @ q[:, :, t, :, None])[..., 0])
+            y = torch.stack(ys, 2).transpose(1, 2).reshape(B, T, D)
+            return self.o_proj(self.post_norm(y)), state
         a = (q @ k.transpose(2, 3)).tril()                                     # [B, H, T, T]
         y = (a @ v).transpose(1, 2).reshape(B, T, D)
         return self.o_proj(self.post_norm(y)), state
@@ -141,11 +156,12 @@ def main(argv=None):
     ap.add_argument("--ttt_conv", type=int, default=0,
                     help="a causal depthwise convolution of this many tokens after the TTT layers' q and k "
                          "projections (upstream's share_qk backbone; whole sequences only: no state)")
-    ap.add_argument("--memory", default="ttt", choices=["ttt", "linear_attention", "softmax_attention", "softmax_attention_rope"],
+    ap.add_argument("--memory", default="ttt", choices=["ttt", "linear_attention", "delta", "softmax_attention", "softmax_attention_rope"],
                     help="what the --n_ttt branches hold: the TTT layer, or (controls) causal linear attention "
-                         "over the whole sequence with L2-normalised q and k, or causal softmax attention (with RoPE at absolute positions)")
+                         "over the whole sequence with L2-normalised q and k, the delta rule on such keys, or causal softmax attention (with RoPE at absolute positions)")
     ap.add_argument("--no_post_norm", action="store_true",
                     help="drop the branch layer's LayerNorm on its output (TTT's post_norm, or the controls')")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     a = ap.parse_args(argv)
     torch.manual_seed(a.seed)
     K = a.codebooks if a.frames else 1
@@ -162,7 +178,7 @@ def main(argv=None):
         for m in model.modules():
             if isinstance(m, GatedTTT):
                 m.layer = LinearAttention(a.dim, max(1, a.dim // 64), softmax=a.memory.startswith("softmax"),
-                                          rope=a.memory.endswith("rope"))
+                                          rope=a.memory.endswith("rope"), delta=a.memory == "delta")
     if a.no_post_norm:
         for m in model.modules():
             if isinstance(m, GatedTTT):
@@ -171,6 +187,7 @@ def main(argv=None):
         for m in model.modules():
             if isinstance(m, (_TTTLayer, LinearAttention)):
                 m.q_proj, m.k_proj = (ProjConv(p, a.ttt_conv) for p in (m.q_proj, m.k_proj))
+    model.to(a.device)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.1)
     g = torch.Generator().manual_seed(a.seed + 1)
     alphabet = torch.randperm(V, generator=g)[:A]
@@ -180,6 +197,7 @@ def main(argv=None):
     t0 = time.time()
     for step in range(a.steps + 1):
         x, dist = batch(g, alphabet, cues, a.batch, a.seq_len, a.events, a.value)
+        x, dist = x.to(a.device), dist.to(a.device)
         for group in opt.param_groups:
             group["lr"] = a.lr * min(1.0, (step + 1) / 50)
         if a.frames:   # frames [B, T, K]: the model predicts frame t from frames < t, as in training

@@ -139,7 +139,7 @@ def test_help_works(script):
     assert "usage:" in r.stdout
 
 
-@pytest.mark.parametrize("memory", ["ttt", "linear_attention", "softmax_attention_rope"])
+@pytest.mark.parametrize("memory", ["ttt", "linear_attention", "delta", "softmax_attention_rope"])
 def test_recall_toy_branches(memory, capsys):
     # the toy's controls really take the TTT branch's place (and train a step)
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
