@@ -165,10 +165,9 @@ def main(argv=None):
     ap.add_argument("--no_post_norm", action="store_true",
                     help="drop the branch layer's LayerNorm on its output (TTT's post_norm, or the controls')")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--warmup_steps", type=int, default=0,
-                    help="a curriculum: the first N steps on --warmup_seq_len tokens with --warmup_events events")
-    ap.add_argument("--warmup_seq_len", type=int, default=32)
-    ap.add_argument("--warmup_events", type=int, default=1)
+    ap.add_argument("--curriculum", default="",
+                    help="shorter sequences first, e.g. 32:500,48:500 (tokens:steps), each with as many events "
+                         "as fit (at most --events); then --seq_len for the remaining steps")
     a = ap.parse_args(argv)
     torch.manual_seed(a.seed)
     K = a.codebooks if a.frames else 1
@@ -202,10 +201,14 @@ def main(argv=None):
     share = a.events * a.value / a.seq_len
     print(f"{a.events} events of {a.value}-token values per {a.seq_len} tokens: {share:.0%} of the tokens are recalled")
     t0 = time.time()
+    stages = [tuple(int(v) for v in part.split(":")) for part in a.curriculum.split(",") if part]
+    ends = [sum(n for _, n in stages[:i + 1]) for i in range(len(stages))]
     for step in range(a.steps + 1):
-        warm = step < a.warmup_steps
-        x, dist = batch(g, alphabet, cues, a.batch, a.warmup_seq_len if warm else a.seq_len,
-                        a.warmup_events if warm else a.events, a.value)
+        stage = next((i for i, end in enumerate(ends) if step < end), None)
+        warm = stage is not None
+        L = stages[stage][0] if warm else a.seq_len
+        n_events = min(a.events, L // (2 * (CUE + KEY + a.value))) if warm else a.events
+        x, dist = batch(g, alphabet, cues, a.batch, L, n_events, a.value)
         x, dist = x.to(a.device), dist.to(a.device)
         for group in opt.param_groups:
             group["lr"] = a.lr * min(1.0, (step + 1) / 50)
@@ -229,7 +232,7 @@ def main(argv=None):
             # and the W - 1 tokens before it)
             acc = [f"{hit[m].float().mean().item():.3f} ({m.sum().item()})" if m.any() else "-"
                    for m in ((d > 0) & (d < W), d >= W)]
-            print(f"step {step:5d}{' (warm-up)' if warm else ''} | loss {loss.item():.3f} | recall accuracy in / beyond the window "
+            print(f"step {step:5d}{f' ({L} tokens)' if warm else ''} | loss {loss.item():.3f} | recall accuracy in / beyond the window "
                   f"{acc[0]} / {acc[1]} (chance {1 / A:.3f}) | {time.time() - t0:.0f}s", flush=True)
     return model
 
