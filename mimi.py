@@ -532,7 +532,8 @@ class Mimi(nn.Module):
     def _run(self, name, fn, x):
         if self._compile:  # compiled once per Mimi: its guards are on shapes, not on the state tensors
             if name not in self._compiled:
-                # combo kernels: Inductor launches independent small kernels as one (0.05-0.1 ms a frame)
+                # combo kernels: Inductor launches independent small kernels as one (README: 0.04-0.18 ms a
+                # frame saved encoding on an H100)
                 self._compiled[name] = torch.compile(fn, fullgraph=True, dynamic=False,
                                                      options={"combo_kernels": True})
             fn = self._compiled[name]
