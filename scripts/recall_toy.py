@@ -47,9 +47,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import Config, SpeechLM, loss_fn  # noqa: E402
-
-from model import GatedTTT  # noqa: E402
+from model import Config, GatedTTT, SpeechLM, loss_fn  # noqa: E402
 from ttt import TTTState, _rope, _rope_cos_sin, _TTTLayer  # noqa: E402
 
 V, A, CUE, KEY = 2048, 64, 2, 2
@@ -66,8 +64,9 @@ class LinearAttention(torch.nn.Module):
     def __init__(self, dim, n_heads, softmax=False, rope=False, delta=False):
         super().__init__()
         self.H, self.softmax, self.rope, self.delta = n_heads, softmax, rope, delta
-        self.beta = torch.nn.Linear(dim, n_heads)
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (torch.nn.Linear(dim, dim, bias=False) for _ in range(4))
+        self.beta = torch.nn.Linear(dim, n_heads)  # used by delta only (made always: same init for all)
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (torch.nn.Linear(dim, dim, bias=False)
+                                                              for _ in range(4))
         self.post_norm = torch.nn.LayerNorm(dim)
 
     def init_state(self, batch_size, device=None):  # nothing is carried: whole sequences only
@@ -159,9 +158,11 @@ def main(argv=None):
     ap.add_argument("--ttt_conv", type=int, default=0,
                     help="a causal depthwise convolution of this many tokens after the TTT layers' q and k "
                          "projections (upstream's share_qk backbone; whole sequences only: no state)")
-    ap.add_argument("--memory", default="ttt", choices=["ttt", "linear_attention", "delta", "softmax_attention", "softmax_attention_rope"],
+    ap.add_argument("--memory", default="ttt",
+                    choices=["ttt", "linear_attention", "delta", "softmax_attention", "softmax_attention_rope"],
                     help="what the --n_ttt branches hold: the TTT layer, or (controls) causal linear attention "
-                         "over the whole sequence with L2-normalised q and k, the delta rule on such keys, or causal softmax attention (with RoPE at absolute positions)")
+                         "over the whole sequence with L2-normalised q and k, the delta rule on such keys, or "
+                         "causal softmax attention (with RoPE at absolute positions)")
     ap.add_argument("--no_post_norm", action="store_true",
                     help="drop the branch layer's LayerNorm on its output (TTT's post_norm, or the controls')")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -232,7 +233,8 @@ def main(argv=None):
             # and the W - 1 tokens before it)
             acc = [f"{hit[m].float().mean().item():.3f} ({m.sum().item()})" if m.any() else "-"
                    for m in ((d > 0) & (d < W), d >= W)]
-            print(f"step {step:5d}{f' ({L} tokens)' if warm else ''} | loss {loss.item():.3f} | recall accuracy in / beyond the window "
+            stage_note = f" ({L} tokens)" if warm else ""
+            print(f"step {step:5d}{stage_note} | loss {loss.item():.3f} | recall accuracy in / beyond the window "
                   f"{acc[0]} / {acc[1]} (chance {1 / A:.3f}) | {time.time() - t0:.0f}s", flush=True)
     return model
 
