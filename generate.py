@@ -34,7 +34,7 @@ import torch
 
 from codes import CodesFile, CodesFormatError, CodesWriter
 from data import TextDecoder, Tokenizer
-from model import SpeechLM, default_device, delay, tree_leaves, tree_map
+from model import SpeechLM, default_device, delay, depth_kernels_unsupported, tree_leaves, tree_map
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO_CKPT = os.path.join(HERE, "demo", "model.safetensors")
@@ -45,55 +45,61 @@ AUDIO_CHUNK = 25      # frames decoded and written at a time (2 s): Mimi's cost 
 
 class Sampler:
     """Temperature / top-k / top-p sampling, text and audio set apart. The random numbers of a
-    frame are drawn at once (one exponential draw per column), so any way of computing the logits
-    consumes them in the same order: sampling is argmax(p / Exp(1)), exact and sync-free."""
+    frame are drawn at once (one exponential draw per column and vocabulary entry), so any way of
+    computing the logits consumes them in the same order: sampling is argmax(p / Exp(1)), exact and
+    sync-free. Top-k keeps every entry at least as large as the k-th largest."""
 
     def __init__(self, cfg, temp=0.8, top_k=250, top_p=1.0, text_temp=0.7, text_top_k=25, text_top_p=1.0,
                  generator=None):
         self.cfg, self.g = cfg, generator
         self.audio = (temp, top_k, top_p)
         self.text = (text_temp, text_top_k, text_top_p)
-        self.noise = None
 
     def new_frame(self, B, device):
-        # noise for the candidates of each column: the top-k when there is a top-k, else all
         nt, na = self.cfg.n_text, self.cfg.n_audio
-        vt = min(self.text[1] or self.cfg.text_cardinality, self.cfg.text_cardinality)
-        va = min(self.audio[1] or self.cfg.cardinality, self.cfg.cardinality)
-        self.noise_t = torch.empty(B, nt, vt, device=device).exponential_(generator=self.g)
-        self.noise_a = torch.empty(B, na, va, device=device).exponential_(generator=self.g)
+        self.noise_t = torch.empty(B, nt, self.cfg.text_cardinality, device=device).exponential_(generator=self.g)
+        self.noise_a = torch.empty(B, na, self.cfg.cardinality, device=device).exponential_(generator=self.g)
+
+    def params(self, c):
+        """Column c's (temperature, top-k, top-p, noise [B, V])."""
+        nt = self.cfg.n_text
+        return (*self.text, self.noise_t[:, c]) if c < nt else (*self.audio, self.noise_a[:, c - nt])
 
     def __call__(self, logits, c):
-        nt = self.cfg.n_text
-        temp, k, p = self.text if c < nt else self.audio
-        noise = self.noise_t[:, c] if c < nt else self.noise_a[:, c - nt]
+        temp, k, p, noise = self.params(c)
         if temp <= 0:
             return logits.argmax(-1)
-        z, idx = logits / temp, None
-        if k and k < z.shape[-1]:                             # sample among the top k only
-            z, idx = z.topk(k, -1, sorted=False)              # [B, k], in no particular order
+        z = logits / temp
+        if k and k < z.shape[-1]:                             # keep the top k (and ties with the k-th)
+            z = z.masked_fill(z < z.topk(k, -1, sorted=False).values.amin(-1, keepdim=True), -math.inf)
         if p < 1.0:
             zs, order = z.sort(-1, descending=True)
             ps = zs.softmax(-1)
             drop = ps.cumsum(-1) - ps > p                     # keep the smallest set with mass >= p
             z = z.masked_fill(drop.scatter(-1, order, drop), -math.inf)
-        choice = (z.softmax(-1) / noise).argmax(-1, keepdim=True)   # argmax p / Exp(1): a sample of p
-        return (choice if idx is None else idx.gather(-1, choice))[:, 0]
+        return (z.softmax(-1) / noise).argmax(-1)             # argmax p / Exp(1): a sample of p
 
 
 class FrameStep:
     """One frame: draw the frame's random numbers, backbone step, depth decoder.
     compile fuses kernels with torch.compile: "blocks" (or True) compiles each transformer block on
     its own (quick to compile), "depth" also the depth decoder's loop over the columns, sampling
-    included, as one graph (fewer kernels, longer to compile). cuda_graph=True captures the whole
-    step once and replays it, the state living in static buffers (the step is free of host syncs)."""
+    included, as one graph (fewer kernels, longer to compile), "kernels" compiles the blocks and runs
+    the depth decoder's loop as Triton kernels (CUDA, with cuda_graph: the fewest kernels).
+    cuda_graph=True captures the whole step once and replays it, the state living in static buffers
+    (the step is free of host syncs)."""
 
     def __init__(self, model, sampler, batch, device, compile=False, cuda_graph=False):
         self.model, self.sampler, self.B, self.device = model, sampler, batch, torch.device(device)
-        if compile not in (False, True, "blocks", "depth"):
-            raise ValueError(f"compile must be False, 'blocks' or 'depth', got {compile!r}")
+        if compile not in (False, True, "blocks", "depth", "kernels"):
+            raise ValueError(f"compile must be False, 'blocks', 'depth' or 'kernels', got {compile!r}")
+        if compile == "kernels" and not cuda_graph:
+            raise ValueError("the depth decoder kernels are launched 2 + 5 x depth_layers times a column: "
+                             "capture them as a CUDA graph (--cuda_graph), or use --compile depth")
         if compile == "depth":
             model.compile_depth()
+        elif compile == "kernels":
+            model.compile_blocks().use_depth_kernels()
         elif compile:
             model.compile_blocks()
         self.fn, self.compile = self.eager, compile
@@ -332,10 +338,13 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=1, help="conversations generated at once")
     ap.add_argument("--device", default="", help="cuda, mps or cpu (default: the best there is)")
-    ap.add_argument("--compile", nargs="?", const="blocks", default="auto", choices=["auto", "", "blocks", "depth"],
+    ap.add_argument("--compile", nargs="?", const="blocks", default="auto",
+                    choices=["auto", "", "blocks", "depth", "kernels"],
                     help="torch.compile the frame step: each block (`--compile`, quick), or also the depth "
                          "decoder's loop as one graph (`--compile depth`: fewer kernels; on a GPU minutes to "
-                         "compile); auto (default): depth on a CPU for 5 minutes or more, else off; '' off")
+                         "compile), or the blocks and the depth decoder's loop as Triton kernels (`--compile "
+                         "kernels`, CUDA with --cuda_graph: the fastest at batch 1); auto (default): depth on a CPU for "
+                         "5 minutes or more, kernels with --cuda_graph at batch 1, else off; '' off")
     ap.add_argument("--cuda_graph", action="store_true", help="capture the frame step as a CUDA graph (CUDA only)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="the model's weights and activations (the TTT state stays float32); bfloat16 on a GPU")
@@ -390,6 +399,8 @@ def run(a):
     compile = a.compile
     if compile == "auto":  # on a CPU, compiling (about 20 s) pays for itself within a few minutes
         compile = "depth" if device.type == "cpu" and a.minutes >= 5 else ""
+        if a.cuda_graph and a.batch == 1 and not depth_kernels_unsupported(model):
+            compile = "kernels"   # (at batch 8, --compile depth is faster: README)
     step = FrameStep(model, sampler, a.batch, device, compile=compile or False, cuda_graph=a.cuda_graph)
     if compile and not a.cuda_graph:
         step, model = compiled_or_eager(step, model, a, device, sampler)

@@ -22,6 +22,12 @@ import torch.nn.functional as F
 
 from ttt import TTTLinear, TTTMLP
 
+try:  # optional: the depth decoder's generation kernels (SpeechLM.use_depth_kernels)
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
 # -----------------------------------------------------------------------------
 # Config
 
@@ -443,6 +449,160 @@ class DepthDecoder(nn.Module):
         return text, audio
 
 # -----------------------------------------------------------------------------
+# The depth decoder's generation loop as Triton kernels (GPU, batch of a few rows)
+#
+# At batch 1 the loop is 16 codebooks x depth_layers one-token steps, each a handful of
+# matrix-vector products: launch-bound (about 60 kernels a codebook once compiled). Here a layer
+# step is 5 kernels (norm + qkv; attention; output projection + residual; norm + gate/up + SwiGLU;
+# down projection + residual) and a codebook's head and sampling 2 more. Each kernel rounds where
+# the PyTorch modules round, so in float32 it computes what `_depth_loop` does.
+
+# launch shapes, chosen on an H100: a matrix-vector kernel's reduction block, its outputs a program
+# (0: BK // K, rounded down to a power of 2) and warps; the sampling kernel's warps
+DEPTH_LAUNCH = dict(BK=2048, BN=0, warps=4, sample_warps=8)
+
+if triton is not None:
+    @triton.jit
+    def _rows_linear_kernel(x_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, y_stride, M, N, K, eps,
+                            NORM: tl.constexpr, BIAS: tl.constexpr, SWIGLU: tl.constexpr, RES: tl.constexpr,
+                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        # y[m, n] = (y[m, n] +) f(norm(x[m]) . w[n] + b[n]) for every row m < M (<= BM) and BN outputs n;
+        # with SWIGLU, f = silu(. w[n]) * (. w[n + N]) (gate and up rows stacked). A block of weights is
+        # loaded once for all the rows.
+        rn = tl.program_id(0) * BN + tl.arange(0, BN)
+        rk, rm, nmask = tl.arange(0, BK), tl.arange(0, BM), rn < N
+        dt = y_ptr.dtype.element_ty
+        inv = tl.zeros([BM], tl.float32)
+        if NORM:  # RMSNorm: normalise in float32, round, scale in the model's dtype
+            for m in range(M):
+                ss = tl.zeros([BK], tl.float32)
+                for k0 in range(0, K, BK):
+                    xk = tl.load(x_ptr + m * K + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
+                    ss += xk * xk
+                inv = tl.where(rm == m, tl.rsqrt(tl.sum(ss, 0) / K + eps), inv)
+        acc = tl.zeros([BM, BN], tl.float32)
+        acc2 = tl.zeros([BM, BN], tl.float32)
+        for k0 in range(0, K, BK):
+            kk = k0 + rk
+            kmask = kk < K
+            wmask = nmask[:, None] & kmask[None, :]
+            w = tl.load(w_ptr + rn[:, None] * K + kk[None, :], mask=wmask, other=0.0).to(tl.float32)
+            if SWIGLU:
+                w2 = tl.load(w_ptr + (rn[:, None] + N) * K + kk[None, :], mask=wmask, other=0.0).to(tl.float32)
+            if NORM:
+                nw = tl.load(nw_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
+            for m in range(M):
+                xk = tl.load(x_ptr + m * K + kk, mask=kmask, other=0.0)
+                if NORM:
+                    inv_m = tl.sum(tl.where(rm == m, inv, 0.0), 0)
+                    xk = (nw * (xk.to(tl.float32) * inv_m).to(dt).to(tl.float32)).to(dt)
+                xk = xk.to(tl.float32)[None, :]
+                acc = tl.where(rm[:, None] == m, acc + tl.sum(w * xk, 1)[None, :], acc)
+                if SWIGLU:
+                    acc2 = tl.where(rm[:, None] == m, acc2 + tl.sum(w2 * xk, 1)[None, :], acc2)
+        if BIAS:
+            acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        y = acc.to(dt).to(tl.float32)
+        if SWIGLU:
+            y = (y * tl.sigmoid(y)).to(dt).to(tl.float32) * acc2.to(dt).to(tl.float32)
+        out = y_ptr + rm[:, None] * y_stride + rn[None, :]
+        omask = (rm < M)[:, None] & nmask[None, :]
+        if RES:
+            y = tl.load(out, mask=omask, other=0.0).to(tl.float32) + y.to(dt).to(tl.float32)
+        tl.store(out, y.to(dt), mask=omask)
+
+    @triton.jit
+    def _attend_kernel(buf_ptr, buf_stride, c, y_ptr, scale, H: tl.constexpr, HKV: tl.constexpr, HD: tl.constexpr,
+                       BL: tl.constexpr):
+        # y[m, head h] = attention of position c over positions 0..c, for h = program_id(0), m = program_id(1)
+        h, m = tl.program_id(0), tl.program_id(1)
+        rl, rd = tl.arange(0, BL), tl.arange(0, HD)
+        width = (H + 2 * HKV) * HD
+        row = buf_ptr + m * buf_stride
+        at = rl[:, None] * width + (h // (H // HKV)) * HD + rd[None, :]
+        lmask = (rl <= c)[:, None]
+        q = tl.load(row + c * width + h * HD + rd).to(tl.float32)
+        s = tl.sum(tl.load(row + H * HD + at, mask=lmask, other=0.0).to(tl.float32) * q[None, :], 1) * scale
+        s = tl.where(rl <= c, s, -float("inf"))
+        p = tl.exp(s - tl.max(s, 0))
+        p = p / tl.sum(p, 0)
+        v = tl.load(row + (H + HKV) * HD + at, mask=lmask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + m * H * HD + h * HD + rd, tl.sum(p[:, None] * v, 0).to(y_ptr.dtype.element_ty))
+
+    @triton.jit
+    def _sample_kernel(logit_ptr, V, noise_ptr, noise_stride, temp, top_k, tok_ptr, lp_ptr, out_stride,
+                       x0_ptr, x0_stride, emb_ptr, off, xn_ptr, D,
+                       NEXT: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr):
+        # row m: token = argmax over the top k of softmax(logits / temp) / noise, its log-probability
+        # log_softmax(logits)[token], and (NEXT) the next position's input x0[m] + emb[off + token]
+        m = tl.program_id(0)
+        rv = tl.arange(0, BV)
+        vmask = rv < V
+        lg = tl.load(logit_ptr + m * V + rv, mask=vmask, other=-float("inf")).to(tl.float32)
+        z = lg / temp
+        keep = vmask
+        if top_k < V:  # the k-th largest z, exactly: over the floats' bits as order-keeping int32 keys, the
+            b = z.to(tl.int32, bitcast=True)   # largest t with k keys >= t, 2 bits then 10 x 3 bits at a time
+            key = tl.where(vmask, b ^ ((b >> 31) & 0x7FFFFFFF), -2147483647 - 1)
+            cand = (tl.arange(0, 4) - 2) << 30                                          # sign and bit 30
+            n = tl.sum((key[None, :] >= cand[:, None]).to(tl.int32), 1)
+            t = tl.max(tl.where(n >= top_k, cand, -2147483647 - 1), 0)
+            for i in tl.static_range(10):
+                cand = t | (tl.arange(0, 8) << (27 - 3 * i))
+                n = tl.sum((key[None, :] >= cand[:, None]).to(tl.int32), 1)
+                t = tl.max(tl.where(n >= top_k, cand, t), 0)
+            keep = vmask & (key >= t)
+        zk = tl.where(keep, z, -float("inf"))
+        e = tl.exp(zk - tl.max(zk, 0))
+        noise = tl.load(noise_ptr + m * noise_stride + rv, mask=vmask, other=1.0)
+        tok = tl.argmax(tl.where(keep, (e / tl.sum(e, 0)) / noise, -1.0), 0)
+        mx = tl.max(lg, 0)
+        lse = mx + tl.log(tl.sum(tl.where(vmask, tl.exp(lg - mx), 0.0), 0))
+        tl.store(tok_ptr + m * out_stride, tok.to(tl.int64))
+        tl.store(lp_ptr + m * out_stride, tl.sum(tl.where(rv == tok, lg, 0.0), 0) - lse)
+        if NEXT:
+            rd = tl.arange(0, BD)
+            dmask = rd < D
+            x = tl.load(x0_ptr + m * x0_stride + rd, mask=dmask, other=0.0).to(tl.float32)
+            x += tl.load(emb_ptr + (off + tok) * D + rd, mask=dmask, other=0.0).to(tl.float32)
+            tl.store(xn_ptr + m * D + rd, x.to(xn_ptr.dtype.element_ty), mask=dmask)
+
+
+def _rows_linear(x, w, out, norm=None, bias=None, swiglu=False, residual=False):
+    """out [M, N] (rows may be strided) = norm(x) [M, K] @ w.T (+ bias), or silu(gate) * up for
+    w = [gate; up]; residual=True adds to what out holds. One Triton kernel."""
+    M, K = x.shape
+    N = w.shape[0] // (2 if swiglu else 1)
+    BN = DEPTH_LAUNCH["BN"] or max(1, 2 ** int(math.log2(max(1, DEPTH_LAUNCH["BK"] // K))))
+    BK = min(DEPTH_LAUNCH["BK"], triton.next_power_of_2(K))
+    _rows_linear_kernel[(triton.cdiv(N, BN),)](
+        x, norm.weight if norm is not None else x, w, bias if bias is not None else w, out, out.stride(0),
+        M, N, K,
+        norm.eps if norm is not None else 0.0, NORM=norm is not None, BIAS=bias is not None, SWIGLU=swiglu,
+        RES=residual, BM=triton.next_power_of_2(M), BN=BN, BK=BK, num_warps=DEPTH_LAUNCH["warps"])
+    return out
+
+
+def depth_kernels_unsupported(model):
+    """Why SpeechLM.use_depth_kernels cannot run for this model, or "" when it can."""
+    p = model.depth.in_proj.weight
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if triton is None:
+        return "triton is not installed"
+    if p.device.type != "cuda" and not interpreted:
+        return f"they need a CUDA GPU (the model is on {p.device})"
+    if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"weights in {p.dtype}"
+    if not model.depth.layers:
+        return "the depth decoder has no layers"
+    att = model.depth.layers[0].self_attn
+    for what, n in (("head size", att.head_dim), ("number of heads", att.n_heads)):
+        if n & (n - 1):
+            return f"the depth decoder's {what} ({n}) is not a power of 2"
+    return ""
+
+
+# -----------------------------------------------------------------------------
 # The model
 
 
@@ -641,6 +801,61 @@ class SpeechLM(nn.Module):
                 lps.append(logits.log_softmax(-1).gather(1, tok[:, None])[:, 0])
             cols.append(tok)
         return torch.stack(cols, 1), torch.stack(lps, 1).sum(1)
+
+    def use_depth_kernels(self):
+        """Generation on a GPU: run the depth decoder's loop over a frame's columns as Triton kernels,
+        2 + 5 x depth_layers launches a column (capture the frame step as a CUDA graph: launching
+        them one by one from Python is slower than the loop it replaces). The q/k/v and gate/up
+        weights are concatenated once, here: call it after the weights are final."""
+        why = depth_kernels_unsupported(self)
+        if why:
+            raise ValueError(f"the depth decoder kernels cannot run here: {why}")
+        with torch.no_grad():
+            self._depth_weights = [layer.fused() for layer in self.depth.layers]
+        self._depth_fn = self._depth_loop_kernels
+        return self
+
+    def _depth_loop_kernels(self, h, sample, force=None):
+        if force is not None or not hasattr(sample, "params"):
+            return self._depth_loop(h, sample, force)
+        cfg, dd = self.cfg, self.depth
+        B, C, d = h.shape[0], cfg.n_cols, cfg.depth_dim
+        att = dd.layers[0].self_attn
+        H, Hkv, hd = att.n_heads, att.n_kv_heads, att.head_dim
+        x0 = dd.in_proj(h).view(B, C, d)
+        x = x0[:, 0].contiguous()                                          # the residual stream, in place
+        qkv = [x.new_empty(B, C, (H + 2 * Hkv) * hd) for _ in dd.layers]  # every position's q, k, v
+        u, y = x.new_empty(B, cfg.depth_hidden), x.new_empty(B, H * hd)
+        frame = torch.empty(B, C, dtype=torch.long, device=h.device)
+        lps = torch.empty(B, C, dtype=torch.float32, device=h.device)
+        offs = _offsets(cfg.col_cards()[:-1] or (0,)).tolist()
+        for c in range(C):
+            for i, layer in enumerate(dd.layers):
+                (w_qkv, b_qkv), w_gu = self._depth_weights[i]
+                _rows_linear(x, w_qkv, qkv[i][:, c], norm=layer.input_layernorm, bias=b_qkv)
+                _attend_kernel[(H, B)](qkv[i], qkv[i].stride(0), c, y, hd ** -0.5, H=H, HKV=Hkv, HD=hd,
+                                       BL=triton.next_power_of_2(C))
+                _rows_linear(y, layer.self_attn.o_proj.weight, x, residual=True)
+                _rows_linear(x, w_gu, u, norm=layer.post_attention_layernorm, swiglu=True)
+                _rows_linear(u, layer.mlp.down_proj.weight, x, residual=True)
+            w = dd.text_heads[c] if c < cfg.n_text else dd.audio_heads[c - cfg.n_text]
+            V = w.shape[0]
+            logits = _rows_linear(x, w, x.new_empty(B, V), norm=dd.norm)
+            temp, k, p, noise = sample.params(c)
+            nxt = c + 1 < C
+            if temp > 0 and p >= 1.0 and V <= 16384:
+                _sample_kernel[(B,)](logits, V, noise, noise.stride(0), float(temp), k if 0 < k < V else V,
+                                     frame[:, c], lps[:, c], C, x0[:, c + 1] if nxt else x0, C * d,
+                                     dd.token_emb.weight, offs[c] if nxt else 0, x, d,
+                                     NEXT=nxt, BV=triton.next_power_of_2(V), BD=triton.next_power_of_2(d),
+                                     num_warps=DEPTH_LAUNCH["sample_warps"])
+                continue
+            lg = logits.float()
+            tok = sample(lg, c)
+            frame[:, c], lps[:, c] = tok, lg.log_softmax(-1).gather(1, tok[:, None])[:, 0]
+            if nxt:
+                x = x0[:, c + 1] + dd.token_emb(tok + offs[c])
+        return frame, lps.sum(1)
 
     # --- checkpoints -------------------------------------------------------------
 

@@ -158,7 +158,8 @@ def bench_profile_generate(a, dev):
     m = build(preset, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32, a.quick).eval()
     graph = dev.type == "cuda"
     sampler = Sampler(m.cfg)
-    step = FrameStep(m, sampler, 1, dev, cuda_graph=graph, compile=False if a.no_compile else "depth")
+    how = False if a.no_compile else "kernels" if a.depth_kernels else "depth"
+    step = FrameStep(m, sampler, 1, dev, cuda_graph=graph, compile=how)
     state = m.prefill(codes(m.cfg, 1, m.cfg.window, dev), m.init_state(1, dev))
     st = [state]
 
@@ -175,7 +176,7 @@ def bench_profile_generate(a, dev):
         sampler.new_frame(1, dev)
         g = graph_of(lambda s: (loop(h, sampler), s), [h])
         rows.append(("depth decoder with sampling", f"{pct(time_each(g.replay, n, dev), 0.5):.3f}"))
-    table(f"Frame at batch 1 ({preset}, {'eager' if a.no_compile else 'compiled depth'}"
+    table(f"Frame at batch 1 ({preset}, {how or 'eager'}"
           f"{' + CUDA graph' if graph else ''}), ms, median", ["part", "ms"], rows)
     if graph:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -297,7 +298,7 @@ def gen_row(a, m, codec, preset, how, B, n, dev):
     reset_peak(dev)
     sampler = Sampler(cfg)
     step = FrameStep(m, sampler, B, dev, cuda_graph=dev.type == "cuda",
-                     compile="depth" if how == "compiled depth + graph" else False)
+                     compile={"compiled depth + graph": "depth", "kernels + graph": "kernels"}.get(how, False))
     st = [m.init_state(B, dev)]
     ctx = codec.streaming(B * cfg.n_streams, cuda_graph=dev.type == "cuda") if codec else None
     if ctx:
@@ -343,9 +344,13 @@ def main(argv=None):
     ap.add_argument("--frames", type=int, default=200)
     ap.add_argument("--no_compile", action="store_true")
     ap.add_argument("--no_mimi", action="store_true")
-    ap.add_argument("--hows", nargs="+", default=["CUDA graph", "compiled blocks + graph", "compiled depth + graph"],
-                    choices=["CUDA graph", "compiled blocks + graph", "compiled depth + graph"],
-                    help="generate: the ways to run a frame (CUDA only; the CPU runs eager)")
+    ap.add_argument("--hows", nargs="+", default=["CUDA graph", "compiled blocks + graph", "compiled depth + graph",
+                                                  "kernels + graph"],
+                    choices=["CUDA graph", "compiled blocks + graph", "compiled depth + graph", "kernels + graph"],
+                    help="generate: the ways to run a frame (CUDA only; the CPU runs eager). kernels: blocks "
+                         "compiled, the depth decoder's loop as Triton kernels (SpeechLM.use_depth_kernels)")
+    ap.add_argument("--depth_kernels", action="store_true",
+                    help="profile_generate: the depth decoder as Triton kernels, not compiled")
     ap.add_argument("--audio_chunk", type=int, default=AUDIO_CHUNK,
                     help="frames decoded by Mimi at a time (generate.py: %(default)s; 1: every frame)")
     ap.add_argument("--quick", action="store_true", help="tiny shapes, a few iterations (CPU smoke test)")

@@ -316,3 +316,59 @@ def test_attend_short_equals_sdpa_with_gradients(H, Hkv):
     g1 = torch.autograd.grad((ours * w).sum(), (q, k, v))
     g2 = torch.autograd.grad((ref * w).sum(), (q, k, v))
     assert all(torch.allclose(a, b, rtol=0, atol=1e-12) for a, b in zip(g1, g2))
+
+
+DEPTH_KERNELS_CHECK = r'''
+import os, sys
+sys.path[:0] = [sys.argv[1], os.path.join(sys.argv[1], "tests")]
+import interpreted  # Triton's CPU interpreter: before anything defines a kernel
+import torch
+import model as M
+from generate import Sampler
+torch.manual_seed(0)
+cfg = M.Config.preset("tiny", n_text=1, text_cardinality=50, cardinality=300, n_codebooks=2, depth_hidden=96)
+m = M.SpeechLM(cfg).eval()
+with torch.no_grad():
+    for p in m.parameters():
+        p.add_(0.3 * torch.randn_like(p))  # large enough that attention is far from uniform
+m.use_depth_kernels()
+h = torch.randn(3, cfg.dim)
+worst, n = 0.0, 0
+cases = [dict(), dict(top_k=3, text_top_k=2), dict(top_k=0, text_temp=1.3), dict(top_p=0.9), dict(temp=0.0)]
+for bk, bn, kws in ((2048, 0, cases), (16, 32, cases[:2])):  # one block of the reduction, then several
+    M.DEPTH_LAUNCH.update(BK=bk, BN=bn)
+    for kw in kws:
+        s = Sampler(cfg, generator=torch.Generator().manual_seed(n), **kw)
+        s.new_frame(3, "cpu")
+        with torch.no_grad():
+            f0, l0 = m._depth_loop(h, s)
+            f1, l1 = m._depth_loop_kernels(h, s)
+        assert torch.equal(f0, f1), (bk, kw, f0, f1)
+        worst = max(worst, (l0 - l1).abs().max().item())
+        n += 1
+assert worst < 2e-5, worst
+print("frames equal; worst log-probability difference", worst)
+'''
+
+
+def test_depth_kernels_match_the_loop_in_the_interpreter():
+    """The depth decoder's Triton generation kernels (SpeechLM.use_depth_kernels), run on the CPU
+    by Triton's interpreter, against the PyTorch loop: same frames and log-probabilities, float32,
+    with a text column, top-k (below, at and above a small k), temperature, and the top-p and greedy
+    columns that fall back to PyTorch sampling."""
+    pytest.importorskip("triton")
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", DEPTH_KERNELS_CHECK, root], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "frames equal" in r.stdout
+
+
+def test_depth_kernels_refuse_what_they_do_not_cover():
+    m = SpeechLM(Config.preset("tiny"))
+    why = model_mod.depth_kernels_unsupported(m)
+    assert why  # on a CPU without the interpreter
+    with pytest.raises(ValueError, match="cannot run here"):
+        m.use_depth_kernels()
