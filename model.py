@@ -458,48 +458,69 @@ class DepthDecoder(nn.Module):
 # the PyTorch modules round, so in float32 it computes what `_depth_loop` does.
 
 # launch shapes, chosen on an H100: a matrix-vector kernel's reduction block, its outputs a program
-# (0: BK // K, rounded down to a power of 2) and warps; the sampling kernel's warps
-DEPTH_LAUNCH = dict(BK=2048, BN=0, warps=4, sample_warps=8)
+# (0: BK // K, rounded down to a power of 2) and warps; the same for several rows (a matrix product);
+# the sampling kernel's warps
+DEPTH_LAUNCH = dict(BK=2048, BN=0, warps=4, dot_BK=128, dot_BN=16, sample_warps=8)
 
 if triton is not None:
     @triton.jit
     def _rows_linear_kernel(x_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, y_stride, M, N, K, eps,
                             NORM: tl.constexpr, BIAS: tl.constexpr, SWIGLU: tl.constexpr, RES: tl.constexpr,
-                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr,
+                            PRECISION: tl.constexpr):
         # y[m, n] = (y[m, n] +) f(norm(x[m]) . w[n] + b[n]) for every row m < M (<= BM) and BN outputs n;
         # with SWIGLU, f = silu(. w[n]) * (. w[n + N]) (gate and up rows stacked). A block of weights is
-        # loaded once for all the rows.
+        # loaded once for all the rows: one row at a time, or (DOT) as a matrix product of all the rows.
         rn = tl.program_id(0) * BN + tl.arange(0, BN)
         rk, rm, nmask = tl.arange(0, BK), tl.arange(0, BM), rn < N
         dt = y_ptr.dtype.element_ty
-        inv = tl.zeros([BM], tl.float32)
-        if NORM:  # RMSNorm: normalise in float32, round, scale in the model's dtype
-            for m in range(M):
+        if DOT:
+            xmask = (rm < M)[:, None]
+            if NORM:
+                ss = tl.zeros([BM, BK], tl.float32)
+                for k0 in range(0, K, BK):
+                    xk = tl.load(x_ptr + rm[:, None] * K + k0 + rk[None, :], mask=xmask & (k0 + rk < K)[None, :],
+                                 other=0.0).to(tl.float32)
+                    ss += xk * xk
+                inv = tl.rsqrt(tl.sum(ss, 1) / K + eps)
+            acc = tl.zeros([BM, BN], tl.float32)
+            acc2 = tl.zeros([BM, BN], tl.float32)
+            for k0 in range(0, K, BK):
+                kk = k0 + rk
+                kmask = kk < K
+                xk = tl.load(x_ptr + rm[:, None] * K + kk[None, :], mask=xmask & kmask[None, :], other=0.0)
+                if NORM:
+                    nw = tl.load(nw_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
+                    xk = (nw[None, :] * (xk.to(tl.float32) * inv[:, None]).to(dt).to(tl.float32)).to(dt)
+                wmask = nmask[:, None] & kmask[None, :]
+                w = tl.load(w_ptr + rn[:, None] * K + kk[None, :], mask=wmask, other=0.0)
+                acc += tl.dot(xk.to(dt), tl.trans(w.to(dt)), input_precision=PRECISION)
+                if SWIGLU:
+                    w2 = tl.load(w_ptr + (rn[:, None] + N) * K + kk[None, :], mask=wmask, other=0.0)
+                    acc2 += tl.dot(xk.to(dt), tl.trans(w2.to(dt)), input_precision=PRECISION)
+        else:  # one row (M = BM = 1): products and sums, no padding to 16 rows
+            if NORM:
                 ss = tl.zeros([BK], tl.float32)
                 for k0 in range(0, K, BK):
-                    xk = tl.load(x_ptr + m * K + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
+                    xk = tl.load(x_ptr + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
                     ss += xk * xk
-                inv = tl.where(rm == m, tl.rsqrt(tl.sum(ss, 0) / K + eps), inv)
-        acc = tl.zeros([BM, BN], tl.float32)
-        acc2 = tl.zeros([BM, BN], tl.float32)
-        for k0 in range(0, K, BK):
-            kk = k0 + rk
-            kmask = kk < K
-            wmask = nmask[:, None] & kmask[None, :]
-            w = tl.load(w_ptr + rn[:, None] * K + kk[None, :], mask=wmask, other=0.0).to(tl.float32)
-            if SWIGLU:
-                w2 = tl.load(w_ptr + (rn[:, None] + N) * K + kk[None, :], mask=wmask, other=0.0).to(tl.float32)
-            if NORM:
-                nw = tl.load(nw_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
-            for m in range(M):
-                xk = tl.load(x_ptr + m * K + kk, mask=kmask, other=0.0)
+                inv = tl.rsqrt(tl.sum(ss, 0) / K + eps)
+            acc = tl.zeros([BN], tl.float32)
+            acc2 = tl.zeros([BN], tl.float32)
+            for k0 in range(0, K, BK):
+                kk = k0 + rk
+                kmask = kk < K
+                xk = tl.load(x_ptr + kk, mask=kmask, other=0.0)
                 if NORM:
-                    inv_m = tl.sum(tl.where(rm == m, inv, 0.0), 0)
-                    xk = (nw * (xk.to(tl.float32) * inv_m).to(dt).to(tl.float32)).to(dt)
+                    nw = tl.load(nw_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
+                    xk = (nw * (xk.to(tl.float32) * inv).to(dt).to(tl.float32)).to(dt)
                 xk = xk.to(tl.float32)[None, :]
-                acc = tl.where(rm[:, None] == m, acc + tl.sum(w * xk, 1)[None, :], acc)
+                wmask = nmask[:, None] & kmask[None, :]
+                acc += tl.sum(tl.load(w_ptr + rn[:, None] * K + kk[None, :], mask=wmask, other=0.0).to(tl.float32) * xk, 1)
                 if SWIGLU:
-                    acc2 = tl.where(rm[:, None] == m, acc2 + tl.sum(w2 * xk, 1)[None, :], acc2)
+                    w2 = tl.load(w_ptr + (rn[:, None] + N) * K + kk[None, :], mask=wmask, other=0.0)
+                    acc2 += tl.sum(w2.to(tl.float32) * xk, 1)
+            acc, acc2 = acc[None, :], acc2[None, :]
         if BIAS:
             acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
         y = acc.to(dt).to(tl.float32)
@@ -573,13 +594,18 @@ def _rows_linear(x, w, out, norm=None, bias=None, swiglu=False, residual=False):
     w = [gate; up]; residual=True adds to what out holds. One Triton kernel."""
     M, K = x.shape
     N = w.shape[0] // (2 if swiglu else 1)
-    BN = DEPTH_LAUNCH["BN"] or max(1, 2 ** int(math.log2(max(1, DEPTH_LAUNCH["BK"] // K))))
-    BK = min(DEPTH_LAUNCH["BK"], triton.next_power_of_2(K))
+    dot = M > 1
+    if dot:  # tensor-core tiles: at least 16 x 16 x 16
+        BM, BN, BK = max(16, triton.next_power_of_2(M)), DEPTH_LAUNCH["dot_BN"], DEPTH_LAUNCH["dot_BK"]
+    else:
+        BM, BK = 1, min(DEPTH_LAUNCH["BK"], triton.next_power_of_2(K))
+        BN = DEPTH_LAUNCH["BN"] or max(1, 2 ** int(math.log2(max(1, DEPTH_LAUNCH["BK"] // K))))
     _rows_linear_kernel[(triton.cdiv(N, BN),)](
         x, norm.weight if norm is not None else x, w, bias if bias is not None else w, out, out.stride(0),
         M, N, K,
         norm.eps if norm is not None else 0.0, NORM=norm is not None, BIAS=bias is not None, SWIGLU=swiglu,
-        RES=residual, BM=triton.next_power_of_2(M), BN=BN, BK=BK, num_warps=DEPTH_LAUNCH["warps"])
+        RES=residual, BM=BM, BN=BN, BK=BK, DOT=dot, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        num_warps=DEPTH_LAUNCH["warps"])
     return out
 
 

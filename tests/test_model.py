@@ -332,18 +332,19 @@ with torch.no_grad():
     for p in m.parameters():
         p.add_(0.3 * torch.randn_like(p))  # large enough that attention is far from uniform
 m.use_depth_kernels()
-h = torch.randn(3, cfg.dim)
 worst, n = 0.0, 0
 cases = [dict(), dict(top_k=3, text_top_k=2), dict(top_k=0, text_temp=1.3), dict(top_p=0.9), dict(temp=0.0)]
-for bk, bn, kws in ((2048, 0, cases), (16, 32, cases[:2])):  # one block of the reduction, then several
-    M.DEPTH_LAUNCH.update(BK=bk, BN=bn)
+# batch 1 (products and sums) and 3 (matrix products); one block of the reduction, then several
+for B, bk, bn, kws in ((3, 2048, 0, cases), (1, 2048, 0, cases[:3]), (1, 16, 32, cases[:1]), (3, 16, 0, cases[:1])):
+    M.DEPTH_LAUNCH.update(BK=bk, BN=bn, dot_BK=bk)
+    h = torch.randn(B, cfg.dim)
     for kw in kws:
         s = Sampler(cfg, generator=torch.Generator().manual_seed(n), **kw)
-        s.new_frame(3, "cpu")
+        s.new_frame(B, "cpu")
         with torch.no_grad():
             f0, l0 = m._depth_loop(h, s)
             f1, l1 = m._depth_loop_kernels(h, s)
-        assert torch.equal(f0, f1), (bk, kw, f0, f1)
+        assert torch.equal(f0, f1), (B, bk, kw, f0, f1)
         worst = max(worst, (l0 - l1).abs().max().item())
         n += 1
 assert worst < 2e-5, worst
@@ -354,8 +355,8 @@ print("frames equal; worst log-probability difference", worst)
 def test_depth_kernels_match_the_loop_in_the_interpreter():
     """The depth decoder's Triton generation kernels (SpeechLM.use_depth_kernels), run on the CPU
     by Triton's interpreter, against the PyTorch loop: same frames and log-probabilities, float32,
-    with a text column, top-k (below, at and above a small k), temperature, and the top-p and greedy
-    columns that fall back to PyTorch sampling."""
+    batch 1 and 3, with a text column, top-k (below, at and above a small k), temperature, and the
+    top-p and greedy columns that fall back to PyTorch sampling."""
     pytest.importorskip("triton")
     import subprocess
     import sys
