@@ -85,7 +85,7 @@ class FrameStep:
     compile fuses kernels with torch.compile: "blocks" (or True) compiles each transformer block on
     its own (quick to compile), "depth" also the depth decoder's loop over the columns, sampling
     included, as one graph (fewer kernels, longer to compile), "kernels" compiles the blocks and runs
-    the depth decoder's loop as Triton kernels (CUDA, with cuda_graph: the fewest kernels).
+    the depth decoder's loop as Triton kernels (CUDA, with cuda_graph: the fewest kernels, the fastest).
     cuda_graph=True captures the whole step once and replays it, the state living in static buffers
     (the step is free of host syncs)."""
 
@@ -343,8 +343,8 @@ def parse_args(argv=None):
                     help="torch.compile the frame step: each block (`--compile`, quick), or also the depth "
                          "decoder's loop as one graph (`--compile depth`: fewer kernels; on a GPU minutes to "
                          "compile), or the blocks and the depth decoder's loop as Triton kernels (`--compile "
-                         "kernels`, CUDA with --cuda_graph: the fastest at batch 1); auto (default): depth on a CPU for "
-                         "5 minutes or more, kernels with --cuda_graph at batch 1, else off; '' off")
+                         "kernels`, CUDA with --cuda_graph: the fastest); auto (default): depth on a CPU for 5 minutes "
+                         "or more, kernels with --cuda_graph, else off; '' off")
     ap.add_argument("--cuda_graph", action="store_true", help="capture the frame step as a CUDA graph (CUDA only)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="the model's weights and activations (the TTT state stays float32); bfloat16 on a GPU")
@@ -399,8 +399,8 @@ def run(a):
     compile = a.compile
     if compile == "auto":  # on a CPU, compiling (about 20 s) pays for itself within a few minutes
         compile = "depth" if device.type == "cpu" and a.minutes >= 5 else ""
-        if a.cuda_graph and a.batch == 1 and not depth_kernels_unsupported(model):
-            compile = "kernels"   # (at batch 8, --compile depth is faster: README)
+        if a.cuda_graph and not depth_kernels_unsupported(model):
+            compile = "kernels"
     step = FrameStep(model, sampler, a.batch, device, compile=compile or False, cuda_graph=a.cuda_graph)
     if compile and not a.cuda_graph:
         step, model = compiled_or_eager(step, model, a, device, sampler)
