@@ -56,9 +56,12 @@ class Sampler:
         self.text = (text_temp, text_top_k, text_top_p)
 
     def new_frame(self, B, device):
-        nt, na = self.cfg.n_text, self.cfg.n_audio
-        self.noise_t = torch.empty(B, nt, self.cfg.text_cardinality, device=device).exponential_(generator=self.g)
-        self.noise_a = torch.empty(B, na, self.cfg.cardinality, device=device).exponential_(generator=self.g)
+        # Exp(1) as -log(u), u uniform in [2^-40, 1): positive and finite (and on a CPU, 6x quicker
+        # to draw than exponential_, which would cost generate.py a tenth of its speed)
+        def exp1(n, V):
+            return torch.rand(B, n, V, device=device, generator=self.g).clamp_min_(2 ** -40).log_().neg_()
+        self.noise_t = exp1(self.cfg.n_text, self.cfg.text_cardinality)
+        self.noise_a = exp1(self.cfg.n_audio, self.cfg.cardinality)
 
     def params(self, c):
         """Column c's (temperature, top-k, top-p, noise [B, V])."""

@@ -469,8 +469,8 @@ if triton is not None:
                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr,
                             PRECISION: tl.constexpr):
         # y[m, n] = (y[m, n] +) f(norm(x[m]) . w[n] + b[n]) for every row m < M (<= BM) and BN outputs n;
-        # with SWIGLU, f = silu(. w[n]) * (. w[n + N]) (gate and up rows stacked). A block of weights is
-        # loaded once for all the rows: one row at a time, or (DOT) as a matrix product of all the rows.
+        # with SWIGLU, f = silu(. w[n]) * (. w[n + N]) (gate and up rows stacked). One row: products and
+        # sums; several (DOT): the rows padded to BM >= 16 times the block of weights, one matrix product.
         rn = tl.program_id(0) * BN + tl.arange(0, BN)
         rk, rm, nmask = tl.arange(0, BK), tl.arange(0, BM), rn < N
         dt = y_ptr.dtype.element_ty

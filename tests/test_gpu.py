@@ -40,12 +40,13 @@ def test_cuda_split_invariance_and_cpu_parity(ttt_type):
     assert _rel(full.audio.cpu(), cpu.audio) < 1e-4
 
 
-def test_cuda_graph_generation_matches_teacher_forcing():
+@pytest.mark.parametrize("how", [False, "kernels"])
+def test_cuda_graph_generation_matches_teacher_forcing(how):
     torch.backends.cuda.matmul.allow_tf32 = False
     m = _model("cuda", delays=(0, 1, 1, 1))
     torch.manual_seed(1)
-    s = generate.Sampler(m.cfg, temp=1.0, top_k=0)
-    step = generate.FrameStep(m, s, 2, "cuda", cuda_graph=True)
+    s = generate.Sampler(m.cfg, temp=1.0, top_k=0 if not how else 20)
+    step = generate.FrameStep(m, s, 2, "cuda", compile=how, cuda_graph=True)
     frames, logps = [], []
     with torch.inference_mode():
         generate.generate(m, 60, s, 2, None, "streaming", lambda f, lp: (frames.append(f), logps.append(lp)),
@@ -55,6 +56,20 @@ def test_cuda_graph_generation_matches_teacher_forcing():
         logits, _ = m(d)
     lp = logits.audio[:, 1:].float().log_softmax(-1).gather(-1, d[:, 1:, :, None])[..., 0].sum(-1)
     torch.testing.assert_close(torch.stack(logps, 1)[:, :59], lp, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("B", [1, 8])
+def test_depth_kernels_match_the_loop(B):
+    m = _model("cuda", n_text=1, text_cardinality=300, depth_dim=128, depth_heads=4).use_depth_kernels()
+    h = torch.randn(B, m.cfg.dim, device="cuda")
+    for kw in (dict(), dict(top_k=5, text_top_k=3), dict(top_k=0)):
+        s = generate.Sampler(m.cfg, **kw)
+        s.new_frame(B, "cuda")
+        with torch.no_grad():
+            f0, l0 = m._depth_loop(h, s)
+            f1, l1 = m._depth_loop_kernels(h, s)
+        assert torch.equal(f0, f1), kw
+        assert (l0 - l1).abs().max() < 2e-5, kw
 
 
 def test_bf16_training_step_streaming():
