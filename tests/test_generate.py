@@ -200,6 +200,9 @@ def test_bad_inputs(ckpt, tmp_path, capsys):
     assert "does not exist" in _err(capsys, ["--ckpt", ckpt, "--prompt", str(tmp_path / "nope.wav")] + base)
     sf.write(tmp_path / "p.wav", np.zeros((2400, 2)), 24000)
     assert "needs Mimi weights" in _err(capsys, ["--ckpt", ckpt, "--prompt", str(tmp_path / "p.wav")] + base)
+    # the depth decoder kernels: launched from Python they would be slower than the loop, and need a GPU
+    assert "capture them as a CUDA graph" in _err(capsys, ["--ckpt", ckpt, "--compile", "kernels"] + base)
+    assert "needs a CUDA device" in _err(capsys, ["--ckpt", ckpt, "--compile", "kernels", "--cuda_graph"] + base)
 
 
 @pytest.mark.slow
