@@ -842,6 +842,7 @@ class SpeechLM(nn.Module):
         return self
 
     def _depth_loop_kernels(self, h, sample, force=None):
+        """_depth_loop as Triton kernels; forced columns, or a sampler without params(c), take _depth_loop."""
         if force is not None or not hasattr(sample, "params"):
             return self._depth_loop(h, sample, force)
         cfg, dd = self.cfg, self.depth
