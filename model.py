@@ -838,6 +838,7 @@ class SpeechLM(nn.Module):
             raise ValueError(f"the depth decoder kernels cannot run here: {why}")
         with torch.no_grad():
             self._depth_weights = [layer.fused() for layer in self.depth.layers]
+        self._depth_offsets = _offsets(self.cfg.col_cards()[:-1] or (0,)).tolist()   # token_emb rows of each column
         self._depth_fn = self._depth_loop_kernels
         return self
 
@@ -855,7 +856,7 @@ class SpeechLM(nn.Module):
         u, y = x.new_empty(B, cfg.depth_hidden), x.new_empty(B, H * hd)
         frame = torch.empty(B, C, dtype=torch.long, device=h.device)
         lps = torch.empty(B, C, dtype=torch.float32, device=h.device)
-        offs = _offsets(cfg.col_cards()[:-1] or (0,)).tolist()
+        offs = self._depth_offsets
         for c in range(C):
             for i, layer in enumerate(dd.layers):
                 (w_qkv, b_qkv), w_gu = self._depth_weights[i]
