@@ -34,7 +34,8 @@ import torch
 
 from codes import CodesFile, CodesFormatError, CodesWriter
 from data import TextDecoder, Tokenizer
-from model import SpeechLM, default_device, delay, depth_kernels_unsupported, tree_leaves, tree_map
+from model import (SpeechLM, default_device, delay, depth_kernels_unsupported, step_kernels_unsupported, tree_leaves,
+                   tree_map)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO_CKPT = os.path.join(HERE, "demo", "model.safetensors")
@@ -87,8 +88,9 @@ class FrameStep:
     """One frame: draw the frame's random numbers, backbone step, depth decoder.
     compile fuses kernels with torch.compile: "blocks" (or True) compiles each transformer block on
     its own (quick to compile), "depth" also the depth decoder's loop over the columns, sampling
-    included, as one graph (fewer kernels, longer to compile), "kernels" compiles the blocks and runs
-    the depth decoder's loop as Triton kernels (CUDA, with cuda_graph: the fewest kernels, the fastest).
+    included, as one graph (fewer kernels, longer to compile), "kernels" runs the backbone's step and
+    the depth decoder's loop as Triton kernels, the TTT branch compiled (CUDA, with cuda_graph: the
+    fewest kernels, the fastest; the blocks are compiled for prompts).
     cuda_graph=True captures the whole step once and replays it, the state living in static buffers
     (the step is free of host syncs)."""
 
@@ -97,12 +99,12 @@ class FrameStep:
         if compile not in (False, True, "blocks", "depth", "kernels"):
             raise ValueError(f"compile must be False, 'blocks', 'depth' or 'kernels', got {compile!r}")
         if compile == "kernels" and not cuda_graph:
-            raise ValueError("the depth decoder kernels are launched 2 + 5 x depth_layers times a column: "
+            raise ValueError("the generation kernels are launched 5 times a layer and column: "
                              "capture them as a CUDA graph (--cuda_graph), or use --compile depth")
         if compile == "depth":
             model.compile_depth()
         elif compile == "kernels":
-            model.compile_blocks().use_depth_kernels()
+            model.compile_blocks().use_depth_kernels().use_step_kernels(compile_ttt=True)
         elif compile:
             model.compile_blocks()
         self.fn, self.compile = self.eager, compile
@@ -345,8 +347,8 @@ def parse_args(argv=None):
                     choices=["auto", "", "blocks", "depth", "kernels"],
                     help="torch.compile the frame step: each block (`--compile`, quick), or also the depth "
                          "decoder's loop as one graph (`--compile depth`: fewer kernels; on a GPU minutes to "
-                         "compile), or the blocks and the depth decoder's loop as Triton kernels (`--compile "
-                         "kernels`, CUDA with --cuda_graph: the fastest); auto (default): depth on a CPU for 5 minutes "
+                         "compile), or the backbone's step and the depth decoder's loop as Triton kernels "
+                         "(`--compile kernels`, CUDA with --cuda_graph: the fastest); auto (default): depth on a CPU for 5 minutes "
                          "or more, kernels with --cuda_graph, else off; '' off")
     ap.add_argument("--cuda_graph", action="store_true", help="capture the frame step as a CUDA graph (CUDA only)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
@@ -402,7 +404,7 @@ def run(a):
     compile = a.compile
     if compile == "auto":  # on a CPU, compiling (about 20 s) pays for itself within a few minutes
         compile = "depth" if device.type == "cpu" and a.minutes >= 5 else ""
-        if a.cuda_graph and not depth_kernels_unsupported(model):
+        if a.cuda_graph and not depth_kernels_unsupported(model) and not step_kernels_unsupported(model):
             compile = "kernels"
     step = FrameStep(model, sampler, a.batch, device, compile=compile or False, cuda_graph=a.cuda_graph)
     if compile and not a.cuda_graph:

@@ -169,7 +169,10 @@ def bench_profile_generate(a, dev):
     rows = [("whole frame", f"{pct(time_each(frame, n, dev), 0.5):.3f}")]
     if graph:
         static = tree_map(lambda t: t.clone(), state)
-        g = graph_of(lambda s: m.backbone(m.frame_emb(s.prev[:, None]), s), static)
+        if hasattr(m, "_step_weights"):   # the backbone step as kernels
+            g = graph_of(m._backbone_step_kernels, static)
+        else:
+            g = graph_of(lambda s: m.backbone(m.frame_emb(s.prev[:, None]), s), static)
         rows.append(("backbone step", f"{pct(time_each(g.replay, n, dev), 0.5):.3f}"))
         h = torch.randn(1, m.cfg.dim, device=dev, dtype=torch.bfloat16)
         loop = getattr(m, "_depth_fn", None) or m._depth_loop
@@ -253,6 +256,12 @@ def bench_step(a, dev):
                 g = graph_of(bb, static)
                 rows.append((preset, "backbone", "compiled + graph", f"{pct(time_each(g.replay, n, dev), 0.5):.2f}"))
                 print(rows[-1], flush=True)
+                if not model_mod.step_kernels_unsupported(m):   # as generate.py --compile kernels --cuda_graph
+                    m.use_step_kernels(compile_ttt=True)
+                    static = tree_map(lambda t: t.clone(), state)
+                    g = graph_of(m._backbone_step_kernels, static)
+                    rows.append((preset, "backbone", "kernels + graph", f"{pct(time_each(g.replay, n, dev), 0.5):.2f}"))
+                    print(rows[-1], flush=True)
         del m
         reset_peak(dev)
     table("Backbone step, one frame at batch 1 (ms, median); bf16, random weights, full window cache",

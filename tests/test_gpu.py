@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import generate
-from model import Config, SpeechLM, delay, detach_state, loss_fn
+from model import Config, SpeechLM, delay, detach_state, loss_fn, tree_leaves, tree_map
 
 pytestmark = pytest.mark.gpu
 
@@ -70,6 +70,29 @@ def test_depth_kernels_match_the_loop(B):
             f1, l1 = m._depth_loop_kernels(h, s)
         assert torch.equal(f0, f1), kw
         assert (l0 - l1).abs().max() < 2e-5, kw
+
+
+@pytest.mark.parametrize("B", [1, 8])
+def test_step_kernels_match_the_backbone(B):
+    # the backbone's one-frame step as kernels (use_step_kernels) against backbone(), float32, rows at
+    # different positions, over more than two windows (the cache's ring wraps)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    m = _model("cuda", qkv_bias=True).use_step_kernels()
+    g = torch.Generator("cuda").manual_seed(0)
+
+    def frame():
+        return (torch.rand(B, m.cfg.n_cols, device="cuda", generator=g) * 128).long()
+    with torch.no_grad():
+        s0 = m.prefill(torch.stack([frame() for _ in range(30)], 1))
+        s0 = m.reset_rows(s0, torch.arange(B, device="cuda") == B - 1)
+        s1 = tree_map(lambda t: t.clone(), s0)
+        for t in range(2 * m.cfg.window + 5):
+            f = frame()
+            h0, s0 = m.backbone(m.frame_emb(f[:, None]), s0._replace(prev=f))
+            h1, s1 = m._backbone_step_kernels(s1._replace(prev=f))
+            assert _rel(h1, h0) < 1e-5, t
+    for a, b in zip(tree_leaves(s0), tree_leaves(s1)):
+        assert torch.equal(a, b) if not a.is_floating_point() else _rel(b, a) < 1e-5
 
 
 def test_bf16_training_step_streaming():

@@ -367,6 +367,63 @@ def test_depth_kernels_match_the_loop_in_the_interpreter():
     assert "frames equal" in r.stdout
 
 
+STEP_KERNELS_CHECK = r'''
+import os, sys
+sys.path[:0] = [sys.argv[1], os.path.join(sys.argv[1], "tests")]
+import interpreted  # Triton's CPU interpreter: before anything defines a kernel
+import torch
+import model as M
+torch.manual_seed(0)
+cfg = M.Config.preset("tiny", qkv_bias=True, n_heads=6, n_kv_heads=2, head_dim=16, window=6)
+m = M.SpeechLM(cfg).eval()
+with torch.no_grad():
+    for p in m.parameters():
+        p.add_(0.3 * torch.randn_like(p))  # large enough that attention is far from uniform
+m.use_step_kernels()
+worst = 0.0
+# 3 rows (matrix products), the window in 4 splits; 1 row (products and sums), several reduction
+# blocks, one split
+for B, bk, bn, programs in ((3, 1024, 0, 24), (1, 32, 16, 1)):
+    M.STEP_LAUNCH.update(BK=bk, BN=bn, programs=programs)
+    g = torch.Generator().manual_seed(B)
+    frame = lambda: (torch.rand(B, cfg.n_cols, generator=g) * torch.tensor(cfg.col_cards())).long()
+    with torch.no_grad():
+        s0 = m.prefill(torch.stack([frame() for _ in range(4)], 1))
+        s0 = m.reset_rows(s0, torch.arange(B) == B - 1)   # rows at different positions
+        s1 = M.tree_map(lambda t: t.clone(), s0)
+        for t in range(cfg.window + 3):                   # the ring wraps
+            f = frame()
+            h0, s0 = m.backbone(m.frame_emb(f[:, None]), s0._replace(prev=f))
+            h1, s1 = m._backbone_step_kernels(s1._replace(prev=f))
+            worst = max(worst, ((h0 - h1).abs().max() / h0.abs().max()).item())
+    for a, b in zip(M.tree_leaves(s0), M.tree_leaves(s1)):
+        assert torch.allclose(a.double(), b.double(), rtol=1e-4, atol=1e-5), (a, b)
+assert worst < 1e-5, worst
+print("states equal; worst relative difference of h", worst)
+'''
+
+
+def test_step_kernels_match_the_backbone_in_the_interpreter():
+    """The backbone's one-frame step as Triton kernels (SpeechLM.use_step_kernels), run on the CPU by
+    Triton's interpreter, against backbone(): same outputs and state (caches, positions, TTT), float32,
+    rows at different positions, the cache's ring wrapping, the attention split or not."""
+    pytest.importorskip("triton")
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", STEP_KERNELS_CHECK, root], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "states equal" in r.stdout
+
+
+def test_step_kernels_refuse_what_they_do_not_cover():
+    m = SpeechLM(Config.preset("tiny"))
+    assert model_mod.step_kernels_unsupported(m)  # on a CPU without the interpreter
+    with pytest.raises(ValueError, match="cannot run here"):
+        m.use_step_kernels()
+
+
 def test_depth_kernels_refuse_what_they_do_not_cover():
     m = SpeechLM(Config.preset("tiny"))
     why = model_mod.depth_kernels_unsupported(m)
