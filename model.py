@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ttt import TTTLinear, TTTMLP
+from ttt import LN_EPS as TTT_LN_EPS, TTTLinear, TTTMLP, TTTState, _rope_cos_sin
 
 try:  # optional: the generation kernels (SpeechLM.use_depth_kernels, SpeechLM.use_step_kernels)
     import triton
@@ -486,14 +486,19 @@ def _pdl(t):
     return dict(launch_pdl=True) if ok else {}
 
 if triton is not None:
+    GELU_K = tl.constexpr(math.sqrt(2.0 / math.pi))
+    TTT_EPS = tl.constexpr(TTT_LN_EPS)
+
     @triton.jit
-    def _rows_linear_kernel(x_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, y_stride, M, N, K, eps,
-                            NORM: tl.constexpr, BIAS: tl.constexpr, SWIGLU: tl.constexpr, RES: tl.constexpr,
-                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr,
-                            PRECISION: tl.constexpr, PDL: tl.constexpr):
-        # y[m, n] = (y[m, n] +) f(norm(x[m]) . w[n] + b[n]) for every row m < M (<= BM) and BN outputs n;
-        # with SWIGLU, f = silu(. w[n]) * (. w[n + N]) (gate and up rows stacked). One row: products and
-        # sums; several (DOT): the rows padded to BM >= 16 times the block of weights, one matrix product.
+    def _rows_linear_kernel(x_ptr, nw_ptr, nb_ptr, g_ptr, w_ptr, b_ptr, s_ptr, y_ptr, y_stride, M, N, K, eps,
+                            NORM: tl.constexpr, BIAS: tl.constexpr, SWIGLU: tl.constexpr, SCALE: tl.constexpr,
+                            RES: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                            DOT: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+        # y[m, n] = (y[m, n] +) s[n] f(norm(x[m]) . w[n] + b[n]) for every row m < M (<= BM) and BN outputs n;
+        # with SWIGLU, f = silu(. w[n]) * (. w[n + N]) (gate and up rows stacked). norm: NORM 1 RMSNorm
+        # (weight nw), 2 (one row only) LayerNorm (weight nw, bias nb) times gelu(g), the TTT branch's
+        # post-norm and output gate. One row: products and sums; several (DOT): the rows padded to
+        # BM >= 16 times the block of weights, one matrix product.
         rn = tl.program_id(0) * BN + tl.arange(0, BN)
         rk, rm, nmask = tl.arange(0, BK), tl.arange(0, BM), rn < N
         dt = y_ptr.dtype.element_ty
@@ -503,7 +508,7 @@ if triton is not None:
             if PDL:
                 gdc_wait()
             xmask = (rm < M)[:, None]
-            if NORM:
+            if NORM == 1:
                 ss = tl.zeros([BM, BK], tl.float32)
                 for k0 in range(0, K, BK):
                     xk = tl.load(x_ptr + rm[:, None] * K + k0 + rk[None, :], mask=xmask & (k0 + rk < K)[None, :],
@@ -516,7 +521,7 @@ if triton is not None:
                 kk = k0 + rk
                 kmask = kk < K
                 xk = tl.load(x_ptr + rm[:, None] * K + kk[None, :], mask=xmask & kmask[None, :], other=0.0)
-                if NORM:
+                if NORM == 1:
                     nw = tl.load(nw_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
                     xk = (nw[None, :] * (xk.to(tl.float32) * inv[:, None]).to(dt).to(tl.float32)).to(dt)
                 wmask = nmask[:, None] & kmask[None, :]
@@ -534,10 +539,21 @@ if triton is not None:
                 w2 = tl.load(w_ptr + (rn[:, None] + N) * K + rk[None, :], mask=wmask, other=0.0)
             if PDL:
                 gdc_wait()
-            if NORM:
+            if NORM == 1:
                 ss = tl.zeros([BK], tl.float32)
                 for k0 in range(0, K, BK):
                     xk = tl.load(x_ptr + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
+                    ss += xk * xk
+                inv = tl.rsqrt(tl.sum(ss, 0) / K + eps)
+            if NORM == 2:  # mean, then variance about it, in float32
+                s1 = tl.zeros([BK], tl.float32)
+                for k0 in range(0, K, BK):
+                    s1 += tl.load(x_ptr + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
+                mean = tl.sum(s1, 0) / K
+                ss = tl.zeros([BK], tl.float32)
+                for k0 in range(0, K, BK):
+                    xk = tl.load(x_ptr + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
+                    xk = tl.where(k0 + rk < K, xk - mean, 0.0)
                     ss += xk * xk
                 inv = tl.rsqrt(tl.sum(ss, 0) / K + eps)
             acc = tl.zeros([BN], tl.float32)
@@ -546,9 +562,17 @@ if triton is not None:
                 kk = k0 + rk
                 kmask = kk < K
                 xk = tl.load(x_ptr + kk, mask=kmask, other=0.0)
-                if NORM:
+                if NORM == 1:
                     nw = tl.load(nw_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
                     xk = (nw * (xk.to(tl.float32) * inv).to(dt).to(tl.float32)).to(dt)
+                if NORM == 2:
+                    nw = tl.load(nw_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
+                    nb = tl.load(nb_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
+                    xk = ((xk.to(tl.float32) - mean) * inv * nw + nb).to(dt)
+                    g = tl.load(g_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
+                    u = GELU_K * (g + 0.044715 * g * g * g)
+                    ge = (0.5 * g * (2.0 * tl.sigmoid(2.0 * u))).to(dt)   # gelu, tanh form: 1 + tanh(u) = 2 sigmoid(2u)
+                    xk = (ge.to(tl.float32) * xk.to(tl.float32)).to(dt)
                 xk = xk.to(tl.float32)[None, :]
                 nmask2 = nmask[:, None] & (kk + BK < K)[None, :]
                 w_next = tl.load(w_ptr + rn[:, None] * K + BK + kk[None, :], mask=nmask2, other=0.0)
@@ -564,6 +588,8 @@ if triton is not None:
         y = acc.to(dt).to(tl.float32)
         if SWIGLU:
             y = (y * tl.sigmoid(y)).to(dt).to(tl.float32) * acc2.to(dt).to(tl.float32)
+        if SCALE:
+            y = (y * tl.load(s_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]).to(dt).to(tl.float32)
         out = y_ptr + rm[:, None] * y_stride + rn[None, :]
         omask = (rm < M)[:, None] & nmask[None, :]
         if RES:
@@ -705,12 +731,81 @@ if triton is not None:
             tl.store(count_ptr + b * HKV + hk, 0)
 
 
-def _rows_linear(x, w, out, norm=None, bias=None, swiglu=False, residual=False, launch=None):
+    @triton.jit
+    def _ttt_step_kernel(buf_ptr, x_ptr, nw_ptr, eps, wlr_ptr, blr_ptr, base_lr, tau_ptr, i_ptr, cos_ptr, sin_ptr,
+                         lnw_ptr, lnb_ptr, W_ptr, c_ptr, GW_ptr, Gc_ptr, out_ptr, D, MB,
+                         H: tl.constexpr, HD: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr):
+        # The TTT-Linear streaming step (ttt._linear_token and ttt._step) of head h = program_id(0), row
+        # bi = program_id(1): buf holds the row's q, k, v (before RoPE) and gate; x the branch's input,
+        # whose RMSNorm (weight nw) feeds the learning-rate gate. Fast weights W [HD, HD], c [HD] and the
+        # running sums GW, Gc are updated in place; out = q + LN(q W_i + c_i) in out's dtype.
+        h, bi = tl.program_id(0), tl.program_id(1)
+        rd = tl.arange(0, HD)
+        if PDL:
+            gdc_launch_dependents()
+        st = (bi * H + h) * HD
+        at = st * HD + rd[:, None] * HD + rd[None, :]
+        W = tl.load(W_ptr + at)                          # the state: only this program writes it
+        GW = tl.load(GW_ptr + at)
+        c = tl.load(c_ptr + st + rd)
+        Gc = tl.load(Gc_ptr + st + rd)
+        i = tl.load(i_ptr)
+        if PDL:
+            gdc_wait()
+        dt = out_ptr.dtype.element_ty
+        # learning rate: base_lr * sigmoid(norm(x) . w_h + b_h) / HD
+        rD = tl.arange(0, BD)
+        dm = rD < D
+        xv = tl.load(x_ptr + bi * D + rD, mask=dm, other=0.0).to(tl.float32)
+        inv = tl.rsqrt(tl.sum(xv * xv, 0) / D + eps)
+        xn = (tl.load(nw_ptr + rD, mask=dm, other=0.0).to(tl.float32) * (xv * inv).to(dt).to(tl.float32)).to(dt)
+        logit = (tl.sum(xn.to(tl.float32) * tl.load(wlr_ptr + h * D + rD, mask=dm, other=0.0).to(tl.float32), 0)
+                 + tl.load(blr_ptr + h).to(tl.float32))
+        lr = base_lr * tl.sigmoid(logit) / HD
+        # RoPE on channel pairs (2j, 2j + 1) at position i of the mini-batch
+        cs = tl.load(cos_ptr + i * (HD // 2) + rd // 2)
+        sn = tl.load(sin_ptr + i * (HD // 2) + rd // 2) * tl.where(rd % 2 == 0, -1.0, 1.0)
+        row = buf_ptr + bi * 4 * D + h * HD
+        q = tl.load(row + rd).to(tl.float32) * cs + tl.load(row + (rd ^ 1)).to(tl.float32) * sn
+        k = tl.load(row + D + rd).to(tl.float32) * cs + tl.load(row + D + (rd ^ 1)).to(tl.float32) * sn
+        v = tl.load(row + 2 * D + rd).to(tl.float32)
+        lnw = tl.load(lnw_ptr + h * HD + rd).to(tl.float32)
+        lnb = tl.load(lnb_ptr + h * HD + rd).to(tl.float32)
+        tau = tl.load(tau_ptr + i)
+        # gradient of 1/2 ||LN(k W + c) - (v - k)||^2 with respect to k W + c
+        z = tl.sum(k[:, None] * W, 0) + c
+        zc = z - tl.sum(z, 0) / HD
+        sd = tl.sqrt(tl.sum(zc * zc, 0) / HD + TTT_EPS)
+        xh = zc / sd
+        gx = (lnw * xh + lnb - (v - k)) * lnw
+        gz = (gx - tl.sum(gx, 0) / HD - xh * (tl.sum(gx * xh, 0) / HD)) / sd
+        GW = GW + (lr * k)[:, None] * gz[None, :]
+        Gc = Gc + lr * gz
+        Wi = W - tau * GW
+        ci = c - tau * Gc
+        zq = tl.sum(q[:, None] * Wi, 0) + ci
+        zc = zq - tl.sum(zq, 0) / HD
+        o = q + (zc * tl.rsqrt(tl.sum(zc * zc, 0) / HD + TTT_EPS) * lnw + lnb)
+        tl.store(out_ptr + bi * D + h * HD + rd, o.to(dt))
+        if i == MB - 1:  # the mini-batch is complete: W_i is the next start, the sums start again
+            tl.store(W_ptr + at, Wi)
+            tl.store(c_ptr + st + rd, ci)
+            tl.store(GW_ptr + at, tl.zeros([HD, HD], tl.float32))
+            tl.store(Gc_ptr + st + rd, tl.zeros([HD], tl.float32))
+        else:
+            tl.store(GW_ptr + at, GW)
+            tl.store(Gc_ptr + st + rd, Gc)
+
+
+def _rows_linear(x, w, out, norm=None, bias=None, swiglu=False, residual=False, launch=None, gate=None, scale=None):
     """out [M, N] (rows may be strided) = norm(x) [M, K] @ w.T (+ bias), or silu(gate) * up for
-    w = [gate; up]; residual=True adds to what out holds. One Triton kernel; launch: DEPTH_LAUNCH or
-    STEP_LAUNCH."""
+    w = [gate; up]; scale [N] multiplies the result; residual=True adds to what out holds. norm: an
+    RMSNorm, or (one row) a LayerNorm whose output is multiplied by gelu(gate [1, K]). One Triton
+    kernel; launch: DEPTH_LAUNCH or STEP_LAUNCH."""
     cfg = launch or DEPTH_LAUNCH
     M, K = x.shape
+    ln = isinstance(norm, nn.LayerNorm)
+    assert not ln or (M == 1 and gate is not None), "the LayerNorm + gate prologue takes one row"
     N = w.shape[0] // (2 if swiglu else 1)
     dot = M > 1
     if dot:  # tensor-core tiles: at least 16 x 16 x 16
@@ -720,11 +815,11 @@ def _rows_linear(x, w, out, norm=None, bias=None, swiglu=False, residual=False, 
         BN = cfg["BN"] or max(1, 4096 // BK)
     pdl = _pdl(x)
     _rows_linear_kernel[(triton.cdiv(N, BN),)](
-        x, norm.weight if norm is not None else x, w, bias if bias is not None else w, out, out.stride(0),
-        M, N, K,
-        norm.eps if norm is not None else 0.0, NORM=norm is not None, BIAS=bias is not None, SWIGLU=swiglu,
-        RES=residual, BM=BM, BN=BN, BK=BK, DOT=dot, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        PDL=bool(pdl), num_warps=cfg["warps"], **pdl)
+        x, norm.weight if norm is not None else x, norm.bias if ln else x, gate if ln else x, w,
+        bias if bias is not None else w, scale if scale is not None else w, out, out.stride(0), M, N, K,
+        norm.eps if norm is not None else 0.0, NORM=0 if norm is None else 2 if ln else 1, BIAS=bias is not None,
+        SWIGLU=swiglu, SCALE=scale is not None, RES=residual, BM=BM, BN=BN, BK=BK, DOT=dot,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PDL=bool(pdl), num_warps=cfg["warps"], **pdl)
     return out
 
 
@@ -1004,7 +1099,9 @@ class SpeechLM(nn.Module):
         """Generation on a GPU: run the backbone's one-frame step (`step`) as Triton kernels, 5 a layer
         (RMSNorm + q/k/v; RoPE + attention over the window, writing the new key and value into the
         cache; output projection + residual; RMSNorm + gate/up + SwiGLU; down projection + residual)
-        with the TTT branch in PyTorch (compile_ttt: torch.compile it). Capture the step as a CUDA graph.
+        A gated TTT-Linear branch is 3 more (RMSNorm + q/k/v/gate; the inner step, which updates the
+        state's fast weights in place; post-norm, gate, output projection and the gated residual); other
+        TTT branches run in PyTorch (compile_ttt: torch.compile them). Capture the step as a CUDA graph.
         At batch 1 only: with more rows the compiled blocks' matrix products were as fast or faster
         (a 7B-shaped backbone at batch 8: 5.2x real time with these kernels, 5.8x without, H100).
         The step then updates the attention caches of the state it is given in place."""
@@ -1015,7 +1112,38 @@ class SpeechLM(nn.Module):
             self._step_weights = [layer.fused() for layer in self.layers]
         self._step_ttt = [None if l.ttt is None else torch.compile(l.ttt, dynamic=False) if compile_ttt else l.ttt
                           for l in self.layers]
+        self._step_ttt_kernel = [None] * len(self.layers)   # TTT-Linear branches as 3 kernels (batch 1)
+        for i, l in enumerate(self.layers):
+            t = l.ttt.layer if l.ttt is not None else None
+            if t is None or not isinstance(t, TTTLinear) or t.g_proj is None or t.head_dim & (t.head_dim - 1):
+                continue
+            p = t.q_proj.weight
+            with torch.no_grad():
+                cos, sin = _rope_cos_sin(torch.arange(t.mini_batch, device=p.device), t.head_dim, t.rope_theta)
+                off = t.learnable_token_idx.float()
+                self._step_ttt_kernel[i] = dict(
+                    qkvg=torch.cat([t.q_proj.weight, t.k_proj.weight, t.v_proj.weight, t.g_proj.weight]),
+                    tau=torch.clamp_min(1.0 / torch.arange(1, t.mini_batch + 1, device=p.device) + off, 0.0),
+                    cos=cos.contiguous(), sin=sin.contiguous(), alpha=torch.tanh(l.ttt.alpha).to(p.dtype))
         return self
+
+    def _ttt_step_kernels(self, i, x, ts):
+        """The gated TTT-Linear branch of layer i for one row, x [1, D] updated in place: RMSNorm + q/k/v/gate;
+        the inner step (the state's fast weights and sums updated in place); post-norm, gate, output
+        projection, x + tanh(alpha) * that. Returns the state with its position moved on."""
+        g, t, D = self._step_ttt_kernel[i], self.layers[i].ttt.layer, x.shape[1]
+        buf, out = x.new_empty(1, 4 * D), x.new_empty(1, D)
+        _rows_linear(x, g["qkvg"], buf, norm=self.layers[i].ttt.norm, launch=STEP_LAUNCH)
+        W, c, GW, Gc = (a.contiguous() for a in (*ts.params, *ts.grads))   # (no copy when they are already)
+        pdl = _pdl(x)
+        _ttt_step_kernel[(t.n_heads, 1)](
+            buf, x, self.layers[i].ttt.norm.weight, self.layers[i].ttt.norm.eps, t.learnable_ttt_lr_weight,
+            t.learnable_ttt_lr_bias, float(t.base_lr), g["tau"], ts.i, g["cos"], g["sin"], t.ttt_norm_weight,
+            t.ttt_norm_bias, W, c, GW, Gc, out, D, t.mini_batch, H=t.n_heads, HD=t.head_dim,
+            BD=triton.next_power_of_2(D), PDL=bool(pdl), num_warps=4, **pdl)
+        _rows_linear(out, t.o_proj.weight, x, norm=t.post_norm, gate=buf[:, 3 * D:], scale=g["alpha"], residual=True,
+                     launch=STEP_LAUNCH)
+        return TTTState((W, c), (GW, Gc), (ts.i + 1) % t.mini_batch)
 
     def _backbone_step_kernels(self, state):
         """backbone() of one frame a row, as kernels (see use_step_kernels): h [B, 1, D] and the state."""
@@ -1037,7 +1165,9 @@ class SpeechLM(nn.Module):
             _rows_linear(x, w_qkv, qkv, norm=layer.input_layernorm, bias=b_qkv, launch=STEP_LAUNCH)
             _step_attend(qkv, cos, sin, k, v, state.kpos, state.pos, y, scratch)
             _rows_linear(y, layer.self_attn.o_proj.weight, x, residual=True, launch=STEP_LAUNCH)
-            if layer.ttt is not None:
+            if layer.ttt is not None and B == 1 and self._step_ttt_kernel[i] is not None:
+                ttt.append(self._ttt_step_kernels(i, x, next(it)))
+            elif layer.ttt is not None:
                 xt, ts = self._step_ttt[i](x[:, None], next(it))
                 x = xt[:, 0].contiguous()
                 ttt.append(ts)

@@ -40,16 +40,16 @@ def test_cuda_split_invariance_and_cpu_parity(ttt_type):
     assert _rel(full.audio.cpu(), cpu.audio) < 1e-4
 
 
-@pytest.mark.parametrize("how", [False, "kernels"])
-def test_cuda_graph_generation_matches_teacher_forcing(how):
+@pytest.mark.parametrize("how,B", [(False, 2), ("kernels", 2), ("kernels", 1)])   # batch 1: the step kernels too
+def test_cuda_graph_generation_matches_teacher_forcing(how, B):
     torch.backends.cuda.matmul.allow_tf32 = False
     m = _model("cuda", delays=(0, 1, 1, 1))
     torch.manual_seed(1)
     s = generate.Sampler(m.cfg, temp=1.0, top_k=0 if not how else 20)
-    step = generate.FrameStep(m, s, 2, "cuda", compile=how, cuda_graph=True)
+    step = generate.FrameStep(m, s, B, "cuda", compile=how, cuda_graph=True)
     frames, logps = [], []
     with torch.inference_mode():
-        generate.generate(m, 60, s, 2, None, "streaming", lambda f, lp: (frames.append(f), logps.append(lp)),
+        generate.generate(m, 60, s, B, None, "streaming", lambda f, lp: (frames.append(f), logps.append(lp)),
                           "cuda", step)
         out = torch.stack(frames, 1)
         d = delay(out, m.cfg)
