@@ -1098,13 +1098,14 @@ class SpeechLM(nn.Module):
     def use_step_kernels(self, compile_ttt=False):
         """Generation on a GPU: run the backbone's one-frame step (`step`) as Triton kernels, 5 a layer
         (RMSNorm + q/k/v; RoPE + attention over the window, writing the new key and value into the
-        cache; output projection + residual; RMSNorm + gate/up + SwiGLU; down projection + residual)
+        cache; output projection + residual; RMSNorm + gate/up + SwiGLU; down projection + residual).
         A gated TTT-Linear branch is 3 more (RMSNorm + q/k/v/gate; the inner step, which updates the
         state's fast weights in place; post-norm, gate, output projection and the gated residual); other
         TTT branches run in PyTorch (compile_ttt: torch.compile them). Capture the step as a CUDA graph.
         At batch 1 only: with more rows the compiled blocks' matrix products were as fast or faster
         (a 7B-shaped backbone at batch 8: 5.2x real time with these kernels, 5.8x without, H100).
-        The step then updates the attention caches of the state it is given in place."""
+        The step then updates the attention caches and TTT states of the state it is given in place.
+        Weights are concatenated (and tanh(alpha), tau precomputed) once, here: call it when they are final."""
         why = step_kernels_unsupported(self)
         if why:
             raise ValueError(f"the backbone step kernels cannot run here: {why}")
