@@ -959,8 +959,8 @@ class SpeechLM(nn.Module):
         device = device or self.inv_freq.device
         dtype = dtype or self.norm.weight.dtype
         B, W = batch_size, cfg.window
-        kv = tuple((torch.zeros(B, cfg.n_kv_heads, W, cfg.head_dim, device=device, dtype=dtype),) * 2
-                   for _ in range(cfg.n_layers))
+        kv = tuple(tuple(torch.zeros(B, cfg.n_kv_heads, W, cfg.head_dim, device=device, dtype=dtype) for _ in "kv")
+                   for _ in range(cfg.n_layers))   # k and v apart: the step kernels write them in place
         ttt = tuple(b.ttt.layer.init_state(B, device=device) for b in self.layers if b.ttt is not None)
         return State(pos=torch.zeros(B, dtype=torch.long, device=device),
                      prev=self.initial.to(device).expand(B, -1).clone(),
@@ -1163,6 +1163,9 @@ class SpeechLM(nn.Module):
         for i, layer in enumerate(self.layers):
             (w_qkv, b_qkv), w_gu = self._step_weights[i]
             k, v = state.kv[i]
+            if k.data_ptr() == v.data_ptr() or not (k.is_contiguous() and v.is_contiguous()):
+                raise ValueError("the step kernels write the caches in place: they must be contiguous tensors of "
+                                 "their own (make states with init_state, prefill or a clone)")
             _rows_linear(x, w_qkv, qkv, norm=layer.input_layernorm, bias=b_qkv, launch=STEP_LAUNCH)
             _step_attend(qkv, cos, sin, k, v, state.kpos, state.pos, y, scratch)
             _rows_linear(y, layer.self_attn.o_proj.weight, x, residual=True, launch=STEP_LAUNCH)

@@ -387,8 +387,8 @@ with torch.no_grad():
 m.use_step_kernels()
 worst = 0.0
 # 3 rows (matrix products), the window in 4 splits; 1 row (products and sums), several reduction
-# blocks, one split
-for B, bk, bn, programs in ((3, 1024, 0, 24), (1, 32, 16, 1)):
+# blocks, one split; and 1 row from a fresh state
+for B, bk, bn, programs, fresh in ((3, 1024, 0, 24, False), (1, 32, 16, 1, False), (1, 1024, 0, 128, True)):
     M.STEP_LAUNCH.update(BK=bk, BN=bn, programs=programs)
     g = torch.Generator().manual_seed(B)
     frame = lambda: (torch.rand(B, cfg.n_cols, generator=g) * torch.tensor(cfg.col_cards())).long()
@@ -396,6 +396,8 @@ for B, bk, bn, programs in ((3, 1024, 0, 24), (1, 32, 16, 1)):
         s0 = m.prefill(torch.stack([frame() for _ in range(4)], 1))
         s0 = m.reset_rows(s0, torch.arange(B) == B - 1)   # rows at different positions
         s1 = M.tree_map(lambda t: t.clone(), s0)
+        if fresh:  # as init_state makes it, not a copy
+            s0, s1 = m.init_state(B), m.init_state(B)
         for t in range(cfg.window + 3):                   # the ring wraps
             f = frame()
             h0, s0 = m.backbone(m.frame_emb(f[:, None]), s0._replace(prev=f))
