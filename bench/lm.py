@@ -356,10 +356,12 @@ def main(argv=None):
     ap.add_argument("--hows", nargs="+", default=["CUDA graph", "compiled blocks + graph", "compiled depth + graph",
                                                   "kernels + graph"],
                     choices=["CUDA graph", "compiled blocks + graph", "compiled depth + graph", "kernels + graph"],
-                    help="generate: the ways to run a frame (CUDA only; the CPU runs eager). kernels: blocks "
-                         "compiled, the depth decoder's loop as Triton kernels (SpeechLM.use_depth_kernels)")
+                    help="generate: the ways to run a frame (CUDA only; the CPU runs eager). kernels: as generate.py "
+                         "--compile kernels, the backbone step (batch 1) and the depth decoder's loop as Triton "
+                         "kernels (SpeechLM.use_step_kernels, use_depth_kernels)")
     ap.add_argument("--depth_kernels", action="store_true",
-                    help="profile_generate: the depth decoder as Triton kernels, not compiled")
+                    help="profile_generate: the frame as generate.py --compile kernels (the backbone step and the depth "
+                         "decoder as Triton kernels), not compiled")
     ap.add_argument("--audio_chunk", type=int, default=AUDIO_CHUNK,
                     help="frames decoded by Mimi at a time (generate.py: %(default)s; 1: every frame)")
     ap.add_argument("--quick", action="store_true", help="tiny shapes, a few iterations (CPU smoke test)")
