@@ -37,6 +37,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the streaming step kernels are optional
+    triton = None
+try:  # programmatic dependent launch (see PDL), in Triton 3.3 and later
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:
+    gdc_launch_dependents = gdc_wait = None
+
 from codes import CodesFile, CodesFormatError, CodesWriter
 
 SAMPLE_RATE = 24_000   # Hz
@@ -323,8 +333,9 @@ class Layer(nn.Module):
         self.layer_scale_1 = nn.Parameter(torch.full((D,), 0.01))
         self.layer_scale_2 = nn.Parameter(torch.full((D,), 0.01))
 
-    def forward(self, x, rot, mask, cache):
-        # x [B, T, D]; rot [T, 3, 1, hd/2]; mask [nb, Q, Q + C]; cache [B, C, 2, H, hd], updated in place
+    def forward(self, x, rot, mask, cache, slots):
+        # x [B, T, D]; rot [T, 3, 1, hd/2]; mask [nb, Q, Q + C]; cache [B, C, 2, H, hd], a ring: the last
+        # len(slots) steps' keys and values go to slots, in place
         B, T, D = x.shape
         H = self.n_heads
         qkv = linear(self.norm1(x), self.in_proj.weight).view(B, T, 3, H, D // H // 2, 2)
@@ -332,16 +343,16 @@ class Layer(nn.Module):
         cos, sin = rot
         qkv = torch.stack([re * cos - im * sin, re * sin + im * cos], -1).to(x.dtype).flatten(-2)
         kv = torch.cat([cache, qkv[:, :, 1:]], dim=1)                         # [B, C + T, 2, H, hd]
-        cache.copy_(kv[:, T:])
         y = linear(windowed_attention(qkv[:, :, 0], kv, mask), self.out_proj.weight)
+        cache.index_copy_(1, slots, kv[:, kv.shape[1] - slots.shape[0]:])
         x = torch.addcmul(x, self.layer_scale_1, y)
         h = linear(F.gelu(linear(self.norm2(x), self.linear1.weight)), self.linear2.weight)
         return torch.addcmul(x, self.layer_scale_2, h)
 
 
 class Transformer(nn.Module):
-    """Causal transformer over [B, D, T]; its state is the last context - 1 keys and values of every
-    layer with their absolute positions, so memory stays constant however long the stream."""
+    """Causal transformer over [B, D, T]; its state is a ring of the last context - 1 keys and values of
+    every layer with their absolute positions, so memory stays constant however long the stream."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -351,23 +362,242 @@ class Transformer(nn.Module):
 
     def init_state(self, B, device, dtype):
         c, C = self.cfg, self.cfg.context - 1
-        return [torch.zeros(c.n_layers, B, C, 2, c.n_heads, c.dim // c.n_heads, device=device, dtype=dtype),
-                torch.full((C,), -1, dtype=torch.long, device=device),   # positions of the cached steps
-                torch.zeros((), dtype=torch.long, device=device)]        # position of the next step
+        state = [torch.zeros(c.n_layers, B, C, 2, c.n_heads, c.dim // c.n_heads, device=device, dtype=dtype),
+                 torch.full((C,), -1, dtype=torch.long, device=device),   # position held by each slot
+                 torch.zeros((), dtype=torch.long, device=device)]        # position of the next step
+        if step_kernels_supported(device) and B <= SMALL_ROWS:  # the step kernels' scratch
+            state += [torch.empty(2 * SMALL_ROWS * c.n_heads * STEP_LAUNCH["splits"] * (c.dim // c.n_heads + 2),
+                                  device=device, dtype=torch.float32),
+                      torch.zeros(B * c.n_heads, device=device, dtype=torch.int32)]
+        return state
 
     def forward(self, x):  # [B, D, T] -> [B, D, T]
-        cache, cache_pos, offset = self.state
-        T = x.shape[-1]
+        cache, cache_pos, offset = self.state[:3]
+        B, D, T = x.shape
+        C = cache_pos.shape[0]
         qpos = offset + torch.arange(T, device=x.device)                      # [T] absolute positions
-        kpos = torch.cat([cache_pos, qpos])                                    # [C + T]
-        rot = rope(qpos, self.cfg.dim // self.cfg.n_heads, self.cfg.max_period)
-        mask = window_mask(qpos, kpos, self.cfg.context, min(T, QUERY_BLOCK))
-        x = x.transpose(1, 2)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, rot, mask, cache[i])
-        cache_pos.copy_(kpos[T:])
+        slots = qpos[max(T - C, 0):] % C                                       # where the last C steps go
+        rot = rope(qpos, D // self.cfg.n_heads, self.cfg.max_period)
+        if len(self.state) == 5 and B * T <= SMALL_ROWS and _routes(x):
+            x = _step_layers(self, x, rot, offset).view(B, T, D)
+        else:
+            kpos = torch.cat([cache_pos, qpos])                                # [C + T]
+            # every query block must hold the whole ring (in slot order, not time order) in its keys
+            mask = window_mask(qpos, kpos, self.cfg.context, min(T, max(QUERY_BLOCK, C)))
+            x = x.transpose(1, 2)
+            for i, layer in enumerate(self.layers):
+                x = layer(x, rot, mask, cache[i], slots)
+        cache_pos.index_copy_(0, slots, qpos[max(T - C, 0):])
         offset.add_(T)
         return x.transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------- streaming step kernels
+# A streaming frame is 2 steps of each transformer. Compiled, a layer over those 2 rows is 16 small
+# kernels; as Triton kernels it is 5: LayerNorm + q/k/v + RoPE; attention over the window, split among
+# programs and merged by the last one to finish; output projection + layer scale + residual, which also
+# writes the new keys and values into the ring; LayerNorm + linear1 + GELU; linear2 + layer scale +
+# residual. Products and sums in float32, as the compiled step.
+STEP_KERNELS = True    # use them for CUDA streaming steps of at most SMALL_ROWS rows (triton installed)
+# launch settings: about `programs` programs per product, each multiplying at most `tile` weights at once;
+# `splits` programs per (row, head) over the window (a power of 2)
+STEP_LAUNCH = dict(programs=128, tile=8192, warps=4, splits=16, attend_warps=4)
+# Programmatic dependent launch (Hopper and later): each kernel lets the next start early, and the next
+# loads its first block of weights (which no kernel writes) before it waits for the one before to finish;
+# nothing else is read or written before the wait.
+PDL = True
+
+
+def _pdl(device):
+    ok = (PDL and gdc_wait is not None and torch.device(device).type == "cuda"
+          and torch.cuda.get_device_capability(device)[0] >= 9)
+    return dict(launch_pdl=True) if ok else {}
+
+
+def step_kernels_supported(device):
+    return (STEP_KERNELS and triton is not None
+            and (torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"))
+
+
+if triton is not None:
+    @triton.jit
+    def _rows_kernel(x_ptr, w_ptr, y_ptr, lnw_ptr, lnb_ptr, cos_ptr, sin_ptr, s_ptr, qkv_ptr, ring_ptr, pos_ptr,
+                     R, T, N, K, C, eps, LN: tl.constexpr, ROPE: tl.constexpr, GELU: tl.constexpr,
+                     RES: tl.constexpr, RING: tl.constexpr, HD: tl.constexpr, RP: tl.constexpr,
+                     BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
+        # y[r, n] = f(LN(x[r]) . w[n]) for the rows r < R and this program's BN outputs n. ROPE: rotate the
+        # pairs (2j, 2j + 1) of q and k (n < 2N/3) by the angles of step r % T; GELU: exact gelu; RES:
+        # y[r, n] += s[n] (x[r] . w[n]). RING: also copy the new keys and values (qkv [R, 3N], columns n) of
+        # each row into its ring slot (pos + r % T) % C of batch row r // T (ring [B, C, 2, N]).
+        pid = tl.program_id(0)
+        rn, rr, rk = pid * BN + tl.arange(0, BN), tl.arange(0, RP), tl.arange(0, BK)
+        rmask, nmask = rr < R, rn < N
+        dt = y_ptr.dtype.element_ty
+        w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=nmask[:, None] & (rk < K)[None, :],
+                    other=0.0).to(tl.float32)                  # the first block of weights, before the wait
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
+        if LN:  # mean, then the variance about it, in float32
+            s1 = tl.zeros([RP, BK], tl.float32)
+            for k0 in range(0, K, BK):
+                m = rmask[:, None] & (k0 + rk < K)[None, :]
+                s1 += tl.load(x_ptr + rr[:, None] * K + k0 + rk[None, :], mask=m, other=0.0).to(tl.float32)
+            mean = tl.sum(s1, 1) / K
+            s2 = tl.zeros([RP, BK], tl.float32)
+            for k0 in range(0, K, BK):
+                m = rmask[:, None] & (k0 + rk < K)[None, :]
+                xk = tl.load(x_ptr + rr[:, None] * K + k0 + rk[None, :], mask=m, other=0.0).to(tl.float32)
+                xk = tl.where(m, xk - mean[:, None], 0.0)
+                s2 += xk * xk
+            inv = tl.rsqrt(tl.sum(s2, 1) / K + eps)
+        acc = tl.zeros([RP, BN], tl.float32)
+        for k0 in range(0, K, BK):
+            kk = k0 + rk
+            kmask = kk < K
+            xk = tl.load(x_ptr + rr[:, None] * K + kk[None, :], mask=rmask[:, None] & kmask[None, :],
+                         other=0.0).to(tl.float32)
+            if LN:
+                lw = tl.load(lnw_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
+                lb = tl.load(lnb_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
+                xk = ((xk - mean[:, None]) * inv[:, None] * lw[None, :] + lb[None, :]).to(dt).to(tl.float32)
+            acc += tl.sum(xk[:, None, :] * w[None, :, :], 2)
+            w = tl.load(w_ptr + rn[:, None] * K + BK + kk[None, :], mask=nmask[:, None] & (kk + BK < K)[None, :],
+                        other=0.0).to(tl.float32)           # the next block
+        y = acc.to(dt).to(tl.float32)
+        if ROPE:
+            if pid * BN < 2 * (N // 3):  # a block of q or k columns (blocks never straddle)
+                j = (pid * (BN // 2) + tl.arange(0, BN // 2)) % (HD // 2)            # [BN/2] pair's frequency
+                at = (rr % T)[:, None] * (HD // 2) + j[None, :]
+                cs, sn = tl.load(cos_ptr + at), tl.load(sin_ptr + at)                 # [RP, BN/2]
+                re, im = tl.split(tl.reshape(y, [RP, BN // 2, 2]))
+                y = tl.reshape(tl.join(re * cs - im * sn, re * sn + im * cs), [RP, BN])
+        if GELU:
+            y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+        out = y_ptr + rr[:, None] * N + rn[None, :]
+        omask = rmask[:, None] & nmask[None, :]
+        if RES:
+            y = tl.load(out, mask=omask, other=0.0).to(tl.float32) + \
+                tl.load(s_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :] * y
+        tl.store(out, y.to(dt), mask=omask)
+        if RING:
+            t = rr % T
+            slot = (tl.load(pos_ptr) + t) % C
+            ok = omask & (t >= T - C)[:, None]
+            src = qkv_ptr + rr[:, None] * (3 * N) + N + rn[None, :]
+            dst = ring_ptr + ((rr // T) * C + slot)[:, None] * (2 * N) + rn[None, :]
+            tl.store(dst, tl.load(src, mask=ok, other=0.0), mask=ok)
+            tl.store(dst + N, tl.load(src + N, mask=ok, other=0.0), mask=ok)
+
+    @triton.jit
+    def _step_attend_kernel(qkv_ptr, ring_ptr, kpos_ptr, pos_ptr, part_ptr, count_ptr, y_ptr, T, C, context,
+                            per, scale, H: tl.constexpr, HD: tl.constexpr, TP: tl.constexpr, S: tl.constexpr,
+                            BL: tl.constexpr, PDL: tl.constexpr):
+        # The T queries (steps pos .. pos + T - 1) of head h, batch row b, over the ring slots
+        # [s * per, (s + 1) * per) (s = program_id(1)), and in the last split over the T new keys (causal).
+        # Each split writes its softmax partials (max, sum, weighted values); the last split of (b, h) to
+        # finish merges them into y [B * T, H * HD].
+        h, s, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        D: tl.constexpr = H * HD
+        rt, rd, rl = tl.arange(0, TP), tl.arange(0, HD), tl.arange(0, BL)
+        tmask = rt < T
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
+        pos = tl.load(pos_ptr)
+        rows = qkv_ptr + (b * T + rt)[:, None] * (3 * D) + h * HD + rd[None, :]           # [TP, HD]
+        q = tl.load(rows, mask=tmask[:, None], other=0.0).to(tl.float32)
+        m = tl.full([TP], -1e30, tl.float32)
+        l = tl.zeros([TP], tl.float32)
+        acc = tl.zeros([TP, HD], tl.float32)
+        if s == S - 1:  # the new keys: step t sees steps t' <= t of this chunk, within the window
+            kn = tl.load(rows + D, mask=tmask[:, None], other=0.0).to(tl.float32)
+            vn = tl.load(rows + 2 * D, mask=tmask[:, None], other=0.0).to(tl.float32)
+            a = tl.sum(q[:, None, :] * kn[None, :, :], 2) * scale                         # [TP, TP]
+            d = rt[:, None] - rt[None, :]
+            a = tl.where((d >= 0) & (d < context) & tmask[None, :], a, -float("inf"))
+            m = tl.max(a, 1)
+            p = tl.exp(a - m[:, None])
+            l = tl.sum(p, 1)
+            acc = tl.sum(p[:, :, None] * vn[None, :, :], 1)
+        for j0 in range(s * per, tl.minimum(s * per + per, C), BL):
+            j = j0 + rl
+            jm = (j < C) & (j < s * per + per)
+            kp = tl.load(kpos_ptr + j, mask=jm, other=-1)
+            vis = (jm & (kp >= 0))[None, :] & ((pos + rt)[:, None] - kp[None, :] < context)   # [TP, BL]
+            at = ring_ptr + ((b * C + j) * 2 * D + h * HD)[:, None] + rd[None, :]
+            kb = tl.load(at, mask=jm[:, None], other=0.0).to(tl.float32)
+            vb = tl.load(at + D, mask=jm[:, None], other=0.0).to(tl.float32)
+            a = tl.where(vis, tl.sum(q[:, None, :] * kb[None, :, :], 2) * scale, -float("inf"))
+            m2 = tl.maximum(m, tl.max(a, 1))
+            p = tl.exp(a - m2[:, None])
+            r = tl.exp(m - m2)
+            l = l * r + tl.sum(p, 1)
+            acc = acc * r[:, None] + tl.sum(p[:, :, None] * vb[None, :, :], 1)
+            m = m2
+        part = part_ptr + ((b * H + h) * S + s) * TP * (HD + 2)      # per split: m [TP], l [TP], acc [TP, HD]
+        tl.store(part + rt, m)
+        tl.store(part + TP + rt, l)
+        tl.store(part + 2 * TP + rt[:, None] * HD + rd[None, :], acc)
+        done = tl.atomic_add(count_ptr + b * H + h, 1)               # acq_rel: the partials above are seen
+        if done == S - 1:
+            base = part_ptr + ((b * H + h) * S + tl.arange(0, S)) * TP * (HD + 2)             # [S]
+            ms = tl.load(base[:, None] + rt[None, :])                                       # [S, TP]
+            wt = tl.exp(ms - tl.max(ms, 0)[None, :])
+            ls = tl.sum(wt * tl.load(base[:, None] + TP + rt[None, :]), 0)                  # [TP]
+            ys = tl.load(base[:, None, None] + 2 * TP + rt[None, :, None] * HD + rd[None, None, :])  # [S, TP, HD]
+            yv = tl.sum(wt[:, :, None] * ys, 0) / ls[:, None]
+            tl.store(y_ptr + (b * T + rt)[:, None] * D + h * HD + rd[None, :], yv.to(y_ptr.dtype.element_ty),
+                     mask=tmask[:, None])
+            tl.store(count_ptr + b * H + h, 0)
+
+
+def _rows(x, w, y, T=1, norm=None, rot=None, gelu=False, scale=None, ring=None, hd=2):
+    """y [R, N] = f(norm(x) [R, K] @ w.T) (see _rows_kernel); scale: y += scale * (..); ring: (qkv, ring, pos)."""
+    R, K = x.shape
+    N = w.shape[0]
+    cfg = STEP_LAUNCH
+    BN = max(2, min(64, triton.next_power_of_2(N) // cfg["programs"]))
+    BK = min(triton.next_power_of_2(K), max(16, cfg["tile"] // (BN * triton.next_power_of_2(R))))
+    qkv, cache, pos = ring if ring is not None else (x, x, x)
+    pdl = _pdl(x.device)
+    _rows_kernel[(triton.cdiv(N, BN),)](
+        x, w, y, norm.weight if norm is not None else x, norm.bias if norm is not None else x,
+        rot[0] if rot is not None else x, rot[1] if rot is not None else x, scale if scale is not None else x,
+        qkv, cache, pos, R, T, N, K, cache.shape[1] if ring is not None else 1,
+        norm.eps if norm is not None else 0.0, LN=norm is not None, ROPE=rot is not None, GELU=gelu,
+        RES=scale is not None, RING=ring is not None, HD=hd, RP=triton.next_power_of_2(R), BN=BN, BK=BK,
+        PDL=bool(pdl), num_warps=cfg["warps"], **pdl)
+    return y
+
+
+@torch.compiler.disable  # Triton launches that update the state in place: outside any compiled graph
+def _step_layers(tr, x_in, rot, offset):
+    """The transformer's layers over x_in [B, D, T] as Triton kernels -> [B * T, D], rows batch-major."""
+    cache, cache_pos, _, part, count = tr.state
+    B, D, T = x_in.shape
+    C = cache.shape[2]
+    H, hd = tr.cfg.n_heads, D // tr.cfg.n_heads
+    cos, sin = (r[:, 0, 0].contiguous() for r in rot)                            # [T, hd/2] each
+    x = x_in.new_empty(B * T, D)                                              # updated in place below
+    x.view(B, T, D).copy_(x_in.transpose(1, 2))
+    qkv = x.new_empty(x.shape[0], 3 * x.shape[1])
+    att, ff = torch.empty_like(x), x.new_empty(x.shape[0], tr.cfg.ffn)
+    TP = triton.next_power_of_2(T)
+    S = STEP_LAUNCH["splits"]
+    per = triton.cdiv(C, S)
+    pdl = _pdl(x.device)
+    for i, layer in enumerate(tr.layers):
+        ring = cache[i]                                                       # [B, C, 2, H, hd]
+        _rows(x, layer.in_proj.weight, qkv, T, norm=layer.norm1, rot=(cos, sin), hd=hd)
+        _step_attend_kernel[(H, S, B)](
+            qkv, ring, cache_pos, offset, part, count, att, T, C, tr.cfg.context, per, hd ** -0.5,
+            H=H, HD=hd, TP=TP, S=S, BL=max(1, min(triton.next_power_of_2(per), 4096 // (TP * hd))),
+            PDL=bool(pdl), num_warps=STEP_LAUNCH["attend_warps"], **pdl)
+        _rows(att, layer.out_proj.weight, x, T, scale=layer.layer_scale_1, ring=(qkv, ring, offset))
+        _rows(x, layer.linear1.weight, ff, T, norm=layer.norm2, gelu=True)
+        _rows(ff, layer.linear2.weight, x, T, scale=layer.layer_scale_2)
+    return x
 
 
 # ----------------------------------------------------------------------------- quantizer
@@ -534,8 +764,9 @@ class Mimi(nn.Module):
             if name not in self._compiled:
                 # combo kernels: Inductor launches independent small kernels as one (README: 0.04-0.18 ms a
                 # frame saved encoding on an H100)
-                self._compiled[name] = torch.compile(fn, fullgraph=True, dynamic=False,
-                                                     options={"combo_kernels": True})
+                # (the transformer's step kernels run between graphs: fullgraph only without them)
+                self._compiled[name] = torch.compile(fn, fullgraph=not step_kernels_supported(self.device),
+                                                     dynamic=False, options={"combo_kernels": True})
             fn = self._compiled[name]
         if self._graphs is None:
             return fn(x)

@@ -34,6 +34,7 @@ if sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.envir
 
 import torch  # noqa: E402
 
+import mimi  # noqa: E402
 from mimi import FRAME_SIZE, Mimi, MimiConfig  # noqa: E402
 from scripts import make_mimi_fixtures as fx  # noqa: E402
 from bench.prof import kernel_table  # noqa: E402
@@ -151,6 +152,10 @@ def bench_batch(res, name, encode, decode, x, minutes, device, repeats):
 def bench_stream(res, name, model, frames, codes, device, kw, profile=False):
     chunks = [frames[..., i * FRAME_SIZE:(i + 1) * FRAME_SIZE] for i in range(frames.shape[-1] // FRAME_SIZE)]
     cols = [codes[..., i:i + 1] for i in range(codes.shape[-1])]
+    kw = dict(kw)
+    mimi.STEP_KERNELS = kw.pop("step_kernels", True)  # read when a stream opens
+    if kw.get("compile"):  # compile afresh for each row: Dynamo's cache is per code object, not per Mimi
+        torch._dynamo.reset()
     with torch.no_grad():
         for key, step, xs in (("s_enc", "encode", chunks), ("s_dec", "decode", cols)):
             with model.streaming(1, **kw):
@@ -250,8 +255,11 @@ def main():
         streams.append(("ours+graph", ours, dict(cuda_graph=True)))
         if not args.no_compile:  # compiles on first use: a minute or two
             streams.append(("ours+graph+compile", ours, dict(cuda_graph=True, compile=True)))
+            import copy
+            if mimi.step_kernels_supported(device):  # the same without the transformer's step kernels
+                streams.append(("ours+graph+compile, no step kernels", copy.deepcopy(ours),
+                                dict(cuda_graph=True, compile=True, step_kernels=False)))
             if args.bf16_stream:  # the weights in bfloat16, as Kyutai's bf16 checkpoint runs
-                import copy
                 half = copy.deepcopy(ours).to(torch.bfloat16)
                 half.quantizer.float().refresh()  # as from_pretrained(dtype=...): codes picked in float32
                 streams.append(("ours+graph+compile bf16", half, dict(cuda_graph=True, compile=True)))
@@ -285,6 +293,8 @@ def print_table(res, args, device_name, note, stream_names):
             ours += f"; CUDA graph {cell(('ours+graph', k, 0), '.2f')}"
         if "ours+graph+compile" in stream_names:
             ours += f"; + compile {cell(('ours+graph+compile', k, 0), '.2f')}"
+        if "ours+graph+compile, no step kernels" in stream_names:
+            ours += f" (without the step kernels {cell(('ours+graph+compile, no step kernels', k, 0), '.2f')})"
         if "ours+graph+compile bf16" in stream_names:
             ours += f"; + bf16 {cell(('ours+graph+compile bf16', k, 0), '.2f')}"
         failed = [cell((n, "stream", 0), "") for n in stream_names if isinstance(res.get((n, "stream", 0)), str)]

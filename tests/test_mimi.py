@@ -263,6 +263,49 @@ def test_cuda_graph_streaming_equals_plain(calib, kw):
     assert rel_err(dec, ref[1]) < REL_TOL
 
 
+STEP_KERNELS_CHECK = r'''
+import os, sys
+sys.path[:0] = [sys.argv[1], os.path.join(sys.argv[1], "tests")]
+import interpreted  # Triton's CPU interpreter: before anything defines a kernel
+import torch
+import mimi
+mimi.STEP_ROUTES = "always"
+mimi.STEP_LAUNCH["splits"] = 4  # the ring (6 slots) in 4 splits of 2
+torch.manual_seed(0)
+cfg = mimi.MimiConfig(dim=32, n_layers=2, n_heads=2, ffn=64, context=7)
+tr = mimi.Transformer(cfg).eval()
+with torch.no_grad():
+    for p in tr.parameters():
+        p.add_(0.5 * torch.randn_like(p))  # attention far from uniform, layers that matter
+worst = 0.0
+for B, sizes in ((2, (1, 2, 3, 5, 1, 2)), (1, (2, 2, 2, 2, 16, 1))):
+    ref, ker = tr.init_state(B, "cpu", torch.float32)[:3], tr.init_state(B, "cpu", torch.float32)
+    assert len(ref) == 3 and len(ker) == 5
+    g = torch.Generator().manual_seed(B)
+    for T in sizes:  # 14 or 25 steps, 2 to 3 windows: the ring wraps; 16 steps at once: more than a window
+        x = torch.randn(B, cfg.dim, T, generator=g)
+        with torch.no_grad():
+            tr.state = ref
+            y0 = tr(x.clone())
+            tr.state = ker
+            y1 = tr(x.clone())
+        worst = max(worst, ((y1 - y0).norm() / y0.norm()).item())
+        assert torch.equal(ref[1], ker[1]) and torch.equal(ref[2], ker[2]), (ref[1], ker[1])
+        worst = max(worst, ((ker[0] - ref[0]).norm() / ref[0].norm()).item())
+        assert ker[4].eq(0).all()   # the split counters are back at zero
+print("worst", worst)
+assert worst < 1e-5, worst
+print("steps equal")
+'''
+
+
+def test_step_kernels_match_the_transformer_in_the_interpreter(run_interpreted):
+    """The transformer's streaming step as Triton kernels (used on CUDA for steps of at most SMALL_ROWS
+    rows), run on the CPU by Triton's interpreter, against the PyTorch layers: same outputs and state
+    (ring, slot positions, offset), float32, batch 2 and 1, chunks of 1-16 steps, the ring wrapping."""
+    run_interpreted(STEP_KERNELS_CHECK, "steps equal")
+
+
 @pytest.mark.slow
 def test_compiled_streaming_equals_plain(small, calib):
     # torch.compile(fullgraph=True) also proves the step has no host sync, which a CUDA graph needs

@@ -318,18 +318,6 @@ def test_attend_short_equals_sdpa_with_gradients(H, Hkv):
     assert all(torch.allclose(a, b, rtol=0, atol=1e-12) for a, b in zip(g1, g2))
 
 
-def _run_interpreted(check, expect):
-    """Run a check script in a fresh process under Triton's CPU interpreter; it prints `expect`."""
-    pytest.importorskip("triton")
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-c", check, root], capture_output=True, text=True,
-                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert expect in r.stdout
-
-
 DEPTH_KERNELS_CHECK = r'''
 import os, sys
 sys.path[:0] = [sys.argv[1], os.path.join(sys.argv[1], "tests")]
@@ -364,12 +352,12 @@ print("frames equal; worst log-probability difference", worst)
 '''
 
 
-def test_depth_kernels_match_the_loop_in_the_interpreter():
+def test_depth_kernels_match_the_loop_in_the_interpreter(run_interpreted):
     """The depth decoder's Triton generation kernels (SpeechLM.use_depth_kernels), run on the CPU
     by Triton's interpreter, against the PyTorch loop: same frames and log-probabilities, float32,
     batch 1 and 3, with a text column, top-k (below, at and above a small k), temperature, and the
     top-p and greedy columns that fall back to PyTorch sampling."""
-    _run_interpreted(DEPTH_KERNELS_CHECK, "frames equal")
+    run_interpreted(DEPTH_KERNELS_CHECK, "frames equal")
 
 
 STEP_KERNELS_CHECK = r'''
@@ -410,11 +398,11 @@ print("states equal; worst relative difference of h", worst)
 '''
 
 
-def test_step_kernels_match_the_backbone_in_the_interpreter():
+def test_step_kernels_match_the_backbone_in_the_interpreter(run_interpreted):
     """The backbone's one-frame step as Triton kernels (SpeechLM.use_step_kernels), run on the CPU by
     Triton's interpreter, against backbone(): same outputs and state (caches, positions, TTT), float32,
     rows at different positions, the cache's ring wrapping, the attention split or not."""
-    _run_interpreted(STEP_KERNELS_CHECK, "states equal")
+    run_interpreted(STEP_KERNELS_CHECK, "states equal")
 
 
 def test_step_kernels_refuse_what_they_do_not_cover():
