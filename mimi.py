@@ -42,10 +42,6 @@ try:
     import triton.language as tl
 except ImportError:  # the streaming step kernels are optional
     triton = None
-try:  # programmatic dependent launch (see PDL), in Triton 3.3 and later
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:
-    gdc_launch_dependents = gdc_wait = None
 
 from codes import CodesFile, CodesFormatError, CodesWriter
 
@@ -359,16 +355,18 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_layers))
         self.state = None
+        self.stacked = None  # the step kernels' copy of the weights, made afresh for each stream
 
     def init_state(self, B, device, dtype):
         c, C = self.cfg, self.cfg.context - 1
         state = [torch.zeros(c.n_layers, B, C, 2, c.n_heads, c.dim // c.n_heads, device=device, dtype=dtype),
                  torch.full((C,), -1, dtype=torch.long, device=device),   # position held by each slot
                  torch.zeros((), dtype=torch.long, device=device)]        # position of the next step
+        self.stacked = None
         if step_kernels_supported(device) and B <= SMALL_ROWS:  # the step kernels' scratch
             state += [torch.empty(2 * SMALL_ROWS * c.n_heads * STEP_LAUNCH["splits"] * (c.dim // c.n_heads + 2),
-                                  device=device, dtype=torch.float32),
-                      torch.zeros(B * c.n_heads, device=device, dtype=torch.int32)]
+                                  device=device, dtype=torch.float32),     # attention partials
+                      torch.zeros(B * c.n_heads, device=device, dtype=torch.int32)]  # splits done per head
         return state
 
     def forward(self, x):  # [B, D, T] -> [B, D, T]
@@ -394,24 +392,17 @@ class Transformer(nn.Module):
 
 # ----------------------------------------------------------------------------- streaming step kernels
 # A streaming frame is 2 steps of each transformer. Compiled, a layer over those 2 rows is 16 small
-# kernels; as Triton kernels it is 5: LayerNorm + q/k/v + RoPE; attention over the window, split among
-# programs and merged by the last one to finish; output projection + layer scale + residual, which also
-# writes the new keys and values into the ring; LayerNorm + linear1 + GELU; linear2 + layer scale +
-# residual. Products and sums in float32, as the compiled step.
+# kernels; here it is 5 launches of one Triton kernel, a phase each: LayerNorm + q/k/v + RoPE; attention
+# over the window, split among programs and merged by the last of each head to finish; output projection
+# + layer scale + residual, which also writes the new keys and values into the ring; LayerNorm + linear1
+# + GELU; linear2 + layer scale + residual. Products and sums in float32, as the compiled step. A
+# product over few rows is as fast as its weights stream in: many programs of a few outputs each keep
+# many loads in flight.
 STEP_KERNELS = True    # use them for CUDA streaming steps of at most SMALL_ROWS rows (triton installed)
-# launch settings: about `programs` programs per product, each multiplying at most `tile` weights at once;
-# `splits` programs per (row, head) over the window (a power of 2)
-STEP_LAUNCH = dict(programs=128, tile=8192, warps=4, splits=16, attend_warps=4)
-# Programmatic dependent launch (Hopper and later): each kernel lets the next start early, and the next
-# loads its first block of weights (which no kernel writes) before it waits for the one before to finish;
-# nothing else is read or written before the wait.
-PDL = True
-
-
-def _pdl(device):
-    ok = (PDL and gdc_wait is not None and torch.device(device).type == "cuda"
-          and torch.cuda.get_device_capability(device)[0] >= 9)
-    return dict(launch_pdl=True) if ok else {}
+# programs: about this many programs a product (each at least 2 outputs); tile: the most weights a program
+# multiplies at once; splits: programs per (row, head) over the window (a power of 2)
+STEP_LAUNCH = dict(programs=256, tile=8192, warps=4, splits=16)  # best of a sweep (H100)
+PHASES = 5             # launches a layer
 
 
 def step_kernels_supported(device):
@@ -421,57 +412,64 @@ def step_kernels_supported(device):
 
 if triton is not None:
     @triton.jit
-    def _rows_kernel(x_ptr, w_ptr, y_ptr, lnw_ptr, lnb_ptr, cos_ptr, sin_ptr, s_ptr, qkv_ptr, ring_ptr, pos_ptr,
-                     R, T, N, K, C, eps, LN: tl.constexpr, ROPE: tl.constexpr, GELU: tl.constexpr,
-                     RES: tl.constexpr, RING: tl.constexpr, HD: tl.constexpr, RP: tl.constexpr,
-                     BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
-        # y[r, n] = f(LN(x[r]) . w[n]) for the rows r < R and this program's BN outputs n. ROPE: rotate the
+    def _rows_block(blk, x_ptr, w_ptr, y_ptr, lnw_ptr, lnb_ptr, cos_ptr, sin_ptr, s_ptr, qkv_ptr, ring_ptr, pos,
+                    R, T, N: tl.constexpr, K: tl.constexpr, C, eps, LN: tl.constexpr, ROPE: tl.constexpr,
+                    GELU: tl.constexpr, RES: tl.constexpr, RING: tl.constexpr, HD: tl.constexpr,
+                    RP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        # y[r, n] = f(LN(x[r]) . w[n]) for the rows r < R and the BN outputs n of block blk. ROPE: rotate the
         # pairs (2j, 2j + 1) of q and k (n < 2N/3) by the angles of step r % T; GELU: exact gelu; RES:
         # y[r, n] += s[n] (x[r] . w[n]). RING: also copy the new keys and values (qkv [R, 3N], columns n) of
         # each row into its ring slot (pos + r % T) % C of batch row r // T (ring [B, C, 2, N]).
-        pid = tl.program_id(0)
-        rn, rr, rk = pid * BN + tl.arange(0, BN), tl.arange(0, RP), tl.arange(0, BK)
+        rn, rr, rk = blk * BN + tl.arange(0, BN), tl.arange(0, RP), tl.arange(0, BK)
         rmask, nmask = rr < R, rn < N
         dt = y_ptr.dtype.element_ty
-        w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=nmask[:, None] & (rk < K)[None, :],
-                    other=0.0).to(tl.float32)                  # the first block of weights, before the wait
-        if PDL:
-            gdc_launch_dependents()
-            gdc_wait()
-        if LN:  # mean, then the variance about it, in float32
-            s1 = tl.zeros([RP, BK], tl.float32)
-            for k0 in range(0, K, BK):
-                m = rmask[:, None] & (k0 + rk < K)[None, :]
-                s1 += tl.load(x_ptr + rr[:, None] * K + k0 + rk[None, :], mask=m, other=0.0).to(tl.float32)
-            mean = tl.sum(s1, 1) / K
-            s2 = tl.zeros([RP, BK], tl.float32)
-            for k0 in range(0, K, BK):
-                m = rmask[:, None] & (k0 + rk < K)[None, :]
-                xk = tl.load(x_ptr + rr[:, None] * K + k0 + rk[None, :], mask=m, other=0.0).to(tl.float32)
-                xk = tl.where(m, xk - mean[:, None], 0.0)
-                s2 += xk * xk
-            inv = tl.rsqrt(tl.sum(s2, 1) / K + eps)
-        acc = tl.zeros([RP, BN], tl.float32)
-        for k0 in range(0, K, BK):
-            kk = k0 + rk
-            kmask = kk < K
-            xk = tl.load(x_ptr + rr[:, None] * K + kk[None, :], mask=rmask[:, None] & kmask[None, :],
-                         other=0.0).to(tl.float32)
+        if K <= BK:  # one tile: the rows are loaded once, for the norm and the product
+            kmask = rk < K
+            w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
+            m = rmask[:, None] & kmask[None, :]
+            xk = tl.load(x_ptr + rr[:, None] * K + rk[None, :], mask=m, other=0.0).to(tl.float32)
+            if LN:  # mean, then the variance about it, in float32
+                xc = tl.where(m, xk - (tl.sum(xk, 1) / K)[:, None], 0.0)
+                inv = tl.rsqrt(tl.sum(xc * xc, 1) / K + eps)
+                lw = tl.load(lnw_ptr + rk, mask=kmask, other=0.0).to(tl.float32)
+                lb = tl.load(lnb_ptr + rk, mask=kmask, other=0.0).to(tl.float32)
+                xk = (xc * inv[:, None] * lw[None, :] + lb[None, :]).to(dt).to(tl.float32)
+            acc = tl.sum(xk[:, None, :] * w.to(tl.float32)[None, :, :], 2)
+        else:
             if LN:
-                lw = tl.load(lnw_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
-                lb = tl.load(lnb_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
-                xk = ((xk - mean[:, None]) * inv[:, None] * lw[None, :] + lb[None, :]).to(dt).to(tl.float32)
-            acc += tl.sum(xk[:, None, :] * w[None, :, :], 2)
-            w = tl.load(w_ptr + rn[:, None] * K + BK + kk[None, :], mask=nmask[:, None] & (kk + BK < K)[None, :],
-                        other=0.0).to(tl.float32)           # the next block
+                s1 = tl.zeros([RP, BK], tl.float32)
+                for k0 in range(0, K, BK):
+                    m = rmask[:, None] & (k0 + rk < K)[None, :]
+                    s1 += tl.load(x_ptr + rr[:, None] * K + k0 + rk[None, :], mask=m, other=0.0).to(tl.float32)
+                mean = tl.sum(s1, 1) / K
+                s2 = tl.zeros([RP, BK], tl.float32)
+                for k0 in range(0, K, BK):
+                    m = rmask[:, None] & (k0 + rk < K)[None, :]
+                    xk = tl.load(x_ptr + rr[:, None] * K + k0 + rk[None, :], mask=m, other=0.0)
+                    xk = tl.where(m, xk.to(tl.float32) - mean[:, None], 0.0)
+                    s2 += xk * xk
+                inv = tl.rsqrt(tl.sum(s2, 1) / K + eps)
+            acc3 = tl.zeros([RP, BN, BK], tl.float32)  # summed across the tile once, after the loop
+            for k0 in range(0, K, BK):
+                kk = k0 + rk
+                kmask = kk < K
+                w = tl.load(w_ptr + rn[:, None] * K + kk[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
+                xk = tl.load(x_ptr + rr[:, None] * K + kk[None, :], mask=rmask[:, None] & kmask[None, :],
+                             other=0.0).to(tl.float32)
+                if LN:
+                    lw = tl.load(lnw_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
+                    lb = tl.load(lnb_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
+                    xk = ((xk - mean[:, None]) * inv[:, None] * lw[None, :] + lb[None, :]).to(dt).to(tl.float32)
+                acc3 += xk[:, None, :] * w.to(tl.float32)[None, :, :]
+            acc = tl.sum(acc3, 2)
         y = acc.to(dt).to(tl.float32)
-        if ROPE:
-            if pid * BN < 2 * (N // 3):  # a block of q or k columns (blocks never straddle)
-                j = (pid * (BN // 2) + tl.arange(0, BN // 2)) % (HD // 2)            # [BN/2] pair's frequency
-                at = (rr % T)[:, None] * (HD // 2) + j[None, :]
-                cs, sn = tl.load(cos_ptr + at), tl.load(sin_ptr + at)                 # [RP, BN/2]
-                re, im = tl.split(tl.reshape(y, [RP, BN // 2, 2]))
-                y = tl.reshape(tl.join(re * cs - im * sn, re * sn + im * cs), [RP, BN])
+        if ROPE:  # the q and k columns (n < 2N/3)
+            j = (blk * (BN // 2) + tl.arange(0, BN // 2)) % (HD // 2)                # [BN/2] pair's frequency
+            at = (rr % T)[:, None] * (HD // 2) + j[None, :]
+            cs, sn = tl.load(cos_ptr + at), tl.load(sin_ptr + at)                     # [RP, BN/2]
+            re, im = tl.split(tl.reshape(y, [RP, BN // 2, 2]))
+            y = tl.where((rn < 2 * (N // 3))[None, :],
+                         tl.reshape(tl.join(re * cs - im * sn, re * sn + im * cs), [RP, BN]), y)
         if GELU:
             y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
         out = y_ptr + rr[:, None] * N + rn[None, :]
@@ -482,7 +480,7 @@ if triton is not None:
         tl.store(out, y.to(dt), mask=omask)
         if RING:
             t = rr % T
-            slot = (tl.load(pos_ptr) + t) % C
+            slot = (pos + t) % C
             ok = omask & (t >= T - C)[:, None]
             src = qkv_ptr + rr[:, None] * (3 * N) + N + rn[None, :]
             dst = ring_ptr + ((rr // T) * C + slot)[:, None] * (2 * N) + rn[None, :]
@@ -490,21 +488,16 @@ if triton is not None:
             tl.store(dst + N, tl.load(src + N, mask=ok, other=0.0), mask=ok)
 
     @triton.jit
-    def _step_attend_kernel(qkv_ptr, ring_ptr, kpos_ptr, pos_ptr, part_ptr, count_ptr, y_ptr, T, C, context,
-                            per, scale, H: tl.constexpr, HD: tl.constexpr, TP: tl.constexpr, S: tl.constexpr,
-                            BL: tl.constexpr, PDL: tl.constexpr):
+    def _attend_block(b, h, s, qkv_ptr, ring_ptr, kpos_ptr, pos, part_ptr, count_ptr, y_ptr, T, C, context, per,
+                      scale, H: tl.constexpr, HD: tl.constexpr, TP: tl.constexpr, S: tl.constexpr,
+                      BL: tl.constexpr):
         # The T queries (steps pos .. pos + T - 1) of head h, batch row b, over the ring slots
-        # [s * per, (s + 1) * per) (s = program_id(1)), and in the last split over the T new keys (causal).
+        # [s * per, (s + 1) * per), and in the last split over the T new keys (causal, within the window).
         # Each split writes its softmax partials (max, sum, weighted values); the last split of (b, h) to
         # finish merges them into y [B * T, H * HD].
-        h, s, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         D: tl.constexpr = H * HD
         rt, rd, rl = tl.arange(0, TP), tl.arange(0, HD), tl.arange(0, BL)
         tmask = rt < T
-        if PDL:
-            gdc_launch_dependents()
-            gdc_wait()
-        pos = tl.load(pos_ptr)
         rows = qkv_ptr + (b * T + rt)[:, None] * (3 * D) + h * HD + rd[None, :]           # [TP, HD]
         q = tl.load(rows, mask=tmask[:, None], other=0.0).to(tl.float32)
         m = tl.full([TP], -1e30, tl.float32)
@@ -539,64 +532,94 @@ if triton is not None:
         tl.store(part + rt, m)
         tl.store(part + TP + rt, l)
         tl.store(part + 2 * TP + rt[:, None] * HD + rd[None, :], acc)
-        done = tl.atomic_add(count_ptr + b * H + h, 1)               # acq_rel: the partials above are seen
+        tl.debug_barrier()                                           # every thread's partials are stored,
+        done = tl.atomic_add(count_ptr + b * H + h, 1, sem="acq_rel")  # then seen by the last split
         if done == S - 1:
             base = part_ptr + ((b * H + h) * S + tl.arange(0, S)) * TP * (HD + 2)             # [S]
-            ms = tl.load(base[:, None] + rt[None, :])                                       # [S, TP]
+            ms = tl.load(base[:, None] + rt[None, :])                 # [S, TP]
             wt = tl.exp(ms - tl.max(ms, 0)[None, :])
-            ls = tl.sum(wt * tl.load(base[:, None] + TP + rt[None, :]), 0)                  # [TP]
-            ys = tl.load(base[:, None, None] + 2 * TP + rt[None, :, None] * HD + rd[None, None, :])  # [S, TP, HD]
+            ls = tl.sum(wt * tl.load(base[:, None] + TP + rt[None, :]), 0)   # [TP]
+            ys = tl.load(base[:, None, None] + 2 * TP + rt[None, :, None] * HD + rd[None, None, :])                                              # [S, TP, HD]
             yv = tl.sum(wt[:, :, None] * ys, 0) / ls[:, None]
             tl.store(y_ptr + (b * T + rt)[:, None] * D + h * HD + rd[None, :], yv.to(y_ptr.dtype.element_ty),
                      mask=tmask[:, None])
             tl.store(count_ptr + b * H + h, 0)
 
+    @triton.jit
+    def _phase_kernel(x_ptr, qkv_ptr, att_ptr, ff_ptr, wqkv_ptr, wo_ptr, w1_ptr, w2_ptr, n1w_ptr, n1b_ptr,
+                      n2w_ptr, n2b_ptr, ls1_ptr, ls2_ptr, cos_ptr, sin_ptr, ring_ptr, kpos_ptr, pos_ptr, part_ptr,
+                      count_ptr, R, T, B, C, context, per, scale, eps, i, WHAT: tl.constexpr, D: tl.constexpr,
+                      FF: tl.constexpr, H: tl.constexpr, RP: tl.constexpr, TP: tl.constexpr, S: tl.constexpr,
+                      BL: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        # phase WHAT of layer i (weights stacked [L, ...]): 0 q/k/v, 1 attention, 2 output, 3 linear1, 4 linear2
+        pid = tl.program_id(0)
+        HD: tl.constexpr = D // H
+        pos = tl.load(pos_ptr)
+        ring = ring_ptr + i * B * C * 2 * D
+        if WHAT == 0:    # LayerNorm + q, k, v + RoPE
+            _rows_block(pid, x_ptr, wqkv_ptr + i * 3 * D * D, qkv_ptr, n1w_ptr + i * D, n1b_ptr + i * D,
+                        cos_ptr, sin_ptr, x_ptr, x_ptr, x_ptr, pos, R, T, 3 * D, D, C, eps, True, True, False,
+                        False, False, HD, RP, BN, BK)
+        elif WHAT == 1:  # attention over the ring and the new steps: program (b, h, split)
+            _attend_block(pid // (H * S), (pid // S) % H, pid % S, qkv_ptr, ring, kpos_ptr, pos, part_ptr,
+                          count_ptr, att_ptr, T, C, context, per, scale, H, HD, TP, S, BL)
+        elif WHAT == 2:  # output projection + layer scale + residual; new keys and values to the ring
+            _rows_block(pid, att_ptr, wo_ptr + i * D * D, x_ptr, x_ptr, x_ptr, x_ptr, x_ptr, ls1_ptr + i * D,
+                        qkv_ptr, ring, pos, R, T, D, D, C, eps, False, False, False, True, True, HD, RP, BN, BK)
+        elif WHAT == 3:  # LayerNorm + linear1 + GELU
+            _rows_block(pid, x_ptr, w1_ptr + i * FF * D, ff_ptr, n2w_ptr + i * D, n2b_ptr + i * D, x_ptr,
+                        x_ptr, x_ptr, x_ptr, x_ptr, pos, R, T, FF, D, C, eps, True, False, True, False, False, HD,
+                        RP, BN, BK)
+        else:            # linear2 + layer scale + residual
+            _rows_block(pid, ff_ptr, w2_ptr + i * D * FF, x_ptr, x_ptr, x_ptr, x_ptr, x_ptr, ls2_ptr + i * D,
+                        x_ptr, x_ptr, pos, R, T, D, FF, C, eps, False, False, False, True, False, HD, RP, BN, BK)
 
-def _rows(x, w, y, T=1, norm=None, rot=None, gelu=False, scale=None, ring=None, hd=2):
-    """y [R, N] = f(norm(x) [R, K] @ w.T) (see _rows_kernel); scale: y += scale * (..); ring: (qkv, ring, pos)."""
-    R, K = x.shape
-    N = w.shape[0]
-    cfg = STEP_LAUNCH
-    BN = max(2, min(64, triton.next_power_of_2(N) // cfg["programs"]))
-    BK = min(triton.next_power_of_2(K), max(16, cfg["tile"] // (BN * triton.next_power_of_2(R))))
-    qkv, cache, pos = ring if ring is not None else (x, x, x)
-    pdl = _pdl(x.device)
-    _rows_kernel[(triton.cdiv(N, BN),)](
-        x, w, y, norm.weight if norm is not None else x, norm.bias if norm is not None else x,
-        rot[0] if rot is not None else x, rot[1] if rot is not None else x, scale if scale is not None else x,
-        qkv, cache, pos, R, T, N, K, cache.shape[1] if ring is not None else 1,
-        norm.eps if norm is not None else 0.0, LN=norm is not None, ROPE=rot is not None, GELU=gelu,
-        RES=scale is not None, RING=ring is not None, HD=hd, RP=triton.next_power_of_2(R), BN=BN, BK=BK,
-        PDL=bool(pdl), num_warps=cfg["warps"], **pdl)
-    return y
+
+def _blocks(N, K, R):
+    """Block shape (BN outputs, BK inputs) of a product with N outputs over K inputs and R rows."""
+    BN = max(2, min(64, triton.next_power_of_2(N) // STEP_LAUNCH["programs"]))
+    BK = min(triton.next_power_of_2(K), max(16, STEP_LAUNCH["tile"] // (BN * triton.next_power_of_2(R))))
+    return BN, BK
+
+
+def _stacked(tr):
+    """The layers' weights stacked per kind, [L, ...] each, as the kernel reads them."""
+    ls = tr.layers
+    return [torch.stack([getattr(getattr(l, m), p) for l in ls]).contiguous() for m, p in (
+        ("in_proj", "weight"), ("out_proj", "weight"), ("linear1", "weight"), ("linear2", "weight"),
+        ("norm1", "weight"), ("norm1", "bias"), ("norm2", "weight"), ("norm2", "bias"))] + \
+        [torch.stack([getattr(l, p) for l in ls]).contiguous() for p in ("layer_scale_1", "layer_scale_2")]
 
 
 @torch.compiler.disable  # Triton launches that update the state in place: outside any compiled graph
 def _step_layers(tr, x_in, rot, offset):
     """The transformer's layers over x_in [B, D, T] as Triton kernels -> [B * T, D], rows batch-major."""
+    if tr.stacked is None:  # once a stream, on first use (so not inside a CUDA graph's capture)
+        tr.stacked = _stacked(tr)
     cache, cache_pos, _, part, count = tr.state
     B, D, T = x_in.shape
-    C = cache.shape[2]
-    H, hd = tr.cfg.n_heads, D // tr.cfg.n_heads
+    R, C, H, FF = B * T, cache.shape[2], tr.cfg.n_heads, tr.cfg.ffn
     cos, sin = (r[:, 0, 0].contiguous() for r in rot)                            # [T, hd/2] each
-    x = x_in.new_empty(B * T, D)                                              # updated in place below
+    x = x_in.new_empty(R, D)                                                  # updated in place below
     x.view(B, T, D).copy_(x_in.transpose(1, 2))
-    qkv = x.new_empty(x.shape[0], 3 * x.shape[1])
-    att, ff = torch.empty_like(x), x.new_empty(x.shape[0], tr.cfg.ffn)
-    TP = triton.next_power_of_2(T)
+    qkv, att, ff = x.new_empty(R, 3 * D), torch.empty_like(x), x.new_empty(R, FF)
     S = STEP_LAUNCH["splits"]
     per = triton.cdiv(C, S)
-    pdl = _pdl(x.device)
-    for i, layer in enumerate(tr.layers):
-        ring = cache[i]                                                       # [B, C, 2, H, hd]
-        _rows(x, layer.in_proj.weight, qkv, T, norm=layer.norm1, rot=(cos, sin), hd=hd)
-        _step_attend_kernel[(H, S, B)](
-            qkv, ring, cache_pos, offset, part, count, att, T, C, tr.cfg.context, per, hd ** -0.5,
-            H=H, HD=hd, TP=TP, S=S, BL=max(1, min(triton.next_power_of_2(per), 4096 // (TP * hd))),
-            PDL=bool(pdl), num_warps=STEP_LAUNCH["attend_warps"], **pdl)
-        _rows(att, layer.out_proj.weight, x, T, scale=layer.layer_scale_1, ring=(qkv, ring, offset))
-        _rows(x, layer.linear1.weight, ff, T, norm=layer.norm2, gelu=True)
-        _rows(ff, layer.linear2.weight, x, T, scale=layer.layer_scale_2)
+    TP = triton.next_power_of_2(T)
+    BL = max(1, min(triton.next_power_of_2(per), 4096 // (TP * D // H)))
+    shapes = {0: (3 * D, D), 2: (D, D), 3: (FF, D), 4: (D, FF)}
+    for i in range(len(tr.layers)):
+        for what in range(PHASES):
+            if what == 1:
+                grid, (BN, BK) = B * H * S, (2, 16)
+            else:
+                N, K = shapes[what]
+                BN, BK = _blocks(N, K, R)
+                grid = triton.cdiv(N, BN)
+            _phase_kernel[(grid,)](
+                x, qkv, att, ff, *tr.stacked, cos, sin, cache, cache_pos, offset, part, count, R, T, B, C,
+                tr.cfg.context, per, (D // H) ** -0.5, tr.layers[0].norm1.eps, i, WHAT=what, D=D, FF=FF, H=H,
+                RP=triton.next_power_of_2(R), TP=TP, S=S, BL=BL, BN=BN, BK=BK, num_warps=STEP_LAUNCH["warps"])
     return x
 
 

@@ -278,7 +278,10 @@ with torch.no_grad():
     for p in tr.parameters():
         p.add_(0.5 * torch.randn_like(p))  # attention far from uniform, layers that matter
 worst = 0.0
-for B, sizes in ((2, (1, 2, 3, 5, 1, 2)), (1, (2, 2, 2, 2, 16, 1))):
+# products in one tile and in several (a loop over the inputs), 2 to 16 outputs a program
+for B, sizes, launch in ((2, (1, 2, 3, 5, 1, 2), dict(programs=16, tile=4096)),
+                         (1, (2, 2, 2, 2, 16, 1), dict(programs=64, tile=64))):
+    mimi.STEP_LAUNCH.update(launch)
     ref, ker = tr.init_state(B, "cpu", torch.float32)[:3], tr.init_state(B, "cpu", torch.float32)
     assert len(ref) == 3 and len(ker) == 5
     g = torch.Generator().manual_seed(B)
