@@ -395,13 +395,13 @@ class Transformer(nn.Module):
 # kernels; here it is 5 launches of one Triton kernel, a phase each: LayerNorm + q/k/v + RoPE; attention
 # over the window, split among programs and merged by the last of each head to finish; output projection
 # + layer scale + residual, which also writes the new keys and values into the ring; LayerNorm + linear1
-# + GELU; linear2 + layer scale + residual. Products and sums in float32, as the compiled step. A
-# product over few rows is as fast as its weights stream in: many programs of a few outputs each keep
-# many loads in flight.
+# + GELU; linear2 + layer scale + residual. Products and sums in float32, as the compiled step. On an
+# H100 a launch takes about 5 us however its work is cut (README: what else was tried).
 STEP_KERNELS = True    # use them for CUDA streaming steps of at most SMALL_ROWS rows (triton installed)
 # programs: about this many programs a product (each at least 2 outputs); tile: the most weights a program
-# multiplies at once; splits: programs per (row, head) over the window (a power of 2)
-STEP_LAUNCH = dict(programs=256, tile=8192, warps=4, splits=16)  # best of a sweep (H100)
+# multiplies at once; splits: programs per (row, head) over the window (a power of 2). Other settings
+# were within 10% on an H100.
+STEP_LAUNCH = dict(programs=256, tile=8192, warps=4, splits=16)
 PHASES = 5             # launches a layer
 
 
