@@ -146,6 +146,15 @@ def run_impl(impl, kind, xs, b, checkpoint_group=16, host_pos=False):
     Wb = [w[None].expand(B, *w.shape) for w in W]               # broadcast to the batch
     if impl == "loop":
         return (loop_linear if kind == "linear" else loop_mlp)(q, k, v, lr, tau, ln_w, ln_b, b, *Wb)
+    if impl == "triton, ckpt 1":  # fast weights kept at every mini-batch for backward, none recomputed
+        return run_impl("triton", kind, xs, b, 1, host_pos)
+    if impl == "triton 1-pass":  # the Triton forward without its two-pass form
+        keep = dict(ttt.TRITON_TWO_PASS)
+        ttt.TRITON_TWO_PASS["rows"] = 0
+        try:
+            return run_impl("triton", kind, xs, b, checkpoint_group, host_pos)
+        finally:
+            ttt.TRITON_TWO_PASS.update(keep)
     fn = ttt.ttt_linear if kind == "linear" else ttt.ttt_mlp
     # host_pos: the position inside the mini-batch lives on the host, so the call never syncs (a CUDA graph)
     state = ttt.TTTState(tuple(w.contiguous() for w in Wb), tuple(torch.zeros_like(w) for w in Wb),
@@ -419,7 +428,7 @@ def main():
         for b in bs:
             impls = ["loop", "torch"]
             if fast and ttt.triton_supported(kind, d, b):
-                impls.append("triton")
+                impls += ["triton 1-pass", "triton", "triton, ckpt 1"]
             for impl in impls:
                 cells = []
                 for T in Ts:
@@ -472,16 +481,17 @@ def speedups(results, Ts, rows):
     print("|---|---:|---|" + "---:|---:|" * len(Ts))
     x = lambda a, r, m: f"{r[m][0] / a[m][0]:.3g}"
     for kind, b in rows:
-        impl = next((i for i in ("triton", "compile", "torch")
-                     if all((kind, b, i, T) in results for T in Ts)), None)
-        if impl is None or not all((kind, b, "loop", T) in results for T in Ts):
+        have = [i for i in ("triton", "triton, ckpt 1", "compile", "torch")
+                if all((kind, b, i, T) in results for T in Ts)]
+        if not have or not all((kind, b, "loop", T) in results for T in Ts):
             continue
-        cells = []
-        for T in Ts:
-            ours, loop, sd = results[kind, b, impl, T], results[kind, b, "loop", T], results["sdpa", T]
-            cells += [f"{x(ours, loop, 'fwd')} / {x(ours, loop, 'fwd+bwd')}",
-                      f"{x(ours, sd, 'fwd')} / {x(ours, sd, 'fwd+bwd')}"]
-        print(f"| {kind} | {b} | {impl} | " + " | ".join(cells) + " |", flush=True)
+        for impl in [i for i in have if i.startswith("triton")] or have[:1]:
+            cells = []
+            for T in Ts:
+                ours, loop, sd = results[kind, b, impl, T], results[kind, b, "loop", T], results["sdpa", T]
+                cells += [f"{x(ours, loop, 'fwd')} / {x(ours, loop, 'fwd+bwd')}",
+                          f"{x(ours, sd, 'fwd')} / {x(ours, sd, 'fwd+bwd')}"]
+            print(f"| {kind} | {b} | {impl} | " + " | ".join(cells) + " |", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -365,8 +365,11 @@ import torch, ttt
 torch.manual_seed(0)
 B, H = 1, 2
 worst = 0.0
-for d, b, T, i0, seg, full_G in [(16, 16, 40, 0, 1, 0), (16, 16, 37, 5, 2, 1), (16, 16, 10, 3, 16, 1),
-                                 (16, 16, 16, 0, 1, 0), (16, 16, 11, 5, 1, 1), (32, 32, 70, 9, 3, 1)]:
+cases = [(16, 16, 40, 0, 1, 0), (16, 16, 37, 5, 2, 1), (16, 16, 10, 3, 16, 1), (16, 16, 16, 0, 1, 0),
+         (16, 16, 11, 5, 1, 1), (32, 32, 70, 9, 3, 1)]
+# each case through the one-pass forward and the two-pass one (walk, then outputs per mini-batch)
+for (d, b, T, i0, seg, full_G), rows in [(c, 0) for c in cases] + [(c, 1 << 20) for c in cases]:
+    ttt.TRITON_TWO_PASS["rows"] = rows
     q, k, v = (torch.randn(B, H, T, d, dtype=torch.float64) for _ in range(3))
     lr = torch.rand(B, H, T, dtype=torch.float64) / d
     tau = (1 / torch.arange(1, b + 1) + 0.05 * torch.randn(b)).clamp_min(0).double()
@@ -387,7 +390,7 @@ for d, b, T, i0, seg, full_G in [(16, 16, 40, 0, 1, 0), (16, 16, 37, 5, 2, 1), (
     for name, a, r in zip("out W c GW Gc dq dk dv dlr dtau dlnw dlnb dW dc dGW dGc".split(), *res):
         err = ((a.double() - r.double()).abs().max() / (1 + r.abs().max())).item()
         worst = max(worst, err)
-        assert err < 1e-5, (T, i0, seg, name, err)
+        assert err < 1e-5, (T, i0, seg, rows, name, err)
     with torch.no_grad():  # inference: no checkpoints kept
         st = ttt.TTTState((W.float(), c.float()), (GW.float(), Gc.float()), torch.tensor(i0))
         out, _ = ttt.ttt_linear(*[x.float() for x in xs[:7]], b, st, impl="triton")
@@ -397,9 +400,9 @@ print("worst relative error", worst)
 
 
 def test_triton_kernels_match_torch_in_the_interpreter():
-    """The Triton forward and hand-written backward against autograd of the PyTorch path, run on
-    the CPU by Triton's interpreter: calls that start mid-mini-batch, incomplete last mini-batches,
-    several checkpoint spacings."""
+    """The Triton forward (one pass, and two) and hand-written backward against autograd of the
+    PyTorch path, run on the CPU by Triton's interpreter: calls that start mid-mini-batch, incomplete
+    last mini-batches, several checkpoint spacings."""
     pytest.importorskip("triton")
     r = subprocess.run([sys.executable, "-c", TRITON_CHECK, ROOT], capture_output=True, text=True,
                        timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -427,7 +430,9 @@ def cuda_inputs(B, H, T, d, b, dtype, seed=0):
 @pytest.mark.gpu
 @pytest.mark.parametrize("b", [16, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_matches_torch_on_cuda(b, dtype):
+@pytest.mark.parametrize("two_pass", [False, True], ids=["1-pass", "2-pass"])
+def test_triton_matches_torch_on_cuda(b, dtype, two_pass, monkeypatch):
+    monkeypatch.setitem(ttt.TRITON_TWO_PASS, "rows", 1 << 20 if two_pass else 0)
     B, H, d, T = 2, 4, 64, 3 * b + 5
     xs = cuda_inputs(B, H, T, d, b, dtype)
     res = []
