@@ -566,7 +566,7 @@ def test_compile_impl_on_cuda_matches_torch():
 @pytest.mark.slow
 @pytest.mark.parametrize("b", [16, 64])
 def test_triton_kernels_compile_for_h100(b):
-    """Compile both kernels to sm_90 machine code without a GPU (Triton ships ptxas): catches what
+    """Compile the kernels to sm_90 machine code without a GPU (Triton ships ptxas): catches what
     the interpreter cannot, such as type or layout errors in the compiled language."""
     pytest.importorskip("triton")
     import triton
@@ -577,7 +577,10 @@ def test_triton_kernels_compile_for_h100(b):
             (ttt._ttt_linear_fwd_kernel, dict(D=64, BS=b, SEG=16, SAVE=True, DOT=ttt.TRITON_DOT,
                                               STAGES=ttt.TRITON_FWD["stages"]), ttt.TRITON_FWD["num_warps"]),
             (ttt._ttt_linear_bwd_kernel, dict(D=64, BS=b, SEG=16, DOT=ttt.TRITON_DOT),
-             8 if b * 64 <= 1024 else 16)):
+             8 if b * 64 <= 1024 else 16),
+            (ttt._ttt_linear_scan_kernel, dict(D=64, BS=b, SEG=16, SAVE=True, DOT=ttt.TRITON_DOT,
+                                               STAGES=ttt.TRITON_FWD["stages"]), ttt.TRITON_FWD["num_warps"]),
+            (ttt._ttt_linear_readout_kernel, dict(D=64, BS=b, DOT=ttt.TRITON_DOT), ttt.TRITON_FWD["num_warps"])):
         names = kern.arg_names
         sig = {n: "constexpr" if n in consts else "i32" if n in ints else "*fp32" for n in names}
         src = ASTSource(fn=kern, signature=sig,
