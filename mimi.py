@@ -768,7 +768,9 @@ class Mimi(nn.Module):
         result. The state is bounded: conv left contexts and the last 249 steps of attention.
         cuda_graph=True (CUDA only, ignored elsewhere) records one CUDA graph per chunk shape on first
         use and replays it: no per-op launch cost, for frame-by-frame use. compile=True first runs the
-        steps through torch.compile, which fuses elementwise ops (a few minutes on first use)."""
+        steps through torch.compile, which fuses elementwise ops (a few minutes on first use). On CUDA
+        (with triton installed) the transformers of a step of at most SMALL_ROWS rows (batch x 25 Hz
+        steps) run as Triton kernels; STEP_KERNELS = False turns them off for streams opened after."""
         if self._streaming:
             raise MimiError("this Mimi is already streaming; leave the first `with mimi.streaming()` block "
                             "(or use a second Mimi) before starting another stream")
