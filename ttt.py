@@ -371,7 +371,11 @@ TRITON_FWD = dict(num_warps=4, stages=2)  # best of `python bench/ttt.py --only 
 # only and keeps those each mini-batch starts from; then one program per mini-batch computes its
 # outputs, all at once.
 TRITON_TWO_PASS = dict(rows=64, bytes=4 << 30)  # H100: 1.9x faster at 32 rows, 0.77x at 128 with b = 16
-TRITON_BWD = dict(num_warps=0)  # 0: 8 warps when b * d <= 1024, else 4 (best of `--only tune`, H100)
+# backward: num_warps 0 = 8 warps when b * d <= 1024, else 4; num_stages: software pipelining depth of its
+# loops, 0 = 3 (Triton's default) when b * d <= 1024, else 1: each stage is shared memory, and at
+# b = d = 64 three take 226 KB (one program an SM), one 96 KB (two); `python bench/ttt.py --only tune
+# --T 2048`, H100, forward+backward at b = 64: 2.94 Mtok/s with 1 stage, 2.27 with 3 (b = 16: 3.54, 3.74)
+TRITON_BWD = dict(num_warps=0, num_stages=0)
 
 
 def triton_supported(kind, d, b):
@@ -789,7 +793,7 @@ class _TTTLinearTriton(torch.autograd.Function):
         _ttt_linear_bwd_kernel[(B * H,)](
             q, k, v, lr, tau, ln_w, ln_b, GW, Gc, Wck, cck, Wbuf, cbuf, dout, dW, dc, dGW, dGc,
             dq, dk, dv, dlr, dtau, dlnw, dlnb, T, i0, NM, NC, H, last_full,
-            D=d, BS=b, SEG=seg, DOT=TRITON_DOT,
+            D=d, BS=b, SEG=seg, DOT=TRITON_DOT, num_stages=TRITON_BWD["num_stages"] or (3 if b * d <= 1024 else 1),
             num_warps=TRITON_BWD["num_warps"] or (8 if b * d <= 1024 else 4))
         return (dq, dk, dv, dlr, dtau.sum(0), dlnw.view(B, H, d).sum(0), dlnb.view(B, H, d).sum(0),
                 dW, dc, dGW, dGc, None, None, None, None)

@@ -346,7 +346,8 @@ def streaming_table(modes, dim, H, batches, dev, steps):
 
 def tune(tokens, H, d, Ts, dev):
     """Mtok/s of the Triton TTT-Linear forward (b = 16) for each launch setting of the kernel, then
-    forward+backward for each number of warps of the backward kernel (b = 16 and 64)."""
+    forward+backward for each number of warps and pipelining stages of the backward kernel (b = 16
+    and 64)."""
     print(f"\n## Triton forward launch settings, TTT-Linear b=16, {tokens} tokens; Mtok/s\n")
     print("| warps | stages | " + " | ".join(f"T={T}" for T in Ts) + " |")
     print("|---:|---:|" + "---:|" * len(Ts))
@@ -364,20 +365,22 @@ def tune(tokens, H, d, Ts, dev):
             print(f"| {warps} | {stages} | " + " | ".join(cells) + " |", flush=True)
     ttt.TRITON_FWD.update(keep)
     print(f"\n## Triton backward launch settings, TTT-Linear, {tokens} tokens; forward+backward Mtok/s\n")
-    print("| warps | " + " | ".join(f"b={b}, T={T}" for b in (16, 64) for T in Ts) + " |")
-    print("|---:|" + "---:|" * (2 * len(Ts)))
-    for warps in (4, 8, 16, 32):
-        ttt.TRITON_BWD.update(num_warps=warps)
-        cells = []
-        for b in (16, 64):
-            for T in Ts:
-                try:
-                    r = chunked_row("triton", "linear", tokens // T, H, T, d, b, dev)
-                    cells.append(f"{tokens / r['fwd+bwd'][0] / 1e6:.3g}")
-                except Exception as e:
-                    cells.append(f"failed: {e.__class__.__name__}: {str(e)[:60]}")
-        print(f"| {warps} | " + " | ".join(cells) + " |", flush=True)
-    ttt.TRITON_BWD.update(num_warps=0)
+    print("| warps | stages | " + " | ".join(f"b={b}, T={T}" for b in (16, 64) for T in Ts) + " |")
+    print("|---:|---:|" + "---:|" * (2 * len(Ts)))
+    keep = dict(ttt.TRITON_BWD)
+    for warps in (4, 8):
+        for stages in (1, 2, 3):
+            ttt.TRITON_BWD.update(num_warps=warps, num_stages=stages)
+            cells = []
+            for b in (16, 64):
+                for T in Ts:
+                    try:
+                        r = chunked_row("triton", "linear", tokens // T, H, T, d, b, dev)
+                        cells.append(f"{tokens / r['fwd+bwd'][0] / 1e6:.3g}")
+                    except Exception as e:
+                        cells.append(f"failed: {e.__class__.__name__}: {str(e)[:60]}")
+            print(f"| {warps} | {stages} | " + " | ".join(cells) + " |", flush=True)
+    ttt.TRITON_BWD.update(keep)
 
 
 def main():
