@@ -206,6 +206,29 @@ def test_batch_chunks_equal_one_pass(small, calib):
         small.chunk_frames = None
 
 
+@pytest.mark.parametrize("query_block", [4, 250])
+def test_ring_any_split_equals_one_pass(monkeypatch, query_block):
+    # the attention cache is a ring (slots in arrival order mod C, not in time order): one pass, chunks of
+    # any size and 1-step calls agree, also with query blocks shorter than the ring (several blocks a call)
+    monkeypatch.setattr(mimi, "QUERY_BLOCK", query_block)
+    torch.manual_seed(0)
+    tr = mimi.Transformer(MimiConfig(dim=32, n_layers=2, n_heads=2, ffn=64, context=7)).eval()
+    with torch.no_grad():
+        for p in tr.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+        x = torch.randn(2, 32, 40)
+        tr.state = tr.init_state(2, "cpu", torch.float32)[:3]
+        ref = tr(x)
+        for sizes in ([1] * 40, [3, 9, 1, 20, 7], [13, 27]):
+            tr.state = tr.init_state(2, "cpu", torch.float32)[:3]
+            out, i = [], 0
+            for n in sizes:
+                out.append(tr(x[..., i:i + n]))
+                i += n
+            err = ((torch.cat(out, -1) - ref).abs().max() / ref.abs().max()).item()
+            assert err < 1e-5, (sizes, err)   # float32 rounding: 2e-6 at most here
+
+
 def test_attention_window_matters(small, calib, expected):
     # without the 250-step window the codes of this 24 s input change: the window is exercised
     codes = small.encode(calib[:1])
