@@ -747,7 +747,8 @@ def _launch_shape(T, i0, b, seg):
 
 
 class _TTTLinearTriton(torch.autograd.Function):
-    """ttt_linear's chunked path as two Triton kernels. Inputs are float32 and contiguous."""
+    """ttt_linear's chunked path as Triton kernels (forward: one, or two passes; backward: one). Inputs
+    are float32 and contiguous."""
 
     @staticmethod
     def forward(ctx, q, k, v, lr, tau, ln_w, ln_b, W, c, GW, Gc, b, i0, seg, save):
