@@ -577,7 +577,7 @@ def test_triton_kernels_compile_for_h100(b):
             (ttt._ttt_linear_fwd_kernel, dict(D=64, BS=b, SEG=16, SAVE=True, DOT=ttt.TRITON_DOT,
                                               STAGES=ttt.TRITON_FWD["stages"]), ttt.TRITON_FWD["num_warps"]),
             (ttt._ttt_linear_bwd_kernel, dict(D=64, BS=b, SEG=16, DOT=ttt.TRITON_DOT),
-             8 if b * 64 <= 1024 else 16),
+             8 if b * 64 <= 1024 else 4),
             (ttt._ttt_linear_scan_kernel, dict(D=64, BS=b, SEG=16, SAVE=True, DOT=ttt.TRITON_DOT,
                                                STAGES=ttt.TRITON_FWD["stages"]), ttt.TRITON_FWD["num_warps"]),
             (ttt._ttt_linear_readout_kernel, dict(D=64, BS=b, DOT=ttt.TRITON_DOT), ttt.TRITON_FWD["num_warps"])):
@@ -585,9 +585,12 @@ def test_triton_kernels_compile_for_h100(b):
         sig = {n: "constexpr" if n in consts else "i32" if n in ints else "*fp32" for n in names}
         src = ASTSource(fn=kern, signature=sig,
                         constexprs={(names.index(n),): v for n, v in consts.items()})
+        stages = 3 if kern is not ttt._ttt_linear_bwd_kernel or b * 64 <= 1024 else 1   # as launched
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": warps})
+                                  options={"num_warps": warps, "num_stages": stages})
         assert compiled.metadata.shared <= 227 * 1024  # fits an H100 SM
+        if kern is ttt._ttt_linear_bwd_kernel and b == 64:  # two programs an SM (228 KB, 1 KB each reserved)
+            assert compiled.metadata.shared <= 113 * 1024
 
 
 def test_memory_probe():
