@@ -329,8 +329,9 @@ def ttt_linear(q, k, v, lr, tau, ln_w, ln_b, b, state, *, impl="torch", checkpoi
 
     Returns out = q + f(q; W_i) [B, H, T, d] in q's dtype and the new state. The inner math runs in
     the state's dtype (float32) with autocast off. T = 1 takes the primal path, which never syncs
-    with the host; T > 1 takes the dual form and reads state.i once. A call may start and end
-    anywhere inside a mini-batch.
+    with the host; T > 1 takes the dual form, which reads state.i once on the host with impl
+    "torch" or "compile" and never with "triton" (its kernels read it on the device). A call may
+    start and end anywhere inside a mini-batch.
     """
     d = q.shape[-1]
     return _run("ttt_linear", _linear_minibatch, _linear_token, [(d, d), (1, d)], q, k, v, lr,
@@ -414,6 +415,14 @@ if triton is not None:
         return gz, a, xh, rs
 
     @triton.jit
+    def _tl_shape(i_ptr, T, BS: tl.constexpr, SEG: tl.constexpr):
+        """Where the call starts in its mini-batch (read on the device: the host never waits for
+        it), the mini-batches the call touches, the checkpoints kept, whether the last is complete."""
+        i0 = tl.load(i_ptr).to(tl.int32)
+        NM = (i0 + T + BS - 1) // BS
+        return i0, NM, (NM + SEG - 1) // SEG, ((i0 + T) % BS == 0).to(tl.int32)
+
+    @triton.jit
     def _tl_ln(z, D: tl.constexpr):
         zc = z - tl.sum(z, 1)[:, None] / D                              # [BS, D]
         rs = 1.0 / tl.sqrt(tl.sum(zc * zc, 1) / D + _EPS)              # [BS]
@@ -441,7 +450,7 @@ if triton is not None:
 
     @triton.jit
     def _tl_fwd_step(m, W, c, GW, Gc, q_ptr, k_ptr, v_ptr, lr_ptr, out_ptr, GW_ptr, Gc_ptr,
-                     Wck_ptr, cck_ptr, tau, tau_last, lnw, lnb, pid, T, i0, NM, NC, last_full,
+                     Wck_ptr, cck_ptr, tau, tau_last, lnw, lnb, pid, T, i0, NM, NCS, last_full,
                      HAS_G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, SEG: tl.constexpr,
                      SAVE: tl.constexpr, DOT: tl.constexpr):
         """Mini-batch m: outputs, then W_start moves on (or, for an incomplete last one, the
@@ -451,8 +460,8 @@ if triton is not None:
         q, k, v, lr, ok, offs, t = _tl_minibatch(q_ptr, k_ptr, v_ptr, lr_ptr, pid, m, i0, T, D, BS)
         if SAVE:
             if m % SEG == 0:  # W at the start of every SEG-th mini-batch, for backward
-                tl.store(Wck_ptr + (pid * NC + m // SEG) * D * D + dd, W)
-                tl.store(cck_ptr + (pid * NC + m // SEG) * D + rd, c)
+                tl.store(Wck_ptr + (pid * NCS + m // SEG) * D * D + dd, W)
+                tl.store(cck_ptr + (pid * NCS + m // SEG) * D + rd, c)
         out, Gn, Gcn = _tl_fwd_minibatch(W, c, GW, Gc, q, k, v, lr, tau, lnw, lnb, HAS_G, D, BS,
                                          DOT)
         tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=ok[:, None])
@@ -464,17 +473,19 @@ if triton is not None:
         return W - (full * tau_last) * Gn, c - (full * tau_last) * Gcn
 
     # runtime ints are never specialised: a value of 1 would turn them into compile-time
-    # constants (and flags such as last_full into Python bools); T would recompile per length
-    _RUNTIME = ["T", "i0", "NM", "NC", "H", "last_full"]
+    # constants; T would recompile per length. NMS, NCS: the buffers' room for mini-batches and
+    # checkpoints a row (for any start inside a mini-batch)
+    _RUNTIME = ["T", "NMS", "NCS", "H"]
 
     @triton.jit(do_not_specialize=_RUNTIME)
     def _ttt_linear_fwd_kernel(q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr,
                                W_ptr, c_ptr, GW_ptr, Gc_ptr, out_ptr, Wck_ptr, cck_ptr,
-                               T, i0, NM, NC, H, last_full,
+                               T, i_ptr, NCS, H,
                                D: tl.constexpr, BS: tl.constexpr, SEG: tl.constexpr,
                                SAVE: tl.constexpr, DOT: tl.constexpr, STAGES: tl.constexpr):
         """W_ptr.. Gc_ptr hold the state; the kernel overwrites them with the new state."""
         pid = tl.program_id(0)          # one (batch row, head)
+        i0, NM, NC, last_full = _tl_shape(i_ptr, T, BS, SEG)
         h = pid % H
         rd, rb = tl.arange(0, D), tl.arange(0, BS)
         dd = rd[:, None] * D + rd[None, :]                                 # [D, D] offsets
@@ -488,24 +499,25 @@ if triton is not None:
         GW = tl.load(GW_ptr + pid * D * D + dd)
         Gc = tl.load(Gc_ptr + pid * D + rd)
         W, c = _tl_fwd_step(0, W, c, GW, Gc, q_ptr, k_ptr, v_ptr, lr_ptr, out_ptr, GW_ptr, Gc_ptr,
-                            Wck_ptr, cck_ptr, tau, tau_last, lnw, lnb, pid, T, i0, NM, NC,
+                            Wck_ptr, cck_ptr, tau, tau_last, lnw, lnb, pid, T, i0, NM, NCS,
                             last_full, True, D, BS, SEG, SAVE, DOT)
         for m in tl.range(1, NM, num_stages=STAGES):  # later ones start from zero sums: their products are skipped
             W, c = _tl_fwd_step(m, W, c, W, c, q_ptr, k_ptr, v_ptr, lr_ptr, out_ptr, GW_ptr,
                                 Gc_ptr, Wck_ptr, cck_ptr, tau, tau_last, lnw, lnb, pid, T, i0, NM,
-                                NC, last_full, False, D, BS, SEG, SAVE, DOT)
+                                NCS, last_full, False, D, BS, SEG, SAVE, DOT)
         tl.store(W_ptr + pid * D * D + dd, W)
         tl.store(c_ptr + pid * D + rd, c)
 
     @triton.jit(do_not_specialize=_RUNTIME)
     def _ttt_linear_scan_kernel(k_ptr, v_ptr, lr_ptr, lnw_ptr, lnb_ptr, tau_ptr, W_ptr, c_ptr, GW_ptr, Gc_ptr,
-                                Wall_ptr, call_ptr, Wck_ptr, cck_ptr, T, i0, NM, NC, H, last_full,
+                                Wall_ptr, call_ptr, Wck_ptr, cck_ptr, T, i_ptr, NMS, NCS, H,
                                 D: tl.constexpr, BS: tl.constexpr, SEG: tl.constexpr, SAVE: tl.constexpr,
                                 DOT: tl.constexpr, STAGES: tl.constexpr):
         """The two-pass forward's walk: the fast weights of one (batch row, head) through its
-        mini-batches, each one's start written to Wall/call [NM, D, D] / [NM, D]; W_ptr.. Gc_ptr hold
+        mini-batches, each one's start written to Wall/call [NMS, D, D] / [NMS, D]; W_ptr.. Gc_ptr hold
         the state in and the new state out, as in _ttt_linear_fwd_kernel."""
         pid = tl.program_id(0)
+        i0, NM, NC, last_full = _tl_shape(i_ptr, T, BS, SEG)
         h = pid % H
         rd, rb = tl.arange(0, D), tl.arange(0, BS)
         dd = rd[:, None] * D + rd[None, :]
@@ -517,10 +529,10 @@ if triton is not None:
         for m in tl.range(0, NM, num_stages=STAGES):
             if SAVE:
                 if m % SEG == 0:  # W at the start of every SEG-th mini-batch, for backward
-                    tl.store(Wck_ptr + (pid * NC + m // SEG) * D * D + dd, W)
-                    tl.store(cck_ptr + (pid * NC + m // SEG) * D + rd, c)
-            tl.store(Wall_ptr + (pid * NM + m) * D * D + dd, W)
-            tl.store(call_ptr + (pid * NM + m) * D + rd, c)
+                    tl.store(Wck_ptr + (pid * NCS + m // SEG) * D * D + dd, W)
+                    tl.store(cck_ptr + (pid * NCS + m // SEG) * D + rd, c)
+            tl.store(Wall_ptr + (pid * NMS + m) * D * D + dd, W)
+            tl.store(call_ptr + (pid * NMS + m) * D + rd, c)
             _, k, v, lr, _, _, _ = _tl_minibatch(k_ptr, k_ptr, v_ptr, lr_ptr, pid, m, i0, T, D, BS)
             gz, _, _, _ = _tl_inner_grad(W, c, k, v, lnw, lnb, D, DOT)
             u = lr[:, None] * gz                                                  # [BS, D]
@@ -541,17 +553,19 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=_RUNTIME)
     def _ttt_linear_readout_kernel(q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, GW_ptr, Gc_ptr,
-                                   Wall_ptr, call_ptr, out_ptr, T, i0, NM, H,
+                                   Wall_ptr, call_ptr, out_ptr, T, i_ptr, NMS, H,
                                    D: tl.constexpr, BS: tl.constexpr, DOT: tl.constexpr):
         """The two-pass forward's outputs: mini-batch m = program_id(1) of (batch row, head)
         program_id(0), from the fast weights it starts from; GW_ptr, Gc_ptr: the sums carried into
-        mini-batch 0 (the state given to the call)."""
+        mini-batch 0 (the state given to the call). A program past the call's last mini-batch (the
+        grid has room for any start) has no tokens: its rows are all masked."""
         pid, m = tl.program_id(0), tl.program_id(1)
+        i0 = tl.load(i_ptr).to(tl.int32)
         h = pid % H
         rd, rb = tl.arange(0, D), tl.arange(0, BS)
         dd = rd[:, None] * D + rd[None, :]
-        W = tl.load(Wall_ptr + (pid * NM + m) * D * D + dd)
-        c = tl.load(call_ptr + (pid * NM + m) * D + rd)
+        W = tl.load(Wall_ptr + (pid * NMS + m) * D * D + dd)
+        c = tl.load(call_ptr + (pid * NMS + m) * D + rd)
         GW = tl.load(GW_ptr + pid * D * D + dd, mask=(m == 0) & (dd >= 0), other=0.0)
         Gc = tl.load(Gc_ptr + pid * D + rd, mask=(m == 0) & (rd >= 0), other=0.0)
         q, k, v, lr, ok, offs, t = _tl_minibatch(q_ptr, k_ptr, v_ptr, lr_ptr, pid, m, i0, T, D, BS)
@@ -646,12 +660,13 @@ if triton is not None:
                                GW_ptr, Gc_ptr, Wck_ptr, cck_ptr, Wbuf_ptr, cbuf_ptr, dout_ptr,
                                dW_ptr, dc_ptr, dGW_ptr, dGc_ptr,
                                dq_ptr, dk_ptr, dv_ptr, dlr_ptr, dtau_ptr, dlnw_ptr, dlnb_ptr,
-                               T, i0, NM, NC, H, last_full,
+                               T, i_ptr, NCS, H,
                                D: tl.constexpr, BS: tl.constexpr, SEG: tl.constexpr,
                                DOT: tl.constexpr):
         """dW_ptr.. dGc_ptr hold the adjoints of the final state on entry and those of the initial
         state on exit."""
         pid = tl.program_id(0)
+        i0, NM, NC, last_full = _tl_shape(i_ptr, T, BS, SEG)
         h = pid % H
         rd, rb = tl.arange(0, D), tl.arange(0, BS)
         dd = rd[:, None] * D + rd[None, :]
@@ -675,8 +690,8 @@ if triton is not None:
             m0 = s * SEG
             m1 = tl.minimum(m0 + SEG, NM)
             # replay this segment's forward from its checkpoint to get W_start of each mini-batch
-            W = tl.load(Wck_ptr + (pid * NC + s) * D * D + dd)
-            c = tl.load(cck_ptr + (pid * NC + s) * D + rd)
+            W = tl.load(Wck_ptr + (pid * NCS + s) * D * D + dd)
+            c = tl.load(cck_ptr + (pid * NCS + s) * D + rd)
             tl.debug_barrier()  # the previous segment's reads of buf are done
             for m in range(m0, m1):
                 tl.store(buf + (m - m0) * D * D + dd, W)
@@ -740,68 +755,110 @@ if triton is not None:
         tl.store(dGc_ptr + pid * D + rd, dGc)
 
 
-def _launch_shape(T, i0, b, seg):
-    NM = (i0 + T + b - 1) // b        # virtual mini-batches covering the call
-    NC = (NM + seg - 1) // seg        # checkpoints kept for backward
-    return NM, NC, int((i0 + T) % b == 0)
+def _room(T, b, seg):
+    """Mini-batches a call of T tokens can touch (it may start anywhere in a mini-batch), and the
+    backward's checkpoints: the buffers are sized for any start, which only the kernels read."""
+    NM = (T + 2 * b - 2) // b
+    return NM, (NM + seg - 1) // seg
 
 
-class _TTTLinearTriton(torch.autograd.Function):
-    """ttt_linear's chunked path as Triton kernels (forward: one, or two passes; backward: one). Inputs
-    are float32 and contiguous."""
+Tensor = torch.Tensor
 
-    @staticmethod
-    def forward(ctx, q, k, v, lr, tau, ln_w, ln_b, W, c, GW, Gc, b, i0, seg, save):
-        B, H, T, d = q.shape
-        NM, NC, last_full = _launch_shape(T, i0, b, seg)
-        GW_in, Gc_in = GW, Gc
-        W, c, GW, Gc = (x.clone() for x in (W, c, GW, Gc))  # the kernel updates these in place
-        out = torch.empty_like(q)
-        Wck = q.new_empty((B * H, NC if save else 1, d, d))
-        cck = q.new_empty((B * H, NC if save else 1, d))
-        if B * H <= TRITON_TWO_PASS["rows"] and B * H * NM * d * (d + 1) * 4 <= TRITON_TWO_PASS["bytes"]:
-            Wall, call = q.new_empty((B * H, NM, d, d)), q.new_empty((B * H, NM, d))
-            _ttt_linear_scan_kernel[(B * H,)](
-                k, v, lr, ln_w, ln_b, tau, W, c, GW, Gc, Wall, call, Wck, cck, T, i0, NM, NC, H, last_full,
-                D=d, BS=b, SEG=seg, SAVE=save, DOT=TRITON_DOT, STAGES=TRITON_FWD["stages"],
-                num_warps=TRITON_FWD["num_warps"])
-            _ttt_linear_readout_kernel[(B * H, NM)](
-                q, k, v, lr, tau, ln_w, ln_b, GW_in, Gc_in, Wall, call, out, T, i0, NM, H, D=d, BS=b,
-                DOT=TRITON_DOT, num_warps=TRITON_FWD["num_warps"])
-        else:
-            _ttt_linear_fwd_kernel[(B * H,)](
-                q, k, v, lr, tau, ln_w, ln_b, W, c, GW, Gc, out, Wck, cck, T, i0, NM, NC, H, last_full,
-                D=d, BS=b, SEG=seg, SAVE=save, DOT=TRITON_DOT, STAGES=TRITON_FWD["stages"],
-                num_warps=TRITON_FWD["num_warps"])
-        if save:
-            ctx.save_for_backward(q, k, v, lr, tau, ln_w, ln_b, GW_in, Gc_in, Wck, cck)
-        ctx.meta = (b, i0, seg)
-        return out, W, c, GW, Gc
 
-    @staticmethod
-    def backward(ctx, dout, dW, dc, dGW, dGc):
-        q, k, v, lr, tau, ln_w, ln_b, GW, Gc, Wck, cck = ctx.saved_tensors
-        b, i0, seg = ctx.meta
-        B, H, T, d = q.shape
-        NM, NC, last_full = _launch_shape(T, i0, b, seg)
-        # adjoints of the final state in, of the initial state out (None: the state was unused)
-        adj = lambda g, like: torch.zeros_like(like) if g is None else g.contiguous().clone()
-        dout = torch.zeros_like(q) if dout is None else dout.contiguous()
-        dW, dc, dGW, dGc = adj(dW, GW), adj(dc, Gc), adj(dGW, GW), adj(dGc, Gc)
-        dq, dk, dv, dlr = (torch.empty_like(x) for x in (q, k, v, lr))
-        dtau, dlnw, dlnb = q.new_empty(B * H, b), q.new_empty(B * H, d), q.new_empty(B * H, d)
-        Wbuf, cbuf = q.new_empty(B * H, seg, d, d), q.new_empty(B * H, seg, d)
-        _ttt_linear_bwd_kernel[(B * H,)](
-            q, k, v, lr, tau, ln_w, ln_b, GW, Gc, Wck, cck, Wbuf, cbuf, dout, dW, dc, dGW, dGc,
-            dq, dk, dv, dlr, dtau, dlnw, dlnb, T, i0, NM, NC, H, last_full,
-            D=d, BS=b, SEG=seg, DOT=TRITON_DOT, num_stages=TRITON_BWD["num_stages"] or (3 if b * d <= 1024 else 1),
-            num_warps=TRITON_BWD["num_warps"] or (8 if b * d <= 1024 else 4))
-        return (dq, dk, dv, dlr, dtau.sum(0), dlnw.view(B, H, d).sum(0), dlnb.view(B, H, d).sum(0),
-                dW, dc, dGW, dGc, None, None, None, None)
+# The kernels as PyTorch operators: torch.compile traces a TTT layer whole around them (no graph
+# break), and autograd takes the backward kernel from register_autograd below.
+@torch.library.custom_op("ttt::linear_chunk", mutates_args=())
+def _linear_chunk(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, tau: Tensor, ln_w: Tensor, ln_b: Tensor,
+                  W: Tensor, c: Tensor, GW: Tensor, Gc: Tensor, i: Tensor, b: int, seg: int,
+                  save: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """ttt_linear's chunked path as Triton kernels (one pass, or two), on float32 contiguous
+    inputs; i: the state's position in its mini-batch (int64 []). Returns out, the new state
+    (W, c, GW, Gc) and, when save, the fast weights every seg mini-batches for backward."""
+    B, H, T, d = q.shape
+    NMS, NCS = _room(T, b, seg)
+    GW_in, Gc_in = GW, Gc
+    W, c, GW, Gc = (x.clone() for x in (W, c, GW, Gc))  # the kernel updates these in place
+    out = torch.empty_like(q)
+    Wck = q.new_empty((B * H, NCS if save else 1, d, d))
+    cck = q.new_empty((B * H, NCS if save else 1, d))
+    if B * H <= TRITON_TWO_PASS["rows"] and B * H * NMS * d * (d + 1) * 4 <= TRITON_TWO_PASS["bytes"]:
+        Wall, call = q.new_empty((B * H, NMS, d, d)), q.new_empty((B * H, NMS, d))
+        _ttt_linear_scan_kernel[(B * H,)](
+            k, v, lr, ln_w, ln_b, tau, W, c, GW, Gc, Wall, call, Wck, cck, T, i, NMS, NCS, H,
+            D=d, BS=b, SEG=seg, SAVE=save, DOT=TRITON_DOT, STAGES=TRITON_FWD["stages"],
+            num_warps=TRITON_FWD["num_warps"])
+        _ttt_linear_readout_kernel[(B * H, NMS)](
+            q, k, v, lr, tau, ln_w, ln_b, GW_in, Gc_in, Wall, call, out, T, i, NMS, H, D=d, BS=b,
+            DOT=TRITON_DOT, num_warps=TRITON_FWD["num_warps"])
+    else:
+        _ttt_linear_fwd_kernel[(B * H,)](
+            q, k, v, lr, tau, ln_w, ln_b, W, c, GW, Gc, out, Wck, cck, T, i, NCS, H,
+            D=d, BS=b, SEG=seg, SAVE=save, DOT=TRITON_DOT, STAGES=TRITON_FWD["stages"],
+            num_warps=TRITON_FWD["num_warps"])
+    return out, W, c, GW, Gc, Wck, cck
+
+
+@_linear_chunk.register_fake
+def _(q, k, v, lr, tau, ln_w, ln_b, W, c, GW, Gc, i, b, seg, save):
+    B, H, T, d = q.shape
+    NCS = _room(T, b, seg)[1] if save else 1
+    return (torch.empty_like(q), torch.empty_like(W), torch.empty_like(c), torch.empty_like(GW),
+            torch.empty_like(Gc), q.new_empty((B * H, NCS, d, d)), q.new_empty((B * H, NCS, d)))
+
+
+@torch.library.custom_op("ttt::linear_chunk_backward", mutates_args=())
+def _linear_chunk_backward(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, tau: Tensor, ln_w: Tensor,
+                           ln_b: Tensor, GW: Tensor, Gc: Tensor, Wck: Tensor, cck: Tensor, i: Tensor,
+                           dout: Tensor, dW: Tensor, dc: Tensor, dGW: Tensor, dGc: Tensor, b: int,
+                           seg: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                              Tensor, Tensor, Tensor, Tensor]:
+    """The backward kernel: from the adjoints of out and of the final state, those of q, k, v,
+    lr, of tau, ln_w, ln_b per (row, head), and of the initial state."""
+    B, H, T, d = q.shape
+    dW, dc, dGW, dGc = (g.clone() for g in (dW, dc, dGW, dGc))  # the kernel updates these in place
+    dq, dk, dv, dlr = (torch.empty_like(x) for x in (q, k, v, lr))
+    dtau, dlnw, dlnb = q.new_empty(B * H, b), q.new_empty(B * H, d), q.new_empty(B * H, d)
+    Wbuf, cbuf = q.new_empty(B * H, seg, d, d), q.new_empty(B * H, seg, d)
+    _ttt_linear_bwd_kernel[(B * H,)](
+        q, k, v, lr, tau, ln_w, ln_b, GW, Gc, Wck, cck, Wbuf, cbuf, dout, dW, dc, dGW, dGc,
+        dq, dk, dv, dlr, dtau, dlnw, dlnb, T, i, Wck.shape[1], H,
+        D=d, BS=b, SEG=seg, DOT=TRITON_DOT, num_stages=TRITON_BWD["num_stages"] or (3 if b * d <= 1024 else 1),
+        num_warps=TRITON_BWD["num_warps"] or (8 if b * d <= 1024 else 4))
+    return dq, dk, dv, dlr, dtau, dlnw, dlnb, dW, dc, dGW, dGc
+
+
+@_linear_chunk_backward.register_fake
+def _(q, k, v, lr, tau, ln_w, ln_b, GW, Gc, Wck, cck, i, dout, dW, dc, dGW, dGc, b, seg):
+    B, H, T, d = q.shape
+    return (*(torch.empty_like(x) for x in (q, k, v, lr)), q.new_empty(B * H, b), q.new_empty(B * H, d),
+            q.new_empty(B * H, d), *(torch.empty_like(x) for x in (dW, dc, dGW, dGc)))
+
+
+def _linear_chunk_setup(ctx, inputs, output):
+    q, k, v, lr, tau, ln_w, ln_b, W, c, GW, Gc, i, b, seg, save = inputs
+    ctx.save_for_backward(q, k, v, lr, tau, ln_w, ln_b, GW, Gc, output[5], output[6], i)
+    ctx.meta = (b, seg)
+
+
+def _linear_chunk_grad(ctx, dout, dW, dc, dGW, dGc, _dWck, _dcck):
+    q, k, v, lr, tau, ln_w, ln_b, GW, Gc, Wck, cck, i = ctx.saved_tensors
+    b, seg = ctx.meta
+    B, H, T, d = q.shape
+    # adjoints of the final state (None: that state was unused)
+    adj = lambda g, like: torch.zeros_like(like) if g is None else g.contiguous()
+    dq, dk, dv, dlr, dtau, dlnw, dlnb, dW, dc, dGW, dGc = _linear_chunk_backward(
+        q, k, v, lr, tau, ln_w, ln_b, GW, Gc, Wck, cck, i, adj(dout, q), adj(dW, GW), adj(dc, Gc),
+        adj(dGW, GW), adj(dGc, Gc), b, seg)
+    return (dq, dk, dv, dlr, dtau.sum(0), dlnw.view(B, H, d).sum(0), dlnb.view(B, H, d).sum(0),
+            dW, dc, dGW, dGc, None, None, None, None)
+
+
+_linear_chunk.register_autograd(_linear_chunk_grad, setup_context=_linear_chunk_setup)
 
 
 def _triton_scan(name, state, q, k, v, lr, tau, ln_w, ln_b, b, checkpoint_group):
-    """Chunked path of ttt_linear on the Triton kernels (same contract as _scan)."""
+    """Chunked path of ttt_linear on the Triton kernels (same contract as _scan). Where the call
+    starts inside its mini-batch is read by the kernels on the device: no host sync."""
     B, H, T, d = q.shape
     if name != "ttt_linear" or not triton_supported("linear", d, b):
         raise NotImplementedError(
@@ -809,13 +866,12 @@ def _triton_scan(name, state, q, k, v, lr, tau, ln_w, ln_b, b, checkpoint_group)
             "and b in {16, 32, 64} only, and triton installed); use impl='torch' or 'compile'")
     if q.dtype != torch.float32:
         raise ValueError(f"the Triton path keeps a float32 state; got a {q.dtype} state")
-    i0 = int(state.i)  # the one host read of a chunked call
     seg = checkpoint_group if checkpoint_group > 0 else 16
     W, c = state.params
     GW, Gc = state.grads
     args = [x.contiguous() for x in (q, k, v, lr, tau, ln_w, ln_b, W, c, GW, Gc)]
     save = torch.is_grad_enabled() and any(x.requires_grad for x in args)  # keep W for backward?
-    out, W, c, GW, Gc = _TTTLinearTriton.apply(*args, b, i0, seg, save)
+    out, W, c, GW, Gc, _, _ = _linear_chunk(*args, state.i.to(q.device), b, seg, save)
     return out, TTTState((W, c), (GW, Gc), (state.i + T) % b)
 
 

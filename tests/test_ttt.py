@@ -399,6 +399,51 @@ print("worst relative error", worst)
 '''
 
 
+COMPILE_CHECK = r'''
+import os, sys
+sys.path[:0] = [sys.argv[1], os.path.join(sys.argv[1], "tests")]
+import interpreted  # Triton's CPU interpreter: before anything defines a kernel
+import torch, ttt
+torch.manual_seed(0)
+layer = ttt.TTTLinear(32, 2, mini_batch=16, impl="triton")
+x = torch.randn(2, 40, 32, requires_grad=True)
+_, st0 = layer(torch.randn(2, 5, 32))   # the call below starts at position 5 of a mini-batch
+
+def f(x, st):
+    y, st = layer(x, st)
+    return y, st.params[0], st.i
+
+res = []
+for fn in (f, torch.compile(f, fullgraph=True, backend="aot_eager")):  # fullgraph: a graph break raises
+    y, W, i = fn(x, st0)
+    res.append([y, W, i, *torch.autograd.grad((y.square().sum() + W.sum()), [x, layer.W1, layer.ttt_norm_weight],
+                                     retain_graph=True)])
+for a, r in zip(*res):
+    assert (a.double() - r.double()).abs().max() <= 1e-5 * (1 + r.abs().max()), (a, r)
+assert int(res[0][2]) == 45 % 16
+# the chunked call never reads a tensor's value on the host: traced with fake tensors, an int() or
+# .item() would raise or leave a _local_scalar_dense in the graph
+from torch.fx.experimental.proxy_tensor import make_fx
+st1 = ttt.TTTState(tuple(p.detach() for p in st0.params), tuple(g.detach() for g in st0.grads), st0.i)
+step = lambda p, x, s: torch.func.functional_call(layer, p, (x, s))
+gm = make_fx(step, tracing_mode="fake")(dict(layer.named_parameters()), x.detach(), st1)
+assert "_local_scalar_dense" not in gm.code and "linear_chunk" in gm.code
+print("compiled whole")
+'''
+
+
+def test_triton_path_compiles_without_graph_breaks():
+    """torch.compile traces a TTT-Linear layer on the Triton path as one graph (the kernels are
+    registered operators with their backward), the compiled layer gives the eager outputs, state
+    and gradients, and the chunked call never syncs with the host (where it starts inside its
+    mini-batch is read by the kernels on the device)."""
+    pytest.importorskip("triton")
+    r = subprocess.run([sys.executable, "-c", COMPILE_CHECK, ROOT], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "compiled whole" in r.stdout
+
+
 def test_triton_kernels_match_torch_in_the_interpreter():
     """The Triton forward (one pass, and two) and hand-written backward against autograd of the
     PyTorch path, run on the CPU by Triton's interpreter: calls that start mid-mini-batch, incomplete
@@ -572,7 +617,7 @@ def test_triton_kernels_compile_for_h100(b):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    ints = ("T", "i0", "NM", "NC", "H", "last_full")
+    ints = ("T", "NMS", "NCS", "H")
     for kern, consts, warps in (
             (ttt._ttt_linear_fwd_kernel, dict(D=64, BS=b, SEG=16, SAVE=True, DOT=ttt.TRITON_DOT,
                                               STAGES=ttt.TRITON_FWD["stages"]), ttt.TRITON_FWD["num_warps"]),
@@ -582,7 +627,8 @@ def test_triton_kernels_compile_for_h100(b):
                                                STAGES=ttt.TRITON_FWD["stages"]), ttt.TRITON_FWD["num_warps"]),
             (ttt._ttt_linear_readout_kernel, dict(D=64, BS=b, DOT=ttt.TRITON_DOT), ttt.TRITON_FWD["num_warps"])):
         names = kern.arg_names
-        sig = {n: "constexpr" if n in consts else "i32" if n in ints else "*fp32" for n in names}
+        sig = {n: "constexpr" if n in consts else "i32" if n in ints else "*i64" if n == "i_ptr" else "*fp32"
+               for n in names}
         src = ASTSource(fn=kern, signature=sig,
                         constexprs={(names.index(n),): v for n, v in consts.items()})
         stages = 3 if kern is not ttt._ttt_linear_bwd_kernel or b * 64 <= 1024 else 1   # as launched
