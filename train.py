@@ -267,8 +267,10 @@ def train(tc, overrides):
     elif ddp:
         from torch.nn.parallel import DistributedDataParallel
         model = DistributedDataParallel(model, device_ids=[local] if device.type == "cuda" else None)
+    lossf = loss_fn
     if tc.compile:
         raw.compile_blocks()  # block by block: fast to compile, and `raw` stays the plain module
+        lossf = torch.compile(loss_fn, dynamic=False)  # one fused pass over the float32 logits
     opt = make_optimizer(raw, tc, device)
     os.makedirs(tc.out_dir, exist_ok=True)
     ckpt_path = os.path.join(tc.out_dir, "ckpt.pt")
@@ -351,7 +353,7 @@ def train(tc, overrides):
             sync = nullcontext() if not ddp or tc.fsdp or i == A - 1 else model.no_sync()
             with sync, autocast:
                 logits, new = model(x, st)
-                loss, parts = loss_fn(logits, x, cfg)
+                loss, parts = lossf(logits, x, cfg)
             (loss / A).backward()
             if tc.mode == "streaming":
                 states[i] = detach_state(new)

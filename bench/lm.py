@@ -68,15 +68,18 @@ def bench_train(a, dev):
     rows = []
     B, T = (2, 32) if a.quick else (a.batch, a.seq_len)
     for preset in a.presets:
-        for compiled in (["eager"] if a.quick else ["eager", "compiled blocks"]):
+        for compiled in (["eager"] if a.quick or a.no_compile else ["compiled"] if a.no_eager else ["eager", "compiled"]):
             m = build(preset, dev, torch.float32, a.quick)   # float32 master weights, bf16 autocast
             cfg = m.cfg
 
+            lossf = loss_fn
+            if compiled == "compiled":   # as train.py --compile: each block, and the loss
+                m.compile_blocks()
+                lossf = torch.compile(loss_fn, dynamic=False)
+
             def fwd_loss(x, state):
                 logits, new = m(x, state)
-                return loss_fn(logits, x, cfg)[0], new
-            if compiled == "compiled blocks":
-                m.compile_blocks()
+                return lossf(logits, x, cfg)[0], new
             opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=dev.type == "cuda")
             for mode in ("minibatch", "streaming"):
                 reset_peak(dev)
@@ -84,18 +87,25 @@ def bench_train(a, dev):
                 x = codes(cfg, B, T, dev)
                 ac = torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda")
                 times = []
-                for i in range(a.warmup + a.iters):
-                    sync(dev)
-                    t0 = time.perf_counter()
-                    with ac:
-                        loss, new = fwd_loss(x, state)
-                    loss.backward()
-                    opt.step()
+                try:
+                    for i in range(a.warmup + a.iters):
+                        sync(dev)
+                        t0 = time.perf_counter()
+                        with ac:
+                            loss, new = fwd_loss(x, state)
+                        loss.backward()
+                        opt.step()
+                        opt.zero_grad(set_to_none=True)
+                        if state is not None:
+                            state = detach_state(new)
+                        sync(dev)
+                        times.append(time.perf_counter() - t0)
+                except torch.OutOfMemoryError:
+                    loss = new = state = None
                     opt.zero_grad(set_to_none=True)
-                    if state is not None:
-                        state = detach_state(new)
-                    sync(dev)
-                    times.append(time.perf_counter() - t0)
+                    rows.append((preset, mode, compiled, f"{m.num_params() / 1e6:.0f}M", "out of memory", "", ""))
+                    print(rows[-1], flush=True)
+                    continue
                 dt = sorted(times[a.warmup:])[len(times[a.warmup:]) // 2]
                 fps = B * T / dt
                 mfu = fps * flops_per_frame(cfg, T) / H100_BF16_FLOPS
@@ -112,9 +122,11 @@ def bench_profile(a, dev):
     from torch.profiler import ProfilerActivity, profile
     B, T = (2, 32) if a.quick else (a.batch, a.seq_len)
     m = build(a.presets[0], dev, torch.float32, a.quick)
-    how = "eager" if a.no_compile or a.quick else "compiled blocks"
-    if how != "eager":
+    how = "eager" if a.no_compile or a.quick else "compiled"
+    lossf = loss_fn
+    if how != "eager":   # as train.py --compile
         m.compile_blocks()
+        lossf = torch.compile(loss_fn, dynamic=False)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=dev.type == "cuda")
     x = codes(m.cfg, B, T, dev)
     stream = a.mode == "streaming"
@@ -123,7 +135,7 @@ def bench_profile(a, dev):
     def step(state):
         with torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
             logits, new = m(x, state)
-            loss, _ = loss_fn(logits, x, m.cfg)
+            loss, _ = lossf(logits, x, m.cfg)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -352,6 +364,7 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--frames", type=int, default=200)
     ap.add_argument("--no_compile", action="store_true")
+    ap.add_argument("--no_eager", action="store_true", help="train: only the compiled rows")
     ap.add_argument("--no_mimi", action="store_true")
     ap.add_argument("--hows", nargs="+", default=["CUDA graph", "compiled blocks + graph", "compiled depth + graph",
                                                   "kernels + graph"],
