@@ -65,6 +65,11 @@ SMALL_ATTENTION = 16   # on CUDA, attention for at most this many queries is wri
 # is written as products and sums, which Inductor turns into one reduction kernel that streams the weight
 # at close to memory speed; cuBLAS's kernels for such shapes take 5-60 us (a 4 MB weight: 6.4 us, H100).
 SMALL_ROWS = 16
+# On a CPU, PyTorch's transposed convolution over a step or two takes its slow reference kernel
+# (slow_conv_transpose2d): the decoder's first one in a streaming frame (2 steps, a 34 MB weight) took
+# 4.7 ms against 1.8 ms as one matrix product (one thread). Transposed convolutions over at most this
+# many steps (batch included) take the matrix product on every device unless STEP_ROUTES is "never".
+FEW_STEPS = 4
 
 MOSHI_REPO, MOSHI_FILE = "kyutai/moshiko-pytorch-bf16", "tokenizer-e351c8d8-checkpoint125.safetensors"
 HF_REPO, HF_FILE = "kyutai/mimi", "model.safetensors"
@@ -173,9 +178,10 @@ def _conv_tr(convtr, x):
     input step's k outputs, then overlap-added: kernel k = m * stride, so m steps add into each output."""
     (k,), (s,) = convtr.kernel_size, convtr.stride
     Cin, Cout, g = convtr.in_channels, convtr.out_channels, convtr.groups
-    if not _small(x) or k % s or (g != 1 and not g == Cin == Cout):
-        return convtr(x)
     B, _, T = x.shape
+    few = STEP_ROUTES != "never" and B * T <= FEW_STEPS
+    if not (_small(x) or few) or k % s or (g != 1 and not g == Cin == Cout):
+        return convtr(x)
     w = convtr.weight                                                          # [Cin, Cout / g, k]
     if g == 1:
         z = _weight_times(w.reshape(Cin, Cout * k).t(), x).view(B, Cout, k, T)
