@@ -32,7 +32,8 @@ about 60 tokens back), and only a TTT branch (--n_ttt) could carry the pattern t
 
 --memory swaps the TTT branch for a control (linear attention, the delta rule, softmax attention
 over the whole sequence): softmax attention in the branch learns the recall beyond the window,
-the linear memories do not at 128 tokens. TTT-Linear does at 32 tokens:
+the linear memories do not at 128 tokens. TTT-Linear does at 32 tokens, where the event fills the
+sequence (first mention at token 0, recall at token 12) and nothing else is written before the read:
 
     python scripts/recall_toy.py --window 8 --n_ttt 1 --seq_len 32 --events 1 --value 8   # 100% at step 300
 
@@ -113,10 +114,23 @@ class ProjConv(torch.nn.Module):
         return self.conv(F.pad(y, (self.k - 1, 0))).transpose(1, 2)
 
 
+class ShiftProj(torch.nn.Module):
+    """proj(x) [B, T, D] shifted one token later: the key of token t is made from token t - 1 (zeros at
+    t = 0), so a write stores what followed the token before, and a read by the current token returns
+    what followed it last time (the shift of H3's associative recall). Whole sequences only."""
+
+    def __init__(self, proj):
+        super().__init__()
+        self.proj = proj
+
+    def forward(self, x):
+        return F.pad(self.proj(x), (0, 0, 1, 0))[:, :-1]
+
+
 def batch(g, alphabet, cues, B, T, n_events, value):
     """x [B, T + 1] tokens and dist [B, T + 1]: at the recalled value tokens, how far back the
     token they copy is; 0 elsewhere."""
-    x = alphabet[torch.randint(0, A, (B, T + 1), generator=g)]
+    x = alphabet[torch.randint(0, len(alphabet), (B, T + 1), generator=g)]
     dist = torch.zeros(B, T + 1, dtype=torch.long)
     span = CUE + KEY + value
     if 2 * n_events * span > T:
@@ -124,7 +138,7 @@ def batch(g, alphabet, cues, B, T, n_events, value):
     for b in range(B):
         slots = torch.randperm(T // span, generator=g)[:2 * n_events].sort().values * span
         for e in range(n_events):  # all first mentions, then all recalls: only the key tells them apart
-            kv = alphabet[torch.randint(0, A, (KEY + value,), generator=g)]
+            kv = alphabet[torch.randint(0, len(alphabet), (KEY + value,), generator=g)]
             first, recall = int(slots[e]), int(slots[n_events + e])
             x[b, first:first + span] = torch.cat([cues[0], kv])
             x[b, recall:recall + span] = torch.cat([cues[1], kv])
@@ -155,6 +169,10 @@ def main(argv=None):
     ap.add_argument("--ttt_mini_batch", type=int, default=16)
     ap.add_argument("--ttt_base_lr", type=float, default=1.0)
     ap.add_argument("--ttt_gate_init", type=float, default=0.1)
+    ap.add_argument("--alphabet", type=int, default=A,
+                    help="tokens the noise, keys and values are drawn from (at most 2048; chance is 1 / alphabet)")
+    ap.add_argument("--ttt_shift", action="store_true",
+                    help="the branch's keys from the token before (ShiftProj), its queries and values from the token")
     ap.add_argument("--ttt_conv", type=int, default=0,
                     help="a causal depthwise convolution of this many tokens after the TTT layers' q and k "
                          "projections (upstream's share_qk backbone; whole sequences only: no state)")
@@ -194,10 +212,14 @@ def main(argv=None):
         for m in model.modules():
             if isinstance(m, (_TTTLayer, LinearAttention)):
                 m.q_proj, m.k_proj = (ProjConv(p, a.ttt_conv) for p in (m.q_proj, m.k_proj))
+    if a.ttt_shift:
+        for m in model.modules():
+            if isinstance(m, (_TTTLayer, LinearAttention)):
+                m.k_proj = ShiftProj(m.k_proj)
     model.to(a.device)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.1)
     g = torch.Generator().manual_seed(a.seed + 1)
-    alphabet = torch.randperm(V, generator=g)[:A]
+    alphabet = torch.randperm(V, generator=g)[:a.alphabet]
     cues = torch.randint(0, V, (2, CUE), generator=g)
     share = a.events * a.value / a.seq_len
     print(f"{a.events} events of {a.value}-token values per {a.seq_len} tokens: {share:.0%} of the tokens are recalled")
@@ -235,7 +257,7 @@ def main(argv=None):
                    for m in ((d > 0) & (d < W), d >= W)]
             stage_note = f" ({L} tokens)" if warm else ""
             print(f"step {step:5d}{stage_note} | loss {loss.item():.3f} | recall accuracy in / beyond the window "
-                  f"{acc[0]} / {acc[1]} (chance {1 / A:.3f}) | {time.time() - t0:.0f}s", flush=True)
+                  f"{acc[0]} / {acc[1]} (chance {1 / a.alphabet:.3f}) | {time.time() - t0:.0f}s", flush=True)
     return model
 
 

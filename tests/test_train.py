@@ -154,3 +154,20 @@ def test_recall_toy_branches(memory, capsys):
     assert all(isinstance(b.q_proj, recall_toy.ProjConv) for b in branches)
     assert "step     0" in capsys.readouterr().out
 
+
+
+def test_recall_toy_shift_and_alphabet(capsys):
+    # --ttt_shift: the branch's keys come from the token before; --alphabet sets the chance level
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import recall_toy
+    from model import GatedTTT
+    p = torch.nn.Linear(4, 3)
+    x = torch.randn(2, 5, 4)
+    y = recall_toy.ShiftProj(p)(x)
+    assert torch.equal(y[:, 0], torch.zeros(2, 3)) and torch.allclose(y[:, 1:], p(x)[:, :-1])
+    model = recall_toy.main(["--steps", "1", "--seq_len", "32", "--events", "1", "--value", "4", "--batch", "2",
+                             "--dim", "64", "--window", "8", "--n_ttt", "1", "--ttt_shift", "--alphabet", "100"])
+    branches = [m.layer for m in model.modules() if isinstance(m, GatedTTT)]
+    assert len(branches) == 1 and isinstance(branches[0].k_proj, recall_toy.ShiftProj)
+    assert not isinstance(branches[0].q_proj, recall_toy.ShiftProj)
+    assert "(chance 0.010)" in capsys.readouterr().out
