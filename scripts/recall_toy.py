@@ -127,7 +127,7 @@ class ShiftProj(torch.nn.Module):
         return F.pad(self.proj(x), (0, 0, 1, 0))[:, :-1]
 
 
-def batch(g, alphabet, cues, B, T, n_events, value):
+def batch(g, alphabet, cues, B, T, n_events, value, first_at_start=False):
     """x [B, T + 1] tokens and dist [B, T + 1]: at the recalled value tokens, how far back the
     token they copy is; 0 elsewhere."""
     x = alphabet[torch.randint(0, len(alphabet), (B, T + 1), generator=g)]
@@ -135,8 +135,13 @@ def batch(g, alphabet, cues, B, T, n_events, value):
     span = CUE + KEY + value
     if 2 * n_events * span > T:
         raise SystemExit(f"{n_events} events of span {span} do not fit {T} tokens")
+    if first_at_start and n_events != 1:
+        raise SystemExit("--first_at_start places one event: pass --events 1")
     for b in range(B):
         slots = torch.randperm(T // span, generator=g)[:2 * n_events].sort().values * span
+        if first_at_start:  # the first mention at token 0, the recall anywhere after it
+            slots = torch.cat([torch.zeros(1, dtype=torch.long),
+                               1 + torch.randperm(T // span - 1, generator=g)[:1]]) * span
         for e in range(n_events):  # all first mentions, then all recalls: only the key tells them apart
             kv = alphabet[torch.randint(0, len(alphabet), (KEY + value,), generator=g)]
             first, recall = int(slots[e]), int(slots[n_events + e])
@@ -171,6 +176,10 @@ def main(argv=None):
     ap.add_argument("--ttt_gate_init", type=float, default=0.1)
     ap.add_argument("--alphabet", type=int, default=A,
                     help="tokens the noise, keys and values are drawn from (at most 2048; chance is 1 / alphabet)")
+    ap.add_argument("--ttt_no_rope", action="store_true",
+                    help="no RoPE on the TTT branch's q and k (the layers' RoPE at the position inside the mini-batch)")
+    ap.add_argument("--first_at_start", action="store_true",
+                    help="one event whose first mention starts the sequence: nothing is written before it")
     ap.add_argument("--ttt_shift", action="store_true",
                     help="the branch's keys from the token before (ShiftProj), its queries and values from the token")
     ap.add_argument("--ttt_conv", type=int, default=0,
@@ -216,6 +225,9 @@ def main(argv=None):
         for m in model.modules():
             if isinstance(m, (_TTTLayer, LinearAttention)):
                 m.k_proj = ShiftProj(m.k_proj)
+    if a.ttt_no_rope:  # for this run only: ttt.py's RoPE becomes the identity
+        import ttt
+        saved_rope, ttt._rope = ttt._rope, lambda x, cos, sin: x
     model.to(a.device)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.1)
     g = torch.Generator().manual_seed(a.seed + 1)
@@ -231,7 +243,7 @@ def main(argv=None):
         warm = stage is not None
         L = stages[stage][0] if warm else a.seq_len
         n_events = min(a.events, L // (2 * (CUE + KEY + a.value))) if warm else a.events
-        x, dist = batch(g, alphabet, cues, a.batch, L, n_events, a.value)
+        x, dist = batch(g, alphabet, cues, a.batch, L, n_events, a.value, a.first_at_start)
         x, dist = x.to(a.device), dist.to(a.device)
         for group in opt.param_groups:
             group["lr"] = a.lr * min(1.0, (step + 1) / 50)
@@ -258,6 +270,8 @@ def main(argv=None):
             stage_note = f" ({L} tokens)" if warm else ""
             print(f"step {step:5d}{stage_note} | loss {loss.item():.3f} | recall accuracy in / beyond the window "
                   f"{acc[0]} / {acc[1]} (chance {1 / a.alphabet:.3f}) | {time.time() - t0:.0f}s", flush=True)
+    if a.ttt_no_rope:
+        ttt._rope = saved_rope
     return model
 
 

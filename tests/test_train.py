@@ -171,3 +171,15 @@ def test_recall_toy_shift_and_alphabet(capsys):
     assert len(branches) == 1 and isinstance(branches[0].k_proj, recall_toy.ShiftProj)
     assert not isinstance(branches[0].q_proj, recall_toy.ShiftProj)
     assert "(chance 0.010)" in capsys.readouterr().out
+    # --first_at_start: one event, its first mention at token 0; --ttt_no_rope leaves ttt.py as it was
+    import ttt
+    rope = ttt._rope
+    g = torch.Generator().manual_seed(0)
+    alphabet, cues = torch.arange(100, 164), torch.tensor([[1, 2], [3, 4]])
+    for _ in range(5):
+        x, dist = recall_toy.batch(g, alphabet, cues, 3, 48, 1, 4, first_at_start=True)
+        assert torch.equal(x[:, :2], cues[0].expand(3, 2))
+        assert set(dist[dist > 0].tolist()) <= {8, 16, 24, 32, 40}
+    recall_toy.main(["--steps", "0", "--seq_len", "32", "--events", "1", "--value", "4", "--batch", "2",
+                     "--dim", "64", "--window", "8", "--n_ttt", "1", "--ttt_no_rope"])
+    assert ttt._rope is rope
