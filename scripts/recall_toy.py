@@ -37,6 +37,11 @@ sequence (first mention at token 0, recall at token 12) and nothing else is writ
 
     python scripts/recall_toy.py --window 8 --n_ttt 1 --seq_len 32 --events 1 --value 8   # 100% at step 300
 
+and in longer sequences when nothing else is written between the first mention and the recall
+(--adjacent); with other tokens written in between it is not (--adjacent_steps N --by_distance):
+
+    python scripts/recall_toy.py --window 8 --n_ttt 1 --seq_len 96 --events 1 --value 8 --adjacent --steps 2000
+
 (docs/experiment/notes.md has the tables.)
 """
 import argparse
@@ -127,7 +132,7 @@ class ShiftProj(torch.nn.Module):
         return F.pad(self.proj(x), (0, 0, 1, 0))[:, :-1]
 
 
-def batch(g, alphabet, cues, B, T, n_events, value, first_at_start=False):
+def batch(g, alphabet, cues, B, T, n_events, value, first_at_start=False, adjacent=False):
     """x [B, T + 1] tokens and dist [B, T + 1]: at the recalled value tokens, how far back the
     token they copy is; 0 elsewhere."""
     x = alphabet[torch.randint(0, len(alphabet), (B, T + 1), generator=g)]
@@ -135,13 +140,16 @@ def batch(g, alphabet, cues, B, T, n_events, value, first_at_start=False):
     span = CUE + KEY + value
     if 2 * n_events * span > T:
         raise SystemExit(f"{n_events} events of span {span} do not fit {T} tokens")
-    if first_at_start and n_events != 1:
-        raise SystemExit("--first_at_start places one event: pass --events 1")
+    if (first_at_start or adjacent) and n_events != 1:
+        raise SystemExit("--first_at_start and --adjacent place one event: pass --events 1")
     for b in range(B):
         slots = torch.randperm(T // span, generator=g)[:2 * n_events].sort().values * span
         if first_at_start:  # the first mention at token 0, the recall anywhere after it
             slots = torch.cat([torch.zeros(1, dtype=torch.long),
                                1 + torch.randperm(T // span - 1, generator=g)[:1]]) * span
+        if adjacent:  # the recall right after the first mention, the pair anywhere
+            s0 = int(torch.randint(0, T // span - 1, (1,), generator=g))
+            slots = torch.tensor([s0, s0 + 1]) * span
         for e in range(n_events):  # all first mentions, then all recalls: only the key tells them apart
             kv = alphabet[torch.randint(0, len(alphabet), (KEY + value,), generator=g)]
             first, recall = int(slots[e]), int(slots[n_events + e])
@@ -178,6 +186,11 @@ def main(argv=None):
                     help="tokens the noise, keys and values are drawn from (at most 2048; chance is 1 / alphabet)")
     ap.add_argument("--ttt_no_rope", action="store_true",
                     help="no RoPE on the TTT branch's q and k (the layers' RoPE at the position inside the mini-batch)")
+    ap.add_argument("--by_distance", action="store_true", help="also print the accuracy at each distance")
+    ap.add_argument("--adjacent_steps", type=int, default=0,
+                    help="--adjacent for the first N steps only, then the recall anywhere after the first mention")
+    ap.add_argument("--adjacent", action="store_true",
+                    help="one event whose recall directly follows its first mention, the pair anywhere")
     ap.add_argument("--first_at_start", action="store_true",
                     help="one event whose first mention starts the sequence: nothing is written before it")
     ap.add_argument("--ttt_shift", action="store_true",
@@ -243,7 +256,8 @@ def main(argv=None):
         warm = stage is not None
         L = stages[stage][0] if warm else a.seq_len
         n_events = min(a.events, L // (2 * (CUE + KEY + a.value))) if warm else a.events
-        x, dist = batch(g, alphabet, cues, a.batch, L, n_events, a.value, a.first_at_start)
+        x, dist = batch(g, alphabet, cues, a.batch, L, n_events, a.value, a.first_at_start,
+                        a.adjacent or step < a.adjacent_steps)
         x, dist = x.to(a.device), dist.to(a.device)
         for group in opt.param_groups:
             group["lr"] = a.lr * min(1.0, (step + 1) / 50)
@@ -268,6 +282,10 @@ def main(argv=None):
             acc = [f"{hit[m].float().mean().item():.3f} ({m.sum().item()})" if m.any() else "-"
                    for m in ((d > 0) & (d < W), d >= W)]
             stage_note = f" ({L} tokens)" if warm else ""
+            if a.by_distance:  # beyond the window, by distance since the first mention
+                far = d >= W
+                acc[1] += " [" + ", ".join(f"{int(v)}: {hit[d == v].float().mean().item():.2f}"
+                                           for v in d[far].unique()) + "]" if far.any() else ""
             print(f"step {step:5d}{stage_note} | loss {loss.item():.3f} | recall accuracy in / beyond the window "
                   f"{acc[0]} / {acc[1]} (chance {1 / a.alphabet:.3f}) | {time.time() - t0:.0f}s", flush=True)
     if a.ttt_no_rope:

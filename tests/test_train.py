@@ -183,3 +183,11 @@ def test_recall_toy_shift_and_alphabet(capsys):
     recall_toy.main(["--steps", "0", "--seq_len", "32", "--events", "1", "--value", "4", "--batch", "2",
                      "--dim", "64", "--window", "8", "--n_ttt", "1", "--ttt_no_rope"])
     assert ttt._rope is rope
+    # --adjacent: the recall right after the first mention (distance = one event's span), anywhere
+    for _ in range(5):
+        x, dist = recall_toy.batch(g, alphabet, cues, 3, 48, 1, 4, adjacent=True)
+        assert set(dist[dist > 0].tolist()) == {8}
+    capsys.readouterr()
+    recall_toy.main(["--steps", "0", "--seq_len", "48", "--events", "1", "--value", "4", "--batch", "2",
+                     "--dim", "64", "--window", "4", "--n_ttt", "1", "--adjacent_steps", "1", "--by_distance"])
+    assert "[8: " in capsys.readouterr().out
