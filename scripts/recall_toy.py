@@ -132,6 +132,20 @@ class ShiftProj(torch.nn.Module):
         return F.pad(self.proj(x), (0, 0, 1, 0))[:, :-1]
 
 
+class NormProj(torch.nn.Module):
+    """proj(x) [B, T, D] with each head's vector scaled to length sqrt(head size): keys (and queries)
+    of one length, so that a write cannot outweigh others by its size."""
+
+    def __init__(self, proj, n_heads):
+        super().__init__()
+        self.proj, self.H = proj, n_heads
+
+    def forward(self, x):
+        y = self.proj(x)
+        y = y.view(*y.shape[:-1], self.H, -1)
+        return (F.normalize(y, dim=-1) * y.shape[-1] ** 0.5).flatten(-2)
+
+
 def batch(g, alphabet, cues, B, T, n_events, value, first_at_start=False, adjacent=False):
     """x [B, T + 1] tokens and dist [B, T + 1]: at the recalled value tokens, how far back the
     token they copy is; 0 elsewhere."""
@@ -193,6 +207,8 @@ def main(argv=None):
                     help="one event whose recall directly follows its first mention, the pair anywhere")
     ap.add_argument("--first_at_start", action="store_true",
                     help="one event whose first mention starts the sequence: nothing is written before it")
+    ap.add_argument("--ttt_norm_qk", action="store_true",
+                    help="the branch's queries and keys scaled to one length per head (NormProj)")
     ap.add_argument("--ttt_shift", action="store_true",
                     help="the branch's keys from the token before (ShiftProj), its queries and values from the token")
     ap.add_argument("--ttt_conv", type=int, default=0,
@@ -234,6 +250,10 @@ def main(argv=None):
         for m in model.modules():
             if isinstance(m, (_TTTLayer, LinearAttention)):
                 m.q_proj, m.k_proj = (ProjConv(p, a.ttt_conv) for p in (m.q_proj, m.k_proj))
+    if a.ttt_norm_qk:
+        for m in model.modules():
+            if isinstance(m, _TTTLayer):
+                m.q_proj, m.k_proj = (NormProj(p, m.n_heads) for p in (m.q_proj, m.k_proj))
     if a.ttt_shift:
         for m in model.modules():
             if isinstance(m, (_TTTLayer, LinearAttention)):

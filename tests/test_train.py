@@ -191,3 +191,7 @@ def test_recall_toy_shift_and_alphabet(capsys):
     recall_toy.main(["--steps", "0", "--seq_len", "48", "--events", "1", "--value", "4", "--batch", "2",
                      "--dim", "64", "--window", "4", "--n_ttt", "1", "--adjacent_steps", "1", "--by_distance"])
     assert "[8: " in capsys.readouterr().out
+    # --ttt_norm_qk: each head's q and k of length sqrt(head size)
+    p = torch.nn.Linear(6, 8)
+    y = recall_toy.NormProj(p, 2)(torch.randn(3, 5, 6)).view(3, 5, 2, 4)
+    assert torch.allclose(y.norm(dim=-1), torch.full((3, 5, 2), 2.0))
