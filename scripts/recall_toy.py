@@ -146,10 +146,11 @@ class NormProj(torch.nn.Module):
         return (F.normalize(y, dim=-1) * y.shape[-1] ** 0.5).flatten(-2)
 
 
-def batch(g, alphabet, cues, B, T, n_events, value, first_at_start=False, adjacent=False):
+def batch(g, alphabet, cues, B, T, n_events, value, first_at_start=False, adjacent=False, noise_alphabet=None):
     """x [B, T + 1] tokens and dist [B, T + 1]: at the recalled value tokens, how far back the
     token they copy is; 0 elsewhere."""
-    x = alphabet[torch.randint(0, len(alphabet), (B, T + 1), generator=g)]
+    noise = alphabet if noise_alphabet is None else noise_alphabet
+    x = noise[torch.randint(0, len(noise), (B, T + 1), generator=g)]
     dist = torch.zeros(B, T + 1, dtype=torch.long)
     span = CUE + KEY + value
     if 2 * n_events * span > T:
@@ -207,6 +208,8 @@ def main(argv=None):
                     help="one event whose recall directly follows its first mention, the pair anywhere")
     ap.add_argument("--first_at_start", action="store_true",
                     help="one event whose first mention starts the sequence: nothing is written before it")
+    ap.add_argument("--separate_noise", action="store_true",
+                    help="tokens outside events from an alphabet of their own, so that content tells what to store")
     ap.add_argument("--ttt_norm_qk", action="store_true",
                     help="the branch's queries and keys scaled to one length per head (NormProj)")
     ap.add_argument("--ttt_shift", action="store_true",
@@ -264,7 +267,9 @@ def main(argv=None):
     model.to(a.device)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.1)
     g = torch.Generator().manual_seed(a.seed + 1)
-    alphabet = torch.randperm(V, generator=g)[:a.alphabet]
+    perm = torch.randperm(V, generator=g)
+    alphabet = perm[:a.alphabet]
+    noise_alphabet = perm[a.alphabet:2 * a.alphabet] if a.separate_noise else None
     cues = torch.randint(0, V, (2, CUE), generator=g)
     share = a.events * a.value / a.seq_len
     print(f"{a.events} events of {a.value}-token values per {a.seq_len} tokens: {share:.0%} of the tokens are recalled")
@@ -277,7 +282,7 @@ def main(argv=None):
         L = stages[stage][0] if warm else a.seq_len
         n_events = min(a.events, L // (2 * (CUE + KEY + a.value))) if warm else a.events
         x, dist = batch(g, alphabet, cues, a.batch, L, n_events, a.value, a.first_at_start,
-                        a.adjacent or step < a.adjacent_steps)
+                        a.adjacent or step < a.adjacent_steps, noise_alphabet)
         x, dist = x.to(a.device), dist.to(a.device)
         for group in opt.param_groups:
             group["lr"] = a.lr * min(1.0, (step + 1) / 50)

@@ -191,6 +191,15 @@ def test_recall_toy_shift_and_alphabet(capsys):
     recall_toy.main(["--steps", "0", "--seq_len", "48", "--events", "1", "--value", "4", "--batch", "2",
                      "--dim", "64", "--window", "4", "--n_ttt", "1", "--adjacent_steps", "1", "--by_distance"])
     assert "[8: " in capsys.readouterr().out
+    # --separate_noise: tokens outside events from their own alphabet
+    noise = torch.arange(500, 564)
+    x, dist = recall_toy.batch(g, alphabet, cues, 3, 48, 1, 4, noise_alphabet=noise)
+    event = torch.zeros_like(x, dtype=torch.bool)
+    for b in range(3):
+        r = int((dist[b] > 0).nonzero()[0]) - 4                                # the recall's cue
+        for s in (r, r - int(dist[b, r + 4])):
+            event[b, s:s + 8] = True
+    assert torch.isin(x[~event], noise).all() and not torch.isin(x[event], noise).any()
     # --ttt_norm_qk: each head's q and k of length sqrt(head size)
     p = torch.nn.Linear(6, 8)
     y = recall_toy.NormProj(p, 2)(torch.randn(3, 5, 6)).view(3, 5, 2, 4)
