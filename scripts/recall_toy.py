@@ -229,6 +229,9 @@ def main(argv=None):
                     help="shorter sequences first, e.g. 32:500,48:500 (tokens:steps), each with as many events "
                          "as fit (at most --events); then --seq_len for the remaining steps")
     a = ap.parse_args(argv)
+    if not 2 <= a.alphabet * (2 if a.separate_noise else 1) <= V:
+        ap.error(f"--alphabet must lie in [2, {V // 2 if a.separate_noise else V}] (the vocabulary holds {V} tokens"
+                 + (", split between events and the rest with --separate_noise)" if a.separate_noise else ")"))
     torch.manual_seed(a.seed)
     K = a.codebooks if a.frames else 1
     path = dict(depth_layers=a.depth_layers, semantic_weight=a.semantic_weight) if a.frames else \
