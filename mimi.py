@@ -313,10 +313,12 @@ def windowed_attention(q, kv, mask):
             y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask[:, None])
         return y.transpose(1, 2).reshape(B, T, H * hd)
     pad = nb * Q - T
-    q = F.pad(q, (0, 0, 0, 0, 0, pad)).view(B * nb, Q, H, hd).transpose(1, 2)  # [B*nb, H, Q, hd]
-    kv = F.pad(kv, (0, 0, 0, 0, 0, 0, 0, pad)).unfold(1, L, Q)               # [B, nb, 2, H, hd, L]
+    if pad:  # (F.pad copies even when it pads nothing)
+        q, kv = F.pad(q, (0, 0, 0, 0, 0, pad)), F.pad(kv, (0, 0, 0, 0, 0, 0, 0, pad))
+    q = q.reshape(B * nb, Q, H, hd).transpose(1, 2)                            # [B*nb, H, Q, hd]
+    kv = kv.unfold(1, L, Q)                                                    # [B, nb, 2, H, hd, L]
     k, v = kv.permute(2, 0, 1, 3, 5, 4).reshape(2, B * nb, H, L, hd)          # [B*nb, H, L, hd] each
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(B, 1, 1)[:, None])
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=(mask if B == 1 else mask.repeat(B, 1, 1))[:, None])
     return y.transpose(1, 2).reshape(B, nb * Q, H * hd)[:, :T]
 
 
@@ -707,6 +709,11 @@ def _no_tf32():
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
 
 
+def _joined(ys, empty):
+    """Chunk outputs joined along time (empty() when there are none)."""
+    return ys[0] if len(ys) == 1 else torch.cat(ys, -1) if ys else empty()
+
+
 class Mimi(nn.Module):
     """The codec. encode: wav [B, 1, T] float at 24 kHz -> codes [B, K, F] int64; decode: the reverse.
     Load the released weights with Mimi.from_pretrained."""
@@ -747,23 +754,27 @@ class Mimi(nn.Module):
     def _encode_step(self, wav):  # -> [B, K, n]
         return self.quantizer.encode(self._latent(wav))
 
-    def _decode_step(self, codes):  # [B, K, n] -> [B, 1, n * FRAME_SIZE]
+    def _decode_step(self, codes):  # [B, K, n] -> (wav [B, 1, n * FRAME_SIZE], any code out of range?)
         # clamped, so that codes out of range (reported by decode once the step is done) index nothing
-        # outside the codebooks
-        h = self.upsample(self.quantizer.decode(codes.clamp(0, self.cfg.bins - 1)).to(self.dtype))  # [B, D, 2n]
-        return self.decoder(self.decoder_transformer(h)).float()
+        # outside the codebooks; the check is part of the step, so a CUDA graph holds it too
+        inside = codes.clamp(0, self.cfg.bins - 1)
+        h = self.upsample(self.quantizer.decode(inside).to(self.dtype))                 # [B, D, 2n]
+        return self.decoder(self.decoder_transformer(h)).float(), (inside != codes).any()
 
-    def _stateful(self):
-        return [m for m in self.modules() if hasattr(m, "init_state")]
+    def _stateful(self, half=None):
+        """The modules that carry a state: all, or those of one half ("encode" or "decode")."""
+        parts = {"encode": (self.encoder, self.encoder_transformer, self.downsample),
+                 "decode": (self.upsample, self.decoder_transformer, self.decoder)}.get(half, (self,))
+        return [m for p in parts for m in p.modules() if hasattr(m, "init_state")]
 
-    def _set_state(self, B):
-        for m in self._stateful():
+    def _set_state(self, B, half=None):
+        for m in self._stateful(half):
             m.state = None if B is None else m.init_state(B, self.device, self.dtype)
         self._batch = B
 
     @contextlib.contextmanager
-    def _fresh_state(self, B):
-        self._set_state(B)
+    def _fresh_state(self, B, half):
+        self._set_state(B, half)  # only the half the call runs: fewer allocations before its first kernel
         try:
             yield
         finally:
@@ -809,6 +820,8 @@ class Mimi(nn.Module):
         x_in, y_out, graph = self._graphs[key]
         x_in.copy_(x)
         graph.replay()
+        if isinstance(y_out, tuple):  # (output, check): the caller reads the check before the next replay
+            return (y_out[0].clone(),) + y_out[1:]
         return y_out.clone()
 
     def _capture(self, fn, x):
@@ -829,17 +842,20 @@ class Mimi(nn.Module):
             t.copy_(v)
         return x_in, y_out, graph
 
-    def _process(self, name, fn, x, per_frame, empty):
-        """fn over x in chunks of whole frames: the open stream's state, or a fresh one for a batch call."""
+    def _process(self, name, fn, x, per_frame):
+        """[fn(chunk)] over x in chunks of whole frames: the open stream's state, or a fresh one for a batch
+        call."""
         if self._streaming and x.shape[0] != self._batch:
             raise MimiError(f"this stream was opened with streaming(batch_size={self._batch}), got a batch of "
                             f"{x.shape[0]}")
         if self._streaming and x.shape[-1] == 0:
             raise MimiError(f"{name}: an empty chunk; a stream advances by whole frames")
-        with contextlib.nullcontext() if self._streaming else self._fresh_state(x.shape[0]), _no_tf32():
+        half = "decode" if name == "decode" else "encode"
+        with contextlib.nullcontext() if self._streaming else self._fresh_state(x.shape[0], half), _no_tf32():
             n = (self.chunk_frames or (CUDA_CHUNK_FRAMES if x.is_cuda else CHUNK_FRAMES)) * per_frame
-            ys = [self._run(name, fn, x[..., i:i + n]) for i in range(0, x.shape[-1], n)]
-            return ys[0] if len(ys) == 1 else torch.cat(ys, -1) if ys else empty()
+            if x.shape[-1] <= n:  # one chunk (every streaming call that fits one): no slicing
+                return [self._run(name, fn, x)]
+            return [self._run(name, fn, x[..., i:i + n]) for i in range(0, x.shape[-1], n)]
 
     @torch.no_grad()
     def encode(self, wav: torch.Tensor) -> torch.Tensor:
@@ -857,7 +873,7 @@ class Mimi(nn.Module):
         wav = wav.to(self.device)
         if T % FRAME_SIZE:
             wav = F.pad(wav, (0, -T % FRAME_SIZE))
-        return self._process("encode", self._encode_step, wav, FRAME_SIZE, lambda: torch.zeros(
+        return _joined(self._process("encode", self._encode_step, wav, FRAME_SIZE), lambda: torch.zeros(
             wav.shape[0], self.num_codebooks, 0, dtype=torch.long, device=self.device))
 
     @torch.no_grad()
@@ -873,21 +889,21 @@ class Mimi(nn.Module):
             raise MimiError(f"codes have {K} codebooks but this Mimi was loaded with num_codebooks="
                             f"{self.num_codebooks}; load it with Mimi.from_pretrained(..., num_codebooks={max(K, 1)})")
         codes = codes.to(self.device, torch.long)
-        wav = self._process("decode", self._decode_step, codes, 1,
-                            lambda: torch.zeros(codes.shape[0], 1, 0, device=self.device))
-        # the range is checked once the step is queued: on a GPU, launching the check and reading it back
-        # then overlap the step (the caller waits for the audio anyway) instead of delaying it by about
-        # 0.1 ms a frame; out-of-range codes raise instead of returning that audio
-        lo, hi = torch.stack(torch.aminmax(codes.flatten())).tolist() if codes.numel() else (0, 0)
-        if lo < 0 or hi >= self.cfg.bins:
+        ys = self._process("decode", self._decode_step, codes, 1)
+        wav = _joined([y for y, _ in ys], lambda: torch.zeros(codes.shape[0], 1, 0, device=self.device))
+        # the range is checked inside the step (a CUDA graph included), and read back once it is queued:
+        # on a GPU the read waits for the step (the caller waits for the audio anyway) rather than delaying
+        # it; out-of-range codes raise instead of returning that audio
+        if ys and (ys[0][1] if len(ys) == 1 else torch.stack([b for _, b in ys]).any()).item():
+            lo, hi = torch.stack(torch.aminmax(codes.flatten())).tolist()
             raise MimiError(f"codes must lie in [0, {self.cfg.bins}); got values from {lo} to {hi}")
         return wav
 
     @torch.no_grad()
     def latent(self, wav: torch.Tensor) -> torch.Tensor:
         """wav [B, 1, n * 1920] -> the continuous latent [B, dim, n] that the quantizer codes."""
-        return self._process("latent", self._latent, wav.to(self.device), FRAME_SIZE,
-                             torch.zeros(wav.shape[0], self.cfg.dim, 0, device=self.device))
+        return _joined(self._process("latent", self._latent, wav.to(self.device), FRAME_SIZE),
+                       lambda: torch.zeros(wav.shape[0], self.cfg.dim, 0, device=self.device))
 
     @classmethod
     def from_pretrained(cls, path: str = None, num_codebooks: int = 8, device=None, dtype=None) -> "Mimi":
