@@ -41,8 +41,10 @@ from bench.prof import kernel_table  # noqa: E402
 
 
 def sync(device):
+    """Wait for the GPU (main makes `device` the current one: synchronize(device) would switch devices in
+    every timed frame)."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.synchronize()
 
 
 def rss():
@@ -211,6 +213,8 @@ def main():
                    help="also print the kernels of a streaming frame for each of our rows (CUDA)")
     args = p.parse_args()
     device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     repeats = args.repeats or (5 if device.type == "cuda" else 1)
     if args.threads:
         torch.set_num_threads(args.threads)
