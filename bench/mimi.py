@@ -213,7 +213,7 @@ def main():
                    help="also print the kernels of a streaming frame for each of our rows (CUDA)")
     args = p.parse_args()
     device = torch.device(args.device)
-    if device.type == "cuda":
+    if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
     repeats = args.repeats or (5 if device.type == "cuda" else 1)
     if args.threads:

@@ -197,6 +197,9 @@ def main(argv=None):
     ap.add_argument("--ttt_mini_batch", type=int, default=16)
     ap.add_argument("--ttt_base_lr", type=float, default=1.0)
     ap.add_argument("--ttt_gate_init", type=float, default=0.1)
+    ap.add_argument("--ttt_lr_bias", type=float, default=0.0,
+                    help="initial bias of the TTT layers' learning-rate gate (0: sigmoid 0.5; -4: 0.018, so that "
+                         "a token is written at base_lr / 55 unless the model learns to raise it)")
     ap.add_argument("--alphabet", type=int, default=A,
                     help="tokens the noise, keys and values are drawn from (at most 2048; chance is 1 / alphabet)")
     ap.add_argument("--ttt_no_rope", action="store_true",
@@ -264,6 +267,9 @@ def main(argv=None):
         for m in model.modules():
             if isinstance(m, (_TTTLayer, LinearAttention)):
                 m.k_proj = ShiftProj(m.k_proj)
+    for m in model.modules():
+        if isinstance(m, _TTTLayer):
+            torch.nn.init.constant_(m.learnable_ttt_lr_bias, a.ttt_lr_bias)
     if a.ttt_no_rope:  # for this run only: ttt.py's RoPE becomes the identity
         import ttt
         saved_rope, ttt._rope = ttt._rope, lambda x, cos, sin: x
