@@ -167,8 +167,8 @@ def bench_stream(res, name, model, frames, codes, device, kw, profile=False):
                     res[(name, "s_same", 0)] = (torch.cat(outs, -1) == codes[..., :len(outs)]).float().mean().item()
                 if profile:
                     profile_stream(f"{name}, streaming {step}", getattr(model, step), xs[:20], device)
-    print(f"{name:18s} streaming: encode {res[(name, 's_enc', 0)]:.2f} ms/frame, decode "
-          f"{res[(name, 's_dec', 0)]:.2f} ms/frame; codes equal to ours in batch (float32): "
+    print(f"{name:18s} streaming: encode {res[(name, 's_enc', 0)]:.3f} ms/frame, decode "
+          f"{res[(name, 's_dec', 0)]:.3f} ms/frame; codes equal to ours in batch (float32): "
           f"{100 * res[(name, 's_same', 0)]:.2f}%", flush=True)
 
 
@@ -292,17 +292,17 @@ def print_table(res, args, device_name, note, stream_names):
             print(f"| codes equal to official, {m:g} min | {100 * res[('cmp', 'codes', m)]:.3f}% | |")
             print(f"| decoded audio rel. err. vs official, {m:g} min | {res[('cmp', 'rel', m)]:.1e} | |")
     for k, what in [("s_enc", "streaming encode, batch 1, ms per frame"), ("s_dec", "streaming decode, batch 1, ms per frame")]:
-        ours = cell(("ours", k, 0), ".2f")
+        ours = cell(("ours", k, 0), ".3f")
         if "ours+graph" in stream_names:
-            ours += f"; CUDA graph {cell(('ours+graph', k, 0), '.2f')}"
+            ours += f"; CUDA graph {cell(('ours+graph', k, 0), '.3f')}"
         if "ours+graph+compile" in stream_names:
-            ours += f"; + compile {cell(('ours+graph+compile', k, 0), '.2f')}"
+            ours += f"; + compile {cell(('ours+graph+compile', k, 0), '.3f')}"
         if "ours+graph+compile, no step kernels" in stream_names:
-            ours += f" (without the step kernels {cell(('ours+graph+compile, no step kernels', k, 0), '.2f')})"
+            ours += f" (without the step kernels {cell(('ours+graph+compile, no step kernels', k, 0), '.3f')})"
         if "ours+graph+compile bf16" in stream_names:
-            ours += f"; + bf16 {cell(('ours+graph+compile bf16', k, 0), '.2f')}"
+            ours += f"; + bf16 {cell(('ours+graph+compile bf16', k, 0), '.3f')}"
         failed = [cell((n, "stream", 0), "") for n in stream_names if isinstance(res.get((n, "stream", 0)), str)]
-        print(f"| {what} | {ours} | {cell(('official', k, 0), '.2f') if have_off else '-'} |"
+        print(f"| {what} | {ours} | {cell(('official', k, 0), '.3f') if have_off else '-'} |"
               + (f" {'; '.join(failed)}" if failed and k == "s_enc" else ""))
     same = [(n, res[(n, "s_same", 0)]) for n in stream_names if (n, "s_same", 0) in res]
     if same:
