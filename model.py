@@ -470,12 +470,8 @@ class DepthDecoder(nn.Module):
 # a program (0: 4096 weights a program) and warps; the same for several rows (a matrix product); the
 # sampling kernel's warps. STEP_LAUNCH: the backbone step's; its attention kernel splits the window
 # among about `programs` programs.
-DEPTH_LAUNCH = dict(BK=1024, BN=0, warps=4, dot_BK=128, dot_BN=16, sample_warps=8, att_warps=8)
+DEPTH_LAUNCH = dict(BK=1024, BN=0, warps=4, dot_BK=128, dot_BN=16, sample_warps=8)
 STEP_LAUNCH = dict(BK=1024, BN=0, warps=4, dot_BK=128, dot_BN=16, programs=128, attend_warps=4)
-# At batch 1 the depth decoder's attention is made inside its output projection's kernel (each program
-# makes it whole: a [C, width] tile of keys and values) when C x width is at most DEPTH_FUSED_ATTENTION:
-# one launch a layer less.
-DEPTH_FUSED_ATTENTION = 16384
 # Programmatic dependent launch (Hopper and later) at batch 1: each kernel lets the next one start
 # early, and the next one loads its weights (which no kernel writes) before it waits for its inputs, so
 # the gaps between a step's hundreds of small kernels are spent loading. (At batch 8 it made the depth
@@ -495,18 +491,14 @@ if triton is not None:
 
     @triton.jit
     def _rows_linear_kernel(x_ptr, nw_ptr, nb_ptr, g_ptr, w_ptr, b_ptr, s_ptr, y_ptr, y_stride, M, N, K, eps,
-                            a_c, a_scale, NORM: tl.constexpr, BIAS: tl.constexpr, SWIGLU: tl.constexpr,
-                            SCALE: tl.constexpr, RES: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                            BK: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
-                            ATT: tl.constexpr, AH: tl.constexpr, AHKV: tl.constexpr, AHD: tl.constexpr,
-                            ABL: tl.constexpr):
+                            NORM: tl.constexpr, BIAS: tl.constexpr, SWIGLU: tl.constexpr, SCALE: tl.constexpr,
+                            RES: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                            DOT: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
         # y[m, n] = (y[m, n] +) s[n] f(norm(x[m]) . w[n] + b[n]) for every row m < M (<= BM) and BN outputs n;
         # with SWIGLU, f = silu(. w[n]) * (. w[n + N]) (gate and up rows stacked). norm: NORM 1 RMSNorm
         # (weight nw), 2 (one row only) LayerNorm (weight nw, bias nb) times gelu(g), the TTT branch's
         # post-norm and output gate. One row: products and sums; several (DOT): the rows padded to
-        # BM >= 16 times the block of weights, one matrix product. ATT (one row, K = AH * AHD <= BK): the
-        # row x is not read but made here, as _attend_kernel makes it: the attention of position a_c over
-        # positions 0..a_c, whose q, k, v rows x_ptr holds (the depth decoder's buffer [C, (AH + 2 AHKV) AHD]).
+        # BM >= 16 times the block of weights, one matrix product.
         rn = tl.program_id(0) * BN + tl.arange(0, BN)
         rk, rm, nmask = tl.arange(0, BK), tl.arange(0, BM), rn < N
         dt = y_ptr.dtype.element_ty
@@ -569,24 +561,7 @@ if triton is not None:
             for k0 in range(0, K, BK):
                 kk = k0 + rk
                 kmask = kk < K
-                if ATT:  # every head at once: scores [ABL, AH] from the [ABL, K] keys, then the values
-                    rl = tl.arange(0, ABL)
-                    lm = (rl <= a_c)[:, None] & kmask[None, :]
-                    width = (AH + 2 * AHKV) * AHD
-                    kv = ((kk // AHD) // (AH // AHKV)) * AHD + kk % AHD                 # [BK] kv column
-                    q = tl.load(x_ptr + a_c * width + kk, mask=kmask, other=0.0).to(tl.float32)
-                    kt = tl.load(x_ptr + rl[:, None] * width + AH * AHD + kv[None, :], mask=lm,
-                                 other=0.0).to(tl.float32)
-                    sc = tl.sum(tl.reshape(kt * q[None, :], [ABL, BK // AHD, AHD]), 2) * a_scale
-                    sc = tl.where((rl <= a_c)[:, None], sc, -float("inf"))
-                    pa = tl.exp(sc - tl.max(sc, 0)[None, :])
-                    pa = pa / tl.sum(pa, 0)[None, :]                                     # [ABL, AH]
-                    vt = tl.load(x_ptr + rl[:, None] * width + (AH + AHKV) * AHD + kv[None, :], mask=lm,
-                                 other=0.0).to(tl.float32)
-                    pf = tl.reshape(tl.broadcast_to(pa[:, :, None], [ABL, BK // AHD, AHD]), [ABL, BK])
-                    xk = tl.sum(pf * vt, 0).to(dt)
-                else:
-                    xk = tl.load(x_ptr + kk, mask=kmask, other=0.0)
+                xk = tl.load(x_ptr + kk, mask=kmask, other=0.0)
                 if NORM == 1:
                     nw = tl.load(nw_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
                     xk = (nw * (xk.to(tl.float32) * inv).to(dt).to(tl.float32)).to(dt)
@@ -822,42 +797,29 @@ if triton is not None:
             tl.store(Gc_ptr + st + rd, Gc)
 
 
-def _rows_linear(x, w, out, norm=None, bias=None, swiglu=False, residual=False, launch=None, gate=None, scale=None,
-                attend=None):
+def _rows_linear(x, w, out, norm=None, bias=None, swiglu=False, residual=False, launch=None, gate=None, scale=None):
     """out [M, N] (rows may be strided) = norm(x) [M, K] @ w.T (+ bias), or silu(gate) * up for
     w = [gate; up]; scale [N] multiplies the result; residual=True adds to what out holds. norm: an
     RMSNorm, or (one row) a LayerNorm whose output is multiplied by gelu(gate [1, K]). One Triton
-    kernel; launch: DEPTH_LAUNCH or STEP_LAUNCH. attend=(c, H, Hkv, hd, BL), one row: x is the depth
-    decoder's q/k/v buffer [C, (H + 2 Hkv) hd] and the kernel's input row is the attention of position c
-    (see _attend_kernel), made in the kernel."""
+    kernel; launch: DEPTH_LAUNCH or STEP_LAUNCH."""
     cfg = launch or DEPTH_LAUNCH
     M, K = x.shape
-    if attend is not None:
-        c, H, Hkv, hd, BL = attend
-        M, K = 1, H * hd
     ln = isinstance(norm, nn.LayerNorm)
     assert not ln or (M == 1 and gate is not None), "the LayerNorm + gate prologue takes one row"
     N = w.shape[0] // (2 if swiglu else 1)
     dot = M > 1
     if dot:  # tensor-core tiles: at least 16 x 16 x 16
         BM, BN, BK = max(16, triton.next_power_of_2(M)), cfg["dot_BN"], cfg["dot_BK"]
-    elif attend is not None:  # the whole input row in one block (the attention needs every head)
-        BM, BK = 1, K
-        BN = max(1, 4096 // BK)
     else:
         BM, BK = 1, min(cfg["BK"], triton.next_power_of_2(K))
         BN = cfg["BN"] or max(1, 4096 // BK)
-    pdl = _pdl(out)
+    pdl = _pdl(x)
     _rows_linear_kernel[(triton.cdiv(N, BN),)](
         x, norm.weight if norm is not None else x, norm.bias if ln else x, gate if ln else x, w,
         bias if bias is not None else w, scale if scale is not None else w, out, out.stride(0), M, N, K,
-        norm.eps if norm is not None else 0.0, attend[0] if attend else 0, attend[3] ** -0.5 if attend else 1.0,
-        NORM=0 if norm is None else 2 if ln else 1, BIAS=bias is not None,
+        norm.eps if norm is not None else 0.0, NORM=0 if norm is None else 2 if ln else 1, BIAS=bias is not None,
         SWIGLU=swiglu, SCALE=scale is not None, RES=residual, BM=BM, BN=BN, BK=BK, DOT=dot,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PDL=bool(pdl),
-        ATT=attend is not None, AH=attend[1] if attend else 1, AHKV=attend[2] if attend else 1,
-        AHD=attend[3] if attend else 1, ABL=attend[4] if attend else 1,
-        num_warps=cfg["att_warps"] if attend else cfg["warps"], **pdl)
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PDL=bool(pdl), num_warps=cfg["warps"], **pdl)
     return out
 
 
@@ -1234,19 +1196,13 @@ class SpeechLM(nn.Module):
         lps = torch.empty(B, C, dtype=torch.float32, device=h.device)
         offs = self._depth_offsets
         pdl = _pdl(x)
-        BL = triton.next_power_of_2(C)
-        fuse = B == 1 and BL * H * hd <= DEPTH_FUSED_ATTENTION
         for c in range(C):
             for i, layer in enumerate(dd.layers):
                 (w_qkv, b_qkv), w_gu = self._depth_weights[i]
                 _rows_linear(x, w_qkv, qkv[i][:, c], norm=layer.input_layernorm, bias=b_qkv)
-                if fuse:
-                    _rows_linear(qkv[i][0], layer.self_attn.o_proj.weight, x, residual=True,
-                                 attend=(c, H, Hkv, hd, BL))
-                else:
-                    _attend_kernel[(H, B)](qkv[i], qkv[i].stride(0), c, y, hd ** -0.5, H=H, HKV=Hkv, HD=hd,
-                                           BL=BL, PDL=bool(pdl), **pdl)
-                    _rows_linear(y, layer.self_attn.o_proj.weight, x, residual=True)
+                _attend_kernel[(H, B)](qkv[i], qkv[i].stride(0), c, y, hd ** -0.5, H=H, HKV=Hkv, HD=hd,
+                                       BL=triton.next_power_of_2(C), PDL=bool(pdl), **pdl)
+                _rows_linear(y, layer.self_attn.o_proj.weight, x, residual=True)
                 _rows_linear(x, w_gu, u, norm=layer.post_attention_layernorm, swiglu=True)
                 _rows_linear(u, layer.mlp.down_proj.weight, x, residual=True)
             w = dd.text_heads[c] if c < cfg.n_text else dd.audio_heads[c - cfg.n_text]
