@@ -165,11 +165,26 @@ def bench_stream(res, name, model, frames, codes, device, kw, profile=False):
                 res[(name, key, 0)] = t * 1e3
                 if step == "encode":  # against the float32 batch codes of the same audio
                     res[(name, "s_same", 0)] = (torch.cat(outs, -1) == codes[..., :len(outs)]).float().mean().item()
+                graphs = [g for k, (_, _, g) in (model._graphs or {}).items() if k[0] == step]
+                if graphs:  # the GPU's part of a frame: its graph replayed back to back (the stream moves on)
+                    res[(name, key + "_gpu", 0)] = replay_ms(graphs[0], device)
                 if profile:
                     profile_stream(f"{name}, streaming {step}", getattr(model, step), xs[:20], device)
     print(f"{name:18s} streaming: encode {res[(name, 's_enc', 0)]:.3f} ms/frame, decode "
           f"{res[(name, 's_dec', 0)]:.3f} ms/frame; codes equal to ours in batch (float32): "
           f"{100 * res[(name, 's_same', 0)]:.2f}%", flush=True)
+
+
+def replay_ms(graph, device, n=100):
+    """GPU milliseconds per replay of a CUDA graph, n replays back to back."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    sync(device)
+    start.record()
+    for _ in range(n):
+        graph.replay()
+    end.record()
+    sync(device)
+    return start.elapsed_time(end) / n
 
 
 def profile_stream(title, step, xs, device):
@@ -304,6 +319,10 @@ def print_table(res, args, device_name, note, stream_names):
         failed = [cell((n, "stream", 0), "") for n in stream_names if isinstance(res.get((n, "stream", 0)), str)]
         print(f"| {what} | {ours} | {cell(('official', k, 0), '.3f') if have_off else '-'} |"
               + (f" {'; '.join(failed)}" if failed and k == "s_enc" else ""))
+        gpu = [(n, res[(n, k + "_gpu", 0)]) for n in stream_names if (n, k + "_gpu", 0) in res]
+        if gpu:
+            print(f"| {what.replace('batch 1, ms per frame', 'GPU part (graph replays back to back), ms')} | "
+                  + "; ".join(f"{n.replace('ours+', '')} {v:.3f}" for n, v in gpu) + " | - |")
     same = [(n, res[(n, "s_same", 0)]) for n in stream_names if (n, "s_same", 0) in res]
     if same:
         print("| streaming codes equal to our float32 batch codes | "
