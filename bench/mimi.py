@@ -165,7 +165,7 @@ def bench_stream(res, name, model, frames, codes, device, kw, profile=False):
                 res[(name, key, 0)] = t * 1e3
                 if step == "encode":  # against the float32 batch codes of the same audio
                     res[(name, "s_same", 0)] = (torch.cat(outs, -1) == codes[..., :len(outs)]).float().mean().item()
-                graphs = [g for k, (_, _, g) in (model._graphs or {}).items() if k[0] == step]
+                graphs = [g for k, (_, _, g) in (getattr(model, "_graphs", None) or {}).items() if k[0] == step]
                 if graphs:  # the GPU's part of a frame: its graph replayed back to back (the stream moves on)
                     res[(name, key + "_gpu", 0)] = replay_ms(graphs[0], device)
                 if profile:
