@@ -146,25 +146,28 @@ class NormProj(torch.nn.Module):
         return (F.normalize(y, dim=-1) * y.shape[-1] ** 0.5).flatten(-2)
 
 
-def batch(g, alphabet, cues, B, T, n_events, value, first_at_start=False, adjacent=False, noise_alphabet=None):
+def batch(g, alphabet, cues, B, T, n_events, value, first_at_start=False, adjacent=False, noise_alphabet=None,
+          max_gap=0):
     """x [B, T + 1] tokens and dist [B, T + 1]: at the recalled value tokens, how far back the
-    token they copy is; 0 elsewhere."""
+    token they copy is; 0 elsewhere. max_gap > 0 (one event): the recall 1 to max_gap event slots after
+    the first mention (1: adjacent), each as likely."""
     noise = alphabet if noise_alphabet is None else noise_alphabet
     x = noise[torch.randint(0, len(noise), (B, T + 1), generator=g)]
     dist = torch.zeros(B, T + 1, dtype=torch.long)
     span = CUE + KEY + value
     if 2 * n_events * span > T:
         raise SystemExit(f"{n_events} events of span {span} do not fit {T} tokens")
-    if (first_at_start or adjacent) and n_events != 1:
-        raise SystemExit("--first_at_start and --adjacent place one event: pass --events 1")
+    if (first_at_start or adjacent or max_gap) and n_events != 1:
+        raise SystemExit("--first_at_start, --adjacent and --gaps place one event: pass --events 1")
     for b in range(B):
         slots = torch.randperm(T // span, generator=g)[:2 * n_events].sort().values * span
         if first_at_start:  # the first mention at token 0, the recall anywhere after it
             slots = torch.cat([torch.zeros(1, dtype=torch.long),
                                1 + torch.randperm(T // span - 1, generator=g)[:1]]) * span
-        if adjacent:  # the recall right after the first mention, the pair anywhere
-            s0 = int(torch.randint(0, T // span - 1, (1,), generator=g))
-            slots = torch.tensor([s0, s0 + 1]) * span
+        if adjacent or max_gap:  # the recall 1 (adjacent) to max_gap slots after the first mention
+            gap = 1 if adjacent else int(torch.randint(1, min(max_gap, T // span - 1) + 1, (1,), generator=g))
+            s0 = int(torch.randint(0, T // span - gap, (1,), generator=g))
+            slots = torch.tensor([s0, s0 + gap]) * span
         for e in range(n_events):  # all first mentions, then all recalls: only the key tells them apart
             kv = alphabet[torch.randint(0, len(alphabet), (KEY + value,), generator=g)]
             first, recall = int(slots[e]), int(slots[n_events + e])
@@ -209,6 +212,9 @@ def main(argv=None):
                     help="--adjacent for the first N steps only, then the recall anywhere after the first mention")
     ap.add_argument("--adjacent", action="store_true",
                     help="one event whose recall directly follows its first mention, the pair anywhere")
+    ap.add_argument("--gaps", default="",
+                    help="a curriculum of distances, one event: MAX:STEPS,... the recall 1 to MAX event slots after "
+                         "the first mention for STEPS steps each (1: adjacent), then anywhere after it")
     ap.add_argument("--first_at_start", action="store_true",
                     help="one event whose first mention starts the sequence: nothing is written before it")
     ap.add_argument("--separate_noise", action="store_true",
@@ -284,14 +290,18 @@ def main(argv=None):
     print(f"{a.events} events of {a.value}-token values per {a.seq_len} tokens: {share:.0%} of the tokens are recalled")
     t0 = time.time()
     stages = [tuple(int(v) for v in part.split(":")) for part in a.curriculum.split(",") if part]
+    gap_stages = [tuple(int(v) for v in part.split(":")) for part in a.gaps.split(",") if part]
+    gap_max = [n for n, _ in gap_stages]
+    gap_ends = [sum(n for _, n in gap_stages[:i + 1]) for i in range(len(gap_stages))]
     ends = [sum(n for _, n in stages[:i + 1]) for i in range(len(stages))]
     for step in range(a.steps + 1):
         stage = next((i for i, end in enumerate(ends) if step < end), None)
         warm = stage is not None
         L = stages[stage][0] if warm else a.seq_len
         n_events = min(a.events, L // (2 * (CUE + KEY + a.value))) if warm else a.events
+        gap = next((n for n, end in zip(gap_max, gap_ends) if step < end), 0)
         x, dist = batch(g, alphabet, cues, a.batch, L, n_events, a.value, a.first_at_start,
-                        a.adjacent or step < a.adjacent_steps, noise_alphabet)
+                        a.adjacent or step < a.adjacent_steps, noise_alphabet, gap)
         x, dist = x.to(a.device), dist.to(a.device)
         for group in opt.param_groups:
             group["lr"] = a.lr * min(1.0, (step + 1) / 50)
