@@ -204,3 +204,21 @@ def test_recall_toy_shift_and_alphabet(capsys):
     p = torch.nn.Linear(6, 8)
     y = recall_toy.NormProj(p, 2)(torch.randn(3, 5, 6)).view(3, 5, 2, 4)
     assert torch.allclose(y.norm(dim=-1), torch.full((3, 5, 2), 2.0))
+
+
+def test_recall_toy_gaps_and_write_gate():
+    # --gaps: the recall 1 to MAX event slots after the first mention; --ttt_lr_bias: the write gate's bias
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import recall_toy
+    from ttt import _TTTLayer
+    g = torch.Generator().manual_seed(0)
+    alphabet, cues = torch.arange(100, 164), torch.tensor([[1, 2], [3, 4]])
+    seen = set()
+    for _ in range(20):   # span 8 (cue 2, key 2, value 4): 48 tokens are 6 slots
+        x, dist = recall_toy.batch(g, alphabet, cues, 4, 48, 1, 4, max_gap=2)
+        seen |= set(dist[dist > 0].tolist())
+    assert seen == {8, 16}
+    model = recall_toy.main(["--steps", "0", "--seq_len", "48", "--events", "1", "--value", "4", "--batch", "2",
+                             "--dim", "64", "--window", "4", "--n_ttt", "1", "--gaps", "2:1", "--ttt_lr_bias", "-3"])
+    (layer,) = [m for m in model.modules() if isinstance(m, _TTTLayer)]
+    assert (layer.learnable_ttt_lr_bias.detach() + 3.0).abs().max() < 0.01   # one optimizer step from -3
