@@ -45,6 +45,7 @@ and in longer sequences when nothing else is written between the first mention a
 (docs/experiment/notes.md has the tables.)
 """
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -146,6 +147,31 @@ class NormProj(torch.nn.Module):
         return (F.normalize(y, dim=-1) * y.shape[-1] ** 0.5).flatten(-2)
 
 
+@contextlib.contextmanager
+def quiet_between(model, dist):
+    """Inside: every TTT layer's inner learning rate is zero at the tokens between the end of the first
+    mention and the start of the recall (one event a row; dist from batch), so they write nothing. The
+    layers' gate bias [H, 1] is swapped for a [B, H, T] one, -1e4 at those tokens."""
+    B, T = dist.shape[0], dist.shape[1] - 1
+    quiet = torch.zeros(B, T, dtype=torch.bool, device=dist.device)
+    for b in range(B):
+        at = (dist[b] > 0).nonzero()
+        if len(at):
+            v0 = int(at[0])                      # the first recalled value token
+            recall = v0 - CUE - KEY
+            first_end = recall - int(dist[b, v0]) + CUE + KEY + int((dist[b] > 0).sum())   # + the value
+            quiet[b, first_end:recall] = True
+    layers = [m for m in model.modules() if isinstance(m, _TTTLayer)]
+    saved = [m._parameters["learnable_ttt_lr_bias"] for m in layers]
+    try:
+        for m, bias in zip(layers, saved):
+            m._parameters["learnable_ttt_lr_bias"] = bias.detach()[None] - 1e4 * quiet[:, None, :].to(bias.dtype)
+        yield
+    finally:
+        for m, bias in zip(layers, saved):
+            m._parameters["learnable_ttt_lr_bias"] = bias
+
+
 def batch(g, alphabet, cues, B, T, n_events, value, first_at_start=False, adjacent=False, noise_alphabet=None,
           max_gap=0):
     """x [B, T + 1] tokens and dist [B, T + 1]: at the recalled value tokens, how far back the
@@ -215,6 +241,10 @@ def main(argv=None):
     ap.add_argument("--gaps", default="",
                     help="a curriculum of distances, one event: MAX:STEPS,... the recall 1 to MAX event slots after "
                          "the first mention for STEPS steps each (1: adjacent), then anywhere after it")
+    ap.add_argument("--quiet_probe", action="store_true",
+                    help="with --by_distance, one event: also the recall when the TTT layers write nothing between the "
+                         "first mention and the recall (their learning rate zero there): is it what is written in "
+                         "between that the store does not survive?")
     ap.add_argument("--first_at_start", action="store_true",
                     help="one event whose first mention starts the sequence: nothing is written before it")
     ap.add_argument("--separate_noise", action="store_true",
@@ -330,6 +360,11 @@ def main(argv=None):
                 far = d >= W
                 acc[1] += " [" + ", ".join(f"{int(v)}: {hit[d == v].float().mean().item():.2f}"
                                            for v in d[far].unique()) + "]" if far.any() else ""
+            if a.quiet_probe and a.by_distance and far.any():
+                with torch.no_grad(), quiet_between(model, dist):
+                    qhit = model.lm_forward(x[:, :-1])[0].argmax(-1) == x[:, 1:]
+                acc[1] += " quiet [" + ", ".join(f"{int(v)}: {qhit[d == v].float().mean().item():.2f}"
+                                                 for v in d[far].unique()) + "]"
             print(f"step {step:5d}{stage_note} | loss {loss.item():.3f} | recall accuracy in / beyond the window "
                   f"{acc[0]} / {acc[1]} (chance {1 / a.alphabet:.3f}) | {time.time() - t0:.0f}s", flush=True)
     if a.ttt_no_rope:

@@ -222,3 +222,28 @@ def test_recall_toy_gaps_and_write_gate():
                              "--dim", "64", "--window", "4", "--n_ttt", "1", "--gaps", "2:1", "--ttt_lr_bias", "-3"])
     (layer,) = [m for m in model.modules() if isinstance(m, _TTTLayer)]
     assert (layer.learnable_ttt_lr_bias.detach() + 3.0).abs().max() < 0.01   # one optimizer step from -3
+
+
+def test_recall_toy_quiet_probe(capsys):
+    # --quiet_probe: the TTT layers' learning rate is zero exactly between the first mention and the recall
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import recall_toy
+    from ttt import _TTTLayer
+    g = torch.Generator().manual_seed(0)
+    alphabet, cues = torch.arange(100, 164), torch.tensor([[1, 2], [3, 4]])
+    x, dist = recall_toy.batch(g, alphabet, cues, 3, 48, 1, 4, max_gap=3)   # span 8
+    model = recall_toy.main(["--steps", "0", "--seq_len", "48", "--events", "1", "--value", "4", "--batch", "2",
+                             "--dim", "64", "--window", "4", "--n_ttt", "1", "--gaps", "3:1", "--by_distance",
+                             "--quiet_probe"])
+    assert " quiet [" in capsys.readouterr().out
+    (layer,) = [m for m in model.modules() if isinstance(m, _TTTLayer)]
+    bias = layer.learnable_ttt_lr_bias
+    with recall_toy.quiet_between(model, dist):
+        inside = layer.learnable_ttt_lr_bias
+        assert inside.shape == (3, bias.shape[0], 48)
+        for b in range(3):
+            v0 = int((dist[b] > 0).nonzero()[0])
+            recall, first = v0 - 4, v0 - 4 - int(dist[b, v0])
+            quiet = (inside[b, 0] < -1e3).nonzero()[:, 0].tolist()
+            assert quiet == list(range(first + 8, recall)), (quiet, first, recall)
+    assert layer.learnable_ttt_lr_bias is bias
