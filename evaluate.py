@@ -20,8 +20,10 @@ and for ninety.
    long-range memory. Chance is
    1/A (accuracy) and ln A nats (loss): nothing before the first saying predicts it, and the first
    saying itself is reported as that control. A
-   distance shorter than the model's attention window can be solved by attention; a longer one only
-   by a memory that outlives the window (TTT). Each bucket says which side of the window it is on.
+   distance within the model's attention window can be solved by one attention layer. Stacked, the
+   layers reach n_layers x (window - 1) + 1 frames back, passing what they saw along through the
+   frames in between; only a distance beyond that reach needs a memory that outlives the windows
+   (TTT). Each bucket says which side of the window it is on; the totals include beyond the reach.
 3. Generation. generate.generate makes one long conversation from nothing, one frame at a time;
    per minute we measure code entropy, repetition of whole frames, silence share, overlap and
    turn-taking rate, and the same statistics of the held-out data. A model that goes off the rails
@@ -153,9 +155,10 @@ def minute_losses(ce_min, n_min, cfg):
                 semantic=sem.tolist(), acoustic=ac.tolist(), frames=(n_min[:, 0]).astype(int).tolist())
 
 
-def recall_table(events, say_ce, say_hit, say_n, window_frames):
-    """Recall loss and accuracy by distance bucket; the within- and beyond-window totals; the first
-    mentions (unpredictable: the chance control); and one row per event."""
+def recall_table(events, say_ce, say_hit, say_n, window_frames, reach_frames=None):
+    """Recall loss and accuracy by distance bucket; the within- and beyond-window totals, and beyond the
+    stacked layers' reach (reach_frames; default: the window); the first mentions (unpredictable: the
+    chance control); and one row per event."""
     dist = (events[:, 3] - events[:, 2]) / FRAME_RATE if len(events) else np.zeros(0)   # seconds
     rec = slice(1, None, 2)
 
@@ -172,7 +175,9 @@ def recall_table(events, say_ce, say_hit, say_n, window_frames):
     inside = dist * FRAME_RATE < window_frames
     per_event = [[round(float(d), 2), float(c / max(n, 1)), float(h / max(n, 1))]
                  for d, c, h, n in zip(dist, say_ce[rec], say_hit[rec], say_n[rec])]
-    return dict(buckets=buckets, within_window=agg(inside), beyond_window=agg(~inside),
+    far = dist * FRAME_RATE > (reach_frames or window_frames)
+    return dict(buckets=buckets, within_window=agg(inside), beyond_window=agg(~inside), beyond_reach=agg(far),
+                reach_frames=int(reach_frames or window_frames),
                 first_mention=agg(np.ones(len(events), bool), slice(0, None, 2)),
                 per_event_columns=["distance_s", "loss", "accuracy"], per_event=per_event)
 
@@ -369,7 +374,8 @@ def evaluate(model, data_path, conversations=0, chunk_len=256, batch=16, gen_min
                     note=f"recall values are uniformly random among {n_codes} codes per codebook: chance "
                          f"top-1 accuracy 1/{n_codes}, chance loss ln {n_codes}"),
         loss_by_minute=minute_losses(ce_min, n_min, cfg),
-        recall=recall_table(events, say["say_ce"], say["say_hit"], say["say_n"], cfg.window),
+        recall=recall_table(events, say["say_ce"], say["say_hit"], say["say_n"], cfg.window,
+                            cfg.n_layers * (cfg.window - 1) + 1),
         memory=dict(state_bytes=state_b, device=str(device),
                     peak_mb_loss_pass=mem_loss if device.type == "cuda" else None,
                     note="the carried state (attention caches of `window` slots + TTT fast weights) per "
@@ -408,8 +414,10 @@ def print_table(name, r):
     print(f"  recall (chance: accuracy {ch['accuracy']:.2g}, loss {ch['loss']:.2f})")
     print(f"    {'distance':<12}{'window':<10}{'events':>7}{'loss':>8}{'accuracy':>10}")
     rows = [(b["label"], b["window"], b) for b in r["recall"]["buckets"]]
-    rows += [("in window", "", r["recall"]["within_window"]), ("beyond", "", r["recall"]["beyond_window"]),
-             ("1st mention", "control", r["recall"]["first_mention"])]
+    rows += [("in window", "", r["recall"]["within_window"]), ("beyond", "", r["recall"]["beyond_window"])]
+    if "beyond_reach" in r["recall"]:  # (older result files lack it)
+        rows += [(f"> {r['recall']['reach_frames'] / FRAME_RATE:g} s", "reach", r["recall"]["beyond_reach"])]
+    rows += [("1st mention", "control", r["recall"]["first_mention"])]
     for label, where, b in rows:
         loss = f"{b['loss']:.3f}" if b["loss"] is not None else "-"
         acc = f"{b['accuracy']:.4f}" if b["accuracy"] is not None else "-"

@@ -357,13 +357,14 @@ def summary(a, results, losses):
            f"{held}. Loss: the training objective (model.loss_fn). Recall: top-1 accuracy on the "
            f"recalled values' semantic codes; chance {ch['accuracy']:.2g} (1/{round(1 / ch['accuracy'])}), chance loss "
            f"{ch['loss']:.2f}. In/beyond window: distance since the first mention shorter/longer than "
-           "the model's own attention window. Drills: held-out recall drills like the training ones "
+           "the model's own attention window; beyond reach: farther back than its stacked windows reach "
+           "(layers x (window - 1) + 1 frames), where only a memory can help. Drills: held-out recall drills like the training ones "
            "(recall in / beyond the window), to tell a model that learnt no lookup from one whose lookup does not "
            "carry over to ordinary speech.", "",
            "| model | window | TTT | state / conversation | last train loss | loss min 1-5 | loss last 5 min "
-           "| recall in window: acc. / loss | recall beyond window: acc. / loss | 1st mentions: loss (control) "
-           "| drills: recall in / beyond window |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| recall in window: acc. / loss | recall beyond window: acc. / loss | recall beyond reach: acc. (reach) "
+           "| 1st mentions: loss (control) | drills: recall in / beyond window |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         lm = r["loss_by_minute"]["loss"]
         rc = r["recall"]
@@ -373,7 +374,9 @@ def summary(a, results, losses):
                    f"{r['memory']['state_bytes'] / 2**20:.2f} MiB | {(f'{tl[-1]:.3f}' if tl else '-')} | "
                    f"{_mean(lm[:5]):.3f} | {_mean(lm[-5:]):.3f} | {_acc(rc['within_window'])} / "
                    f"{_num(rc['within_window']['loss'])} | {_acc(rc['beyond_window'])} / "
-                   f"{_num(rc['beyond_window']['loss'])} | {_num(rc['first_mention']['loss'])} | " +
+                   f"{_num(rc['beyond_window']['loss'])} | " +
+                   (f"{_acc(rc['beyond_reach'])} ({fmt_seconds(rc['reach_frames'] / 12.5)})" if "beyond_reach" in rc
+                    else "-") + f" | {_num(rc['first_mention']['loss'])} | " +
                    (f"{_acc(r['drills_recall']['within_window'])} / {_acc(r['drills_recall']['beyond_window'])}"
                     if 'drills_recall' in r else '-') + " |")
     labels = [b["label"] for b in any_r["recall"]["buckets"]]

@@ -189,6 +189,9 @@ def test_recall_table_buckets_and_window_sides():
         assert [b["events"] for b in t["buckets"]] == [1, 1, 1, 1, 2]
         assert t["within_window"]["events"] == within.count("within")
         assert t["within_window"]["accuracy"] == 0.5 and t["first_mention"]["accuracy"] == 0.0
+        assert t["beyond_reach"]["events"] == t["beyond_window"]["events"]    # no reach given: the window
+    t = evaluate.recall_table(ev, np.ones(12), hit, n, 250, reach_frames=3 * 249 + 1)   # three layers
+    assert t["beyond_window"]["events"] == 5 and t["beyond_reach"]["events"] == 4 and t["reach_frames"] == 748
 
 
 def test_frame_stats_on_a_known_conversation():
