@@ -240,6 +240,147 @@ def attend_short(q, k, v):
     return (a @ v[:, :, None]).view(B, H, T, hd)
 
 
+# On a GPU the teacher-forced pass runs those sequences through one Triton kernel instead (forward
+# and backward): attend_short's products are batches of 16 x 64 tiles that the library splits into
+# several launches, with transposes and a softmax pass around them. A program takes SHORT_ROWS rows:
+# several whole sequences of one head as one tile, under a block-diagonal causal mask, read and
+# written in the projections' own layout [B, T, H, hd]. The backward recomputes the softmax from q
+# and k, so the forward saves nothing but its inputs. False: attend_short everywhere.
+SHORT_KERNEL = True
+SHORT_ROWS = 64
+
+if triton is not None:
+    @triton.jit
+    def _short_tiles(q_ptr, k_ptr, v_ptr, sq_b, sq_t, sk_b, sk_t, pid, h, hk, B, T, scale,
+                     HD: tl.constexpr, TP: tl.constexpr, R: tl.constexpr, PRECISION: tl.constexpr):
+        # rows r = sequence * TP + position of the SHORT_ROWS / TP sequences from pid's; q of head h,
+        # k and v of head hk (strides: q's and k's; v is laid out as k) -> q, k, v, softmax p [R, R]
+        r = tl.arange(0, R)
+        n, t = pid * (R // TP) + r // TP, r % TP
+        ok = ((n < B) & (t < T))[:, None]
+        d = tl.arange(0, HD)[None, :]
+        q = tl.load(q_ptr + n[:, None] * sq_b + t[:, None] * sq_t + h * HD + d, mask=ok, other=0.0)
+        kv = n[:, None] * sk_b + t[:, None] * sk_t + hk * HD + d
+        k = tl.load(k_ptr + kv, mask=ok, other=0.0)
+        v = tl.load(v_ptr + kv, mask=ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale                  # [R, R] float32
+        vis = (r[:, None] // TP == r[None, :] // TP) & (r[None, :] % TP <= r[:, None] % TP)
+        s = tl.where(vis, s, float("-inf"))
+        p = tl.exp(s - tl.max(s, 1)[:, None])
+        return q, k, v, p / tl.sum(p, 1)[:, None]
+
+    @triton.jit
+    def _short_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, B, T, scale, sq_b, sq_t, sk_b, sk_t,
+                               H: tl.constexpr, GQ: tl.constexpr, HD: tl.constexpr, TP: tl.constexpr,
+                               R: tl.constexpr, PRECISION: tl.constexpr):
+        pid, h = tl.program_id(0), tl.program_id(1)
+        q, k, v, p = _short_tiles(q_ptr, k_ptr, v_ptr, sq_b, sq_t, sk_b, sk_t, pid, h, h // GQ, B, T, scale,
+                                  HD, TP, R, PRECISION)
+        o = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)                         # [R, HD]
+        r = tl.arange(0, R)
+        n, t = pid * (R // TP) + r // TP, r % TP
+        d = tl.arange(0, HD)[None, :]
+        tl.store(o_ptr + (n[:, None] * T + t[:, None]) * (H * HD) + h * HD + d, o.to(o_ptr.dtype.element_ty),
+                 mask=((n < B) & (t < T))[:, None])
+
+    @triton.jit
+    def _short_attn_bwd_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, B, T, scale,
+                               sq_b, sq_t, sk_b, sk_t, H: tl.constexpr, GQ: tl.constexpr, HD: tl.constexpr,
+                               TP: tl.constexpr, R: tl.constexpr, PRECISION: tl.constexpr):
+        # one program a kv head: it sums dk and dv over the GQ query heads that read it
+        pid, hk = tl.program_id(0), tl.program_id(1)
+        r = tl.arange(0, R)
+        n, t = pid * (R // TP) + r // TP, r % TP
+        ok = ((n < B) & (t < T))[:, None]
+        d = tl.arange(0, HD)[None, :]
+        dk = tl.zeros((R, HD), tl.float32)
+        dv = tl.zeros((R, HD), tl.float32)
+        for g in range(GQ):
+            h = hk * GQ + g
+            q, k, v, p = _short_tiles(q_ptr, k_ptr, v_ptr, sq_b, sq_t, sk_b, sk_t, pid, h, hk, B, T, scale,
+                                      HD, TP, R, PRECISION)
+            at = (n[:, None] * T + t[:, None]) * (H * HD) + h * HD + d                # do and dq: [B, T, H, HD]
+            do = tl.load(do_ptr + at, mask=ok, other=0.0)
+            pl = p.to(v.dtype)
+            dv += tl.dot(tl.trans(pl), do, input_precision=PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)                    # [R, R]
+            ds = p * (dp - tl.sum(p * dp, 1)[:, None]) * scale
+            dsl = ds.to(q.dtype)
+            tl.store(dq_ptr + at, tl.dot(dsl, k, input_precision=PRECISION).to(dq_ptr.dtype.element_ty), mask=ok)
+            dk += tl.dot(tl.trans(dsl), q, input_precision=PRECISION)
+        kv = (n[:, None] * T + t[:, None]) * (H // GQ * HD) + hk * HD + d
+        tl.store(dk_ptr + kv, dk.to(dk_ptr.dtype.element_ty), mask=ok)
+        tl.store(dv_ptr + kv, dv.to(dv_ptr.dtype.element_ty), mask=ok)
+
+
+def _short_layout(q, k, v):
+    """The kernels index heads as [..., H, hd] with hd contiguous, and v with k's strides: views of the
+    projections (one fused or three) already are; anything else is copied."""
+    hd = q.shape[3]
+    q = q if q.stride(3) == 1 and q.stride(2) == hd else q.contiguous()
+    if k.stride(3) != 1 or k.stride(2) != hd or v.stride() != k.stride():
+        k, v = k.contiguous(), v.contiguous()
+    return q, k, v
+
+
+def _short_launch(q, k):
+    B, T, H, hd = q.shape
+    TP = triton.next_power_of_2(T)
+    R = max(SHORT_ROWS, TP)
+    return dict(B=B, T=T, scale=hd ** -0.5, sq_b=q.stride(0), sq_t=q.stride(1), sk_b=k.stride(0),
+                sk_t=k.stride(1), H=H, GQ=H // k.shape[2], HD=hd, TP=TP, R=R,
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4), triton.cdiv(B, R // TP)
+
+
+@torch.library.custom_op("speechlm::short_attention", mutates_args=())
+def _short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention within each sequence: q [B, T, H, hd], k and v [B, T, Hkv, hd] (hd contiguous; v
+    strided as k) -> [B, T, H, hd] contiguous."""
+    q, k, v = _short_layout(q, k, v)
+    o = q.new_empty(q.shape)
+    kw, nb = _short_launch(q, k)
+    _short_attn_fwd_kernel[(nb, q.shape[2])](q, k, v, o, **kw)
+    return o
+
+
+@_short_attention.register_fake
+def _(q, k, v):
+    return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("speechlm::short_attention_backward", mutates_args=())
+def _short_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              do: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v = _short_layout(q, k, v)
+    dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    kw, nb = _short_launch(q, k)
+    _short_attn_bwd_kernel[(nb, k.shape[2])](q, k, v, do.contiguous(), dq, dk, dv, **kw)
+    return dq, dk, dv
+
+
+@_short_attention_backward.register_fake
+def _(q, k, v, do):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _short_attention_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _short_attention_grad(ctx, do):
+    return _short_attention_backward(*ctx.saved_tensors, do)
+
+
+_short_attention.register_autograd(_short_attention_grad, setup_context=_short_attention_setup)
+
+
+def short_kernel_ok(q, T, hd):
+    """Whether attention over these T positions (no cache, no RoPE) runs as the Triton kernel."""
+    return (SHORT_KERNEL and triton is not None and T <= SHORT_SEQUENCE and 16 <= hd <= 128
+            and not hd & (hd - 1) and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"))
+
+
 class Attention(nn.Module):
     """Grouped-query attention over a window of W frames, with a cache of exactly W slots."""
 
@@ -269,6 +410,9 @@ class Attention(nn.Module):
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         else:
             q, k, v = F.linear(x, *qkv).split([H * hd, Hkv * hd, Hkv * hd], -1)
+        if mask is None and cos is None and slots is None and short_kernel_ok(q, T, hd):  # the depth decoder's teacher-forced pass
+            y = _short_attention(q.view(B, T, H, hd), k.view(B, T, Hkv, hd), v.view(B, T, Hkv, hd))
+            return self.o_proj(y.view(B, T, H * hd)), cache
         q = q.view(B, T, H, hd).transpose(1, 2)                                        # [B, H, T, hd]
         k = k.view(B, T, Hkv, hd).transpose(1, 2)                                      # [B, Hkv, T, hd]
         v = v.view(B, T, Hkv, hd).transpose(1, 2)

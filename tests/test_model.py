@@ -360,6 +360,56 @@ def test_depth_kernels_match_the_loop_in_the_interpreter(run_interpreted):
     run_interpreted(DEPTH_KERNELS_CHECK, "frames equal")
 
 
+SHORT_ATTENTION_CHECK = r'''
+import os, sys
+sys.path[:0] = [sys.argv[1], os.path.join(sys.argv[1], "tests")]
+import interpreted  # Triton's CPU interpreter: before anything defines a kernel
+import torch
+import model as M
+torch.manual_seed(0)
+worst = 0.0
+# 16 positions (4 whole sequences a program), 17 (padded to 32; a partial last program), one position;
+# grouped-query heads; k and v as views of one fused projection
+for B, T, H, Hkv, hd in ((5, 16, 8, 8, 64), (3, 17, 4, 2, 16), (9, 1, 2, 1, 32)):
+    q = torch.randn(B, T, H, hd, requires_grad=True)
+    kv = torch.randn(B, T, 2 * Hkv, hd, requires_grad=True)
+    k, v = kv[:, :, :Hkv], kv[:, :, Hkv:]
+    o = M._short_attention(q, k, v)
+    do = torch.randn_like(o)
+    dq, dkv = torch.autograd.grad(o, (q, kv), do)
+    q2, kv2 = q.detach().double().requires_grad_(), kv.detach().double().requires_grad_()
+    o2 = M.attend_short(q2.transpose(1, 2), kv2[:, :, :Hkv].transpose(1, 2), kv2[:, :, Hkv:].transpose(1, 2))
+    o2 = o2.transpose(1, 2)
+    dq2, dkv2 = torch.autograd.grad(o2, (q2, kv2), do.double())
+    for a, b in ((o, o2), (dq, dq2), (dkv, dkv2)):
+        worst = max(worst, ((a.double() - b).abs().max() / b.abs().max().clamp(min=1e-3)).item())
+assert worst < 1e-5, worst
+# the depth decoder's teacher-forced pass, kernel against matrix products: logits and gradients
+cfg = M.Config.preset("tiny", n_text=1, text_cardinality=50, cardinality=300, n_codebooks=2)
+m = M.SpeechLM(cfg)
+codes = (torch.rand(2, 6, cfg.n_cols) * torch.tensor(cfg.col_cards())).long()
+outs = []
+for on in (False, True):
+    M.SHORT_KERNEL = on
+    m.zero_grad()
+    logits, _ = m(codes)
+    M.loss_fn(logits, codes, cfg)[0].backward()
+    outs.append([logits.audio, logits.text] + [p.grad.clone() for p in m.depth.parameters()])
+for a, b in zip(*outs):
+    worst = max(worst, ((a - b).abs().max() / b.abs().max().clamp(min=1e-6)).item())
+assert worst < 1e-5, worst
+print("attention equal; worst relative difference", worst)
+'''
+
+
+def test_short_attention_kernel_in_the_interpreter(run_interpreted):
+    """The depth decoder's teacher-forced attention kernel (forward and backward), run on the CPU by
+    Triton's interpreter, against attend_short's matrix products in float64: 16 and 17 positions, one
+    position, grouped-query heads, a batch that leaves the last program partly empty; and a tiny
+    model's logits and depth-decoder gradients with the kernel on and off."""
+    run_interpreted(SHORT_ATTENTION_CHECK, "attention equal")
+
+
 STEP_KERNELS_CHECK = r'''
 import os, sys
 sys.path[:0] = [sys.argv[1], os.path.join(sys.argv[1], "tests")]
