@@ -419,7 +419,6 @@ class Attention(nn.Module):
         if cos is not None:  # the backbone; keys are cached already rotated
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         ck, cv = cache
-        kk, vv = torch.cat([ck.to(k.dtype), k], 2), torch.cat([cv.to(v.dtype), v], 2)  # [B, Hkv, W+T, hd]
         gqa = self.n_heads != self.n_kv_heads
         if mask is None and T <= SHORT_SEQUENCE:
             y = attend_short(q, k, v)
@@ -427,10 +426,12 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         elif mask.dim() == 2:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        elif T <= SMALL_ATTENTION and q.is_cuda:  # (on a CPU the library call is as fast)
-            y = attend_few(q, kk, vv, mask)
         else:
-            y = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask[:, None], enable_gqa=gqa)
+            kk, vv = torch.cat([ck.to(k.dtype), k], 2), torch.cat([cv.to(v.dtype), v], 2)  # [B, Hkv, W+T, hd]
+            if T <= SMALL_ATTENTION and q.is_cuda:  # (on a CPU the library call is as fast)
+                y = attend_few(q, kk, vv, mask)
+            else:
+                y = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask[:, None], enable_gqa=gqa)
         y = self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
         if slots is None:
             return y, (ck, cv)
@@ -545,6 +546,9 @@ def _offsets(cards):
     return torch.tensor([0] + [c + 1 for c in cards[:-1]]).cumsum(0)
 
 
+EMBEDDING_BAG = True  # False: gather, then sum (bench)
+
+
 class FrameEmbedding(nn.Module):
     """Sum over streams and codebooks (and text) of per-column embeddings: one vector a frame."""
 
@@ -554,7 +558,11 @@ class FrameEmbedding(nn.Module):
         self.emb = nn.Embedding(sum(c + 1 for c in cards), dim)
 
     def forward(self, codes):  # [B, T, C] -> [B, T, D]
-        return self.emb(codes + self.offsets).sum(2)
+        if not EMBEDDING_BAG:
+            return self.emb(codes + self.offsets).sum(2)
+        # gathered and summed in one op: the [B, T, C, D] rows are never written out (nor their gradient)
+        B, T, C = codes.shape
+        return F.embedding_bag((codes + self.offsets).reshape(B * T, C), self.emb.weight, mode="sum").view(B, T, -1)
 
 
 class DepthDecoder(nn.Module):
@@ -1097,12 +1105,13 @@ class SpeechLM(nn.Module):
 
     # --- state -----------------------------------------------------------------
 
-    def init_state(self, batch_size, device=None, dtype=None) -> State:
-        """A fresh state: nothing seen, caches empty, TTT fast weights at their learnt start."""
+    def init_state(self, batch_size, device=None, dtype=None, cache=True) -> State:
+        """A fresh state: nothing seen, caches empty, TTT fast weights at their learnt start.
+        cache=False: attention caches of no slots (a pass whose new state is not kept)."""
         cfg = self.cfg
         device = device or self.inv_freq.device
         dtype = dtype or self.norm.weight.dtype
-        B, W = batch_size, cfg.window
+        B, W = batch_size, cfg.window if cache else 0
         kv = tuple(tuple(torch.zeros(B, cfg.n_kv_heads, W, cfg.head_dim, device=device, dtype=dtype) for _ in "kv")
                    for _ in range(cfg.n_layers))   # k and v apart: the step kernels write them in place
         ttt = tuple(b.ttt.layer.init_state(B, device=device) for b in self.layers if b.ttt is not None)
@@ -1121,8 +1130,9 @@ class SpeechLM(nn.Module):
 
     # --- forward ---------------------------------------------------------------
 
-    def backbone(self, x, state, fresh=False):
-        """x [B, T, D] frame embeddings -> h [B, T, D] and the new state (prev unchanged)."""
+    def backbone(self, x, state, fresh=False, keep=True):
+        """x [B, T, D] frame embeddings -> h [B, T, D] and the new state (prev unchanged; None when not
+        keep: a fresh pass, with a state of init_state(cache=False), that writes no cache)."""
         B, T, _ = x.shape
         W = self.cfg.window
         pos = state.pos[:, None] + torch.arange(T, device=x.device)          # [B, T]
@@ -1133,7 +1143,7 @@ class SpeechLM(nn.Module):
             kp = torch.cat([state.kpos, pos], 1)                             # [B, W+T]
             dist = pos[:, :, None] - kp[:, None, :]                          # [B, T, W+T]
             mask = (kp[:, None, :] >= 0) & (dist >= 0) & (dist < W)
-        slots = pos[:, -min(T, W):] % W                                     # the ring's slots of the last frames
+        slots = pos[:, -min(T, W):] % W if keep else None                   # the ring's slots of the last frames
         kv, ttt = [], []
         it = iter(state.ttt)
         for layer in self.layers:
@@ -1142,24 +1152,29 @@ class SpeechLM(nn.Module):
             kv.append(cache)
             if layer.ttt is not None:
                 ttt.append(ts)
+        if not keep:
+            return self.norm(x), None
         kpos = state.kpos.scatter(1, slots, pos[:, -slots.shape[1]:])
         return self.norm(x), State(state.pos + T, state.prev, kpos, tuple(kv), tuple(ttt))
 
-    def forward(self, codes, state: Optional[State] = None):
+    def forward(self, codes, state: Optional[State] = None, keep_state: bool = True):
         """codes [B, T, C] int64 (delayed, see `delay`) -> Logits for every frame of codes, and
         the new state. logits[:, t, c] is p(codes[t, c] | codes[<t], codes[t, <c]). With state=None
-        the sequence starts fresh."""
+        the sequence starts fresh. keep_state=False (fresh only; mini-batch training) returns None
+        for the state and skips building it: no attention cache is allocated or written."""
         B, T, C = codes.shape
         if C != self.cfg.n_cols:
             raise ValueError(f"codes have {C} columns per frame; this model takes {self.cfg.n_cols} "
                              f"({self.cfg.n_text} text + {self.cfg.n_streams} x {self.cfg.n_codebooks})")
         fresh = state is None
+        if not (fresh or keep_state):
+            raise ValueError("keep_state=False is for a fresh start (state=None)")
         if fresh:
-            state = self.init_state(B, codes.device)
+            state = self.init_state(B, codes.device, cache=keep_state)
         inp = torch.cat([state.prev[:, None], codes[:, :-1]], 1)  # the backbone sees frames up to t-1
-        h, state = self.backbone(self.frame_emb(inp), state, fresh)
+        h, new = self.backbone(self.frame_emb(inp), state, fresh, keep_state)
         text, audio = self.depth(h, codes)
-        return Logits(text, audio), state._replace(prev=codes[:, -1])
+        return Logits(text, audio), new._replace(prev=codes[:, -1]) if keep_state else None
 
     def lm_forward(self, tokens, state=None):
         """Text LM mode (a loaded Qwen2/Llama checkpoint): tokens [B, T] -> logits [B, T, vocab]."""

@@ -352,7 +352,7 @@ def train(tc, overrides):
                 st = None
             sync = nullcontext() if not ddp or tc.fsdp or i == A - 1 else model.no_sync()
             with sync, autocast:
-                logits, new = model(x, st)
+                logits, new = model(x, st, keep_state=st is not None)  # mini-batch: no state to keep
                 loss, parts = lossf(logits, x, cfg)
             (loss / A).backward()
             if tc.mode == "streaming":
@@ -420,7 +420,7 @@ def evaluate(model, raw, sampler, tc, cfg, device, autocast):
         x, _ = sampler.next()
         x = torch.from_numpy(x).to(device)
         with autocast:
-            loss, _ = loss_fn(model(x, None)[0], x, cfg)
+            loss, _ = loss_fn(model(x, None, keep_state=False)[0], x, cfg)
         tot += loss.item() / tc.eval_batches
     raw.train()
     sampler.load_state_dict(saved)

@@ -78,7 +78,7 @@ def bench_train(a, dev):
                 lossf = torch.compile(loss_fn, dynamic=False)
 
             def fwd_loss(x, state):
-                logits, new = m(x, state)
+                logits, new = m(x, state, keep_state=state is not None)
                 return lossf(logits, x, cfg)[0], new
             opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=dev.type == "cuda")
             for mode in ("minibatch", "streaming"):
@@ -134,7 +134,7 @@ def bench_profile(a, dev):
 
     def step(state):
         with torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
-            logits, new = m(x, state)
+            logits, new = m(x, state, keep_state=state is not None)
             loss, _ = lossf(logits, x, m.cfg)
         loss.backward()
         opt.step()

@@ -106,6 +106,26 @@ def test_causality():
                 assert not torch.allclose(a.audio[:, t + 1], b.audio[:, t + 1])
 
 
+@pytest.mark.parametrize("T", [6, 20])  # within the window (causal), past it (banded)
+def test_pass_without_keeping_the_state(T):
+    """keep_state=False (mini-batch training) gives the same logits and gradients, builds no cache,
+    and refuses a carried state."""
+    m = _model(window=8, n_text=1, text_cardinality=20)
+    codes = _codes(m, 2, T)
+    outs = []
+    for keep in (True, False):
+        m.zero_grad()
+        logits, s = m(codes, keep_state=keep)
+        loss_fn(logits, codes, m.cfg)[0].backward()
+        assert (s is None) != keep
+        outs.append([logits.audio, logits.text] + [p.grad.clone() for p in m.parameters() if p.grad is not None])
+    assert len(outs[0]) == len(outs[1])
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="fresh start"):
+        m(codes, m.init_state(2), keep_state=False)
+
+
 def test_state_size_is_constant():
     m = _model(window=8)
     codes = _codes(m, 2, 100)

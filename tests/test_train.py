@@ -50,10 +50,10 @@ def test_streaming_state_crosses_steps_and_resets(tmp_path, monkeypatch):
     seen = []
     orig = SpeechLM.forward
 
-    def spy(self, codes, state=None):
+    def spy(self, codes, state=None, keep_state=True):
         if self.training:
             seen.append((state.pos.clone(), state.kpos.max(1).values.clone()))
-        return orig(self, codes, state)
+        return orig(self, codes, state, keep_state)
     monkeypatch.setattr(SpeechLM, "forward", spy)
     train.main(_args(p, tmp_path / "r", "streaming", max_steps=12, val_conversations=1, batch_size=2))
     # each row: positions 0, 16, 32, ... within its conversation, back to 0 when a new one starts
