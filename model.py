@@ -584,16 +584,26 @@ class DepthDecoder(nn.Module):
         self.norm = RMSNorm(d, cfg.norm_eps)
         self.text_heads = nn.Parameter(torch.empty(cfg.n_text, cfg.text_cardinality, d)) if cfg.n_text else None
         self.audio_heads = nn.Parameter(torch.empty(cfg.n_audio, cfg.cardinality, d))
+        self.compiled_inputs = None  # SpeechLM.compile_blocks: the gather, padding and sum as one kernel
+
+    def inputs(self, h, codes):
+        """h [N, D] backbone outputs; codes [N, c] the frame's first c columns (c < C) -> the inputs
+        [N, c+1, d] of positions 0..c: proj_j(h), plus the embedding of column j-1 from position 1 on.
+        They keep the projection's dtype, so under bf16 autocast the depth decoder's residual stream is
+        bf16 (as in generation with bf16 weights): it is 16 positions a frame, and float32 would double
+        the bytes of every norm, residual and their gradients (2% of a training step, H100)."""
+        N, c = codes.shape
+        x = self.in_proj(h).view(N, -1, self.cfg.depth_dim)[:, :c + 1]        # [N, c+1, d]
+        if c:
+            x = x + F.pad(self.token_emb(codes + self.offsets[:c]), (0, 0, 1, 0)).to(x.dtype)
+        return x
 
     def hidden(self, h, codes):
         """h [N, D] backbone outputs; codes [N, c] the frame's first c columns (c < C) ->
         depth states [N, c+1, d] for positions 0..c."""
-        N, c = codes.shape
         d = self.cfg.depth_dim
-        x = self.in_proj(h).view(N, -1, d)[:, :c + 1]                          # [N, c+1, d]
-        if c:
-            x = x + F.pad(self.token_emb(codes + self.offsets[:c]), (0, 0, 1, 0))
-        empty = x.new_zeros(N, self.layers[0].self_attn.n_kv_heads, 0, d // self.cfg.depth_heads) if len(self.layers) else None
+        x = (self.compiled_inputs or self.inputs)(h, codes)
+        empty = x.new_zeros(x.shape[0], self.layers[0].self_attn.n_kv_heads, 0, d // self.cfg.depth_heads) if len(self.layers) else None
         for layer in self.layers:
             x, _, _ = layer(x, None, None, None, (empty, empty))
         return self.norm(x)
@@ -1094,6 +1104,9 @@ class SpeechLM(nn.Module):
                 setattr(cfg, name, max(getattr(cfg, name), n))
         for b in list(self.layers) + list(self.depth.layers):
             b.compile(dynamic=False, **kw)
+        self.depth.compiled_inputs = torch.compile(self.depth.inputs, dynamic=False, **kw)
+        for norm in (self.norm, self.depth.norm):  # the last norms: eager, each is four passes over its input
+            norm.compile(dynamic=False, **kw)
         return self
 
     def compile_depth(self):
@@ -1433,6 +1446,8 @@ class SpeechLM(nn.Module):
             if short == "offsets":
                 cards = self.cfg.col_cards() if mod is self.frame_emb else (self.cfg.col_cards()[:-1] or (0,))
                 val = _offsets(cards)
+            elif short == "rope_table":  # a TTT layer's
+                val = mod.make_rope_table()
             else:
                 val = fresh[short]
             mod.register_buffer(short, val.to(device), persistent=False)

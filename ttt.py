@@ -928,6 +928,13 @@ class _TTTLayer(nn.Module):
         self.ttt_norm_bias = nn.Parameter(torch.zeros(H, d))
         self.post_norm = nn.LayerNorm(dim, eps=LN_EPS)
         self.g_proj = nn.Linear(dim, dim, bias=False) if gate else None
+        # RoPE's cos and sin at the b positions of a mini-batch, [2, b, d/2]: a compiled layer reads them
+        # rather than computing them again for every element of q and k
+        self.register_buffer("rope_table", self.make_rope_table(), persistent=False)
+
+    def make_rope_table(self, device=None):
+        return torch.stack(_rope_cos_sin(torch.arange(self.mini_batch, device=device), self.head_dim,
+                                         self.rope_theta))
 
     def fast_weights(self):
         """The learnable initial fast weights, in state order."""
@@ -977,8 +984,11 @@ class _TTTLayer(nn.Module):
                                                                     self.v_proj))  # [B,H,T,d]
         # RoPE at the position inside the mini-batch (upstream position_ids % mini_batch_size); the
         # state knows where this call starts, so chunked and streaming calls agree
-        cos, sin = _rope_cos_sin((i + torch.arange(T, device=x.device)) % b, d, self.rope_theta)
-        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        tab = self.rope_table
+        if tab.dtype not in (torch.float32, torch.float64):  # cast with a bf16 model: made again in float32
+            tab = self.make_rope_table(x.device)
+        pos = (i + torch.arange(T, device=x.device)) % b
+        q, k = _rope(q, tab[0, pos], tab[1, pos]), _rope(k, tab[0, pos], tab[1, pos])
         with torch.autocast(device_type=x.device.type, enabled=False):  # lr is inner math: float32
             xf = x.to(torch.promote_types(x.dtype, torch.float32))
             w = self.learnable_ttt_lr_weight[:, 0].to(xf.dtype)          # [H, D]

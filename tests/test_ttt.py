@@ -309,7 +309,7 @@ def test_streaming_step_never_syncs_with_the_host(cls):
     layer = cls(16, 2, mini_batch=4)
     state = layer.init_state(3)
     x = torch.randn(3, 1, 16)
-    params = dict(layer.named_parameters())
+    params = {**dict(layer.named_parameters()), **dict(layer.named_buffers())}
     step = lambda p, x, s: torch.func.functional_call(layer, p, (x, s))
     gm = make_fx(step, tracing_mode="fake")(params, x, state)
     assert "_local_scalar_dense" not in gm.code
@@ -426,7 +426,7 @@ assert int(res[0][2]) == 45 % 16
 from torch.fx.experimental.proxy_tensor import make_fx
 st1 = ttt.TTTState(tuple(p.detach() for p in st0.params), tuple(g.detach() for g in st0.grads), st0.i)
 step = lambda p, x, s: torch.func.functional_call(layer, p, (x, s))
-gm = make_fx(step, tracing_mode="fake")(dict(layer.named_parameters()), x.detach(), st1)
+gm = make_fx(step, tracing_mode="fake")({**dict(layer.named_parameters()), **dict(layer.named_buffers())}, x.detach(), st1)
 assert "_local_scalar_dense" not in gm.code and "linear_chunk" in gm.code
 print("compiled whole")
 '''
