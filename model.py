@@ -256,7 +256,7 @@ if triton is not None:
         # rows r = sequence * TP + position of the SHORT_ROWS / TP sequences from pid's; q of head h,
         # k and v of head hk (strides: q's and k's; v is laid out as k) -> q, k, v, softmax p [R, R]
         r = tl.arange(0, R)
-        n, t = pid * (R // TP) + r // TP, r % TP
+        n, t = (pid * (R // TP) + r // TP).to(tl.int64), r % TP  # int64: offsets pass 2**31 at large batches
         ok = ((n < B) & (t < T))[:, None]
         d = tl.arange(0, HD)[None, :]
         q = tl.load(q_ptr + n[:, None] * sq_b + t[:, None] * sq_t + h * HD + d, mask=ok, other=0.0)
@@ -278,7 +278,7 @@ if triton is not None:
                                   HD, TP, R, PRECISION)
         o = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)                         # [R, HD]
         r = tl.arange(0, R)
-        n, t = pid * (R // TP) + r // TP, r % TP
+        n, t = (pid * (R // TP) + r // TP).to(tl.int64), r % TP  # int64: offsets pass 2**31 at large batches
         d = tl.arange(0, HD)[None, :]
         tl.store(o_ptr + (n[:, None] * T + t[:, None]) * (H * HD) + h * HD + d, o.to(o_ptr.dtype.element_ty),
                  mask=((n < B) & (t < T))[:, None])
@@ -290,7 +290,7 @@ if triton is not None:
         # one program a kv head: it sums dk and dv over the GQ query heads that read it
         pid, hk = tl.program_id(0), tl.program_id(1)
         r = tl.arange(0, R)
-        n, t = pid * (R // TP) + r // TP, r % TP
+        n, t = (pid * (R // TP) + r // TP).to(tl.int64), r % TP  # int64: offsets pass 2**31 at large batches
         ok = ((n < B) & (t < T))[:, None]
         d = tl.arange(0, HD)[None, :]
         dk = tl.zeros((R, HD), tl.float32)
