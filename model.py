@@ -558,7 +558,7 @@ class FrameEmbedding(nn.Module):
         self.emb = nn.Embedding(sum(c + 1 for c in cards), dim)
 
     def forward(self, codes):  # [B, T, C] -> [B, T, D]
-        if not EMBEDDING_BAG:
+        if not EMBEDDING_BAG or codes.device.type not in ("cpu", "cuda"):  # (other backends may lack it)
             return self.emb(codes + self.offsets).sum(2)
         # gathered and summed in one op: the [B, T, C, D] rows are never written out (nor their gradient)
         B, T, C = codes.shape
