@@ -251,17 +251,12 @@ SHORT_ROWS = 64
 
 if triton is not None:
     @triton.jit
-    def _short_rows(pid, R: tl.constexpr, TP: tl.constexpr):
-        # the tile's rows r = sequence * TP + position: program pid's R / TP sequences n, positions t
-        r = tl.arange(0, R)
-        return r, (pid * (R // TP) + r // TP).to(tl.int64), r % TP  # int64: offsets pass 2**31 at large batches
-
-    @triton.jit
     def _short_tiles(q_ptr, k_ptr, v_ptr, sq_b, sq_t, sk_b, sk_t, pid, h, hk, B, T, scale,
                      HD: tl.constexpr, TP: tl.constexpr, R: tl.constexpr, PRECISION: tl.constexpr):
-        # q of head h, k and v of head hk for program pid's rows (strides: q's and k's; v is laid out as
-        # k) -> q, k, v [R, HD] and the softmax p [R, R]
-        r, n, t = _short_rows(pid, R, TP)
+        # rows r = sequence * TP + position of the SHORT_ROWS / TP sequences from pid's; q of head h,
+        # k and v of head hk (strides: q's and k's; v is laid out as k) -> q, k, v, softmax p [R, R]
+        r = tl.arange(0, R)
+        n, t = (pid * (R // TP) + r // TP).to(tl.int64), r % TP  # int64: offsets pass 2**31 at large batches
         ok = ((n < B) & (t < T))[:, None]
         d = tl.arange(0, HD)[None, :]
         q = tl.load(q_ptr + n[:, None] * sq_b + t[:, None] * sq_t + h * HD + d, mask=ok, other=0.0)
@@ -282,7 +277,8 @@ if triton is not None:
         q, k, v, p = _short_tiles(q_ptr, k_ptr, v_ptr, sq_b, sq_t, sk_b, sk_t, pid, h, h // GQ, B, T, scale,
                                   HD, TP, R, PRECISION)
         o = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)                         # [R, HD]
-        r, n, t = _short_rows(pid, R, TP)
+        r = tl.arange(0, R)
+        n, t = (pid * (R // TP) + r // TP).to(tl.int64), r % TP  # int64: offsets pass 2**31 at large batches
         d = tl.arange(0, HD)[None, :]
         tl.store(o_ptr + (n[:, None] * T + t[:, None]) * (H * HD) + h * HD + d, o.to(o_ptr.dtype.element_ty),
                  mask=((n < B) & (t < T))[:, None])
@@ -293,7 +289,8 @@ if triton is not None:
                                TP: tl.constexpr, R: tl.constexpr, PRECISION: tl.constexpr):
         # one program a kv head: it sums dk and dv over the GQ query heads that read it
         pid, hk = tl.program_id(0), tl.program_id(1)
-        r, n, t = _short_rows(pid, R, TP)
+        r = tl.arange(0, R)
+        n, t = (pid * (R // TP) + r // TP).to(tl.int64), r % TP  # int64: offsets pass 2**31 at large batches
         ok = ((n < B) & (t < T))[:, None]
         d = tl.arange(0, HD)[None, :]
         dk = tl.zeros((R, HD), tl.float32)
