@@ -488,3 +488,25 @@ def test_depth_kernels_refuse_what_they_do_not_cover():
     assert why  # on a CPU without the interpreter
     with pytest.raises(ValueError, match="cannot run here"):
         m.use_depth_kernels()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_short_attention_kernels_compile_for_h100(dtype):
+    """The depth decoder's attention kernels compiled to sm_90 machine code without a GPU (Triton ships
+    ptxas), as launched: 16 positions (4 sequences a program) and 17 (padded to 32), grouped heads."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    ints = ("B", "T", "sq_b", "sq_t", "sk_b", "sk_t")
+    for kern in (model_mod._short_attn_fwd_kernel, model_mod._short_attn_bwd_kernel):
+        for T, GQ in ((16, 1), (17, 2)):
+            TP = triton.next_power_of_2(T)
+            consts = dict(H=8, GQ=GQ, HD=64, TP=TP, R=max(model_mod.SHORT_ROWS, TP),
+                          PRECISION="ieee" if dtype == "fp32" else "tf32")
+            names = kern.arg_names
+            sig = {n: "constexpr" if n in consts else "i32" if n in ints else "fp32" if n == "scale"
+                   else f"*{dtype}" for n in names}
+            src = ASTSource(fn=kern, signature=sig, constexprs={(names.index(n),): v for n, v in consts.items()})
+            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+            assert compiled.metadata.shared <= 227 * 1024
