@@ -109,29 +109,30 @@ class Conv(nn.Module):
     """Causal Conv1d (moshi/modules/conv.py StreamingConv1d): the (kernel - stride) steps of left context
     are zeros at the start of a stream, then the end of the previous chunk; there is no right padding,
     so a chunk must be a whole number of strides. replicate=True starts from copies of the first sample
-    (the downsampling conv, moshi/modules/resample.py)."""
+    (the downsampling conv, moshi/modules/resample.py). elu=True applies the ELU that precedes the conv in
+    SEANet to its input (in place: the input is the caller's to give up); the state holds the input
+    before it."""
 
-    def __init__(self, cin, cout, k, stride=1, dilation=1, groups=1, bias=True, replicate=False):
+    def __init__(self, cin, cout, k, stride=1, dilation=1, groups=1, bias=True, replicate=False, elu=False):
         super().__init__()
         self.conv = nn.Conv1d(cin, cout, k, stride, dilation=dilation, groups=groups, bias=bias)
         self.ctx = (k - 1) * dilation + 1 - stride
-        self.replicate = replicate
+        self.replicate, self.elu = replicate, elu
         self.state = None
 
     def init_state(self, B, device, dtype):
         return [torch.zeros(B, self.conv.in_channels, self.ctx, device=device, dtype=dtype),
                 torch.ones((), dtype=torch.bool, device=device)]  # left context, first call?
 
-    def forward(self, x):  # [B, Cin, T] -> [B, Cout, T / stride]
-        if self.ctx == 0:
-            return _conv(self.conv, x)
-        prev, first = self.state
-        if self.replicate:  # a tensor flag rather than a Python one, so a CUDA graph can replay it
-            prev = torch.where(first, x[..., :1], prev)
-            first.fill_(False)
-        x = torch.cat([prev, x], dim=-1)
-        self.state[0].copy_(x[..., -self.ctx:])
-        return _conv(self.conv, x)
+    def forward(self, x, res=None):  # [B, Cin, T] -> [B, Cout, T / stride] (+ res)
+        if self.ctx:
+            prev, first = self.state
+            if self.replicate:  # a tensor flag rather than a Python one, so a CUDA graph can replay it
+                prev = torch.where(first, x[..., :1], prev)
+                first.fill_(False)
+            x = torch.cat([prev, x], dim=-1)
+            self.state[0].copy_(x[..., -self.ctx:])
+        return _conv(self.conv, x, self.elu, res)
 
 
 def _routes(x):
@@ -162,31 +163,44 @@ def _weight_times(w, u):
     return w @ u
 
 
-def _conv(conv, x):
-    """conv(x), for a short x as one matrix product: weight [Cout, Cin * k] @ unfolded x [B, Cin * k, Tout]."""
-    if conv.groups != 1 or not _small(x):
-        return conv(x)
+def _conv(conv, x, elu=False, res=None):
+    """conv(elu(x)) (+ res); for a short x one matrix product: weight [Cout, Cin * k] @ unfolded x
+    [B, Cin * k, Tout], on CUDA as one Triton kernel (conv_kernels_supported)."""
     (k,), (s,), (d,) = conv.kernel_size, conv.stride, conv.dilation
-    u = x.unfold(-1, (k - 1) * d + 1, s)[..., ::d]                             # [B, Cin, Tout, k]
-    u = u.transpose(2, 3).reshape(x.shape[0], -1, u.shape[2])                  # [B, Cin * k, Tout]
-    y = _weight_times(conv.weight.reshape(conv.out_channels, -1), u)
-    return y if conv.bias is None else y + conv.bias[:, None]
+    if conv.groups == 1 and _conv_kernel_route(x, x.shape[0] * ((x.shape[-1] - (k - 1) * d - 1) // s + 1)):
+        return _conv_rows(x, conv.weight.reshape(conv.out_channels, -1), conv.bias, res, k, s, d, elu)
+    if elu:
+        x = F.elu(x, inplace=True)
+    if conv.groups != 1 or not _small(x):
+        y = conv(x)
+    else:
+        u = x.unfold(-1, (k - 1) * d + 1, s)[..., ::d]                             # [B, Cin, Tout, k]
+        u = u.transpose(2, 3).reshape(x.shape[0], -1, u.shape[2])                  # [B, Cin * k, Tout]
+        y = _weight_times(conv.weight.reshape(conv.out_channels, -1), u)
+        y = y if conv.bias is None else y + conv.bias[:, None]
+    return y if res is None else y + res
 
 
-def _conv_tr(convtr, x):
-    """convtr(x), for a short x as one matrix product (or a product by channel when depthwise) giving each
-    input step's k outputs, then overlap-added: kernel k = m * stride, so m steps add into each output."""
+def _conv_tr(convtr, x, elu=False, wt=None):
+    """convtr(elu(x)), for a short x as one matrix product (or a product by channel when depthwise) giving
+    each input step's k outputs, then overlap-added: kernel k = m * stride, so m steps add into each
+    output. wt: the weight as [Cout * k, Cin], contiguous, for the conv kernel."""
     (k,), (s,) = convtr.kernel_size, convtr.stride
     Cin, Cout, g = convtr.in_channels, convtr.out_channels, convtr.groups
     B, _, T = x.shape
-    few = STEP_ROUTES != "never" and B * T <= FEW_STEPS
-    if not (_small(x) or few) or k % s or (g != 1 and not g == Cin == Cout):
-        return convtr(x)
-    w = convtr.weight                                                          # [Cin, Cout / g, k]
-    if g == 1:
-        z = _weight_times(w.reshape(Cin, Cout * k).t(), x).view(B, Cout, k, T)
+    if wt is not None and not k % s and _conv_kernel_route(x, B * T):
+        z = _conv_rows(x, wt, None, None, 1, 1, 1, elu).view(B, Cout, k, T)
     else:
-        z = w[:, 0, :, None] * x[:, :, None, :]                                 # [B, C, k, T]
+        if elu:
+            x = F.elu(x, inplace=True)
+        few = STEP_ROUTES != "never" and B * T <= FEW_STEPS
+        if not (_small(x) or few) or k % s or (g != 1 and not g == Cin == Cout):
+            return convtr(x)
+        w = convtr.weight                                                      # [Cin, Cout / g, k]
+        if g == 1:
+            z = _weight_times(w.reshape(Cin, Cout * k).t(), x).view(B, Cout, k, T)
+        else:
+            z = w[:, 0, :, None] * x[:, :, None, :]                             # [B, C, k, T]
     z = z.view(B, Cout, k // s, s, T).transpose(3, 4).reshape(B, Cout, k // s, T * s)
     m = k // s
     y = sum(F.pad(z[:, :, j], (j * s, (m - 1 - j) * s)) for j in range(m))   # [B, Cout, (T + m - 1) * s]
@@ -196,20 +210,26 @@ def _conv_tr(convtr, x):
 class ConvTr(nn.Module):
     """Causal ConvTranspose1d (moshi/modules/conv.py StreamingConvTranspose1d): the last (kernel - stride)
     outputs of a chunk overlap the next chunk's first ones, so they are held back (bias removed) and
-    added there. A fresh state gives the batch result: trim (kernel - stride) on the right."""
+    added there. A fresh state gives the batch result: trim (kernel - stride) on the right. elu=True: as
+    Conv's."""
 
-    def __init__(self, cin, cout, k, stride, groups=1, bias=True):
+    def __init__(self, cin, cout, k, stride, groups=1, bias=True, elu=False):
         super().__init__()
         self.convtr = nn.ConvTranspose1d(cin, cout, k, stride, groups=groups, bias=bias)
         self.overlap = k - stride
+        self.elu = elu
         self.state = None
 
     def init_state(self, B, device, dtype):
-        return [torch.zeros(B, self.convtr.out_channels, self.overlap, device=device, dtype=dtype)]
+        state = [torch.zeros(B, self.convtr.out_channels, self.overlap, device=device, dtype=dtype)]
+        if self.convtr.groups == 1 and conv_kernels_supported(device):  # the conv kernel reads this weight's
+            w = self.convtr.weight.detach()                              # outputs in order
+            state.append(w.reshape(w.shape[0], -1).t().contiguous().to(device, dtype))
+        return state
 
     def forward(self, x):  # [B, Cin, T] -> [B, Cout, T * stride]
-        y = _conv_tr(self.convtr, x)
-        (held,) = self.state
+        y = _conv_tr(self.convtr, x, self.elu, self.state[1] if len(self.state) > 1 else None)
+        held = self.state[0]
         n = y.shape[-1] - self.overlap
         y[..., :self.overlap] += held
         tail = y[..., n:]
@@ -222,37 +242,35 @@ class ResBlock(nn.Module):
 
     def __init__(self, dim):
         super().__init__()
-        # the first ELU must keep x for the skip; the second may overwrite the conv output
-        self.block = nn.ModuleList([nn.ELU(), Conv(dim, dim // 2, 3), nn.ELU(inplace=True), Conv(dim // 2, dim, 1)])
+        # the ELUs (index 0 and 2, as in the official block) are applied by the convs that follow them
+        self.block = nn.ModuleList([nn.Identity(), Conv(dim, dim // 2, 3, elu=True), nn.Identity(),
+                                    Conv(dim // 2, dim, 1, elu=True)])
 
     def forward(self, x):
-        y = x
-        for layer in self.block:
-            y = layer(y)
-        return x + y
+        return self.block[3](self.block[1](x), res=x)
 
 
 class SEANet(nn.Module):
     """SEANet encoder (audio -> dim at 25 Hz) or decoder (moshi/modules/seanet.py). The layer indices,
     activations included, are those of the official nn.Sequential, so checkpoint keys map one to one.
-    Its ELUs work in place: each takes a fresh tensor that nothing else holds."""
+    Each ELU precedes a conv, which applies it (the Identity at the ELU's index)."""
 
     def __init__(self, cfg, decoder=False):
         super().__init__()
         nf, top = cfg.n_filters, cfg.n_filters * 2 ** len(cfg.ratios)
-        elu = nn.ELU(inplace=True)  # no weights, so one module can sit at every index
+        elu = nn.Identity()  # applied by the next conv
         if not decoder:
             layers = [Conv(1, nf, 7)]
             for i, r in enumerate(reversed(cfg.ratios)):
                 c = nf * 2 ** i
-                layers += [ResBlock(c), elu, Conv(c, 2 * c, 2 * r, stride=r)]
-            layers += [elu, Conv(top, cfg.dim, 3)]
+                layers += [ResBlock(c), elu, Conv(c, 2 * c, 2 * r, stride=r, elu=True)]
+            layers += [elu, Conv(top, cfg.dim, 3, elu=True)]
         else:
             layers = [Conv(cfg.dim, top, 7)]
             for i, r in enumerate(cfg.ratios):
                 c = top // 2 ** i
-                layers += [elu, ConvTr(c, c // 2, 2 * r, r), ResBlock(c // 2)]
-            layers += [elu, Conv(nf, 1, 3)]
+                layers += [elu, ConvTr(c, c // 2, 2 * r, r, elu=True), ResBlock(c // 2)]
+            layers += [elu, Conv(nf, 1, 3, elu=True)]
         self.layers = nn.ModuleList(layers)
 
     def forward(self, x):
@@ -629,6 +647,89 @@ def _step_layers(tr, x_in, rot, offset):
                 tr.cfg.context, per, (D // H) ** -0.5, tr.layers[0].norm1.eps, i, WHAT=what, D=D, FF=FF, H=H,
                 RP=triton.next_power_of_2(R), TP=TP, S=S, BL=BL, BN=BN, BK=BK, num_warps=STEP_LAUNCH["warps"])
     return x
+
+
+# ----------------------------------------------------------------------------- streaming conv kernel
+# The SEANets' layers nearest the transformers see few steps in a streaming frame (2 and 16 at the 25 Hz
+# end) and hold the largest weights (up to 34 MB). As PyTorch ops each is an unfold, a matrix product
+# and the ELU, bias and residual around it: several launches. Here each is one Triton kernel that reads
+# the unfolded input where it lies, applies the ELU as it loads it, adds the bias and the residual as it
+# stores, and reads the weight once: every program takes all rows and a block of outputs.
+CONV_KERNELS = True    # use it for convolutions of at most CONV_ROWS output rows on CUDA (triton installed)
+CONV_ROWS = 16         # batch x output steps
+CONV_LAUNCH = {2: (256, 8192, 8), 16: (128, 16384, 4)}  # rows up to: (programs, tile, warps)
+
+
+def conv_kernels_supported(device):
+    return (CONV_KERNELS and triton is not None
+            and (torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"))
+
+
+def _conv_blocks(N, K, RP):
+    """(BN outputs a program, BK inputs a step, warps) for N outputs over K inputs and RP (padded) rows.
+    Every program loads (and applies the ELU to) all the rows' inputs: with many rows, fewer programs."""
+    programs, tile, warps = CONV_LAUNCH[min(CONV_LAUNCH, key=lambda r: (r < RP, r))]
+    BN = max(2, min(64, triton.next_power_of_2(N) // programs))
+    return BN, min(triton.next_power_of_2(K), max(16, tile // (BN * RP))), warps
+
+
+def _conv_kernel_route(x, rows):
+    return rows <= CONV_ROWS and _routes(x) and conv_kernels_supported(x.device)
+
+
+if triton is not None:
+    @triton.jit
+    def _conv_rows_kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, R, L, Tout, N, K, KS: tl.constexpr,
+                          stride: tl.constexpr, dil: tl.constexpr, ELU: tl.constexpr, BIAS: tl.constexpr,
+                          RES: tl.constexpr, RP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        # y[b, n, t] = bias[n] + sum_k w[n, k] f(x[b, k // KS, t * stride + (k % KS) * dil]) (+ r[b, n, t]),
+        # f = ELU or identity, for the BN outputs n of this program and every row r = b * Tout + t < R
+        dt = y_ptr.dtype.element_ty
+        rn, rr, rk = tl.program_id(0) * BN + tl.arange(0, BN), tl.arange(0, RP), tl.arange(0, BK)
+        nmask, rmask = rn < N, rr < R
+        xrow = (rr // Tout) * ((K // KS) * L) + (rr % Tout) * stride           # [RP] where row r's window starts
+        acc3 = tl.zeros([RP, BN, BK], tl.float32)                               # summed over k after the loop
+        for k0 in range(0, K, BK):
+            kk = k0 + rk
+            kmask = kk < K
+            xv = tl.load(x_ptr + xrow[:, None] + ((kk // KS) * L + (kk % KS) * dil)[None, :],
+                         mask=rmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)       # [RP, BK]
+            if ELU:
+                xv = tl.where(xv > 0, xv, tl.exp(xv) - 1.0).to(dt).to(tl.float32)
+            w = tl.load(w_ptr + rn[:, None] * K + kk[None, :], mask=nmask[:, None] & kmask[None, :],
+                        other=0.0).to(tl.float32)                                            # [BN, BK]
+            acc3 += xv[:, None, :] * w[None, :, :]
+        acc = tl.sum(acc3, 2)                                                   # [RP, BN]
+        if BIAS:
+            acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        off = ((rr // Tout) * (N * Tout) + rr % Tout)[:, None] + rn[None, :] * Tout
+        m = rmask[:, None] & nmask[None, :]
+        y = acc.to(dt)
+        if RES:
+            y = (y.to(tl.float32) + tl.load(r_ptr + off, mask=m, other=0.0).to(tl.float32)).to(dt)
+        tl.store(y_ptr + off, y, mask=m)
+
+    @torch.library.triton_op("mimi::conv_rows", mutates_args=())
+    def _conv_rows_op(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, res: torch.Tensor, k: int,
+                      stride: int, dil: int, elu: bool, has_bias: bool, has_res: bool) -> torch.Tensor:
+        B, Cin, L = x.shape
+        N, K = w.shape
+        Tout = (L - (k - 1) * dil - 1) // stride + 1
+        y = x.new_empty(B, N, Tout)
+        RP = triton.next_power_of_2(B * Tout)
+        BN, BK, warps = _conv_blocks(N, K, RP)
+        torch.library.wrap_triton(_conv_rows_kernel)[(triton.cdiv(N, BN),)](
+            x, w, bias, res, y, B * Tout, L, Tout, N, K, k, stride, dil, ELU=elu, BIAS=has_bias, RES=has_res,
+            RP=RP, BN=BN, BK=BK, num_warps=warps)
+        return y
+
+
+def _conv_rows(x, w, bias, res, k, stride, dil, elu):
+    """y [B, N, Tout] = w [N, Cin * k] @ the unfolded f(x) [B, Cin * k, Tout] (+ bias [N]) (+ res
+    [B, N, Tout]), f = ELU if elu, for B * Tout <= CONV_ROWS: one launch of _conv_rows_kernel."""
+    return _conv_rows_op(x.contiguous(), w.contiguous(), x if bias is None else bias,
+                         x if res is None else res.contiguous(), k, stride, dil, elu, bias is not None,
+                         res is not None)
 
 
 # ----------------------------------------------------------------------------- quantizer

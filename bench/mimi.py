@@ -156,6 +156,7 @@ def bench_stream(res, name, model, frames, codes, device, kw, profile=False):
     cols = [codes[..., i:i + 1] for i in range(codes.shape[-1])]
     kw = dict(kw)
     mimi.STEP_KERNELS = kw.pop("step_kernels", True)  # read when a stream opens
+    mimi.CONV_KERNELS = kw.pop("conv_kernels", True)
     if kw.get("compile"):  # compile afresh for each row: Dynamo's cache is per code object, not per Mimi
         torch._dynamo.reset()
     with torch.no_grad():
@@ -278,6 +279,9 @@ def main():
             if mimi.step_kernels_supported(device):  # the same without the transformer's step kernels
                 streams.append(("ours+graph+compile, no step kernels", copy.deepcopy(ours),
                                 dict(cuda_graph=True, compile=True, step_kernels=False)))
+            if mimi.conv_kernels_supported(device):  # the same without the SEANets' conv kernel
+                streams.append(("ours+graph+compile, no conv kernel", copy.deepcopy(ours),
+                                dict(cuda_graph=True, compile=True, conv_kernels=False)))
             if args.bf16_stream:  # the weights in bfloat16, as Kyutai's bf16 checkpoint runs
                 half = copy.deepcopy(ours).to(torch.bfloat16)
                 half.quantizer.float().refresh()  # as from_pretrained(dtype=...): codes picked in float32
@@ -314,6 +318,8 @@ def print_table(res, args, device_name, note, stream_names):
             ours += f"; + compile {cell(('ours+graph+compile', k, 0), '.3f')}"
         if "ours+graph+compile, no step kernels" in stream_names:
             ours += f" (without the step kernels {cell(('ours+graph+compile, no step kernels', k, 0), '.3f')})"
+        if "ours+graph+compile, no conv kernel" in stream_names:
+            ours += f" (without the conv kernel {cell(('ours+graph+compile, no conv kernel', k, 0), '.3f')})"
         if "ours+graph+compile bf16" in stream_names:
             ours += f"; + bf16 {cell(('ours+graph+compile bf16', k, 0), '.3f')}"
         failed = [cell((n, "stream", 0), "") for n in stream_names if isinstance(res.get((n, "stream", 0)), str)]

@@ -344,6 +344,78 @@ def test_step_kernels_match_the_transformer_in_the_interpreter(run_interpreted):
     run_interpreted(STEP_KERNELS_CHECK, "steps equal")
 
 
+CONV_KERNEL_CHECK = r"""
+import os, sys
+sys.path[:0] = [sys.argv[1], os.path.join(sys.argv[1], "tests")]
+import interpreted  # Triton's CPU interpreter: before anything defines a kernel
+import torch
+import torch.nn.functional as F
+import mimi
+from mimi import FRAME_SIZE, Mimi
+from scripts import make_mimi_fixtures as fx
+torch.manual_seed(0)
+worst = 0.0
+# one convolution each (at most CONV_ROWS output rows): strides, dilations, the ELU on the input, bias, the
+# residual, and a weight read in several tiles
+for cin, cout, k, s, d, B, T in [(8, 12, 7, 1, 1, 1, 2), (24, 40, 3, 1, 2, 2, 8), (16, 8, 4, 2, 1, 1, 16),
+                                 (1, 16, 7, 1, 1, 1, 16), (20, 24, 6, 3, 1, 3, 5), (300, 6, 5, 1, 1, 1, 3)]:
+    for elu in (False, True):
+        for with_res in (False, True):
+            conv = torch.nn.Conv1d(cin, cout, k, s, dilation=d)
+            x = torch.randn(B, cin, (T - 1) * s + (k - 1) * d + 1)
+            res = torch.randn(B, cout, T) if with_res else None
+            ref = conv(F.elu(x) if elu else x) + (0 if res is None else res)
+            y = mimi._conv_rows(x, conv.weight.reshape(cout, -1), conv.bias, res, k, s, d, elu)
+            assert y.shape == ref.shape, (y.shape, ref.shape)
+            worst = max(worst, ((y - ref).abs().max() / ref.abs().max()).item())
+mimi.STEP_ROUTES = "always"
+for cin, cout, k, s, B, T in [(16, 8, 8, 4, 1, 2), (12, 6, 12, 6, 2, 8), (8, 4, 10, 5, 1, 16)]:
+    for elu in (False, True):
+        ct = torch.nn.ConvTranspose1d(cin, cout, k, s)
+        x = torch.randn(B, cin, T)
+        ref = ct(F.elu(x) if elu else x)
+        y = mimi._conv_tr(ct, x.clone(), elu, ct.weight.reshape(cin, -1).t().contiguous())
+        assert y.shape == ref.shape, (y.shape, ref.shape)
+        worst = max(worst, ((y - ref).abs().max() / ref.abs().max()).item())
+print("worst", worst)
+assert worst < 1e-5, worst
+# a whole stream of the small codec, every convolution of both SEANets through the kernel (the
+# transformers' step kernels off: they have their own check), against the batch result
+mimi.STEP_KERNELS = False
+m = Mimi.from_pretrained(os.path.join(sys.argv[1], "tests", "fixtures", "mimi", "moshi_small.safetensors"),
+                         num_codebooks=32, device="cpu")
+x = fx.calibration()[:1, :, :3 * FRAME_SIZE]
+mimi.STEP_ROUTES = "never"
+codes, audio = m.encode(x), m.decode(m.encode(x))
+mimi.STEP_ROUTES = "always"
+calls = []
+op = mimi._conv_rows_op
+mimi._conv_rows_op = lambda *a: calls.append(1) or op(*a)
+with m.streaming(1):
+    enc = torch.cat([m.encode(x[..., :FRAME_SIZE]), m.encode(x[..., FRAME_SIZE:])], -1)
+    dec = torch.cat([m.decode(codes[..., :1]), m.decode(codes[..., 1:])], -1)
+# the convolutions of at most 16 output rows (CONV_ROWS). Encoding 1 frame: the third downsampling conv
+# and the ResBlock after it (16 rows), the fourth downsampling conv and the last conv (2), the learnt
+# downsampling and the two RVQ input projections (1): 8; 2 frames: the last 5 of these. Decoding 1 frame:
+# the two RVQ output projections, the first conv, the first transposed conv (2 rows), the ResBlock after
+# it and the second transposed conv (16): 7; 2 frames: the first 4 of these.
+assert len(calls) == 8 + 5 + 7 + 4, len(calls)
+assert torch.equal(enc, codes), (enc != codes).sum()
+err = ((dec - audio).norm() / audio.norm()).item()
+print("audio", err)
+assert err < 1e-5, err
+print("convs equal")
+"""
+
+
+def test_conv_kernel_in_the_interpreter(run_interpreted):
+    """The streaming convolution kernel (used on CUDA for convolutions over at most SMALL_CONV samples),
+    run on the CPU by Triton's interpreter: single convolutions and transposed convolutions against
+    PyTorch's, and a stream of 1 + 2 frames, encoded and decoded with every SEANet convolution through
+    it, against the batch codes and audio."""
+    run_interpreted(CONV_KERNEL_CHECK, "convs equal")
+
+
 @pytest.mark.slow
 def test_compiled_streaming_equals_plain(small, calib):
     # torch.compile(fullgraph=True) also proves the step has no host sync, which a CUDA graph needs
