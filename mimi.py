@@ -167,7 +167,8 @@ def _conv(conv, x, elu=False, res=None):
     """conv(elu(x)) (+ res); for a short x one matrix product: weight [Cout, Cin * k] @ unfolded x
     [B, Cin * k, Tout], on CUDA as one Triton kernel (conv_kernels_supported)."""
     (k,), (s,), (d,) = conv.kernel_size, conv.stride, conv.dilation
-    if conv.groups == 1 and _conv_kernel_route(x, x.shape[0] * ((x.shape[-1] - (k - 1) * d - 1) // s + 1)):
+    rows = x.shape[0] * ((x.shape[-1] - (k - 1) * d - 1) // s + 1)
+    if conv.groups == 1 and _conv_kernel_route(x, rows, conv.out_channels, conv.in_channels * k):
         return _conv_rows(x, conv.weight.reshape(conv.out_channels, -1), conv.bias, res, k, s, d, elu)
     if elu:
         x = F.elu(x, inplace=True)
@@ -188,7 +189,7 @@ def _conv_tr(convtr, x, elu=False, wt=None):
     (k,), (s,) = convtr.kernel_size, convtr.stride
     Cin, Cout, g = convtr.in_channels, convtr.out_channels, convtr.groups
     B, _, T = x.shape
-    if wt is not None and not k % s and _conv_kernel_route(x, B * T):
+    if wt is not None and not k % s and _conv_kernel_route(x, B * T, Cout * k, Cin):
         z = _conv_rows(x, wt, None, None, 1, 1, 1, elu).view(B, Cout, k, T)
     else:
         if elu:
@@ -649,15 +650,22 @@ def _step_layers(tr, x_in, rot, offset):
     return x
 
 
-# ----------------------------------------------------------------------------- streaming conv kernel
-# The SEANets' layers nearest the transformers see few steps in a streaming frame (2 and 16 at the 25 Hz
-# end) and hold the largest weights (up to 34 MB). As PyTorch ops each is an unfold, a matrix product
-# and the ELU, bias and residual around it: several launches. Here each is one Triton kernel that reads
-# the unfolded input where it lies, applies the ELU as it loads it, adds the bias and the residual as it
-# stores, and reads the weight once: every program takes all rows and a block of outputs.
-CONV_KERNELS = True    # use it for convolutions of at most CONV_ROWS output rows on CUDA (triton installed)
-CONV_ROWS = 16         # batch x output steps
+# ----------------------------------------------------------------------------- streaming conv kernels
+# In a streaming frame the SEANets' layers see 1920 steps down to 2. As PyTorch ops each convolution is
+# an unfold, a matrix product and the ELU, bias and residual around it: several launches of a few
+# microseconds each. Here each is one Triton kernel that reads the unfolded input where it lies, applies
+# the ELU as it loads it, and adds the bias and the residual as it stores. Two kernels:
+# - at most CONV_ROWS output rows (batch x steps; the layers nearest the transformers, with the largest
+#   weights, up to 34 MB): every program takes all rows and a block of outputs, and reads the weight once;
+# - up to CONV_TILE_ROWS rows and CONV_TILE_K inputs an output: tiles of rows x outputs.
+CONV_KERNELS = True    # use them for convolutions of at most CONV_TILE_ROWS rows on CUDA (triton installed)
+CONV_ROWS = 16
 CONV_LAUNCH = {2: (256, 8192, 8), 16: (128, 16384, 4)}  # rows up to: (programs, tile, warps)
+CONV_TILE_ROWS, CONV_TILE_K = 4096, 256   # tile kernel: at most this many rows, and inputs an output (K):
+# its programs walk K in steps, one after another, so long ones are slower than cuBLAS's split products
+CONV_DOT = "tf32x3"    # the tile kernel's products: float32-accurate on tensor cores (3 TF32 products each)
+# tiles (rows, outputs), the first that makes `programs`; the best in a sweep of 16-64 x 16-64 tiles on an H100
+CONV_TILES = dict(programs=64, tiles=((64, 32), (16, 32)), BK=32, warps=4)
 
 
 def conv_kernels_supported(device):
@@ -673,8 +681,19 @@ def _conv_blocks(N, K, RP):
     return BN, min(triton.next_power_of_2(K), max(16, tile // (BN * RP))), warps
 
 
-def _conv_kernel_route(x, rows):
-    return rows <= CONV_ROWS and _routes(x) and conv_kernels_supported(x.device)
+def _conv_tiles(R, N):
+    """(BM rows, BN outputs) of the tile kernel: the largest tile that still makes CONV_TILES["programs"]
+    programs, else the smallest."""
+    tiles = CONV_TILES["tiles"]
+    return next((t for t in tiles if triton.cdiv(R, t[0]) * triton.cdiv(N, t[1]) >= CONV_TILES["programs"]),
+                tiles[-1])
+
+
+def _conv_kernel_route(x, rows, N, K):
+    """Whether a convolution of `rows` output rows, N outputs and K inputs each takes a conv kernel: the
+    streaming shapes (larger products, as in batch calls, are cuDNN's or cuBLAS's)."""
+    small = rows <= CONV_ROWS or (rows <= CONV_TILE_ROWS and K <= CONV_TILE_K)
+    return small and _routes(x) and conv_kernels_supported(x.device)
 
 
 if triton is not None:
@@ -709,6 +728,38 @@ if triton is not None:
             y = (y.to(tl.float32) + tl.load(r_ptr + off, mask=m, other=0.0).to(tl.float32)).to(dt)
         tl.store(y_ptr + off, y, mask=m)
 
+    @triton.jit
+    def _conv_tile_kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, R, L, Tout, N, K, KS: tl.constexpr,
+                          stride: tl.constexpr, dil: tl.constexpr, ELU: tl.constexpr, BIAS: tl.constexpr,
+                          RES: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                          DOT: tl.constexpr):
+        # as _conv_rows_kernel, for the BM rows x BN outputs of this program: float32 tile products
+        dt = y_ptr.dtype.element_ty
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+        rn = tl.program_id(1) * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        mmask, nmask = rm < R, rn < N
+        xrow = (rm // Tout) * ((K // KS) * L) + (rm % Tout) * stride           # [BM] where row r's window starts
+        acc = tl.zeros([BM, BN], tl.float32)
+        for k0 in range(0, K, BK):
+            kk = k0 + rk
+            kmask = kk < K
+            xv = tl.load(x_ptr + xrow[:, None] + ((kk // KS) * L + (kk % KS) * dil)[None, :],
+                         mask=mmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)       # [BM, BK]
+            if ELU:
+                xv = tl.where(xv > 0, xv, tl.exp(xv) - 1.0).to(dt).to(tl.float32)
+            w = tl.load(w_ptr + rn[None, :] * K + kk[:, None], mask=nmask[None, :] & kmask[:, None],
+                        other=0.0).to(tl.float32)                                            # [BK, BN]
+            acc += tl.dot(xv, w, input_precision=DOT)
+        if BIAS:
+            acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        off = ((rm // Tout) * (N * Tout) + rm % Tout)[:, None] + rn[None, :] * Tout
+        m = mmask[:, None] & nmask[None, :]
+        y = acc.to(dt)
+        if RES:
+            y = (y.to(tl.float32) + tl.load(r_ptr + off, mask=m, other=0.0).to(tl.float32)).to(dt)
+        tl.store(y_ptr + off, y, mask=m)
+
     @torch.library.triton_op("mimi::conv_rows", mutates_args=())
     def _conv_rows_op(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, res: torch.Tensor, k: int,
                       stride: int, dil: int, elu: bool, has_bias: bool, has_res: bool) -> torch.Tensor:
@@ -716,17 +767,24 @@ if triton is not None:
         N, K = w.shape
         Tout = (L - (k - 1) * dil - 1) // stride + 1
         y = x.new_empty(B, N, Tout)
-        RP = triton.next_power_of_2(B * Tout)
-        BN, BK, warps = _conv_blocks(N, K, RP)
-        torch.library.wrap_triton(_conv_rows_kernel)[(triton.cdiv(N, BN),)](
-            x, w, bias, res, y, B * Tout, L, Tout, N, K, k, stride, dil, ELU=elu, BIAS=has_bias, RES=has_res,
-            RP=RP, BN=BN, BK=BK, num_warps=warps)
+        R = B * Tout
+        if R <= CONV_ROWS:
+            RP = triton.next_power_of_2(R)
+            BN, BK, warps = _conv_blocks(N, K, RP)
+            torch.library.wrap_triton(_conv_rows_kernel)[(triton.cdiv(N, BN),)](
+                x, w, bias, res, y, R, L, Tout, N, K, k, stride, dil, ELU=elu, BIAS=has_bias, RES=has_res,
+                RP=RP, BN=BN, BK=BK, num_warps=warps)
+        else:
+            BM, BN = _conv_tiles(R, N)
+            torch.library.wrap_triton(_conv_tile_kernel)[(triton.cdiv(R, BM), triton.cdiv(N, BN))](
+                x, w, bias, res, y, R, L, Tout, N, K, k, stride, dil, ELU=elu, BIAS=has_bias, RES=has_res,
+                BM=BM, BN=BN, BK=CONV_TILES["BK"], DOT=CONV_DOT, num_warps=CONV_TILES["warps"])
         return y
 
 
 def _conv_rows(x, w, bias, res, k, stride, dil, elu):
     """y [B, N, Tout] = w [N, Cin * k] @ the unfolded f(x) [B, Cin * k, Tout] (+ bias [N]) (+ res
-    [B, N, Tout]), f = ELU if elu, for B * Tout <= CONV_ROWS: one launch of _conv_rows_kernel."""
+    [B, N, Tout]), f = ELU if elu, for B * Tout <= CONV_TILE_ROWS: one kernel launch."""
     return _conv_rows_op(x.contiguous(), w.contiguous(), x if bias is None else bias,
                          x if res is None else res.contiguous(), k, stride, dil, elu, bias is not None,
                          res is not None)
@@ -904,26 +962,38 @@ class Mimi(nn.Module):
             self._set_state(None)
             self._streaming, self._graphs, self._compile = False, None, False
 
-    def _run(self, name, fn, x):
-        if self._compile:  # compiled once per Mimi: its guards are on shapes, not on the state tensors
-            if name not in self._compiled:
-                # combo kernels: Inductor launches independent small kernels as one (README: 0.04-0.18 ms a
-                # frame saved encoding on an H100)
-                # (the transformer's step kernels run between graphs: fullgraph only without them)
-                self._compiled[name] = torch.compile(fn, fullgraph=not step_kernels_supported(self.device),
-                                                     dynamic=False, options={"combo_kernels": True})
-            fn = self._compiled[name]
-        if self._graphs is None:
-            return fn(x)
-        key = (name, tuple(x.shape))
-        if key not in self._graphs:
-            self._graphs[key] = self._capture(fn, x)
-        x_in, y_out, graph = self._graphs[key]
+    def _captured(self, name, x, floating):
+        """The CUDA graph of a streaming call whose chunk shape was captured before (and so checked then),
+        or None: such calls skip the checks and go straight to the replay."""
+        if not self._graphs or not torch.is_tensor(x) or x.is_floating_point() != floating or x.is_complex():
+            return None
+        return self._graphs.get((name, tuple(x.shape)))
+
+    @staticmethod
+    def _replay(graph, x):
+        x_in, y_out, g = graph
         x_in.copy_(x)
-        graph.replay()
+        g.replay()
         if isinstance(y_out, tuple):  # (output, check): the caller reads the check before the next replay
             return (y_out[0].clone(),) + y_out[1:]
         return y_out.clone()
+
+    def _run(self, name, fn, x):
+        key = (name, tuple(x.shape))
+        if self._graphs is None or key not in self._graphs:
+            with _no_tf32():  # (a graph's replay chooses no kernel: it needs no switch, nor its cost)
+                if self._compile:  # compiled once per Mimi: its guards are on shapes, not on the state tensors
+                    if name not in self._compiled:
+                        # combo kernels: Inductor launches independent small kernels as one (README: 0.04-0.18
+                        # ms a frame saved encoding on an H100)
+                        # (the transformer's step kernels run between graphs: fullgraph only without them)
+                        self._compiled[name] = torch.compile(fn, fullgraph=not step_kernels_supported(self.device),
+                                                             dynamic=False, options={"combo_kernels": True})
+                    fn = self._compiled[name]
+                if self._graphs is None:
+                    return fn(x)
+                self._graphs[key] = self._capture(fn, x)
+        return self._replay(self._graphs[key], x)
 
     def _capture(self, fn, x):
         # Warm-up and capture run the step, so put the state back as it was afterwards; the replays
@@ -952,17 +1022,21 @@ class Mimi(nn.Module):
         if self._streaming and x.shape[-1] == 0:
             raise MimiError(f"{name}: an empty chunk; a stream advances by whole frames")
         half = "decode" if name == "decode" else "encode"
-        with contextlib.nullcontext() if self._streaming else self._fresh_state(x.shape[0], half), _no_tf32():
+        with contextlib.nullcontext() if self._streaming else self._fresh_state(x.shape[0], half):
             n = (self.chunk_frames or (CUDA_CHUNK_FRAMES if x.is_cuda else CHUNK_FRAMES)) * per_frame
             if x.shape[-1] <= n:  # one chunk (every streaming call that fits one): no slicing
                 return [self._run(name, fn, x)]
             return [self._run(name, fn, x[..., i:i + n]) for i in range(0, x.shape[-1], n)]
 
-    @torch.no_grad()
     def encode(self, wav: torch.Tensor) -> torch.Tensor:
         """wav [B, 1, T] float at 24 kHz -> codes [B, K, ceil(T / 1920)] int64 on the model's device.
         In batch, the end is zero-padded to whole frames (as the official package does); when streaming,
         T must be a multiple of FRAME_SIZE."""
+        graph = self._captured("encode", wav, True)
+        return self._replay(graph, wav) if graph else self._encode(wav)
+
+    @torch.no_grad()
+    def _encode(self, wav):
         if not torch.is_tensor(wav) or wav.ndim != 3 or wav.shape[1] != 1 or not wav.is_floating_point():
             got = f"{tuple(wav.shape)} {wav.dtype}" if torch.is_tensor(wav) else type(wav).__name__
             raise MimiError(f"encode takes a float tensor [batch, 1, samples] at {SAMPLE_RATE} Hz, got {got}; "
@@ -977,11 +1051,15 @@ class Mimi(nn.Module):
         return _joined(self._process("encode", self._encode_step, wav, FRAME_SIZE), lambda: torch.zeros(
             wav.shape[0], self.num_codebooks, 0, dtype=torch.long, device=self.device))
 
-    @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes [B, K, F] integers in [0, 2048) with 1 <= K <= num_codebooks -> wav [B, 1, F * 1920]
         float32 on the model's device. Codes out of range raise MimiError (when streaming, after the
         stream has moved past them)."""
+        graph = self._captured("decode", codes, False)
+        return self._checked(codes, [self._replay(graph, codes)]) if graph else self._decode(codes)
+
+    @torch.no_grad()
+    def _decode(self, codes):
         if not torch.is_tensor(codes) or codes.ndim != 3 or codes.is_floating_point() or codes.is_complex():
             got = f"{tuple(codes.shape)} {codes.dtype}" if torch.is_tensor(codes) else type(codes).__name__
             raise MimiError(f"decode takes an integer tensor [batch, codebooks, frames], got {got}")
@@ -990,11 +1068,14 @@ class Mimi(nn.Module):
             raise MimiError(f"codes have {K} codebooks but this Mimi was loaded with num_codebooks="
                             f"{self.num_codebooks}; load it with Mimi.from_pretrained(..., num_codebooks={max(K, 1)})")
         codes = codes.to(self.device, torch.long)
-        ys = self._process("decode", self._decode_step, codes, 1)
+        return self._checked(codes, self._process("decode", self._decode_step, codes, 1))
+
+    def _checked(self, codes, ys):
+        """The audio of decode's chunks ys [(wav, any code out of range?)], or MimiError. The range is
+        checked inside the step (a CUDA graph included), and read back once it is queued: on a GPU the read
+        waits for the step (the caller waits for the audio anyway) rather than delaying it; out-of-range
+        codes raise instead of returning that audio."""
         wav = _joined([y for y, _ in ys], lambda: torch.zeros(codes.shape[0], 1, 0, device=self.device))
-        # the range is checked inside the step (a CUDA graph included), and read back once it is queued:
-        # on a GPU the read waits for the step (the caller waits for the audio anyway) rather than delaying
-        # it; out-of-range codes raise instead of returning that audio
         if ys and (ys[0][1] if len(ys) == 1 else torch.stack([b for _, b in ys]).any()).item():
             lo, hi = torch.stack(torch.aminmax(codes.flatten())).tolist()
             raise MimiError(f"codes must lie in [0, {self.cfg.bins}); got values from {lo} to {hi}")

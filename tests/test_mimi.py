@@ -294,6 +294,15 @@ def test_cuda_graph_streaming_equals_plain(calib, kw):
     with m.streaming(2, **kw):
         enc = torch.cat([m.encode(x[..., i:i + FRAME_SIZE]) for i in range(0, x.shape[-1], FRAME_SIZE)], -1)
         dec = torch.cat([m.decode(codes[..., i:i + 1]) for i in range(codes.shape[-1])], -1)
+        # calls of a captured shape go straight to the replay, and bad ones are still refused
+        with pytest.raises(MimiError, match="integer tensor"):
+            m.decode(codes[..., :1].float())
+        with pytest.raises(MimiError, match="float tensor"):
+            m.encode(x[..., :FRAME_SIZE].long())
+        bad = codes[..., :1].clone()
+        bad[1, 3, 0] = 2048
+        with pytest.raises(MimiError, match="must lie in"):
+            m.decode(bad)
     assert torch.equal(enc, ref[0])
     assert rel_err(dec, ref[1]) < REL_TOL
 
@@ -358,7 +367,8 @@ worst = 0.0
 # one convolution each (at most CONV_ROWS output rows): strides, dilations, the ELU on the input, bias, the
 # residual, and a weight read in several tiles
 for cin, cout, k, s, d, B, T in [(8, 12, 7, 1, 1, 1, 2), (24, 40, 3, 1, 2, 2, 8), (16, 8, 4, 2, 1, 1, 16),
-                                 (1, 16, 7, 1, 1, 1, 16), (20, 24, 6, 3, 1, 3, 5), (300, 6, 5, 1, 1, 1, 3)]:
+                                 (1, 16, 7, 1, 1, 1, 16), (20, 24, 6, 3, 1, 3, 5), (300, 6, 5, 1, 1, 1, 3),
+                                 (1, 20, 7, 1, 1, 1, 70), (12, 40, 8, 4, 1, 2, 33), (40, 3, 3, 1, 3, 1, 100)]:
     for elu in (False, True):
         for with_res in (False, True):
             conv = torch.nn.Conv1d(cin, cout, k, s, dilation=d)
@@ -369,7 +379,7 @@ for cin, cout, k, s, d, B, T in [(8, 12, 7, 1, 1, 1, 2), (24, 40, 3, 1, 2, 2, 8)
             assert y.shape == ref.shape, (y.shape, ref.shape)
             worst = max(worst, ((y - ref).abs().max() / ref.abs().max()).item())
 mimi.STEP_ROUTES = "always"
-for cin, cout, k, s, B, T in [(16, 8, 8, 4, 1, 2), (12, 6, 12, 6, 2, 8), (8, 4, 10, 5, 1, 16)]:
+for cin, cout, k, s, B, T in [(16, 8, 8, 4, 1, 2), (12, 6, 12, 6, 2, 8), (8, 4, 10, 5, 1, 16), (20, 10, 8, 4, 2, 25)]:
     for elu in (False, True):
         ct = torch.nn.ConvTranspose1d(cin, cout, k, s)
         x = torch.randn(B, cin, T)
@@ -394,12 +404,10 @@ mimi._conv_rows_op = lambda *a: calls.append(1) or op(*a)
 with m.streaming(1):
     enc = torch.cat([m.encode(x[..., :FRAME_SIZE]), m.encode(x[..., FRAME_SIZE:])], -1)
     dec = torch.cat([m.decode(codes[..., :1]), m.decode(codes[..., 1:])], -1)
-# the convolutions of at most 16 output rows (CONV_ROWS). Encoding 1 frame: the third downsampling conv
-# and the ResBlock after it (16 rows), the fourth downsampling conv and the last conv (2), the learnt
-# downsampling and the two RVQ input projections (1): 8; 2 frames: the last 5 of these. Decoding 1 frame:
-# the two RVQ output projections, the first conv, the first transposed conv (2 rows), the ResBlock after
-# it and the second transposed conv (16): 7; 2 frames: the first 4 of these.
-assert len(calls) == 8 + 5 + 7 + 4, len(calls)
+# every convolution but the depthwise upsampling takes a kernel (the rows kernel or the tile kernel): an
+# encode call 17 (the SEANet's 14, the learnt downsampling, the two RVQ input projections), a decode call
+# 16 (the two RVQ output projections, the SEANet's 14)
+assert len(calls) == 2 * 17 + 2 * 16, len(calls)
 assert torch.equal(enc, codes), (enc != codes).sum()
 err = ((dec - audio).norm() / audio.norm()).item()
 print("audio", err)
@@ -409,10 +417,10 @@ print("convs equal")
 
 
 def test_conv_kernel_in_the_interpreter(run_interpreted):
-    """The streaming convolution kernel (used on CUDA for convolutions over at most SMALL_CONV samples),
-    run on the CPU by Triton's interpreter: single convolutions and transposed convolutions against
-    PyTorch's, and a stream of 1 + 2 frames, encoded and decoded with every SEANet convolution through
-    it, against the batch codes and audio."""
+    """The streaming convolution kernels (rows and tiles; used on CUDA for the convolutions of a streaming
+    frame), run on the CPU by Triton's interpreter: single convolutions and transposed convolutions
+    against PyTorch's, and a stream of 1 + 2 frames, encoded and decoded with every convolution but the
+    depthwise upsampling through them, against the batch codes and audio."""
     run_interpreted(CONV_KERNEL_CHECK, "convs equal")
 
 
