@@ -220,16 +220,13 @@ class ConvTr(nn.Module):
         self.overlap = k - stride
         self.elu = elu
         self.state = None
+        self.wt = None  # while streaming with the conv kernels: the weight as [Cout * k, Cin], contiguous
 
     def init_state(self, B, device, dtype):
-        state = [torch.zeros(B, self.convtr.out_channels, self.overlap, device=device, dtype=dtype)]
-        if self.convtr.groups == 1 and conv_kernels_supported(device):  # the conv kernel reads this weight's
-            w = self.convtr.weight.detach()                              # outputs in order
-            state.append(w.reshape(w.shape[0], -1).t().contiguous().to(device, dtype))
-        return state
+        return [torch.zeros(B, self.convtr.out_channels, self.overlap, device=device, dtype=dtype)]
 
     def forward(self, x):  # [B, Cin, T] -> [B, Cout, T * stride]
-        y = _conv_tr(self.convtr, x, self.elu, self.state[1] if len(self.state) > 1 else None)
+        y = _conv_tr(self.convtr, x, self.elu, self.wt)
         held = self.state[0]
         n = y.shape[-1] - self.overlap
         y[..., :self.overlap] += held
@@ -953,6 +950,10 @@ class Mimi(nn.Module):
             raise MimiError("this Mimi is already streaming; leave the first `with mimi.streaming()` block "
                             "(or use a second Mimi) before starting another stream")
         self._set_state(batch_size)
+        for m in self.modules():  # the conv kernels read a transposed conv's outputs in order
+            if isinstance(m, ConvTr) and m.convtr.groups == 1 and conv_kernels_supported(self.device):
+                w = m.convtr.weight.detach()
+                m.wt = w.reshape(w.shape[0], -1).t().contiguous()
         self._streaming = True
         self._graphs = {} if cuda_graph and self.device.type == "cuda" else None
         self._compile = compile
@@ -960,6 +961,9 @@ class Mimi(nn.Module):
             yield self
         finally:
             self._set_state(None)
+            for m in self.modules():
+                if isinstance(m, ConvTr):
+                    m.wt = None
             self._streaming, self._graphs, self._compile = False, None, False
 
     def _captured(self, name, x, floating):
