@@ -119,6 +119,7 @@ class Conv(nn.Module):
         self.ctx = (k - 1) * dilation + 1 - stride
         self.replicate, self.elu = replicate, elu
         self.state = None
+        self.kernel = False  # while streaming with the conv kernels
 
     def init_state(self, B, device, dtype):
         return [torch.zeros(B, self.conv.in_channels, self.ctx, device=device, dtype=dtype),
@@ -132,7 +133,7 @@ class Conv(nn.Module):
                 first.fill_(False)
             x = torch.cat([prev, x], dim=-1)
             self.state[0].copy_(x[..., -self.ctx:])
-        return _conv(self.conv, x, self.elu, res)
+        return _conv(self.conv, x, self.elu, res, self.kernel)
 
 
 def _routes(x):
@@ -163,12 +164,12 @@ def _weight_times(w, u):
     return w @ u
 
 
-def _conv(conv, x, elu=False, res=None):
+def _conv(conv, x, elu=False, res=None, kernel=False):
     """conv(elu(x)) (+ res); for a short x one matrix product: weight [Cout, Cin * k] @ unfolded x
-    [B, Cin * k, Tout], on CUDA as one Triton kernel (conv_kernels_supported)."""
+    [B, Cin * k, Tout]; with kernel=True (streaming), a conv kernel where the shape suits one."""
     (k,), (s,), (d,) = conv.kernel_size, conv.stride, conv.dilation
     rows = x.shape[0] * ((x.shape[-1] - (k - 1) * d - 1) // s + 1)
-    if conv.groups == 1 and _conv_kernel_route(x, rows, conv.out_channels, conv.in_channels * k):
+    if kernel and conv.groups == 1 and _conv_kernel_route(x, rows, conv.out_channels, conv.in_channels * k):
         return _conv_rows(x, conv.weight.reshape(conv.out_channels, -1), conv.bias, res, k, s, d, elu)
     if elu:
         x = F.elu(x, inplace=True)
@@ -799,6 +800,7 @@ class RVQ(nn.Module):
         self.output_proj = nn.Conv1d(q_dim, dim, 1, bias=False)
         self.register_buffer("codebook", torch.zeros(n, bins, q_dim))         # centroids
         self.register_buffer("codebook_sq", torch.zeros(n, bins), persistent=False)
+        self.kernel = False  # while streaming with the conv kernels: the projections take them
 
     def refresh(self):
         """Recompute |c|^2 after the centroids change."""
@@ -807,7 +809,8 @@ class RVQ(nn.Module):
 
     def encode(self, x):  # [B, dim, F] -> [B, n, F]
         B, _, Fr = x.shape
-        r = _conv(self.input_proj, x.to(self.codebook.dtype)).transpose(1, 2).reshape(B * Fr, -1)  # [N, q_dim]
+        r = _conv(self.input_proj, x.to(self.codebook.dtype), kernel=self.kernel)
+        r = r.transpose(1, 2).reshape(B * Fr, -1)                               # [N, q_dim]
         codes = []
         for cb, sq in zip(self.codebook, self.codebook_sq):
             # argmin |r - c|^2 = argmin |c|^2 - 2 r.c: the matmul route torch.cdist takes in moshi
@@ -824,7 +827,7 @@ class RVQ(nn.Module):
         q = self.codebook[0][codes[:, 0]]                                      # [B, F, q_dim]
         for k in range(1, codes.shape[1]):
             q = q + self.codebook[k][codes[:, k]]
-        return _conv(self.output_proj, q.transpose(1, 2))
+        return _conv(self.output_proj, q.transpose(1, 2), kernel=self.kernel)
 
 
 class Quantizer(nn.Module):
@@ -950,8 +953,11 @@ class Mimi(nn.Module):
             raise MimiError("this Mimi is already streaming; leave the first `with mimi.streaming()` block "
                             "(or use a second Mimi) before starting another stream")
         self._set_state(batch_size)
-        for m in self.modules():  # the conv kernels read a transposed conv's outputs in order
-            if isinstance(m, ConvTr) and m.convtr.groups == 1 and conv_kernels_supported(self.device):
+        kernels = conv_kernels_supported(self.device)  # streaming only: in a batch call (eager) a Triton
+        for m in self.modules():                       # launch costs the host more than cuBLAS's
+            if isinstance(m, (Conv, RVQ)):
+                m.kernel = kernels
+            elif isinstance(m, ConvTr) and m.convtr.groups == 1 and kernels:  # read in output order
                 w = m.convtr.weight.detach()
                 m.wt = w.reshape(w.shape[0], -1).t().contiguous()
         self._streaming = True
@@ -962,7 +968,9 @@ class Mimi(nn.Module):
         finally:
             self._set_state(None)
             for m in self.modules():
-                if isinstance(m, ConvTr):
+                if isinstance(m, (Conv, RVQ)):
+                    m.kernel = False
+                elif isinstance(m, ConvTr):
                     m.wt = None
             self._streaming, self._graphs, self._compile = False, None, False
 
