@@ -121,14 +121,15 @@ class Conv(nn.Module):
         self.state = None
         self.kernel = False  # while streaming with the conv kernels
 
-    def init_state(self, B, device, dtype):
-        return [torch.zeros(B, self.conv.in_channels, self.ctx, device=device, dtype=dtype),
-                torch.ones((), dtype=torch.bool, device=device)]  # left context, first call?
+    def init_state(self, B, device, dtype):  # the left context; with replicate, whether no call came yet
+        state = [torch.zeros(B, self.conv.in_channels, self.ctx, device=device, dtype=dtype)] if self.ctx else []
+        return state + [torch.ones((), dtype=torch.bool, device=device)] if self.replicate else state
 
     def forward(self, x, res=None):  # [B, Cin, T] -> [B, Cout, T / stride] (+ res)
         if self.ctx:
-            prev, first = self.state
+            prev = self.state[0]
             if self.replicate:  # a tensor flag rather than a Python one, so a CUDA graph can replay it
+                first = self.state[1]
                 prev = torch.where(first, x[..., :1], prev)
                 first.fill_(False)
             x = torch.cat([prev, x], dim=-1)
