@@ -136,19 +136,33 @@ def attempt(results, key, fn):
         results[key] = f"failed: {type(e).__name__}"
 
 
-def bench_batch(res, name, encode, decode, x, minutes, device, repeats):
+def bench_batch(res, name, encode, decode, x, minutes, device):
+    """One encode and one decode of x (the warm-up), with the peak memory of each; -> (codes, audio)."""
     with Peak(device) as p:
-        codes = encode(x)                                                       # also the warm-up
+        codes = encode(x)
     res[(name, "enc_mib", minutes)] = p.mib
-    res[(name, "enc_ms", minutes)] = timed(lambda: encode(x), device, repeats)[0] * 1e3 / minutes
     with Peak(device) as p:
         audio = decode(codes)
     res[(name, "dec_mib", minutes)] = p.mib
-    res[(name, "dec_ms", minutes)] = timed(lambda: decode(codes), device, repeats)[0] * 1e3 / minutes
-    print(f"{name:9s} {minutes:g} min: encode {res[(name, 'enc_ms', minutes)]:.1f} ms/min, decode "
-          f"{res[(name, 'dec_ms', minutes)]:.1f} ms/min, peak {res[(name, 'enc_mib', minutes)]:.0f} / "
-          f"{res[(name, 'dec_mib', minutes)]:.0f} MiB", flush=True)
     return codes, audio
+
+
+def time_batch(res, calls, minutes, device, repeats):
+    """Median time per minute of audio of each (name, what) -> call, the implementations alternated in each
+    repeat (the order reversed every other one), so that a slow spell of the host weighs on both alike."""
+    times = {k: [] for k in calls}
+    names = list(dict.fromkeys(n for n, _ in calls))
+    for r in range(repeats):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            for (n, what), fn in calls.items():
+                if n == name:
+                    times[(n, what)].append(timed(fn, device, 1)[0])
+    for (n, what), ts in times.items():
+        res[(n, what + "_ms", minutes)] = statistics.median(ts) * 1e3 / minutes
+    for n in names:
+        print(f"{n:9s} {minutes:g} min: encode {res[(n, 'enc_ms', minutes)]:.1f} ms/min, decode "
+              f"{res[(n, 'dec_ms', minutes)]:.1f} ms/min, peak {res[(n, 'enc_mib', minutes)]:.0f} / "
+              f"{res[(n, 'dec_mib', minutes)]:.0f} MiB", flush=True)
 
 
 def bench_stream(res, name, model, frames, codes, device, kw, profile=False):
@@ -214,7 +228,8 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--minutes", type=float, nargs="+", default=[1, 5], help="audio lengths for the batch rows")
     p.add_argument("--frames", type=int, default=100, help="frames timed one by one for the streaming rows")
-    p.add_argument("--repeats", type=int, default=None, help="timed batch runs, median (default: cuda 5, cpu 1)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed batch runs of each implementation, alternated, median (default: cuda 9, cpu 1)")
     p.add_argument("--num_codebooks", type=int, default=8)
     p.add_argument("--no-official", action="store_true", help="skip the official package")
     p.add_argument("--no-cuda-graph", action="store_true", help="skip our CUDA-graph streaming rows")
@@ -231,7 +246,7 @@ def main():
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
-    repeats = args.repeats or (5 if device.type == "cuda" else 1)
+    repeats = args.repeats or (9 if device.type == "cuda" else 1)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
@@ -245,7 +260,7 @@ def main():
     for minutes in args.minutes:
         x = torch.from_numpy(fx.signal(minutes * 60))[None, None].to(device)
         x = x[..., :x.shape[-1] // FRAME_SIZE * FRAME_SIZE]
-        out = {}
+        out, calls = {}, {}
         for impl, model in impls:
             def enc(x, model=model):
                 with torch.no_grad():
@@ -254,7 +269,11 @@ def main():
             def dec(c, model=model):
                 with torch.no_grad():
                     return model.decode(c)
-            attempt(out, impl, lambda: bench_batch(res, impl, enc, dec, x, minutes, device, repeats))
+            attempt(out, impl, lambda: bench_batch(res, impl, enc, dec, x, minutes, device))
+            if isinstance(out[impl], tuple):
+                calls[(impl, "enc")] = lambda enc=enc: enc(x)
+                calls[(impl, "dec")] = lambda dec=dec, c=out[impl][0]: dec(c)
+        time_batch(res, calls, minutes, device, repeats)
         if official is not None and all(isinstance(out.get(k), tuple) for k in ("ours", "official")):
             (c_ours, _), (c_off, a_off) = out["ours"], out["official"]
             res[("cmp", "codes", minutes)] = (c_ours == c_off).float().mean().item()
