@@ -697,27 +697,20 @@ def _conv_kernel_route(x, rows, N, K):
 
 if triton is not None:
     @triton.jit
-    def _conv_rows_kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, R, L, Tout, N, K, KS: tl.constexpr,
-                          stride: tl.constexpr, dil: tl.constexpr, ELU: tl.constexpr, BIAS: tl.constexpr,
-                          RES: tl.constexpr, RP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        # y[b, n, t] = bias[n] + sum_k w[n, k] f(x[b, k // KS, t * stride + (k % KS) * dil]) (+ r[b, n, t]),
-        # f = ELU or identity, for the BN outputs n of this program and every row r = b * Tout + t < R
+    def _conv_inputs(x_ptr, xrow, rmask, kk, kmask, L, KS: tl.constexpr, dil: tl.constexpr, ELU: tl.constexpr,
+                     dt: tl.constexpr):
+        """The unfolded f(x) [rows, inputs] (float32) for the rows starting at xrow and the inputs kk."""
+        xv = tl.load(x_ptr + xrow[:, None] + ((kk // KS) * L + (kk % KS) * dil)[None, :],
+                     mask=rmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+        if ELU:  # rounded to the input's type, as PyTorch's ELU would leave it
+            xv = tl.where(xv > 0, xv, tl.exp(xv) - 1.0).to(dt).to(tl.float32)
+        return xv
+
+    @triton.jit
+    def _conv_store(acc, rr, rn, rmask, nmask, b_ptr, r_ptr, y_ptr, N, Tout, BIAS: tl.constexpr,
+                    RES: tl.constexpr):
+        """y[b, n, t] = acc (+ bias[n]) (+ r[b, n, t]) for the rows rr = b * Tout + t and outputs rn."""
         dt = y_ptr.dtype.element_ty
-        rn, rr, rk = tl.program_id(0) * BN + tl.arange(0, BN), tl.arange(0, RP), tl.arange(0, BK)
-        nmask, rmask = rn < N, rr < R
-        xrow = (rr // Tout) * ((K // KS) * L) + (rr % Tout) * stride           # [RP] where row r's window starts
-        acc3 = tl.zeros([RP, BN, BK], tl.float32)                               # summed over k after the loop
-        for k0 in range(0, K, BK):
-            kk = k0 + rk
-            kmask = kk < K
-            xv = tl.load(x_ptr + xrow[:, None] + ((kk // KS) * L + (kk % KS) * dil)[None, :],
-                         mask=rmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)       # [RP, BK]
-            if ELU:
-                xv = tl.where(xv > 0, xv, tl.exp(xv) - 1.0).to(dt).to(tl.float32)
-            w = tl.load(w_ptr + rn[:, None] * K + kk[None, :], mask=nmask[:, None] & kmask[None, :],
-                        other=0.0).to(tl.float32)                                            # [BN, BK]
-            acc3 += xv[:, None, :] * w[None, :, :]
-        acc = tl.sum(acc3, 2)                                                   # [RP, BN]
         if BIAS:
             acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
         off = ((rr // Tout) * (N * Tout) + rr % Tout)[:, None] + rn[None, :] * Tout
@@ -728,12 +721,30 @@ if triton is not None:
         tl.store(y_ptr + off, y, mask=m)
 
     @triton.jit
+    def _conv_rows_kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, R, L, Tout, N, K, KS: tl.constexpr,
+                          stride: tl.constexpr, dil: tl.constexpr, ELU: tl.constexpr, BIAS: tl.constexpr,
+                          RES: tl.constexpr, RP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        # y[b, n, t] = bias[n] + sum_k w[n, k] f(x[b, k // KS, t * stride + (k % KS) * dil]) (+ r[b, n, t]),
+        # f = ELU or identity, for the BN outputs n of this program and every row r = b * Tout + t < R
+        rn, rr, rk = tl.program_id(0) * BN + tl.arange(0, BN), tl.arange(0, RP), tl.arange(0, BK)
+        nmask, rmask = rn < N, rr < R
+        xrow = (rr // Tout) * ((K // KS) * L) + (rr % Tout) * stride           # [RP] where row r's window starts
+        acc3 = tl.zeros([RP, BN, BK], tl.float32)                               # summed over k after the loop
+        for k0 in range(0, K, BK):
+            kk = k0 + rk
+            kmask = kk < K
+            xv = _conv_inputs(x_ptr, xrow, rmask, kk, kmask, L, KS, dil, ELU, y_ptr.dtype.element_ty)  # [RP, BK]
+            w = tl.load(w_ptr + rn[:, None] * K + kk[None, :], mask=nmask[:, None] & kmask[None, :],
+                        other=0.0).to(tl.float32)                                            # [BN, BK]
+            acc3 += xv[:, None, :] * w[None, :, :]
+        _conv_store(tl.sum(acc3, 2), rr, rn, rmask, nmask, b_ptr, r_ptr, y_ptr, N, Tout, BIAS, RES)
+
+    @triton.jit
     def _conv_tile_kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, R, L, Tout, N, K, KS: tl.constexpr,
                           stride: tl.constexpr, dil: tl.constexpr, ELU: tl.constexpr, BIAS: tl.constexpr,
                           RES: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                           DOT: tl.constexpr):
-        # as _conv_rows_kernel, for the BM rows x BN outputs of this program: float32 tile products
-        dt = y_ptr.dtype.element_ty
+        # as _conv_rows_kernel, for the BM rows x BN outputs of this program: tile products
         rm = tl.program_id(0) * BM + tl.arange(0, BM)
         rn = tl.program_id(1) * BN + tl.arange(0, BN)
         rk = tl.arange(0, BK)
@@ -743,21 +754,11 @@ if triton is not None:
         for k0 in range(0, K, BK):
             kk = k0 + rk
             kmask = kk < K
-            xv = tl.load(x_ptr + xrow[:, None] + ((kk // KS) * L + (kk % KS) * dil)[None, :],
-                         mask=mmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)       # [BM, BK]
-            if ELU:
-                xv = tl.where(xv > 0, xv, tl.exp(xv) - 1.0).to(dt).to(tl.float32)
+            xv = _conv_inputs(x_ptr, xrow, mmask, kk, kmask, L, KS, dil, ELU, y_ptr.dtype.element_ty)  # [BM, BK]
             w = tl.load(w_ptr + rn[None, :] * K + kk[:, None], mask=nmask[None, :] & kmask[:, None],
                         other=0.0).to(tl.float32)                                            # [BK, BN]
             acc += tl.dot(xv, w, input_precision=DOT)
-        if BIAS:
-            acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        off = ((rm // Tout) * (N * Tout) + rm % Tout)[:, None] + rn[None, :] * Tout
-        m = mmask[:, None] & nmask[None, :]
-        y = acc.to(dt)
-        if RES:
-            y = (y.to(tl.float32) + tl.load(r_ptr + off, mask=m, other=0.0).to(tl.float32)).to(dt)
-        tl.store(y_ptr + off, y, mask=m)
+        _conv_store(acc, rm, rn, mmask, nmask, b_ptr, r_ptr, y_ptr, N, Tout, BIAS, RES)
 
     @torch.library.triton_op("mimi::conv_rows", mutates_args=())
     def _conv_rows_op(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, res: torch.Tensor, k: int,

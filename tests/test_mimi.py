@@ -425,6 +425,28 @@ def test_conv_kernel_in_the_interpreter(run_interpreted):
 
 
 @pytest.mark.slow
+def test_conv_kernels_compile_for_h100():
+    """The streaming conv kernels compiled to sm_90 machine code without a GPU (Triton ships ptxas), with
+    the settings they launch with: the rows kernel at 2 and 16 rows, the tile kernel's two tiles."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    import mimi
+    ints = ("R", "L", "Tout", "N", "K")
+    cases = [(mimi._conv_rows_kernel, dict(RP=RP, BN=BN, BK=BK), w)
+             for RP, (BN, BK, w) in ((2, mimi._conv_blocks(1024, 8192, 2)), (16, mimi._conv_blocks(512, 3072, 16)))]
+    cases += [(mimi._conv_tile_kernel, dict(BM=BM, BN=BN, BK=mimi.CONV_TILES["BK"], DOT=mimi.CONV_DOT),
+               mimi.CONV_TILES["warps"]) for BM, BN in mimi.CONV_TILES["tiles"]]
+    for kern, blocks, warps in cases:
+        consts = dict(KS=3, stride=2, dil=1, ELU=True, BIAS=True, RES=True, **blocks)
+        names = kern.arg_names
+        sig = {n: "constexpr" if n in consts else "i32" if n in ints else "*fp32" for n in names}
+        src = ASTSource(fn=kern, signature=sig, constexprs={(names.index(n),): v for n, v in consts.items()})
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+        assert compiled.metadata.shared <= 227 * 1024
+
+
+@pytest.mark.slow
 def test_compiled_streaming_equals_plain(small, calib):
     # torch.compile(fullgraph=True) also proves the step has no host sync, which a CUDA graph needs
     x, codes = calib[..., :20 * FRAME_SIZE], small.encode(calib[..., :20 * FRAME_SIZE])
