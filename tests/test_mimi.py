@@ -425,7 +425,8 @@ def test_conv_kernel_in_the_interpreter(run_interpreted):
 
 
 @pytest.mark.slow
-def test_conv_kernels_compile_for_h100():
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_conv_kernels_compile_for_h100(dtype):
     """The streaming conv kernels compiled to sm_90 machine code without a GPU (Triton ships ptxas), with
     the settings they launch with: the rows kernel at 2 and 16 rows, the tile kernel's two tiles."""
     triton = pytest.importorskip("triton")
@@ -440,7 +441,7 @@ def test_conv_kernels_compile_for_h100():
     for kern, blocks, warps in cases:
         consts = dict(KS=3, stride=2, dil=1, ELU=True, BIAS=True, RES=True, **blocks)
         names = kern.arg_names
-        sig = {n: "constexpr" if n in consts else "i32" if n in ints else "*fp32" for n in names}
+        sig = {n: "constexpr" if n in consts else "i32" if n in ints else f"*{dtype}" for n in names}
         src = ASTSource(fn=kern, signature=sig, constexprs={(names.index(n),): v for n, v in consts.items()})
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
         assert compiled.metadata.shared <= 227 * 1024
