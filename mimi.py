@@ -986,7 +986,7 @@ class Mimi(nn.Module):
     @staticmethod
     def _replay(graph, x):
         x_in, y_out, g = graph
-        x_in.copy_(x)
+        x_in.copy_(x.detach())  # (no autograd here: the replay is outside any no_grad block)
         g.replay()
         if isinstance(y_out, tuple):  # (output, check): the caller reads the check before the next replay
             return (y_out[0].clone(),) + y_out[1:]
