@@ -954,18 +954,18 @@ class Mimi(nn.Module):
         if self._streaming:
             raise MimiError("this Mimi is already streaming; leave the first `with mimi.streaming()` block "
                             "(or use a second Mimi) before starting another stream")
-        self._set_state(batch_size)
-        kernels = conv_kernels_supported(self.device)  # streaming only: in a batch call (eager) a Triton
-        for m in self.modules():                       # launch costs the host more than cuBLAS's
-            if isinstance(m, (Conv, RVQ)):
-                m.kernel = kernels
-            elif isinstance(m, ConvTr) and m.convtr.groups == 1 and kernels:  # read in output order
-                w = m.convtr.weight.detach()
-                m.wt = w.reshape(w.shape[0], -1).t().contiguous()
-        self._streaming = True
-        self._graphs = {} if cuda_graph and self.device.type == "cuda" else None
-        self._compile = compile
         try:
+            self._set_state(batch_size)
+            kernels = conv_kernels_supported(self.device)  # streaming only: in a batch call (eager) a Triton
+            for m in self.modules():                       # launch costs the host more than cuBLAS's
+                if isinstance(m, (Conv, RVQ)):
+                    m.kernel = kernels
+                elif isinstance(m, ConvTr) and m.convtr.groups == 1 and kernels:  # read in output order
+                    w = m.convtr.weight.detach()
+                    m.wt = w.reshape(w.shape[0], -1).t().contiguous()
+            self._streaming = True
+            self._graphs = {} if cuda_graph and self.device.type == "cuda" else None
+            self._compile = compile
             yield self
         finally:
             self._set_state(None)
