@@ -283,6 +283,36 @@ def test_encode_pads_the_end_to_whole_frames(small, calib):
     assert small.decode(small.encode(x)).shape == (1, 1, 11 * FRAME_SIZE)
 
 
+def test_captured_shapes_go_straight_to_the_replay(small):
+    """A streaming call of a chunk shape already captured skips the checks and replays its graph (here a
+    stand-in on the CPU, where there are no CUDA graphs); a tensor of another kind takes the checked path,
+    and the step's range check still raises."""
+    class Graph:
+        replays = 0
+
+        def replay(self):
+            Graph.replays += 1
+    wav, codes = torch.zeros(1, 1, FRAME_SIZE), torch.zeros(1, 32, 1, dtype=torch.long)
+    with small.streaming(1):
+        enc_out, dec_out = torch.full((1, 32, 1), 7), (torch.ones(1, 1, FRAME_SIZE), torch.tensor(False))
+        x_enc, x_dec = wav.clone(), codes.clone()
+        small._graphs = {("encode", tuple(wav.shape)): (x_enc, enc_out, Graph()),
+                         ("decode", tuple(codes.shape)): (x_dec, dec_out, Graph())}
+        w = torch.randn(1, 1, FRAME_SIZE, requires_grad=True)
+        assert torch.equal(small.encode(w), enc_out) and Graph.replays == 1
+        assert torch.equal(x_enc, w.detach()) and not x_enc.requires_grad   # the input copied, no history
+        assert torch.equal(small.decode((codes + 3).int()), dec_out[0]) and Graph.replays == 2
+        assert torch.equal(x_dec, codes + 3)
+        with pytest.raises(MimiError, match="integer tensor"):
+            small.decode(codes.float())
+        with pytest.raises(MimiError, match="float tensor"):
+            small.encode(wav.long())
+        assert Graph.replays == 2
+        dec_out[1].fill_(True)  # the step found a code out of range
+        with pytest.raises(MimiError, match="must lie in"):
+            small.decode(codes)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kw", [dict(cuda_graph=True), dict(cuda_graph=True, compile=True)], ids=["graph", "compile"])
 def test_cuda_graph_streaming_equals_plain(calib, kw):
