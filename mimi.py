@@ -20,7 +20,12 @@ reading its own keys and the 249 before them, so memory is linear in length (the
 builds a dense T x T mask: 9 GiB for 5 min) and a chunk of any size sees its whole window (the
 official streaming cache holds exactly 250 steps, so past 10 s a chunk loses part of its window);
 batch calls run the streaming path over chunks of CHUNK_FRAMES (CUDA_CHUNK_FRAMES on a GPU) from a
-fresh state, so activations stay bounded (an hour of audio encodes on a CPU machine) and streaming equals batch by construction.
+fresh state, so activations stay bounded (an hour of audio encodes on a CPU machine) and streaming
+equals batch by construction.
+
+Fast streaming on a GPU: `mimi.streaming(1, cuda_graph=True, compile=True)` runs a frame as one CUDA
+graph, the transformers and the convolutions as Triton kernels (0.38-0.45 ms a frame each way on an
+H100, README).
 """
 import argparse
 import contextlib
