@@ -49,7 +49,8 @@ mention and the recall (--quiet_probe):
     python scripts/recall_toy.py --window 8 --n_ttt 1 --seq_len 48 --events 1 --value 8 \
         --adjacent_steps 1200 --by_distance --quiet_probe --steps 2400
 
-(docs/experiment/notes.md has the tables.)
+Nor when it is trained writing nothing there (--quiet_train), the choice of writes a content gate
+would ideally make. (docs/experiment/notes.md has the tables.)
 """
 import argparse
 import contextlib
@@ -252,6 +253,10 @@ def main(argv=None):
                     help="with --by_distance, one event: also the recall when the TTT layers write nothing between the "
                          "first mention and the recall (their learning rate zero there): is it what is written in "
                          "between that the store does not survive?")
+    ap.add_argument("--quiet_train", action="store_true",
+                    help="one event: train with the TTT layers writing nothing between the first mention and the "
+                         "recall (an oracle choice of what to write): can the lookup be learnt when nothing "
+                         "interferes with the store?")
     ap.add_argument("--first_at_start", action="store_true",
                     help="one event whose first mention starts the sequence: nothing is written before it")
     ap.add_argument("--separate_noise", action="store_true",
@@ -275,6 +280,8 @@ def main(argv=None):
                     help="shorter sequences first, e.g. 32:500,48:500 (tokens:steps), each with as many events "
                          "as fit (at most --events); then --seq_len for the remaining steps")
     a = ap.parse_args(argv)
+    if a.quiet_train and (a.events != 1 or not a.n_ttt):
+        ap.error("--quiet_train places the quiet span of one event in the TTT layers: pass --events 1 and --n_ttt")
     if not 2 <= a.alphabet * (2 if a.separate_noise else 1) <= V:
         ap.error(f"--alphabet must lie in [2, {V // 2 if a.separate_noise else V}] (the vocabulary holds {V} tokens"
                  + (", split between events and the rest with --separate_noise)" if a.separate_noise else ")"))
@@ -350,7 +357,8 @@ def main(argv=None):
             logits = lg.audio[:, :, 0]
             loss = loss_fn(lg, frames, cfg)[0]
         else:
-            logits, _ = model.lm_forward(x[:, :-1])
+            with quiet_between(model, dist) if a.quiet_train else contextlib.nullcontext():
+                logits, _ = model.lm_forward(x[:, :-1])
             loss = F.cross_entropy(logits.reshape(-1, V), x[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()

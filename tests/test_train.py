@@ -224,6 +224,26 @@ def test_recall_toy_gaps_and_write_gate():
     assert (layer.learnable_ttt_lr_bias.detach() + 3.0).abs().max() < 0.01   # one optimizer step from -3
 
 
+def test_recall_toy_quiet_train(monkeypatch):
+    # --quiet_train: every training forward runs inside quiet_between, with that batch's distances
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import contextlib
+    import recall_toy
+    seen = []
+
+    @contextlib.contextmanager
+    def spy(model, dist):
+        seen.append(dist.clone())
+        yield
+    monkeypatch.setattr(recall_toy, "quiet_between", spy)
+    recall_toy.main(["--steps", "2", "--seq_len", "48", "--events", "1", "--value", "4", "--batch", "2",
+                     "--dim", "64", "--window", "4", "--n_ttt", "1", "--quiet_train"])
+    assert len(seen) == 3 and all(d.shape == (2, 49) and (d > 0).any() for d in seen)
+    with pytest.raises(SystemExit):
+        recall_toy.main(["--steps", "0", "--seq_len", "48", "--events", "2", "--value", "4", "--n_ttt", "1",
+                         "--quiet_train"])
+
+
 def test_recall_toy_quiet_probe(capsys):
     # --quiet_probe: the TTT layers' learning rate is zero exactly between the first mention and the recall
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
