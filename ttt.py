@@ -324,8 +324,9 @@ def ttt_linear(q, k, v, lr, tau, ln_w, ln_b, b, state, *, impl="torch", checkpoi
     impl     "torch" (the reference), "compile" (the same loop, each mini-batch torch.compile'd)
              or "triton" (CUDA kernels); all three only change the T > 1 path
     checkpoint_group       mini-batches per gradient-checkpoint segment, 0 = keep everything
-                           (the Triton backward always replays; it keeps W1 every checkpoint_group
-                           mini-batches, every 16 when 0)
+                           (the Triton backward replays, from W1 kept every checkpoint_group
+                           mini-batches, every 16 when 0; with few long sequences, where the
+                           forward takes two passes, it keeps W1 of every mini-batch instead)
 
     Returns out = q + f(q; W_i) [B, H, T, d] in q's dtype and the new state. The inner math runs in
     the state's dtype (float32) with autocast off. T = 1 takes the primal path, which never syncs
@@ -356,8 +357,9 @@ def ttt_mlp(q, k, v, lr, tau, ln_w, ln_b, b, state, *, impl="torch", checkpoint_
 # sums) on chip and walks the mini-batches in order, so a whole call is one launch instead of a
 # few dozen small launches per mini-batch (the official PyTorch loop is launch-bound; the
 # authors' own fused GPU kernels keep the state on chip the same way). Backward is a second kernel that walks the
-# mini-batches in reverse, replaying the forward from W1 saved every SEG mini-batches. Both are
-# tested against the PyTorch functions above (tests/test_ttt.py).
+# mini-batches in reverse, replaying the forward from W1 saved every SEG mini-batches. For few, long
+# sequences both split into passes that fill the GPU (TRITON_TWO_PASS below). All are tested against
+# the PyTorch functions above (tests/test_ttt.py).
 #
 # Inside the kernels a call is laid on a grid of "virtual" mini-batches: row r of mini-batch m is
 # token t = m*b + r - i0; rows outside [0, T) are padding with lr = 0 and do not contribute.
@@ -367,16 +369,24 @@ TRITON_DOT = "tf32x3"  # fp32-accurate tensor-core products (3 tf32 MMAs); "ieee
 # loop over mini-batches (loads of the next mini-batch overlap the current one's arithmetic)
 TRITON_FWD = dict(num_warps=4, stages=2)  # best of `python bench/ttt.py --only tune` on an H100
 # Few (row, head) sequences (long ones) leave most of the GPU idle: one program a sequence walks its
-# mini-batches one after another. With at most `two_pass_rows` of them (and the fast weights of every
-# mini-batch within `two_pass_bytes`), the forward runs in two passes: the walk updates the fast weights
-# only and keeps those each mini-batch starts from; then one program per mini-batch computes its
-# outputs, all at once.
-TRITON_TWO_PASS = dict(rows=64, bytes=4 << 30)  # H100: 1.9x faster at 32 rows, 0.77x at 128 with b = 16
+# mini-batches one after another. With at most `rows` of them (and the fast weights of every
+# mini-batch within `bytes`), the forward runs in two passes: the walk updates the fast weights only
+# and keeps those each mini-batch starts from; then one program per mini-batch computes its outputs.
+# The backward takes those weights and runs in three passes (_ttt_linear_bwd_out_kernel). Both go in
+# `pieces` pieces of mini-batches: while the walk goes through one, a second CUDA stream runs the
+# per-mini-batch programs of those it has passed on the rest of the GPU. (H100: the two passes 1.9x
+# faster at 32 rows, 0.77x at 128 with b = 16; 8 pieces against 1 at T = 32768, 32 rows, forward+
+# backward: 2.49 against 1.93 Mtok/s with b = 16, 2.06 against 1.77 with b = 64.)
+TRITON_TWO_PASS = dict(rows=64, bytes=4 << 30, pieces=8, piece_min=64)
 # backward: num_warps 0 = 8 warps when b * d <= 1024, else 4; num_stages: software pipelining depth of its
 # loops, 0 = 3 (Triton's default) when b * d <= 1024, else 1: each stage is shared memory, and at
 # b = d = 64 three take 226 KB (one program an SM), one 96 KB (two); `python bench/ttt.py --only tune
 # --T 2048`, H100, forward+backward at b = 64: 2.94 Mtok/s with 1 stage, 2.27 with 3 (b = 16: 3.54, 3.74)
 TRITON_BWD = dict(num_warps=0, num_stages=0)
+# the three-pass backward: warps of its passes, the walk's pipelining depth (par_warps 0: as TRITON_BWD's).
+# H100, T = 32768: 2 warps made the walk 3-23x slower, 8 warps 9-13% slower; 8 warps made the third
+# pass 1.8x slower at b = 64.
+TRITON_BWD3 = dict(out_warps=4, walk_warps=4, walk_stages=2, par_warps=0)
 
 
 def triton_supported(kind, d, b):
@@ -508,14 +518,14 @@ if triton is not None:
         tl.store(W_ptr + pid * D * D + dd, W)
         tl.store(c_ptr + pid * D + rd, c)
 
-    @triton.jit(do_not_specialize=_RUNTIME)
+    @triton.jit(do_not_specialize=_RUNTIME + ["M0", "M1"])
     def _ttt_linear_scan_kernel(k_ptr, v_ptr, lr_ptr, lnw_ptr, lnb_ptr, tau_ptr, W_ptr, c_ptr, GW_ptr, Gc_ptr,
-                                Wall_ptr, call_ptr, Wck_ptr, cck_ptr, T, i_ptr, NMS, NCS, H,
+                                Wall_ptr, call_ptr, Wck_ptr, cck_ptr, T, i_ptr, NMS, NCS, H, M0, M1,
                                 D: tl.constexpr, BS: tl.constexpr, SEG: tl.constexpr, SAVE: tl.constexpr,
                                 DOT: tl.constexpr, STAGES: tl.constexpr):
         """The two-pass forward's walk: the fast weights of one (batch row, head) through its
-        mini-batches, each one's start written to Wall/call [NMS, D, D] / [NMS, D]; W_ptr.. Gc_ptr hold
-        the state in and the new state out, as in _ttt_linear_fwd_kernel."""
+        mini-batches M0 to M1 - 1, each one's start written to Wall/call [NMS, D, D] / [NMS, D];
+        W_ptr.. Gc_ptr hold the state in and the new state out, as in _ttt_linear_fwd_kernel."""
         pid = tl.program_id(0)
         i0, NM, NC, last_full = _tl_shape(i_ptr, T, BS, SEG)
         h = pid % H
@@ -526,7 +536,7 @@ if triton is not None:
         lnw = tl.load(lnw_ptr + h * D + rd)
         lnb = tl.load(lnb_ptr + h * D + rd)
         tau_last = tl.load(tau_ptr + BS - 1)
-        for m in tl.range(0, NM, num_stages=STAGES):
+        for m in tl.range(M0, tl.minimum(M1, NM), num_stages=STAGES):
             if SAVE:
                 if m % SEG == 0:  # W at the start of every SEG-th mini-batch, for backward
                     tl.store(Wck_ptr + (pid * NCS + m // SEG) * D * D + dd, W)
@@ -551,15 +561,15 @@ if triton is not None:
         tl.store(W_ptr + pid * D * D + dd, W)
         tl.store(c_ptr + pid * D + rd, c)
 
-    @triton.jit(do_not_specialize=_RUNTIME)
+    @triton.jit(do_not_specialize=_RUNTIME + ["M0"])
     def _ttt_linear_readout_kernel(q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, GW_ptr, Gc_ptr,
-                                   Wall_ptr, call_ptr, out_ptr, T, i_ptr, NMS, H,
+                                   Wall_ptr, call_ptr, out_ptr, T, i_ptr, NMS, H, M0,
                                    D: tl.constexpr, BS: tl.constexpr, DOT: tl.constexpr):
-        """The two-pass forward's outputs: mini-batch m = program_id(1) of (batch row, head)
+        """The two-pass forward's outputs: mini-batch m = M0 + program_id(1) of (batch row, head)
         program_id(0), from the fast weights it starts from; GW_ptr, Gc_ptr: the sums carried into
         mini-batch 0 (the state given to the call). A program past the call's last mini-batch (the
         grid has room for any start) has no tokens: its rows are all masked."""
-        pid, m = tl.program_id(0), tl.program_id(1)
+        pid, m = tl.program_id(0), M0 + tl.program_id(1)
         i0 = tl.load(i_ptr).to(tl.int32)
         h = pid % H
         rd, rb = tl.arange(0, D), tl.arange(0, BS)
@@ -573,6 +583,24 @@ if triton is not None:
                                       tl.load(lnw_ptr + h * D + rd), tl.load(lnb_ptr + h * D + rd), True, D, BS,
                                       DOT)
         tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=ok[:, None])
+
+    @triton.jit
+    def _tl_inner_grad_bwd(dgz, gz, a, xh, rs, lnw, D: tl.constexpr):
+        """Reverse of _tl_inner_grad from the adjoint of gz: those of z (dz), of a (da) and of
+        the target term r = lnw xh + lnb - (v - k) (dr)."""
+        # gz = P(a, xh) * rs with P(a, xh) = a - mean(a) - xh mean(a xh), a = lnw (lnw xh + lnb - t)
+        dP = dgz * rs[:, None]                                                    # [BS, D]
+        m_axh = tl.sum(a * xh, 1) / D                                             # [BS]
+        m_pxh = tl.sum(dP * xh, 1) / D                                            # [BS]
+        da = dP - tl.sum(dP, 1)[:, None] / D - xh * m_pxh[:, None]                # [BS, D]
+        dxh = -(dP * m_axh[:, None] + a * m_pxh[:, None])                          # [BS, D]
+        dsd = -tl.sum(dgz * gz, 1) * rs                                           # [BS] d / d std
+        dr = da * lnw[None, :]
+        dxh += dr * lnw[None, :]
+        # xh = (z - mean z) / std: LayerNorm input gradient with the extra d std
+        dz = ((dxh - tl.sum(dxh, 1)[:, None] / D - xh * (tl.sum(dxh * xh, 1) / D)[:, None])
+              * rs[:, None] + xh * (dsd / D)[:, None])                            # [BS, D]
+        return dz, da, dr
 
     @triton.jit
     def _tl_bwd_minibatch(W, c, GW, Gc, q, k, v, lr, tau, tau_last, full, lnw, lnb, dout,
@@ -633,23 +661,12 @@ if triton is not None:
         datt = de * tau[:, None] * lr[None, :]                                    # [BS, BS]
         dq += tl.dot(datt, k, input_precision=DOT)
         dk += tl.dot(tl.trans(datt), q, input_precision=DOT)
-        # gz = P(a, xh) * rs with P(a, xh) = a - mean(a) - xh mean(a xh), a = lnw (lnw xh + lnb - t)
-        dP = dgz * rs[:, None]                                                    # [BS, D]
-        m_axh = tl.sum(a * xh, 1) / D                                             # [BS]
-        m_pxh = tl.sum(dP * xh, 1) / D                                            # [BS]
-        da = dP - tl.sum(dP, 1)[:, None] / D - xh * m_pxh[:, None]                # [BS, D]
-        dxh = -(dP * m_axh[:, None] + a * m_pxh[:, None])                          # [BS, D]
-        dsd = -tl.sum(dgz * gz, 1) * rs                                           # [BS] d / d std
+        dz, da, dr = _tl_inner_grad_bwd(dgz, gz, a, xh, rs, lnw, D)
         rr = lnw[None, :] * xh + lnb[None, :] - (v - k)                           # [BS, D]
-        dr = da * lnw[None, :]
         dlnw += tl.sum(da * rr + dr * xh, 0)
         dlnb += tl.sum(dr, 0)
-        dxh += dr * lnw[None, :]
         dv = -dr
         dk += dr
-        # xh = (z - mean z) / std: LayerNorm input gradient with the extra d std
-        dz = ((dxh - tl.sum(dxh, 1)[:, None] / D - xh * (tl.sum(dxh * xh, 1) / D)[:, None])
-              * rs[:, None] + xh * (dsd / D)[:, None])                            # [BS, D]
         dk += tl.dot(dz, tl.trans(W), input_precision=DOT)
         dW += tl.dot(tl.trans(k), dz, input_precision=DOT)
         dc += tl.sum(dz, 0)
@@ -754,6 +771,179 @@ if triton is not None:
         tl.store(dGW_ptr + pid * D * D + dd, dG)
         tl.store(dGc_ptr + pid * D + rd, dGc)
 
+    # The backward in three passes, for few (row, head) sequences with the fast weights of every
+    # mini-batch kept by the forward. Going back, the adjoint of the fast weights is the only thing
+    # carried from one mini-batch to the one before, and the chain that carries it is short: two
+    # products and the inner LayerNorm's backward. So: (1) one program per mini-batch computes what
+    # its outputs add to that adjoint; (2) one program per sequence walks back along the chain
+    # only, keeping the adjoint each mini-batch receives; (3) one program per mini-batch computes
+    # every input's adjoint from it (_tl_bwd_minibatch). (1) and (3) fill the GPU.
+
+    @triton.jit(do_not_specialize=_RUNTIME)
+    def _ttt_linear_bwd_out_kernel(q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, GW_ptr, Gc_ptr,
+                                   Wall_ptr, call_ptr, dout_ptr, Q_ptr, g0_ptr, s_ptr, T, i_ptr, NMS, H,
+                                   D: tl.constexpr, BS: tl.constexpr, DOT: tl.constexpr):
+        """Pass (1), mini-batch m = program_id(1): through its outputs, it adds Q = q^T dzq and
+        s = sum dzq to the adjoint of the W and c it starts from, and g0 = -e^T dzq to that of its
+        inner gradient gz."""
+        pid, m = tl.program_id(0), tl.program_id(1)
+        i0, NM, nc, lf = _tl_shape(i_ptr, T, BS, 1)
+        if m < NM:
+            h = pid % H
+            rd, rb = tl.arange(0, D), tl.arange(0, BS)
+            dd = rd[:, None] * D + rd[None, :]
+            at = pid * NMS + m
+            W = tl.load(Wall_ptr + at * D * D + dd)
+            c = tl.load(call_ptr + at * D + rd)
+            lnw = tl.load(lnw_ptr + h * D + rd)
+            lnb = tl.load(lnb_ptr + h * D + rd)
+            tau = tl.load(tau_ptr + rb)
+            q, k, v, lr, ok, offs, t = _tl_minibatch(q_ptr, k_ptr, v_ptr, lr_ptr, pid, m, i0, T, D, BS)
+            dout = tl.load(dout_ptr + offs, mask=ok[:, None], other=0.0).to(tl.float32)
+            gz, _, _, _ = _tl_inner_grad(W, c, k, v, lnw, lnb, D, DOT)
+            att = tl.dot(q, tl.trans(k), input_precision=DOT) + 1.0
+            e = tl.where(rb[:, None] >= rb[None, :], tau[:, None] * lr[None, :] * att, 0.0)
+            zq = tl.dot(q, W, input_precision=DOT) + c[None, :] - tl.dot(e, gz, input_precision=DOT)
+            if m == 0:  # the sums carried in from an earlier call
+                GW = tl.load(GW_ptr + pid * D * D + dd)
+                zq -= tau[:, None] * (tl.dot(q, GW, input_precision=DOT) + tl.load(Gc_ptr + pid * D + rd)[None, :])
+            xq, rsq = _tl_ln(zq, D)
+            dx = dout * lnw[None, :]
+            dzq = (dx - tl.sum(dx, 1)[:, None] / D - xq * (tl.sum(dx * xq, 1) / D)[:, None]) * rsq[:, None]
+            tl.store(Q_ptr + at * D * D + dd, tl.dot(tl.trans(q), dzq, input_precision=DOT))
+            tl.store(g0_ptr + at * BS * D + rb[:, None] * D + rd[None, :],
+                     -tl.dot(tl.trans(e), dzq, input_precision=DOT))
+            tl.store(s_ptr + at * D + rd, tl.sum(dzq, 0))
+
+    @triton.jit(do_not_specialize=_RUNTIME + ["J0", "J1"])
+    def _ttt_linear_bwd_walk_kernel(k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, Wall_ptr, call_ptr,
+                                    Q_ptr, g0_ptr, s_ptr, dGW_ptr, dGc_ptr, dW_ptr, dc_ptr, dWall_ptr, dcall_ptr,
+                                    T, i_ptr, NMS, H, J0, J1, D: tl.constexpr, BS: tl.constexpr,
+                                    DOT: tl.constexpr, STAGES: tl.constexpr):
+        """Pass (2), one program per (row, head): from the adjoint of W and c after mini-batch
+        NM - 1 - J0 (dW_ptr, dc_ptr), back through J1 - J0 mini-batches, writing the adjoint each
+        one receives from the next to dWall/dcall, and the last one's to dW_ptr, dc_ptr."""
+        pid = tl.program_id(0)
+        i0, NM, nc, last_full = _tl_shape(i_ptr, T, BS, 1)
+        h = pid % H
+        rd, rb = tl.arange(0, D), tl.arange(0, BS)
+        dd = rd[:, None] * D + rd[None, :]
+        lnw = tl.load(lnw_ptr + h * D + rd)
+        lnb = tl.load(lnb_ptr + h * D + rd)
+        tau_last = tl.load(tau_ptr + BS - 1)
+        dW = tl.load(dW_ptr + pid * D * D + dd)
+        dc = tl.load(dc_ptr + pid * D + rd)
+        for j in tl.range(J0, tl.minimum(J1, NM), num_stages=STAGES):
+            m = NM - 1 - j
+            at = pid * NMS + m
+            W = tl.load(Wall_ptr + at * D * D + dd)
+            c = tl.load(call_ptr + at * D + rd)
+            _, k, v, lr, _, _, _ = _tl_minibatch(k_ptr, k_ptr, v_ptr, lr_ptr, pid, m, i0, T, D, BS)
+            tl.store(dWall_ptr + at * D * D + dd, dW)
+            tl.store(dcall_ptr + at * D + rd, dc)
+            # an incomplete last mini-batch hands its sums on (their adjoint comes in) instead of W
+            full = ((m < NM - 1) | (last_full != 0)).to(tl.float32)
+            last = (m == NM - 1) & (last_full == 0)
+            dGn = full * (-tau_last) * dW + tl.load(dGW_ptr + pid * D * D + dd, mask=last & (dd >= 0), other=0.0)
+            dGcn = full * (-tau_last) * dc + tl.load(dGc_ptr + pid * D + rd, mask=last & (rd >= 0), other=0.0)
+            gz, a, xh, rs = _tl_inner_grad(W, c, k, v, lnw, lnb, D, DOT)
+            du = tl.dot(k, dGn, input_precision=DOT) + dGcn[None, :]
+            dgz = lr[:, None] * du + tl.load(g0_ptr + at * BS * D + rb[:, None] * D + rd[None, :])
+            dz, _, _ = _tl_inner_grad_bwd(dgz, gz, a, xh, rs, lnw, D)
+            dW += tl.load(Q_ptr + at * D * D + dd) + tl.dot(tl.trans(k), dz, input_precision=DOT)
+            dc += tl.load(s_ptr + at * D + rd) + tl.sum(dz, 0)
+        tl.store(dW_ptr + pid * D * D + dd, dW)
+        tl.store(dc_ptr + pid * D + rd, dc)
+
+    @triton.jit(do_not_specialize=_RUNTIME + ["J0"])
+    def _ttt_linear_bwd_par_kernel(q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, GW_ptr, Gc_ptr,
+                                   Wall_ptr, call_ptr, dWall_ptr, dcall_ptr, dout_ptr, dGW_ptr, dGc_ptr,
+                                   dq_ptr, dk_ptr, dv_ptr, dlr_ptr, dtau_ptr, dlnw_ptr, dlnb_ptr,
+                                   T, i_ptr, NMS, H, J0, D: tl.constexpr, BS: tl.constexpr,
+                                   HAS_G: tl.constexpr, DOT: tl.constexpr):
+        """Pass (3), mini-batch m = NM - 1 - J0 - program_id(1) (m >= 1), or m = 0 (HAS_G): the
+        adjoints of its q, k, v and learning rates, its part of those of tau, lnw, lnb (summed over
+        mini-batches by the caller) and, for mini-batch 0, that of the sums carried in, written over
+        dGW_ptr, dGc_ptr."""
+        pid = tl.program_id(0)
+        i0, NM, nc, last_full = _tl_shape(i_ptr, T, BS, 1)
+        m = NM - 1 - J0 - tl.program_id(1)
+        if HAS_G:
+            m = m * 0
+        if (m >= 1) | HAS_G:
+            h = pid % H
+            rd, rb = tl.arange(0, D), tl.arange(0, BS)
+            dd = rd[:, None] * D + rd[None, :]
+            at = pid * NMS + m
+            W = tl.load(Wall_ptr + at * D * D + dd)
+            c = tl.load(call_ptr + at * D + rd)
+            dW = tl.load(dWall_ptr + at * D * D + dd)
+            dc = tl.load(dcall_ptr + at * D + rd)
+            q, k, v, lr, ok, offs, t = _tl_minibatch(q_ptr, k_ptr, v_ptr, lr_ptr, pid, m, i0, T, D, BS)
+            dout = tl.load(dout_ptr + offs, mask=ok[:, None], other=0.0).to(tl.float32)
+            full = ((m < NM - 1) | (last_full != 0)).to(tl.float32)
+            last = (m == NM - 1) & (last_full == 0)
+            dG = tl.load(dGW_ptr + pid * D * D + dd, mask=last & (dd >= 0), other=0.0)
+            dGc = tl.load(dGc_ptr + pid * D + rd, mask=last & (rd >= 0), other=0.0)
+            GW, Gc = dW, dc   # (unused without HAS_G)
+            if HAS_G:
+                GW = tl.load(GW_ptr + pid * D * D + dd)
+                Gc = tl.load(Gc_ptr + pid * D + rd)
+            dq, dk, dv, dlr, dtau, dtl, dlnw, dlnb, _, _, dGW, dGc = _tl_bwd_minibatch(
+                W, c, GW, Gc, q, k, v, lr, tl.load(tau_ptr + rb), tl.load(tau_ptr + BS - 1), full,
+                tl.load(lnw_ptr + h * D + rd), tl.load(lnb_ptr + h * D + rd), dout, dW, dc, dG, dGc, HAS_G,
+                D, BS, DOT)
+            tl.store(dq_ptr + offs, dq, mask=ok[:, None])
+            tl.store(dk_ptr + offs, dk, mask=ok[:, None])
+            tl.store(dv_ptr + offs, dv, mask=ok[:, None])
+            tl.store(dlr_ptr + pid * T + t, dlr, mask=ok)
+            tl.store(dtau_ptr + at * BS + rb, dtau + tl.where(rb == BS - 1, dtl, 0.0))
+            tl.store(dlnw_ptr + at * D + rd, dlnw)
+            tl.store(dlnb_ptr + at * D + rd, dlnb)
+            if HAS_G:
+                tl.store(dGW_ptr + pid * D * D + dd, dGW)
+                tl.store(dGc_ptr + pid * D + rd, dGc)
+
+
+def _pieces(n):
+    """[start, length) pieces of n mini-batches: TRITON_TWO_PASS["pieces"] of them, or fewer, so that
+    each holds `piece_min` or more (a piece costs two launches)."""
+    step = -(-n // max(1, min(TRITON_TWO_PASS["pieces"], n // TRITON_TWO_PASS["piece_min"])))
+    return [(i, min(step, n - i)) for i in range(0, n, step)]
+
+
+class _Side:
+    """`with side:` runs the kernels launched inside on a second CUDA stream, after what the current
+    stream has launched so far; join() makes the current stream wait for them. (A no-op off CUDA.)"""
+    streams = {}
+
+    def __init__(self, x):
+        self.cuda = x.is_cuda
+        if self.cuda:
+            self.main = torch.cuda.current_stream(x.device)
+            if x.device not in _Side.streams:
+                _Side.streams[x.device] = torch.cuda.Stream(x.device)
+            self.side = _Side.streams[x.device]
+
+    def __enter__(self):
+        if self.cuda:
+            self.side.wait_stream(self.main)
+            self.ctx = torch.cuda.stream(self.side)
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.ctx.__exit__(*exc)
+
+    def join(self):
+        if self.cuda:
+            self.main.wait_stream(self.side)
+
+
+def _two_pass(rows, T, b, d):
+    """Whether the forward of `rows` (row, head) sequences takes two passes (TRITON_TWO_PASS)."""
+    return rows <= TRITON_TWO_PASS["rows"] and rows * _room(T, b, 1)[0] * d * (d + 1) * 4 <= TRITON_TWO_PASS["bytes"]
+
 
 def _room(T, b, seg):
     """Mini-batches a call of T tokens can touch (it may start anywhere in a mini-batch), and the
@@ -779,29 +969,38 @@ def _linear_chunk(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, tau: Tensor, ln_w
     GW_in, Gc_in = GW, Gc
     W, c, GW, Gc = (x.clone() for x in (W, c, GW, Gc))  # the kernel updates these in place
     out = torch.empty_like(q)
+    if _two_pass(B * H, T, b, d):
+        # the walk keeps the fast weights every mini-batch starts from; backward takes them too
+        # in pieces: while the walk (a program a sequence) goes on, the rest of the GPU makes the
+        # outputs of the mini-batches it has passed
+        Wall, call = q.new_empty((B * H, NMS, d, d)), q.new_empty((B * H, NMS, d))
+        side = _Side(q)
+        for m0, n in _pieces(NMS):
+            _ttt_linear_scan_kernel[(B * H,)](
+                k, v, lr, ln_w, ln_b, tau, W, c, GW, Gc, Wall, call, Wall, call, T, i, NMS, NMS, H, m0, m0 + n,
+                D=d, BS=b, SEG=1, SAVE=False, DOT=TRITON_DOT, STAGES=TRITON_FWD["stages"],
+                num_warps=TRITON_FWD["num_warps"])
+            with side:
+                _ttt_linear_readout_kernel[(B * H, n)](
+                    q, k, v, lr, tau, ln_w, ln_b, GW_in, Gc_in, Wall, call, out, T, i, NMS, H, m0, D=d, BS=b,
+                    DOT=TRITON_DOT, num_warps=TRITON_FWD["num_warps"])
+        side.join()
+        if save:
+            return out, W, c, GW, Gc, Wall, call
+        return out, W, c, GW, Gc, q.new_empty((B * H, 1, d, d)), q.new_empty((B * H, 1, d))
     Wck = q.new_empty((B * H, NCS if save else 1, d, d))
     cck = q.new_empty((B * H, NCS if save else 1, d))
-    if B * H <= TRITON_TWO_PASS["rows"] and B * H * NMS * d * (d + 1) * 4 <= TRITON_TWO_PASS["bytes"]:
-        Wall, call = q.new_empty((B * H, NMS, d, d)), q.new_empty((B * H, NMS, d))
-        _ttt_linear_scan_kernel[(B * H,)](
-            k, v, lr, ln_w, ln_b, tau, W, c, GW, Gc, Wall, call, Wck, cck, T, i, NMS, NCS, H,
-            D=d, BS=b, SEG=seg, SAVE=save, DOT=TRITON_DOT, STAGES=TRITON_FWD["stages"],
-            num_warps=TRITON_FWD["num_warps"])
-        _ttt_linear_readout_kernel[(B * H, NMS)](
-            q, k, v, lr, tau, ln_w, ln_b, GW_in, Gc_in, Wall, call, out, T, i, NMS, H, D=d, BS=b,
-            DOT=TRITON_DOT, num_warps=TRITON_FWD["num_warps"])
-    else:
-        _ttt_linear_fwd_kernel[(B * H,)](
-            q, k, v, lr, tau, ln_w, ln_b, W, c, GW, Gc, out, Wck, cck, T, i, NCS, H,
-            D=d, BS=b, SEG=seg, SAVE=save, DOT=TRITON_DOT, STAGES=TRITON_FWD["stages"],
-            num_warps=TRITON_FWD["num_warps"])
+    _ttt_linear_fwd_kernel[(B * H,)](
+        q, k, v, lr, tau, ln_w, ln_b, W, c, GW, Gc, out, Wck, cck, T, i, NCS, H,
+        D=d, BS=b, SEG=seg, SAVE=save, DOT=TRITON_DOT, STAGES=TRITON_FWD["stages"],
+        num_warps=TRITON_FWD["num_warps"])
     return out, W, c, GW, Gc, Wck, cck
 
 
 @_linear_chunk.register_fake
 def _(q, k, v, lr, tau, ln_w, ln_b, W, c, GW, Gc, i, b, seg, save):
     B, H, T, d = q.shape
-    NCS = _room(T, b, seg)[1] if save else 1
+    NCS = 1 if not save else _room(T, b, 1)[0] if _two_pass(B * H, T, b, d) else _room(T, b, seg)[1]
     return (torch.empty_like(q), torch.empty_like(W), torch.empty_like(c), torch.empty_like(GW),
             torch.empty_like(Gc), q.new_empty((B * H, NCS, d, d)), q.new_empty((B * H, NCS, d)))
 
@@ -817,6 +1016,31 @@ def _linear_chunk_backward(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, tau: Ten
     B, H, T, d = q.shape
     dW, dc, dGW, dGc = (g.clone() for g in (dW, dc, dGW, dGc))  # the kernel updates these in place
     dq, dk, dv, dlr = (torch.empty_like(x) for x in (q, k, v, lr))
+    NMS = _room(T, b, 1)[0]
+    if Wck.shape[1] == NMS and _two_pass(B * H, T, b, d):  # the forward kept every mini-batch's W
+        args = (T, i, NMS, H)
+        Q, dWall = q.new_empty(B * H, NMS, d, d), q.new_empty(B * H, NMS, d, d)
+        g0, s, dcall = q.new_empty(B * H, NMS, b, d), q.new_empty(B * H, NMS, d), q.new_empty(B * H, NMS, d)
+        _ttt_linear_bwd_out_kernel[(B * H, NMS)](q, k, v, lr, tau, ln_w, ln_b, GW, Gc, Wck, cck, dout, Q, g0, s,
+                                                 *args, D=d, BS=b, DOT=TRITON_DOT,
+                                                 num_warps=TRITON_BWD3["out_warps"])
+        dtau, dlnw, dlnb = q.new_zeros(B * H, NMS, b), q.new_zeros(B * H, NMS, d), q.new_zeros(B * H, NMS, d)
+        side = _Side(q)
+        par = lambda j0, n, has_g: _ttt_linear_bwd_par_kernel[(B * H, n)](
+            q, k, v, lr, tau, ln_w, ln_b, GW, Gc, Wck, cck, dWall, dcall, dout, dGW, dGc,
+            dq, dk, dv, dlr, dtau, dlnw, dlnb, *args, j0, D=d, BS=b, HAS_G=has_g, DOT=TRITON_DOT,
+            num_warps=TRITON_BWD3["par_warps"] or (8 if b * d <= 1024 else 4))
+        for j0, n in _pieces(NMS):   # j: mini-batches from the last one back
+            _ttt_linear_bwd_walk_kernel[(B * H,)](k, v, lr, tau, ln_w, ln_b, Wck, cck, Q, g0, s, dGW, dGc, dW,
+                                                  dc, dWall, dcall, *args, j0, j0 + n, D=d, BS=b, DOT=TRITON_DOT,
+                                                  STAGES=TRITON_BWD3["walk_stages"],
+                                                  num_warps=TRITON_BWD3["walk_warps"])
+            with side:
+                par(j0, n, False)
+        with side:
+            par(0, 1, True)   # mini-batch 0, last: it writes the adjoint of the sums carried in over dGW, dGc
+        side.join()
+        return dq, dk, dv, dlr, dtau.sum(1), dlnw.sum(1), dlnb.sum(1), dW, dc, dGW, dGc
     dtau, dlnw, dlnb = q.new_empty(B * H, b), q.new_empty(B * H, d), q.new_empty(B * H, d)
     Wbuf, cbuf = q.new_empty(B * H, seg, d, d), q.new_empty(B * H, seg, d)
     _ttt_linear_bwd_kernel[(B * H,)](

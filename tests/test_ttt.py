@@ -368,6 +368,8 @@ worst = 0.0
 cases = [(16, 16, 40, 0, 1, 0), (16, 16, 37, 5, 2, 1), (16, 16, 10, 3, 16, 1), (16, 16, 16, 0, 1, 0),
          (16, 16, 11, 5, 1, 1), (32, 32, 70, 9, 3, 1)]
 # each case through the one-pass forward and the two-pass one (walk, then outputs per mini-batch)
+# (the two-pass forward and three-pass backward in pieces of one mini-batch or more, as many as 8)
+ttt.TRITON_TWO_PASS["piece_min"] = 1
 for (d, b, T, i0, seg, full_G), rows in [(c, 0) for c in cases] + [(c, 1 << 20) for c in cases]:
     ttt.TRITON_TWO_PASS["rows"] = rows
     q, k, v = (torch.randn(B, H, T, d, dtype=torch.float64) for _ in range(3))
@@ -445,9 +447,9 @@ def test_triton_path_compiles_without_graph_breaks():
 
 
 def test_triton_kernels_match_torch_in_the_interpreter():
-    """The Triton forward (one pass, and two) and hand-written backward against autograd of the
-    PyTorch path, run on the CPU by Triton's interpreter: calls that start mid-mini-batch, incomplete
-    last mini-batches, several checkpoint spacings."""
+    """The Triton forward (one pass, and two) and hand-written backward (one walk, and three passes)
+    against autograd of the PyTorch path, run on the CPU by Triton's interpreter: calls that start
+    mid-mini-batch, incomplete last mini-batches, several checkpoint spacings, the passes in pieces."""
     pytest.importorskip("triton")
     r = subprocess.run([sys.executable, "-c", TRITON_CHECK, ROOT], capture_output=True, text=True,
                        timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -617,7 +619,7 @@ def test_triton_kernels_compile_for_h100(b):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    ints = ("T", "NMS", "NCS", "H")
+    ints = ("T", "NMS", "NCS", "H", "M0", "M1", "J0", "J1")
     for kern, consts, warps in (
             (ttt._ttt_linear_fwd_kernel, dict(D=64, BS=b, SEG=16, SAVE=True, DOT=ttt.TRITON_DOT,
                                               STAGES=ttt.TRITON_FWD["stages"]), ttt.TRITON_FWD["num_warps"]),
@@ -625,7 +627,11 @@ def test_triton_kernels_compile_for_h100(b):
              8 if b * 64 <= 1024 else 4),
             (ttt._ttt_linear_scan_kernel, dict(D=64, BS=b, SEG=16, SAVE=True, DOT=ttt.TRITON_DOT,
                                                STAGES=ttt.TRITON_FWD["stages"]), ttt.TRITON_FWD["num_warps"]),
-            (ttt._ttt_linear_readout_kernel, dict(D=64, BS=b, DOT=ttt.TRITON_DOT), ttt.TRITON_FWD["num_warps"])):
+            (ttt._ttt_linear_readout_kernel, dict(D=64, BS=b, DOT=ttt.TRITON_DOT), ttt.TRITON_FWD["num_warps"]),
+            (ttt._ttt_linear_bwd_out_kernel, dict(D=64, BS=b, DOT=ttt.TRITON_DOT), 4),
+            (ttt._ttt_linear_bwd_walk_kernel, dict(D=64, BS=b, DOT=ttt.TRITON_DOT, STAGES=ttt.TRITON_FWD["stages"]), 4),
+            (ttt._ttt_linear_bwd_par_kernel, dict(D=64, BS=b, HAS_G=True, DOT=ttt.TRITON_DOT),
+             8 if b * 64 <= 1024 else 4)):
         names = kern.arg_names
         sig = {n: "constexpr" if n in consts else "i32" if n in ints else "*i64" if n == "i_ptr" else "*fp32"
                for n in names}
