@@ -879,6 +879,7 @@ if triton is not None:
         tl.store(part + rg, m)
         tl.store(part + GP + rg, l)
         tl.store(part + 2 * GP + rg[:, None] * HD + rd[None, :], acc)
+        tl.debug_barrier()  # one thread does the atomic: every thread's stores must come before it
         done = tl.atomic_add(count_ptr + b * HKV + hk, 1)                  # acq_rel: the partials above are seen
         if done == S - 1:
             rs = tl.arange(0, S)
