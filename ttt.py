@@ -520,16 +520,15 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=_RUNTIME + ["M0", "M1"])
     def _ttt_linear_scan_kernel(k_ptr, v_ptr, lr_ptr, lnw_ptr, lnb_ptr, tau_ptr, W_ptr, c_ptr, GW_ptr, Gc_ptr,
-                                Wall_ptr, call_ptr, Wck_ptr, cck_ptr, T, i_ptr, NMS, NCS, H, M0, M1,
-                                D: tl.constexpr, BS: tl.constexpr, SEG: tl.constexpr, SAVE: tl.constexpr,
-                                DOT: tl.constexpr, STAGES: tl.constexpr):
+                                Wall_ptr, call_ptr, T, i_ptr, NMS, H, M0, M1,
+                                D: tl.constexpr, BS: tl.constexpr, DOT: tl.constexpr, STAGES: tl.constexpr):
         """The two-pass forward's walk: the fast weights of one (batch row, head) through its
         mini-batches M0 to M1 - 1, each one's start written to Wall/call [NMS, D, D] / [NMS, D];
         W_ptr.. Gc_ptr hold the state in and the new state out, as in _ttt_linear_fwd_kernel."""
         pid = tl.program_id(0)
-        i0, NM, NC, last_full = _tl_shape(i_ptr, T, BS, SEG)
+        i0, NM, NC, last_full = _tl_shape(i_ptr, T, BS, 1)
         h = pid % H
-        rd, rb = tl.arange(0, D), tl.arange(0, BS)
+        rd = tl.arange(0, D)
         dd = rd[:, None] * D + rd[None, :]
         W = tl.load(W_ptr + pid * D * D + dd)
         c = tl.load(c_ptr + pid * D + rd)
@@ -537,10 +536,6 @@ if triton is not None:
         lnb = tl.load(lnb_ptr + h * D + rd)
         tau_last = tl.load(tau_ptr + BS - 1)
         for m in tl.range(M0, tl.minimum(M1, NM), num_stages=STAGES):
-            if SAVE:
-                if m % SEG == 0:  # W at the start of every SEG-th mini-batch, for backward
-                    tl.store(Wck_ptr + (pid * NCS + m // SEG) * D * D + dd, W)
-                    tl.store(cck_ptr + (pid * NCS + m // SEG) * D + rd, c)
             tl.store(Wall_ptr + (pid * NMS + m) * D * D + dd, W)
             tl.store(call_ptr + (pid * NMS + m) * D + rd, c)
             _, k, v, lr, _, _, _ = _tl_minibatch(k_ptr, k_ptr, v_ptr, lr_ptr, pid, m, i0, T, D, BS)
@@ -548,14 +543,14 @@ if triton is not None:
             u = lr[:, None] * gz                                                  # [BS, D]
             Gn = tl.dot(tl.trans(k), u, input_precision=DOT)                     # [D, D]
             Gcn = tl.sum(u, 0)
-            # the sums carried in from an earlier call belong to mini-batch 0 only
-            Gn += tl.load(GW_ptr + pid * D * D + dd, mask=(m == 0) & (dd >= 0), other=0.0)
-            Gcn += tl.load(Gc_ptr + pid * D + rd, mask=(m == 0) & (rd >= 0), other=0.0)
+            if m == 0:  # the sums carried in from an earlier call belong to mini-batch 0 only
+                Gn += tl.load(GW_ptr + pid * D * D + dd)
+                Gcn += tl.load(Gc_ptr + pid * D + rd)
             full = ((m < NM - 1) | (last_full != 0)).to(tl.float32)
-            last = m == NM - 1
-            tl.debug_barrier()  # every thread has read the sums carried in before they are overwritten
-            tl.store(GW_ptr + pid * D * D + dd, Gn * (1.0 - full), mask=last & (dd >= 0))
-            tl.store(Gc_ptr + pid * D + rd, Gcn * (1.0 - full), mask=last & (rd >= 0))
+            if m == NM - 1:  # the new state's sums: those of an incomplete last mini-batch, else 0
+                tl.debug_barrier()  # every thread has read the sums carried in before they are overwritten
+                tl.store(GW_ptr + pid * D * D + dd, Gn * (1.0 - full))
+                tl.store(Gc_ptr + pid * D + rd, Gcn * (1.0 - full))
             W -= (full * tau_last) * Gn
             c -= (full * tau_last) * Gcn
         tl.store(W_ptr + pid * D * D + dd, W)
@@ -843,9 +838,11 @@ if triton is not None:
             tl.store(dcall_ptr + at * D + rd, dc)
             # an incomplete last mini-batch hands its sums on (their adjoint comes in) instead of W
             full = ((m < NM - 1) | (last_full != 0)).to(tl.float32)
-            last = (m == NM - 1) & (last_full == 0)
-            dGn = full * (-tau_last) * dW + tl.load(dGW_ptr + pid * D * D + dd, mask=last & (dd >= 0), other=0.0)
-            dGcn = full * (-tau_last) * dc + tl.load(dGc_ptr + pid * D + rd, mask=last & (rd >= 0), other=0.0)
+            dGn = full * (-tau_last) * dW
+            dGcn = full * (-tau_last) * dc
+            if (m == NM - 1) & (last_full == 0):
+                dGn += tl.load(dGW_ptr + pid * D * D + dd)
+                dGcn += tl.load(dGc_ptr + pid * D + rd)
             gz, a, xh, rs = _tl_inner_grad(W, c, k, v, lnw, lnb, D, DOT)
             du = tl.dot(k, dGn, input_precision=DOT) + dGcn[None, :]
             dgz = lr[:, None] * du + tl.load(g0_ptr + at * BS * D + rb[:, None] * D + rd[None, :])
@@ -977,9 +974,8 @@ def _linear_chunk(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, tau: Tensor, ln_w
         side = _Side(q)
         for m0, n in _pieces(NMS):
             _ttt_linear_scan_kernel[(B * H,)](
-                k, v, lr, ln_w, ln_b, tau, W, c, GW, Gc, Wall, call, Wall, call, T, i, NMS, NMS, H, m0, m0 + n,
-                D=d, BS=b, SEG=1, SAVE=False, DOT=TRITON_DOT, STAGES=TRITON_FWD["stages"],
-                num_warps=TRITON_FWD["num_warps"])
+                k, v, lr, ln_w, ln_b, tau, W, c, GW, Gc, Wall, call, T, i, NMS, H, m0, m0 + n,
+                D=d, BS=b, DOT=TRITON_DOT, STAGES=TRITON_FWD["stages"], num_warps=TRITON_FWD["num_warps"])
             with side:
                 _ttt_linear_readout_kernel[(B * H, n)](
                     q, k, v, lr, tau, ln_w, ln_b, GW_in, Gc_in, Wall, call, out, T, i, NMS, H, m0, D=d, BS=b,
