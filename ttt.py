@@ -960,7 +960,8 @@ def _linear_chunk(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, tau: Tensor, ln_w
                   save: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """ttt_linear's chunked path as Triton kernels (one pass, or two), on float32 contiguous
     inputs; i: the state's position in its mini-batch (int64 []). Returns out, the new state
-    (W, c, GW, Gc) and, when save, the fast weights every seg mini-batches for backward."""
+    (W, c, GW, Gc) and, when save, the fast weights for backward: every seg mini-batches (one
+    pass) or every mini-batch (two)."""
     B, H, T, d = q.shape
     NMS, NCS = _room(T, b, seg)
     GW_in, Gc_in = GW, Gc
@@ -1007,8 +1008,9 @@ def _linear_chunk_backward(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, tau: Ten
                            dout: Tensor, dW: Tensor, dc: Tensor, dGW: Tensor, dGc: Tensor, b: int,
                            seg: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
                                               Tensor, Tensor, Tensor, Tensor]:
-    """The backward kernel: from the adjoints of out and of the final state, those of q, k, v,
-    lr, of tau, ln_w, ln_b per (row, head), and of the initial state."""
+    """The backward kernels (one walk, or three passes when the forward kept the fast weights of
+    every mini-batch): from the adjoints of out and of the final state, those of q, k, v, lr, of
+    tau, ln_w, ln_b per (row, head), and of the initial state."""
     B, H, T, d = q.shape
     dW, dc, dGW, dGc = (g.clone() for g in (dW, dc, dGW, dGc))  # the kernel updates these in place
     dq, dk, dv, dlr = (torch.empty_like(x) for x in (q, k, v, lr))
