@@ -389,15 +389,22 @@ TRITON_BWD = dict(num_warps=0, num_stages=0)
 TRITON_BWD3 = dict(out_warps=4, walk_warps=4, walk_stages=2, par_warps=0)
 
 
+# TTT-MLP's kernels: hidden units a chunk (each mini-batch goes through the hidden units hc at a
+# time), warps of the forward and backward programs, precision of their products
+TRITON_MLP = dict(hc=32, fwd_warps=4, bwd_warps=4, dot=TRITON_DOT)
+
+
 def triton_supported(kind, d, b):
-    """Whether the Triton path handles a layer: TTT-Linear, d and b in {16, 32, 64}. (d = b = 64
-    already takes 226 KB of shared memory in backward; d = 128 would not fit an H100 SM.)"""
+    """Whether the Triton path handles a layer: TTT-Linear or TTT-MLP (hidden width 4 d), d and b
+    in {16, 32, 64}. (d = b = 64 already takes 226 KB of shared memory in TTT-Linear's backward;
+    d = 128 would not fit an H100 SM.)"""
     pow2 = lambda n: 16 <= n <= 64 and n & (n - 1) == 0
-    return triton is not None and kind == "linear" and pow2(d) and pow2(b)
+    return triton is not None and kind in ("linear", "mlp") and pow2(d) and pow2(b)
 
 
 if triton is not None:
     _EPS = tl.constexpr(LN_EPS)
+    _GELU_C = tl.constexpr(GELU_C)
 
     @triton.jit
     def _tl_minibatch(q_ptr, k_ptr, v_ptr, lr_ptr, pid, m, i0, T, D: tl.constexpr, BS: tl.constexpr):
@@ -415,7 +422,11 @@ if triton is not None:
     @triton.jit
     def _tl_inner_grad(W, c, k, v, lnw, lnb, D: tl.constexpr, DOT: tl.constexpr):
         """gz = d/dz 1/2||LN(z) - (v - k)||^2 at z = k W + c, and what its backward needs."""
-        z = tl.dot(k, W, input_precision=DOT) + c[None, :]            # [BS, D]
+        return _tl_ln_l2(tl.dot(k, W, input_precision=DOT) + c[None, :], k, v, lnw, lnb, D)
+
+    @triton.jit
+    def _tl_ln_l2(z, k, v, lnw, lnb, D: tl.constexpr):
+        """gz = d/dz 1/2||LN(z) - (v - k)||^2 for z [BS, D], and what its backward needs."""
         zc = z - tl.sum(z, 1)[:, None] / D                             # [BS, D]
         rs = 1.0 / tl.sqrt(tl.sum(zc * zc, 1) / D + _EPS)             # [BS] 1 / std
         xh = zc * rs[:, None]                                          # [BS, D]
@@ -902,6 +913,392 @@ if triton is not None:
                 tl.store(dGc_ptr + pid * D + rd, dGc)
 
 
+    # -------------------------------------------------------------------------
+    # TTT-MLP. Its fast weights (W1 [D, M], b1, W2 [M, D], b2 with M = 4 D: 128 KB a head in
+    # float32 at D = 64) do not fit in a program's registers, so they stay in global memory (L2 and
+    # L1 keep them close) as one flat vector a (row, head), P = [W1, b1, W2, b2], and each mini-batch
+    # goes through the hidden units HC at a time. Whatever needs all hidden units at once (the output
+    # of the MLP and its LayerNorm) is summed over the chunks in one loop and used in the next.
+
+    @triton.jit
+    def _tm_gelu(x):
+        """gelu_tanh(x), and its first and second derivatives (tanh written with a sigmoid)."""
+        s = _GELU_C * (x + 0.044715 * x * x * x)
+        t = 2.0 * tl.sigmoid(2.0 * s) - 1.0                           # tanh(s)
+        ds = _GELU_C * (1.0 + 3.0 * 0.044715 * x * x)                 # s'
+        g1 = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * ds
+        g2 = (1.0 - t * t) * (ds + 0.5 * x * (6.0 * 0.044715 * _GELU_C * x - 2.0 * t * ds * ds))
+        return 0.5 * x * (1.0 + t), g1, g2
+
+    @triton.jit
+    def _tm_offsets(D: tl.constexpr, M: tl.constexpr, HC: tl.constexpr):
+        """Offsets in P of the first chunk of hidden units: W1 [D, HC] (the next chunk at + HC),
+        b1 [HC] (+ HC), W2 [HC, D] (+ HC * D); and of b2 [D]."""
+        rd, rh = tl.arange(0, D), tl.arange(0, HC)
+        return (rd[:, None] * M + rh[None, :], D * M + rh, D * M + M + rh[:, None] * D + rd[None, :],
+                2 * D * M + M + rd)
+
+    @triton.jit
+    def _tm_copy(src, dst, D: tl.constexpr, M: tl.constexpr, HC: tl.constexpr):
+        o1, ob1, o2, ob2 = _tm_offsets(D, M, HC)
+        for c in range(M // HC):
+            tl.store(dst + o1 + c * HC, tl.load(src + o1 + c * HC))
+            tl.store(dst + ob1 + c * HC, tl.load(src + ob1 + c * HC))
+            tl.store(dst + o2 + c * HC * D, tl.load(src + o2 + c * HC * D))
+        tl.store(dst + ob2, tl.load(src + ob2))
+
+    @triton.jit
+    def _tm_z2(P, k, D: tl.constexpr, M: tl.constexpr, HC: tl.constexpr, BS: tl.constexpr,
+               DOT: tl.constexpr):
+        """z2 = gelu(k W1 + b1) W2 + b2 [BS, D] at the fast weights P."""
+        o1, ob1, o2, ob2 = _tm_offsets(D, M, HC)
+        z2 = tl.zeros([BS, D], dtype=tl.float32)
+        for c in range(M // HC):
+            z1 = tl.dot(k, tl.load(P + o1 + c * HC), input_precision=DOT) + tl.load(P + ob1 + c * HC)[None, :]
+            x2, g1_, g2_ = _tm_gelu(z1)
+            z2 += tl.dot(x2, tl.load(P + o2 + c * HC * D), input_precision=DOT)
+        return z2 + tl.load(P + ob2)[None, :]
+
+    @triton.jit
+    def _tm_fwd_minibatch(Pi, Po, G, Go, has_g, q, k, v, lr, tau, tau_last, full, last, lnw, lnb,
+                          OUT: tl.constexpr, D: tl.constexpr, M: tl.constexpr, HC: tl.constexpr,
+                          BS: tl.constexpr, DOT: tl.constexpr):
+        """_mlp_minibatch on one (row, head), plus the end-of-mini-batch update: reads the fast
+        weights at Pi and writes the next ones at Po (not Pi); when has_g, adds the sums carried in
+        at G; when `last`, writes the sums handed on (0 for a complete mini-batch) at Go. Returns
+        the outputs [BS, D] when OUT (else q)."""
+        o1, ob1, o2, ob2 = _tm_offsets(D, M, HC)
+        r = tl.arange(0, BS)
+        gz2, a_, xh_, rs_ = _tl_ln_l2(_tm_z2(Pi, k, D, M, HC, BS, DOT), k, v, lnw, lnb, D)  # [BS, D]
+        u2 = lr[:, None] * gz2                                                    # [BS, D]
+        out = q
+        if OUT:
+            e = tl.where(r[:, None] >= r[None, :], tau[:, None] * lr[None, :], 0.0)  # [BS, BS]
+            a1 = e * (tl.dot(q, tl.trans(k), input_precision=DOT) + 1.0)              # [BS, BS]
+            att2 = tl.zeros([BS, BS], dtype=tl.float32)
+            z2q = tl.zeros([BS, D], dtype=tl.float32)
+        step = full * tau_last
+        keep = 1.0 - full
+        for c in range(M // HC):
+            W1 = tl.load(Pi + o1 + c * HC)                                        # [D, HC]
+            b1 = tl.load(Pi + ob1 + c * HC)                                       # [HC]
+            z1 = tl.dot(k, W1, input_precision=DOT) + b1[None, :]                 # [BS, HC]
+            x2, dx2, d2x2 = _tm_gelu(z1)
+            W2 = tl.load(Pi + o2 + c * HC * D)                                    # [HC, D]
+            gz1 = tl.dot(gz2, tl.trans(W2), input_precision=DOT) * dx2            # [BS, HC]
+            u1 = lr[:, None] * gz1
+            if OUT:
+                z1q = tl.dot(q, W1, input_precision=DOT) + b1[None, :] - tl.dot(a1, gz1, input_precision=DOT)
+                if has_g:  # sums carried in from an earlier call that stopped inside this mini-batch
+                    z1q -= tau[:, None] * (tl.dot(q, tl.load(G + o1 + c * HC), input_precision=DOT)
+                                           + tl.load(G + ob1 + c * HC)[None, :])
+                x2q, g1q, g2q = _tm_gelu(z1q)                                     # [BS, HC]
+                att2 += tl.dot(x2q, tl.trans(x2), input_precision=DOT)
+                z2q += tl.dot(x2q, W2, input_precision=DOT)
+                if has_g:
+                    z2q -= tau[:, None] * tl.dot(x2q, tl.load(G + o2 + c * HC * D), input_precision=DOT)
+            # the sums of this mini-batch (and those carried in); the next fast weights
+            G1 = tl.dot(tl.trans(k), u1, input_precision=DOT)                    # [D, HC]
+            Gb1 = tl.sum(u1, 0)                                                   # [HC]
+            if has_g:
+                G1 += tl.load(G + o1 + c * HC)
+                Gb1 += tl.load(G + ob1 + c * HC)
+            tl.store(Po + o1 + c * HC, W1 - step * G1)
+            tl.store(Po + ob1 + c * HC, b1 - step * Gb1)
+            if last:
+                tl.store(Go + o1 + c * HC, keep * G1)
+                tl.store(Go + ob1 + c * HC, keep * Gb1)
+            G2 = tl.dot(tl.trans(x2), u2, input_precision=DOT)                   # [HC, D]
+            if has_g:
+                G2 += tl.load(G + o2 + c * HC * D)
+            tl.store(Po + o2 + c * HC * D, W2 - step * G2)
+            if last:
+                tl.store(Go + o2 + c * HC * D, keep * G2)
+        b2 = tl.load(Pi + ob2)
+        Gb2 = tl.sum(u2, 0)
+        if has_g:
+            Gb2 += tl.load(G + ob2)
+        tl.store(Po + ob2, b2 - step * Gb2)
+        if last:
+            tl.store(Go + ob2, keep * Gb2)
+        if OUT:
+            z2q += b2[None, :] - tl.dot(e * (att2 + 1.0), gz2, input_precision=DOT)
+            if has_g:
+                z2q -= tau[:, None] * tl.load(G + ob2)[None, :]
+            xq, rsq = _tl_ln(z2q, D)
+            out = q + lnw[None, :] * xq + lnb[None, :]
+        tl.debug_barrier()  # the next mini-batch reads what this one wrote
+        return out
+
+    @triton.jit(do_not_specialize=_RUNTIME)
+    def _ttt_mlp_fwd_kernel(q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, P_ptr, G_ptr,
+                            Go_ptr, out_ptr, Ck_ptr, T, i_ptr, NCS, H,
+                            D: tl.constexpr, M: tl.constexpr, HC: tl.constexpr, BS: tl.constexpr,
+                            SEG: tl.constexpr, SAVE: tl.constexpr, DOT: tl.constexpr):
+        """One program per (row, head) walks its mini-batches. P_ptr [2, rows, NP] holds the fast
+        weights in its first half and is the new state's on exit; mini-batch m reads half m % 2 and
+        writes the other. G_ptr: the sums carried in; Go_ptr: the sums handed on. With SAVE, the
+        fast weights every SEG mini-batches go to Ck_ptr [rows, NCS, NP]."""
+        pid = tl.program_id(0)
+        i0, NM, NC, last_full = _tl_shape(i_ptr, T, BS, SEG)
+        NP = 2 * D * M + M + D
+        half = tl.num_programs(0) * NP
+        h = pid % H
+        rd, rb = tl.arange(0, D), tl.arange(0, BS)
+        lnw = tl.load(lnw_ptr + h * D + rd)
+        lnb = tl.load(lnb_ptr + h * D + rd)
+        tau = tl.load(tau_ptr + rb)
+        tau_last = tl.load(tau_ptr + BS - 1)
+        P, G, Go = P_ptr + pid * NP, G_ptr + pid * NP, Go_ptr + pid * NP
+        for m in range(NM):
+            Pm = P + (m % 2) * half
+            if SAVE:
+                if m % SEG == 0:
+                    _tm_copy(Pm, Ck_ptr + (pid * NCS + m // SEG) * NP, D, M, HC)
+            q, k, v, lr, ok, offs, t = _tl_minibatch(q_ptr, k_ptr, v_ptr, lr_ptr, pid, m, i0, T, D, BS)
+            full = ((m < NM - 1) | (last_full != 0)).to(tl.float32)
+            out = _tm_fwd_minibatch(Pm, P + ((m + 1) % 2) * half, G, Go, m == 0, q, k, v, lr, tau,
+                                    tau_last, full, m == NM - 1, lnw, lnb, True, D, M, HC, BS, DOT)
+            tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=ok[:, None])
+        if NM % 2 == 1:  # the new state is in the second half: bring it to the first
+            _tm_copy(P + half, P, D, M, HC)
+
+    @triton.jit
+    def _tm_bwd_minibatch(P, dP, G, has_g, dGo, dgo, dGi, S, q, k, v, lr, tau, tau_last, full, lnw,
+                          lnb, dout, D: tl.constexpr, M: tl.constexpr, HC: tl.constexpr,
+                          BS: tl.constexpr, DOT: tl.constexpr):
+        """Reverse of _tm_fwd_minibatch (outputs and update), derived by hand. P: the fast weights
+        at the start of the mini-batch; dP: the adjoint of those after it on entry, of those before
+        it on exit (updated in place). dGo: the adjoint of the sums handed on, read when dgo. When
+        has_g, G holds the sums carried in and dGi receives their adjoint. S: scratch [2, BS, M].
+        Four loops over the hidden units: (1) z2; (2) the outputs' forward; (3) the adjoints through
+        the outputs and the update; (4) those through z1 and z2."""
+        o1, ob1, o2, ob2 = _tm_offsets(D, M, HC)
+        r = tl.arange(0, BS)
+        rh = tl.arange(0, HC)
+        os_ = r[:, None] * M + rh[None, :]                                        # [BS, HC] in S
+        causal = r[:, None] >= r[None, :]
+        # (1) the inner loss's gradient at z2
+        gz2, a, xh, rs = _tl_ln_l2(_tm_z2(P, k, D, M, HC, BS, DOT), k, v, lnw, lnb, D)
+        u2 = lr[:, None] * gz2
+        e = tl.where(causal, tau[:, None] * lr[None, :], 0.0)                       # [BS, BS]
+        A1 = tl.dot(q, tl.trans(k), input_precision=DOT) + 1.0                      # [BS, BS]
+        a1 = e * A1
+        ntl = -full * tau_last
+        keep = 1.0 - full
+        # (2) the outputs' forward (z2q, att2), and du2 = x2 dG2 + dGb2
+        att2 = tl.zeros([BS, BS], dtype=tl.float32)
+        z2q = tl.zeros([BS, D], dtype=tl.float32)
+        du2 = tl.zeros([BS, D], dtype=tl.float32)
+        for c in range(M // HC):
+            W1 = tl.load(P + o1 + c * HC)
+            b1 = tl.load(P + ob1 + c * HC)
+            z1 = tl.dot(k, W1, input_precision=DOT) + b1[None, :]
+            x2, dx2, d2x2 = _tm_gelu(z1)
+            W2 = tl.load(P + o2 + c * HC * D)
+            gz1 = tl.dot(gz2, tl.trans(W2), input_precision=DOT) * dx2
+            z1q = tl.dot(q, W1, input_precision=DOT) + b1[None, :] - tl.dot(a1, gz1, input_precision=DOT)
+            if has_g:
+                z1q -= tau[:, None] * (tl.dot(q, tl.load(G + o1 + c * HC), input_precision=DOT)
+                                       + tl.load(G + ob1 + c * HC)[None, :])
+            x2q, g1q, g2q = _tm_gelu(z1q)
+            att2 += tl.dot(x2q, tl.trans(x2), input_precision=DOT)
+            z2q += tl.dot(x2q, W2, input_precision=DOT)
+            if has_g:
+                z2q -= tau[:, None] * tl.dot(x2q, tl.load(G + o2 + c * HC * D), input_precision=DOT)
+            dG2 = ntl * tl.load(dP + o2 + c * HC * D) + keep * tl.load(
+                dGo + o2 + c * HC * D, mask=dgo & (o2 >= 0), other=0.0)
+            du2 += tl.dot(x2, dG2, input_precision=DOT)
+        b2 = tl.load(P + ob2)
+        db2 = tl.load(dP + ob2)                                                   # [D]
+        dGb2 = ntl * db2 + keep * tl.load(dGo + ob2, mask=dgo & (ob2 >= 0), other=0.0)
+        du2 += dGb2[None, :]
+        Gb2 = tl.sum(u2, 0)
+        A2 = att2 + 1.0
+        z2q += b2[None, :] - tl.dot(e * A2, gz2, input_precision=DOT)
+        if has_g:
+            z2q -= tau[:, None] * tl.load(G + ob2)[None, :]
+            Gb2 += tl.load(G + ob2)
+        dtl = -full * tl.sum(db2 * Gb2, 0)                                        # d tau_last
+        # out = q + lnw LN(z2q) + lnb
+        xq, rsq = _tl_ln(z2q, D)
+        dlnw = tl.sum(dout * xq, 0)
+        dlnb = tl.sum(dout, 0)
+        dx = dout * lnw[None, :]
+        dz2q = (dx - tl.sum(dx, 1)[:, None] / D
+                - xq * (tl.sum(dx * xq, 1) / D)[:, None]) * rsq[:, None]          # [BS, D]
+        dEA2 = tl.where(causal, -tl.dot(dz2q, tl.trans(gz2), input_precision=DOT), 0.0)  # [BS, BS]
+        dE = dEA2 * A2
+        dA2 = dEA2 * e
+        dlr = tl.sum(du2 * gz2, 1)                                                # [BS]
+        dgz2 = lr[:, None] * du2 - tl.dot(tl.trans(e * A2), dz2q, input_precision=DOT)  # [BS, D]
+        dq = dout
+        dk = tl.zeros([BS, D], dtype=tl.float32)
+        dEA1 = tl.zeros([BS, BS], dtype=tl.float32)
+        dtau = tl.zeros([BS], dtype=tl.float32)
+        if has_g:
+            dtau -= tl.sum(dz2q * tl.load(G + ob2)[None, :], 1)
+            tl.store(dGi + ob2, dGb2 - tl.sum(tau[:, None] * dz2q, 0))
+        # (3) through the outputs' first layer and through the update
+        for c in range(M // HC):
+            W1 = tl.load(P + o1 + c * HC)
+            b1 = tl.load(P + ob1 + c * HC)
+            z1 = tl.dot(k, W1, input_precision=DOT) + b1[None, :]
+            x2, s1, s2 = _tm_gelu(z1)
+            W2 = tl.load(P + o2 + c * HC * D)
+            p = tl.dot(gz2, tl.trans(W2), input_precision=DOT)                   # [BS, HC]
+            gz1 = p * s1
+            u1 = lr[:, None] * gz1
+            z1q = tl.dot(q, W1, input_precision=DOT) + b1[None, :] - tl.dot(a1, gz1, input_precision=DOT)
+            dx2q = tl.dot(dz2q, tl.trans(W2), input_precision=DOT) + tl.dot(dA2, x2, input_precision=DOT)
+            if has_g:
+                z1q -= tau[:, None] * (tl.dot(q, tl.load(G + o1 + c * HC), input_precision=DOT)
+                                       + tl.load(G + ob1 + c * HC)[None, :])
+                dx2q -= tau[:, None] * tl.dot(dz2q, tl.trans(tl.load(G + o2 + c * HC * D)),
+                                              input_precision=DOT)
+            x2q, q1, q2 = _tm_gelu(z1q)
+            dz1q = dx2q * q1                                                      # [BS, HC]
+            dW1 = tl.load(dP + o1 + c * HC)                                       # adjoints after
+            db1 = tl.load(dP + ob1 + c * HC)
+            dW2 = tl.load(dP + o2 + c * HC * D)
+            dG1 = ntl * dW1 + keep * tl.load(dGo + o1 + c * HC, mask=dgo & (o1 >= 0), other=0.0)
+            dGb1 = ntl * db1 + keep * tl.load(dGo + ob1 + c * HC, mask=dgo & (rh >= 0), other=0.0)
+            dG2 = ntl * dW2 + keep * tl.load(dGo + o2 + c * HC * D, mask=dgo & (o2 >= 0), other=0.0)
+            G1 = tl.dot(tl.trans(k), u1, input_precision=DOT)
+            Gb1 = tl.sum(u1, 0)
+            G2 = tl.dot(tl.trans(x2), u2, input_precision=DOT)
+            if has_g:
+                G1 += tl.load(G + o1 + c * HC)
+                Gb1 += tl.load(G + ob1 + c * HC)
+                G2 += tl.load(G + o2 + c * HC * D)
+            dtl -= full * (tl.sum(tl.sum(dW1 * G1, 1), 0) + tl.sum(db1 * Gb1, 0)
+                           + tl.sum(tl.sum(dW2 * G2, 1), 0))
+            # u1 = lr gz1 feeds G1 = k^T u1 and Gb1; z1q = q W1 + b1 - (e A1) gz1
+            du1 = tl.dot(k, dG1, input_precision=DOT) + dGb1[None, :]             # [BS, HC]
+            dlr += tl.sum(du1 * gz1, 1)
+            dgz1 = lr[:, None] * du1 - tl.dot(tl.trans(a1), dz1q, input_precision=DOT)
+            dEA1 -= tl.dot(dz1q, tl.trans(gz1), input_precision=DOT)
+            dq += tl.dot(dz1q, tl.trans(W1), input_precision=DOT)
+            dk += tl.dot(u1, tl.trans(dG1), input_precision=DOT)
+            # gz1 = p gelu'(z1), p = gz2 W2^T
+            dp = dgz1 * s1
+            dgz2 += tl.dot(dp, W2, input_precision=DOT)
+            nW1 = dW1 + tl.dot(tl.trans(q), dz1q, input_precision=DOT)
+            nb1 = db1 + tl.sum(dz1q, 0)
+            nW2 = dW2 + tl.dot(tl.trans(x2q), dz2q, input_precision=DOT) + tl.dot(tl.trans(dp), gz2, input_precision=DOT)
+            # what loop (4) adds to the adjoints of x2 and z1 beside dz2's part
+            pdx2 = tl.dot(u2, tl.trans(dG2), input_precision=DOT) + tl.dot(tl.trans(dA2), x2q, input_precision=DOT)
+            if has_g:  # the sums carried in: z1q and z2q used them, G1.. G2 added them
+                GW1 = tl.load(G + o1 + c * HC)
+                qG = tl.dot(q, GW1, input_precision=DOT) + tl.load(G + ob1 + c * HC)[None, :]
+                dq -= tau[:, None] * tl.dot(dz1q, tl.trans(GW1), input_precision=DOT)
+                tdz1q = tau[:, None] * dz1q
+                dtau -= tl.sum(dz1q * qG, 1) + tl.sum(
+                    dz2q * tl.dot(x2q, tl.load(G + o2 + c * HC * D), input_precision=DOT), 1)
+                tl.store(dGi + o1 + c * HC, dG1 - tl.dot(tl.trans(q), tdz1q, input_precision=DOT))
+                tl.store(dGi + ob1 + c * HC, dGb1 - tl.sum(tdz1q, 0))
+                tl.store(dGi + o2 + c * HC * D,
+                         dG2 - tl.dot(tl.trans(x2q), tau[:, None] * dz2q, input_precision=DOT))
+            tl.store(S + os_ + c * HC, pdx2)
+            tl.store(S + BS * M + os_ + c * HC, dgz1 * p * s2)
+            tl.debug_barrier()  # every thread has read this chunk's adjoints before they are overwritten
+            tl.store(dP + o1 + c * HC, nW1)
+            tl.store(dP + ob1 + c * HC, nb1)
+            tl.store(dP + o2 + c * HC * D, nW2)
+        dEA1 = tl.where(causal, dEA1, 0.0)
+        dE += dEA1 * A1
+        dA1 = dEA1 * e
+        dq += tl.dot(dA1, k, input_precision=DOT)
+        dk += tl.dot(tl.trans(dA1), q, input_precision=DOT)
+        dtau += tl.sum(dE * lr[None, :], 1)
+        dlr += tl.sum(dE * tau[:, None], 0)
+        # gz2 = the inner loss's gradient at z2 = gelu(k W1 + b1) W2 + b2
+        dz2, da, dr = _tl_inner_grad_bwd(dgz2, gz2, a, xh, rs, lnw, D)
+        rr = lnw[None, :] * xh + lnb[None, :] - (v - k)
+        dlnw += tl.sum(da * rr + dr * xh, 0)
+        dlnb += tl.sum(dr, 0)
+        dv = -dr
+        dk += dr
+        tl.debug_barrier()  # loop (3)'s stores are seen by every thread of loop (4)
+        tl.store(dP + ob2, db2 + tl.sum(dz2q, 0) + tl.sum(dz2, 0))
+        # (4) through z2 and z1
+        for c in range(M // HC):
+            W1 = tl.load(P + o1 + c * HC)
+            b1 = tl.load(P + ob1 + c * HC)
+            z1 = tl.dot(k, W1, input_precision=DOT) + b1[None, :]
+            x2, s1, s2 = _tm_gelu(z1)
+            dx2 = tl.load(S + os_ + c * HC) + tl.dot(dz2, tl.trans(tl.load(P + o2 + c * HC * D)),
+                                                     input_precision=DOT)
+            dz1 = dx2 * s1 + tl.load(S + BS * M + os_ + c * HC)
+            dk += tl.dot(dz1, tl.trans(W1), input_precision=DOT)
+            nW1 = tl.load(dP + o1 + c * HC) + tl.dot(tl.trans(k), dz1, input_precision=DOT)
+            nb1 = tl.load(dP + ob1 + c * HC) + tl.sum(dz1, 0)
+            nW2 = tl.load(dP + o2 + c * HC * D) + tl.dot(tl.trans(x2), dz2, input_precision=DOT)
+            tl.debug_barrier()
+            tl.store(dP + o1 + c * HC, nW1)
+            tl.store(dP + ob1 + c * HC, nb1)
+            tl.store(dP + o2 + c * HC * D, nW2)
+        tl.debug_barrier()  # the next (earlier) mini-batch reads dP and S
+        return dq, dk, dv, dlr, dtau, dtl, dlnw, dlnb
+
+    @triton.jit(do_not_specialize=_RUNTIME)
+    def _ttt_mlp_bwd_kernel(q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, G_ptr, Ck_ptr,
+                            buf_ptr, S_ptr, dout_ptr, dP_ptr, dGo_ptr, dGi_ptr,
+                            dq_ptr, dk_ptr, dv_ptr, dlr_ptr, dtau_ptr, dlnw_ptr, dlnb_ptr,
+                            T, i_ptr, NCS, H,
+                            D: tl.constexpr, M: tl.constexpr, HC: tl.constexpr, BS: tl.constexpr,
+                            SEG: tl.constexpr, DOT: tl.constexpr):
+        """One program per (row, head) walks the mini-batches in reverse, a segment of SEG at a
+        time: the segment's forward is replayed from its checkpoint into buf [rows, SEG, NP], then
+        walked back. dP_ptr holds the adjoint of the final fast weights on entry and of the initial
+        ones on exit; dGo_ptr that of the sums handed on; dGi_ptr receives that of the sums carried in."""
+        pid = tl.program_id(0)
+        i0, NM, NC, last_full = _tl_shape(i_ptr, T, BS, SEG)
+        NP = 2 * D * M + M + D
+        h = pid % H
+        rd, rb = tl.arange(0, D), tl.arange(0, BS)
+        lnw = tl.load(lnw_ptr + h * D + rd)
+        lnb = tl.load(lnb_ptr + h * D + rd)
+        tau = tl.load(tau_ptr + rb)
+        tau_last = tl.load(tau_ptr + BS - 1)
+        G, dP, dGo, dGi = G_ptr + pid * NP, dP_ptr + pid * NP, dGo_ptr + pid * NP, dGi_ptr + pid * NP
+        buf, S = buf_ptr + pid * SEG * NP, S_ptr + pid * 2 * BS * M
+        g_out = last_full == 0   # an incomplete last mini-batch hands its sums on
+        dtau = tl.zeros([BS], dtype=tl.float32)
+        dlnw = tl.zeros([D], dtype=tl.float32)
+        dlnb = tl.zeros([D], dtype=tl.float32)
+        for si in range(NC):
+            s = NC - 1 - si
+            m0 = s * SEG
+            m1 = tl.minimum(m0 + SEG, NM)
+            _tm_copy(Ck_ptr + (pid * NCS + s) * NP, buf, D, M, HC)
+            tl.debug_barrier()
+            # replay: buf[j] <- the fast weights at the start of mini-batch m0 + j
+            for m in range(m0, m1 - 1):
+                q, k, v, lr, ok, offs, t = _tl_minibatch(q_ptr, k_ptr, v_ptr, lr_ptr, pid, m, i0, T, D, BS)
+                _tm_fwd_minibatch(buf + (m - m0) * NP, buf + (m - m0 + 1) * NP, G, G, m == 0, q, k, v,
+                                  lr, tau, tau_last, 1.0, False, lnw, lnb, False, D, M, HC, BS, DOT)
+            # walk the segment back
+            for j in range(m1 - m0):
+                m = m1 - 1 - j
+                q, k, v, lr, ok, offs, t = _tl_minibatch(q_ptr, k_ptr, v_ptr, lr_ptr, pid, m, i0, T, D, BS)
+                dout = tl.load(dout_ptr + offs, mask=ok[:, None], other=0.0).to(tl.float32)
+                full = ((m < NM - 1) | (last_full != 0)).to(tl.float32)
+                dq, dk, dv, dlr, dtau_m, dtl, dlnw_m, dlnb_m = _tm_bwd_minibatch(
+                    buf + (m - m0) * NP, dP, G, m == 0, dGo, (m == NM - 1) & g_out, dGi, S, q, k, v,
+                    lr, tau, tau_last, full, lnw, lnb, dout, D, M, HC, BS, DOT)
+                dtau += dtau_m + tl.where(rb == BS - 1, dtl, 0.0)
+                dlnw += dlnw_m
+                dlnb += dlnb_m
+                tl.store(dq_ptr + offs, dq, mask=ok[:, None])
+                tl.store(dk_ptr + offs, dk, mask=ok[:, None])
+                tl.store(dv_ptr + offs, dv, mask=ok[:, None])
+                tl.store(dlr_ptr + pid * T + t, dlr, mask=ok)
+        tl.store(dtau_ptr + pid * BS + rb, dtau)
+        tl.store(dlnw_ptr + pid * D + rd, dlnw)
+        tl.store(dlnb_ptr + pid * D + rd, dlnb)
+
+
 def _pieces(n):
     """[start, length) pieces of n mini-batches: TRITON_TWO_PASS["pieces"] of them, or fewer, so that
     each holds `piece_min` or more (a piece costs two launches)."""
@@ -1078,22 +1475,115 @@ def _linear_chunk_grad(ctx, dout, dW, dc, dGW, dGc, _dWck, _dcck):
 _linear_chunk.register_autograd(_linear_chunk_grad, setup_context=_linear_chunk_setup)
 
 
-def _triton_scan(name, state, q, k, v, lr, tau, ln_w, ln_b, b, checkpoint_group):
-    """Chunked path of ttt_linear on the Triton kernels (same contract as _scan). Where the call
-    starts inside its mini-batch is read by the kernels on the device: no host sync."""
+def _mlp_width(P, d):
+    """Hidden width M of TTT-MLP from the flat fast weights [rows, 2 d M + M + d]."""
+    return (P.shape[-1] - d) // (2 * d + 1)
+
+
+@torch.library.custom_op("ttt::mlp_chunk", mutates_args=())
+def _mlp_chunk(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, tau: Tensor, ln_w: Tensor, ln_b: Tensor,
+               P: Tensor, G: Tensor, i: Tensor, b: int, seg: int,
+               save: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """ttt_mlp's chunked path as one Triton kernel, on float32 contiguous inputs with the fast
+    weights and sums flat ([rows, NP], P = [W1, b1, W2, b2]). Returns out, the new P and sums, and
+    when save the fast weights every seg mini-batches for backward."""
     B, H, T, d = q.shape
-    if name != "ttt_linear" or not triton_supported("linear", d, b):
+    M = _mlp_width(P, d)
+    P2 = P.new_empty((2, *P.shape))  # the fast weights go back and forth between two halves
+    P2[0] = P
+    Go = torch.empty_like(G)  # the last mini-batch writes the sums handed on
+    out = torch.empty_like(q)
+    Ck = q.new_empty((B * H, _room(T, b, seg)[1] if save else 1, P.shape[1]))
+    _ttt_mlp_fwd_kernel[(B * H,)](q, k, v, lr, tau, ln_w, ln_b, P2, G, Go, out, Ck, T, i, Ck.shape[1], H,
+                                  D=d, M=M, HC=min(M, TRITON_MLP["hc"]), BS=b, SEG=seg, SAVE=save,
+                                  DOT=TRITON_MLP["dot"], num_warps=TRITON_MLP["fwd_warps"], num_stages=1)
+    return out, P2[0], Go, Ck
+
+
+@_mlp_chunk.register_fake
+def _(q, k, v, lr, tau, ln_w, ln_b, P, G, i, b, seg, save):
+    B, H, T, d = q.shape
+    NCS = _room(T, b, seg)[1] if save else 1
+    return torch.empty_like(q), torch.empty_like(P), torch.empty_like(G), q.new_empty((B * H, NCS, P.shape[1]))
+
+
+@torch.library.custom_op("ttt::mlp_chunk_backward", mutates_args=())
+def _mlp_chunk_backward(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, tau: Tensor, ln_w: Tensor,
+                        ln_b: Tensor, G: Tensor, Ck: Tensor, i: Tensor, dout: Tensor, dP: Tensor,
+                        dGo: Tensor, b: int, seg: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                               Tensor, Tensor, Tensor, Tensor]:
+    """The backward kernel: from the adjoints of out, of the final fast weights and of the sums
+    handed on, those of q, k, v, lr, of tau, ln_w, ln_b per (row, head), of the initial fast
+    weights and of the sums carried in."""
+    B, H, T, d = q.shape
+    M = _mlp_width(G, d)
+    dP, dGi = dP.clone(), torch.empty_like(G)
+    dq, dk, dv, dlr = (torch.empty_like(x) for x in (q, k, v, lr))
+    dtau, dlnw, dlnb = q.new_empty(B * H, b), q.new_empty(B * H, d), q.new_empty(B * H, d)
+    buf, S = q.new_empty(B * H, seg, G.shape[1]), q.new_empty(B * H, 2, b, M)
+    _ttt_mlp_bwd_kernel[(B * H,)](q, k, v, lr, tau, ln_w, ln_b, G, Ck, buf, S, dout, dP, dGo, dGi,
+                                  dq, dk, dv, dlr, dtau, dlnw, dlnb, T, i, Ck.shape[1], H,
+                                  D=d, M=M, HC=min(M, TRITON_MLP["hc"]), BS=b, SEG=seg,
+                                  DOT=TRITON_MLP["dot"], num_warps=TRITON_MLP["bwd_warps"], num_stages=1)
+    return dq, dk, dv, dlr, dtau, dlnw, dlnb, dP, dGi
+
+
+@_mlp_chunk_backward.register_fake
+def _(q, k, v, lr, tau, ln_w, ln_b, G, Ck, i, dout, dP, dGo, b, seg):
+    B, H, T, d = q.shape
+    return (*(torch.empty_like(x) for x in (q, k, v, lr)), q.new_empty(B * H, b), q.new_empty(B * H, d),
+            q.new_empty(B * H, d), torch.empty_like(dP), torch.empty_like(G))
+
+
+def _mlp_chunk_setup(ctx, inputs, output):
+    q, k, v, lr, tau, ln_w, ln_b, P, G, i, b, seg, save = inputs
+    ctx.save_for_backward(q, k, v, lr, tau, ln_w, ln_b, G, output[3], i)
+    ctx.meta = (b, seg)
+
+
+def _mlp_chunk_grad(ctx, dout, dP, dGo, _dCk):
+    q, k, v, lr, tau, ln_w, ln_b, G, Ck, i = ctx.saved_tensors
+    b, seg = ctx.meta
+    B, H, T, d = q.shape
+    adj = lambda g, like: torch.zeros_like(like) if g is None else g.contiguous()
+    dq, dk, dv, dlr, dtau, dlnw, dlnb, dP, dG = _mlp_chunk_backward(
+        q, k, v, lr, tau, ln_w, ln_b, G, Ck, i, adj(dout, q), adj(dP, G), adj(dGo, G), b, seg)
+    return (dq, dk, dv, dlr, dtau.sum(0), dlnw.view(B, H, d).sum(0), dlnb.view(B, H, d).sum(0),
+            dP, dG, None, None, None, None)
+
+
+_mlp_chunk.register_autograd(_mlp_chunk_grad, setup_context=_mlp_chunk_setup)
+
+
+def _triton_scan(name, state, q, k, v, lr, tau, ln_w, ln_b, b, checkpoint_group):
+    """Chunked path of ttt_linear / ttt_mlp on the Triton kernels (same contract as _scan). Where
+    the call starts inside its mini-batch is read by the kernels on the device: no host sync."""
+    B, H, T, d = q.shape
+    kind = "linear" if name == "ttt_linear" else "mlp"
+    M = state.params[0].shape[-1]
+    if not triton_supported(kind, d, b) or (kind == "mlp" and M != 4 * d):
         raise NotImplementedError(
-            f"{name} with head width {d} and mini-batch {b} has no Triton path (TTT-Linear with d "
-            "and b in {16, 32, 64} only, and triton installed); use impl='torch' or 'compile'")
+            f"{name} with head width {d}, mini-batch {b}" + (f" and hidden width {M}" if kind == "mlp" else "")
+            + " has no Triton path (d and b in {16, 32, 64}, TTT-MLP's hidden width 4 d, and triton "
+            "installed); use impl='torch' or 'compile'")
     if q.dtype != torch.float32:
         raise ValueError(f"the Triton path keeps a float32 state; got a {q.dtype} state")
     seg = checkpoint_group if checkpoint_group > 0 else 16
+    args = [x.contiguous() for x in (q, k, v, lr, tau, ln_w, ln_b)]
+    i = state.i.to(q.device)
+    if kind == "mlp":  # the fast weights and sums as one flat float32 vector a (row, head)
+        flat = lambda ts: torch.cat([t.reshape(B * H, -1) for t in ts], 1)
+        P, G = flat(state.params), flat(state.grads)
+        save = torch.is_grad_enabled() and any(x.requires_grad for x in args + [P, G])
+        out, P, G, _ = _mlp_chunk(*args, P, G, i, b, seg, save)
+        sizes = [t[0, 0].numel() for t in state.params]
+        unflat = lambda x: tuple(p.view(t.shape) for p, t in zip(x.split(sizes, 1), state.params))
+        return out, TTTState(unflat(P), unflat(G), (state.i + T) % b)
     W, c = state.params
     GW, Gc = state.grads
-    args = [x.contiguous() for x in (q, k, v, lr, tau, ln_w, ln_b, W, c, GW, Gc)]
+    args += [x.contiguous() for x in (W, c, GW, Gc)]
     save = torch.is_grad_enabled() and any(x.requires_grad for x in args)  # keep W for backward?
-    out, W, c, GW, Gc, _, _ = _linear_chunk(*args, state.i.to(q.device), b, seg, save)
+    out, W, c, GW, Gc, _, _ = _linear_chunk(*args, i, b, seg, save)
     return out, TTTState((W, c), (GW, Gc), (state.i + T) % b)
 
 

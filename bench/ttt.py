@@ -12,7 +12,8 @@ Chunked rows, each at 16 heads of 64, T in {2k, 8k, 32k} with batch 64k / T, b i
   torch     ttt.py's PyTorch reference path (also one iteration per mini-batch, plus the carried
             sums and the mid-mini-batch starts the official code lacks)
   compile   the same loop with each whole mini-batch torch.compile'd (TTT-MLP's fast path)
-  triton    ttt.py's Triton kernels (TTT-Linear): one launch per call, forward and backward
+  triton    ttt.py's Triton kernels: one launch per call each way (TTT-Linear: passes for few, long
+            sequences; "ckpt 1": the fast weights of every mini-batch kept for backward)
   sdpa      causal attention of the same width, q, k, v [B, 16, T, 64] bf16 (kind-independent)
   fla       flash-linear-attention's chunk_ttt_linear when it imports (see fla_row for how its
             semantics differ)
@@ -148,6 +149,13 @@ def run_impl(impl, kind, xs, b, checkpoint_group=16, host_pos=False):
         return (loop_linear if kind == "linear" else loop_mlp)(q, k, v, lr, tau, ln_w, ln_b, b, *Wb)
     if impl == "triton, ckpt 1":  # fast weights kept at every mini-batch for backward, none recomputed
         return run_impl("triton", kind, xs, b, 1, host_pos)
+    if impl == "triton, tf32":  # TTT-MLP's kernels with single tf32 products instead of tf32x3
+        keep = dict(ttt.TRITON_MLP)
+        ttt.TRITON_MLP["dot"] = "tf32"
+        try:
+            return run_impl("triton", kind, xs, b, checkpoint_group, host_pos)
+        finally:
+            ttt.TRITON_MLP.update(keep)
     if impl == "triton 1-pass":  # the Triton forward without its two-pass form
         keep = dict(ttt.TRITON_TWO_PASS)
         ttt.TRITON_TWO_PASS["rows"] = 0
@@ -383,16 +391,45 @@ def tune(tokens, H, d, Ts, dev):
     ttt.TRITON_BWD.update(keep)
 
 
+# (hidden units a chunk, forward warps, backward warps, products) tried by --only tune_mlp
+MLP_SETTINGS = [(32, 4, 8, "tf32x3"), (32, 8, 8, "tf32x3"), (16, 4, 4, "tf32x3"), (64, 8, 8, "tf32x3")]
+
+
+def tune_mlp(tokens, H, d, Ts, dev):
+    """Mtok/s of the Triton TTT-MLP forward and forward+backward for each chunk of hidden units
+    and number of warps (b = 16 and 64)."""
+    print(f"\n## Triton TTT-MLP launch settings, {tokens} tokens; Mtok/s forward / forward+backward\n")
+    print("| hidden chunk | fwd warps | bwd warps | products | " + " | ".join(f"b={b}, T={T}" for b in (16, 64) for T in Ts) + " |")
+    print("|---:|---:|---:|---|" + "---:|" * (2 * len(Ts)))
+    keep = dict(ttt.TRITON_MLP)
+    for hc, fw, bw, dot in MLP_SETTINGS:
+        ttt.TRITON_MLP.update(hc=hc, fwd_warps=fw, bwd_warps=bw, dot=dot)
+        cells = []
+        for b in (16, 64):
+            for T in Ts:
+                try:
+                    r = chunked_row("triton", "mlp", tokens // T, H, T, d, b, dev)
+                    cells.append(f"{tokens / r['fwd'][0] / 1e6:.3g} / {tokens / r['fwd+bwd'][0] / 1e6:.3g}")
+                except Exception as e:
+                    cells.append(f"failed: {e.__class__.__name__}: {str(e)[:60]}")
+                torch.cuda.empty_cache()
+        print(f"| {hc} | {fw} | {bw} | {dot} | " + " | ".join(cells) + " |", flush=True)
+    ttt.TRITON_MLP.update(keep)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny sizes, runs on the CPU")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--only", choices=["streaming", "chunked", "tune", "graph"], default=None,
+    ap.add_argument("--only", choices=["streaming", "chunked", "tune", "tune_mlp", "graph"], default=None,
                     help="just the streaming-step table (every mode), just the chunked tables, a "
-                         "sweep of the Triton kernels' launch settings, or TTT-MLP's loop against "
+                         "sweep of the Triton kernels' launch settings (TTT-Linear, or TTT-MLP), or TTT-MLP's loop against "
                          "the same call as CUDA graphs (CUDA)")
     ap.add_argument("--T", type=int, nargs="+", default=None, help="sequence lengths (default 2048 8192 32768)")
+    ap.add_argument("--kinds", nargs="+", choices=["linear", "mlp"], default=["linear", "mlp"],
+                    help="inner models of the chunked table (default both)")
+    ap.add_argument("--skip", nargs="*", default=[], help="chunked rows to leave out, e.g. torch")
     args = ap.parse_args()
     dev = torch.device(args.device)
     if args.quick:
@@ -415,6 +452,9 @@ def main():
     if args.only == "tune":
         tune(tokens, H, d, Ts, dev)
         return
+    if args.only == "tune_mlp":
+        tune_mlp(tokens, H, d, Ts, dev)
+        return
     if args.only == "graph":
         graph_table(tokens, H, d, Ts, bs, dev)
         return
@@ -427,12 +467,13 @@ def main():
     fmt = lambda r: f"{tokens / r[0] / 1e6:.3g} ({r[1] / 2 ** 30:.2f})"
     cells_of = lambda r: [fmt(r["fwd"]), fmt(r["fwd+bwd"])] if isinstance(r, dict) else [r, ""]
     results = {}
-    for kind in ("linear", "mlp"):
+    for kind in args.kinds:
         for b in bs:
             impls = ["loop", "torch"]
-            if fast and ttt.triton_supported(kind, d, b):
-                impls += ["triton 1-pass", "triton", "triton, ckpt 1"]
-            for impl in impls:
+            if fast and ttt.triton_supported(kind, d, b):  # (TTT-MLP's kernel has no two-pass form)
+                impls += (["triton 1-pass", "triton", "triton, ckpt 1"] if kind == "linear"
+                          else ["triton", "triton, tf32"])
+            for impl in [i for i in impls if i not in args.skip]:
                 cells = []
                 for T in Ts:
                     try:
@@ -456,7 +497,7 @@ def main():
         cells += cells_of(results["sdpa", T])
     print("| attention | - | sdpa causal | " + " | ".join(cells) + " |", flush=True)
 
-    speedups(results, Ts, [(kind, b) for kind in ("linear", "mlp") for b in bs])
+    speedups(results, Ts, [(kind, b) for kind in args.kinds for b in bs])
 
     if dev.type == "cuda" and not args.no_compile:  # last: each compile takes tens of seconds
         print("\n## TTT-MLP's fast path: the loop with each mini-batch torch.compile'd "
@@ -484,7 +525,7 @@ def speedups(results, Ts, rows):
     print("|---|---:|---|" + "---:|---:|" * len(Ts))
     x = lambda a, r, m: f"{r[m][0] / a[m][0]:.3g}"
     for kind, b in rows:
-        have = [i for i in ("triton", "triton, ckpt 1", "compile", "torch")
+        have = [i for i in ("triton", "triton, ckpt 1", "triton, tf32", "compile", "torch")
                 if all((kind, b, i, T) in results for T in Ts)]
         if not have or not all((kind, b, "loop", T) in results for T in Ts):
             continue

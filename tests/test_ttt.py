@@ -401,6 +401,54 @@ print("worst relative error", worst)
 '''
 
 
+MLP_TRITON_CHECK = r'''
+import os, sys
+sys.path[:0] = [sys.argv[1], os.path.join(sys.argv[1], "tests")]
+import interpreted  # Triton's CPU interpreter: before anything defines a kernel
+import torch, ttt
+torch.manual_seed(0)
+B, H = 1, 2
+worst = 0.0
+# (d, b, T, start in the mini-batch, checkpoint spacing, carried sums, hidden units a chunk)
+cases = [(16, 16, 40, 0, 1, 0, 16), (16, 16, 37, 5, 2, 1, 32), (16, 16, 10, 3, 16, 1, 16),
+         (16, 16, 16, 0, 1, 0, 64), (16, 16, 11, 5, 1, 1, 16), (32, 32, 70, 9, 3, 1, 32),
+         (16, 32, 50, 31, 2, 1, 16)]
+for d, b, T, i0, seg, full_G, hc in cases:
+    ttt.TRITON_MLP["hc"] = hc
+    m = 4 * d
+    q, k, v = (torch.randn(B, H, T, d, dtype=torch.float64) for _ in range(3))
+    lr = torch.rand(B, H, T, dtype=torch.float64) / d
+    tau = (1 / torch.arange(1, b + 1) + 0.05 * torch.randn(b)).clamp_min(0).double()
+    lnw, lnb = 1 + 0.1 * torch.randn(H, d).double(), 0.1 * torch.randn(H, d).double()
+    W = [0.3 * torch.randn(B, H, d, m), 0.1 * torch.randn(B, H, 1, m), 0.3 * torch.randn(B, H, m, d),
+         0.1 * torch.randn(B, H, 1, d)]
+    W = [w.double() for w in W]
+    G = [0.01 * full_G * torch.randn_like(w) for w in W]
+    xs = [q, k, v, lr, tau, lnw, lnb, *W, *G]
+    res = []
+    for impl, dt in (("torch", torch.float64), ("triton", torch.float32)):
+        xx = [x.to(dt).requires_grad_() for x in xs]
+        st = ttt.TTTState(tuple(xx[7:11]), tuple(xx[11:]), torch.tensor(i0))
+        out, st = ttt.ttt_mlp(*xx[:7], b, st, impl=impl, checkpoint_group=seg)
+        g = torch.Generator().manual_seed(1)
+        loss = (out * torch.randn(out.shape, generator=g, dtype=torch.float64).to(dt)).sum()
+        for p in st.params + st.grads:
+            loss = loss + (p * torch.randn(p.shape, generator=g, dtype=torch.float64).to(dt)).sum()
+        res.append([out, *st.params, *st.grads, *torch.autograd.grad(loss, xx)])
+    names = ("out W1 b1 W2 b2 GW1 Gb1 GW2 Gb2 dq dk dv dlr dtau dlnw dlnb dW1 db1 dW2 db2 "
+             "dGW1 dGb1 dGW2 dGb2").split()
+    for name, a, r in zip(names, *res):
+        err = ((a.double() - r.double()).abs().max() / (1 + r.abs().max())).item()
+        worst = max(worst, err)
+        assert err < 1e-5, (d, b, T, i0, seg, hc, name, err)
+    with torch.no_grad():  # inference: no checkpoints kept
+        st = ttt.TTTState(tuple(w.float() for w in W), tuple(g.float() for g in G), torch.tensor(i0))
+        out, _ = ttt.ttt_mlp(*[x.float() for x in xs[:7]], b, st, impl="triton")
+    assert (out.double() - res[0][0]).abs().max() < 1e-5
+print("worst relative error", worst)
+'''
+
+
 COMPILE_CHECK = r'''
 import os, sys
 sys.path[:0] = [sys.argv[1], os.path.join(sys.argv[1], "tests")]
@@ -457,6 +505,17 @@ def test_triton_kernels_match_torch_in_the_interpreter():
     assert "worst relative error" in r.stdout
 
 
+def test_triton_mlp_kernels_match_torch_in_the_interpreter():
+    """TTT-MLP's Triton forward and hand-written backward against autograd of the PyTorch path, in
+    Triton's interpreter: calls that start mid-mini-batch with carried sums, incomplete last
+    mini-batches, several checkpoint spacings, the hidden units in one chunk or several."""
+    pytest.importorskip("triton")
+    r = subprocess.run([sys.executable, "-c", MLP_TRITON_CHECK, ROOT], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "worst relative error" in r.stdout
+
+
 def test_triton_path_refuses_what_it_does_not_cover():
     q, k, v, lr, tau, ln_w, ln_b, *W0 = make_inputs("mlp", T=5, b=4, dtype=torch.float32)
     with pytest.raises(NotImplementedError, match="impl='torch'"):
@@ -503,9 +562,40 @@ def test_triton_matches_torch_on_cuda(b, dtype, two_pass, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_module_on_cuda_takes_triton_and_agrees_with_torch():
+@pytest.mark.parametrize("b", [16, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_mlp_matches_torch_on_cuda(b, dtype):
+    B, H, d, T = 2, 4, 64, 3 * b + 5
+    q, k, v, lr, tau, lnw, lnb, W1, _ = cuda_inputs(B, H, T, d, b, dtype)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    W2 = 0.02 * torch.randn(B, H, 4 * d, d, generator=g, device="cuda")
+    W1 = 0.02 * torch.randn(B, H, d, 4 * d, generator=g, device="cuda")
+    b1, b2 = torch.zeros(B, H, 1, 4 * d, device="cuda"), torch.zeros(B, H, 1, d, device="cuda")
+    xs = [q, k, v, lr, tau, lnw, lnb, W1, b1, W2, b2]
+    res = []
+    for impl in ("torch", "triton"):
+        xx = [x.detach().clone().requires_grad_() for x in xs]
+        st = ttt.TTTState(tuple(xx[7:]), tuple(torch.zeros_like(w) for w in xx[7:]),
+                          torch.zeros((), dtype=torch.int64, device="cuda"))
+        outs = []  # three calls: the second starts mid-mini-batch with carried sums
+        for s, e in ((0, 7), (7, 2 * b + 1), (2 * b + 1, T)):
+            out, st = ttt.ttt_mlp(*[x[:, :, s:e] for x in xx[:3]], xx[3][:, :, s:e], *xx[4:7],
+                                  b, st, impl=impl, checkpoint_group=2)
+            outs.append(out)
+        out = torch.cat(outs, 2)
+        loss = out.float().square().sum() + sum(p.square().sum() for p in st.params + st.grads)
+        res.append([out.float(), *st.params, *st.grads, *torch.autograd.grad(loss, xx)])
+    names = "out W1 b1 W2 b2 GW1 Gb1 GW2 Gb2 dq dk dv dlr dtau dlnw dlnb dW1 db1 dW2 db2".split()
+    for name, a, r in zip(names, *res):
+        err = ((a.float() - r.float()).abs().max() / (1e-3 + r.float().abs().max())).item()
+        assert err < (1e-4 if dtype == torch.float32 else 2e-2), (name, err)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cls", [ttt.TTTLinear, ttt.TTTMLP])
+def test_module_on_cuda_takes_triton_and_agrees_with_torch(cls):
     torch.manual_seed(0)
-    layer = ttt.TTTLinear(256, 4, mini_batch=16).cuda()
+    layer = cls(256, 4, mini_batch=16).cuda()
     x = torch.randn(2, 100, 256, device="cuda")
     assert layer._impl(x) == "triton"
     y, st = layer(x)
