@@ -16,8 +16,8 @@ the same result as one call.
 
     ttt_linear / ttt_mlp     pure functions of the inner loop, plain PyTorch (the reference):
                              a chunked dual form for T > 1, a per-token primal form for T = 1
-    Triton kernels           a fast path for TTT-Linear on the GPU (forward and backward), tested
-                             against the reference
+    Triton kernels           a fast path for TTT-Linear and TTT-MLP on the GPU (forward and
+                             backward), tested against the reference
     TTTLinear / TTTMLP       the layer of ttt-lm-pytorch (projections, RoPE, learning-rate gate,
                              post-norm, output gate) around the pure functions
 
@@ -343,8 +343,8 @@ def ttt_mlp(q, k, v, lr, tau, ln_w, ln_b, b, state, *, impl="torch", checkpoint_
     """The TTT-MLP inner loop, f(x; W) = LN_h(gelu(x W1 + b1) W2 + b2) with hidden width m = 4d.
 
     Arguments and result as ttt_linear, with state params (W1 [B,H,d,m], b1 [B,H,1,m],
-    W2 [B,H,m,d], b2 [B,H,1,d]). impl="triton" is not implemented for TTT-MLP (it raises); its
-    fast path is impl="compile".
+    W2 [B,H,m,d], b2 [B,H,1,d]). impl="triton" needs m = 4 d (the layer's); its backward replays
+    from the fast weights kept every checkpoint_group mini-batches (every 16 when 0).
     """
     d = q.shape[-1]
     m = state.params[0].shape[-1] if isinstance(state, TTTState) and state.params else 4 * d
@@ -356,10 +356,11 @@ def ttt_mlp(q, k, v, lr, tau, ln_w, ln_b, b, state, *, impl="torch", checkpoint_
 # Triton fast path for TTT-Linear: one program per (batch row, head) keeps W1, b1 (and the running
 # sums) on chip and walks the mini-batches in order, so a whole call is one launch instead of a
 # few dozen small launches per mini-batch (the official PyTorch loop is launch-bound; the
-# authors' own fused GPU kernels keep the state on chip the same way). Backward is a second kernel that walks the
-# mini-batches in reverse, replaying the forward from W1 saved every SEG mini-batches. For few, long
-# sequences both split into passes that fill the GPU (TRITON_TWO_PASS below). All are tested against
-# the PyTorch functions above (tests/test_ttt.py).
+# authors' own fused GPU kernels keep the state on chip the same way). Backward is a second kernel
+# that walks the mini-batches in reverse, replaying the forward from W1 saved every SEG
+# mini-batches. For few, long sequences both split into passes that fill the GPU (TRITON_TWO_PASS
+# below). TTT-MLP's kernels (after TTT-Linear's) walk the same way, with the fast weights in global
+# memory. All are tested against the PyTorch functions above (tests/test_ttt.py).
 #
 # Inside the kernels a call is laid on a grid of "virtual" mini-batches: row r of mini-batch m is
 # token t = m*b + r - i0; rows outside [0, T) are padding with lr = 0 and do not contribute.
@@ -390,7 +391,11 @@ TRITON_BWD3 = dict(out_warps=4, walk_warps=4, walk_stages=2, par_warps=0)
 
 
 # TTT-MLP's kernels: hidden units a chunk (each mini-batch goes through the hidden units hc at a
-# time), warps of the forward and backward programs, precision of their products
+# time), warps of the forward and backward programs, precision of their products. H100 sweeps
+# (`python bench/ttt.py --only tune_mlp`, T = 2048 and 8192): 8 warps in the backward, chunks of 16,
+# a cap on registers (168 or 128 a thread) and pipelining the chunk loops 2 or 3 deep were all
+# slower or no faster; chunks of 64 with 8 warps do not fit shared memory at b = 64. "tf32" (one
+# tf32 product instead of three) doubles the forward and barely moves the backward.
 TRITON_MLP = dict(hc=32, fwd_warps=4, bwd_warps=4, dot=TRITON_DOT)
 
 

@@ -392,7 +392,8 @@ def tune(tokens, H, d, Ts, dev):
 
 
 # (hidden units a chunk, forward warps, backward warps, products) tried by --only tune_mlp
-MLP_SETTINGS = [(32, 4, 8, "tf32x3"), (32, 8, 8, "tf32x3"), (16, 4, 4, "tf32x3"), (64, 8, 8, "tf32x3")]
+MLP_SETTINGS = [(32, 4, 4, "tf32x3"), (32, 4, 8, "tf32x3"), (16, 4, 4, "tf32x3"), (64, 4, 4, "tf32x3"),
+                (32, 4, 4, "tf32")]
 
 
 def tune_mlp(tokens, H, d, Ts, dev):

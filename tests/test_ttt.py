@@ -455,7 +455,7 @@ sys.path[:0] = [sys.argv[1], os.path.join(sys.argv[1], "tests")]
 import interpreted  # Triton's CPU interpreter: before anything defines a kernel
 import torch, ttt
 torch.manual_seed(0)
-layer = ttt.TTTLinear(32, 2, mini_batch=16, impl="triton")
+layer = getattr(ttt, sys.argv[2])(32, 2, mini_batch=16, impl="triton")
 x = torch.randn(2, 40, 32, requires_grad=True)
 _, st0 = layer(torch.randn(2, 5, 32))   # the call below starts at position 5 of a mini-batch
 
@@ -477,18 +477,19 @@ from torch.fx.experimental.proxy_tensor import make_fx
 st1 = ttt.TTTState(tuple(p.detach() for p in st0.params), tuple(g.detach() for g in st0.grads), st0.i)
 step = lambda p, x, s: torch.func.functional_call(layer, p, (x, s))
 gm = make_fx(step, tracing_mode="fake")({**dict(layer.named_parameters()), **dict(layer.named_buffers())}, x.detach(), st1)
-assert "_local_scalar_dense" not in gm.code and "linear_chunk" in gm.code
+assert "_local_scalar_dense" not in gm.code and ("linear_chunk" in gm.code or "mlp_chunk" in gm.code)
 print("compiled whole")
 '''
 
 
-def test_triton_path_compiles_without_graph_breaks():
-    """torch.compile traces a TTT-Linear layer on the Triton path as one graph (the kernels are
+@pytest.mark.parametrize("cls", ["TTTLinear", "TTTMLP"])
+def test_triton_path_compiles_without_graph_breaks(cls):
+    """torch.compile traces a TTT layer on the Triton path as one graph (the kernels are
     registered operators with their backward), the compiled layer gives the eager outputs, state
     and gradients, and the chunked call never syncs with the host (where it starts inside its
     mini-batch is read by the kernels on the device)."""
     pytest.importorskip("triton")
-    r = subprocess.run([sys.executable, "-c", COMPILE_CHECK, ROOT], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", COMPILE_CHECK, ROOT, cls], capture_output=True, text=True,
                        timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout + r.stderr
     assert "compiled whole" in r.stdout
@@ -721,13 +722,19 @@ def test_triton_kernels_compile_for_h100(b):
             (ttt._ttt_linear_bwd_out_kernel, dict(D=64, BS=b, DOT=ttt.TRITON_DOT), 4),
             (ttt._ttt_linear_bwd_walk_kernel, dict(D=64, BS=b, DOT=ttt.TRITON_DOT, STAGES=ttt.TRITON_FWD["stages"]), 4),
             (ttt._ttt_linear_bwd_par_kernel, dict(D=64, BS=b, HAS_G=True, DOT=ttt.TRITON_DOT),
-             8 if b * 64 <= 1024 else 4)):
+             8 if b * 64 <= 1024 else 4),
+            (ttt._ttt_mlp_fwd_kernel, dict(D=64, M=256, HC=ttt.TRITON_MLP["hc"], BS=b, SEG=16, SAVE=True,
+                                           DOT=ttt.TRITON_MLP["dot"]), ttt.TRITON_MLP["fwd_warps"]),
+            (ttt._ttt_mlp_bwd_kernel, dict(D=64, M=256, HC=ttt.TRITON_MLP["hc"], BS=b, SEG=16,
+                                           DOT=ttt.TRITON_MLP["dot"]), ttt.TRITON_MLP["bwd_warps"])):
         names = kern.arg_names
         sig = {n: "constexpr" if n in consts else "i32" if n in ints else "*i64" if n == "i_ptr" else "*fp32"
                for n in names}
         src = ASTSource(fn=kern, signature=sig,
                         constexprs={(names.index(n),): v for n, v in consts.items()})
         stages = 3 if kern is not ttt._ttt_linear_bwd_kernel or b * 64 <= 1024 else 1   # as launched
+        if kern in (ttt._ttt_mlp_fwd_kernel, ttt._ttt_mlp_bwd_kernel):
+            stages = 1
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                                   options={"num_warps": warps, "num_stages": stages})
         assert compiled.metadata.shared <= 227 * 1024  # fits an H100 SM
