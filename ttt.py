@@ -1069,13 +1069,15 @@ if triton is not None:
             _tm_copy(P + half, P, D, M, HC)
 
     @triton.jit
-    def _tm_bwd_minibatch(P, dP, G, has_g, dGo, dgo, dGi, S, q, k, v, lr, tau, tau_last, full, lnw,
-                          lnb, dout, D: tl.constexpr, M: tl.constexpr, HC: tl.constexpr,
+    def _tm_bwd_minibatch(P, dP, G, has_g, dGo, dgo, dGi, S, q, k, v_ptr, offs, ok, lr, tau, tau_last,
+                          full, lnw, lnb, dout, D: tl.constexpr, M: tl.constexpr, HC: tl.constexpr,
                           BS: tl.constexpr, DOT: tl.constexpr):
         """Reverse of _tm_fwd_minibatch (outputs and update), derived by hand. P: the fast weights
         at the start of the mini-batch; dP: the adjoint of those after it on entry, of those before
         it on exit (updated in place). dGo: the adjoint of the sums handed on, read when dgo. When
-        has_g, G holds the sums carried in and dGi receives their adjoint. S: scratch [2, BS, M].
+        has_g, G holds the sums carried in and dGi receives their adjoint. S: scratch [2, BS, M]
+        and [BS, D]. v is loaded (v_ptr + offs, rows ok) only where it is needed, after loop (3):
+        what lives through that loop is kept small (registers are what limit these programs).
         Four loops over the hidden units: (1) z2; (2) the outputs' forward; (3) the adjoints through
         the outputs and the update; (4) those through z1 and z2."""
         o1, ob1, o2, ob2 = _tm_offsets(D, M, HC)
@@ -1083,8 +1085,12 @@ if triton is not None:
         rh = tl.arange(0, HC)
         os_ = r[:, None] * M + rh[None, :]                                        # [BS, HC] in S
         causal = r[:, None] >= r[None, :]
-        # (1) the inner loss's gradient at z2
-        gz2, a, xh, rs = _tl_ln_l2(_tm_z2(P, k, D, M, HC, BS, DOT), k, v, lnw, lnb, D)
+        od = r[:, None] * D + tl.arange(0, D)[None, :]                            # [BS, D] in S
+        # (1) the inner loss's gradient at z2 (z2 is kept in S for after loop (3))
+        z2 = _tm_z2(P, k, D, M, HC, BS, DOT)
+        tl.store(S + 2 * BS * M + od, z2)
+        v = tl.load(v_ptr + offs, mask=ok[:, None], other=0.0).to(tl.float32)
+        gz2, a, xh, rs = _tl_ln_l2(z2, k, v, lnw, lnb, D)
         u2 = lr[:, None] * gz2
         e = tl.where(causal, tau[:, None] * lr[None, :], 0.0)                       # [BS, BS]
         A1 = tl.dot(q, tl.trans(k), input_precision=DOT) + 1.0                      # [BS, BS]
@@ -1133,18 +1139,19 @@ if triton is not None:
         dz2q = (dx - tl.sum(dx, 1)[:, None] / D
                 - xq * (tl.sum(dx * xq, 1) / D)[:, None]) * rsq[:, None]          # [BS, D]
         dEA2 = tl.where(causal, -tl.dot(dz2q, tl.trans(gz2), input_precision=DOT), 0.0)  # [BS, BS]
-        dE = dEA2 * A2
+        dE = dEA2 * A2                     # e = tau_i lr_j: its adjoint goes to tau and lr now
+        dtau = tl.sum(dE * lr[None, :], 1)                                        # [BS]
+        dlr = tl.sum(dE * tau[:, None], 0) + tl.sum(du2 * gz2, 1)                 # [BS]
         dA2 = dEA2 * e
-        dlr = tl.sum(du2 * gz2, 1)                                                # [BS]
         dgz2 = lr[:, None] * du2 - tl.dot(tl.trans(e * A2), dz2q, input_precision=DOT)  # [BS, D]
         dq = dout
         dk = tl.zeros([BS, D], dtype=tl.float32)
         dEA1 = tl.zeros([BS, BS], dtype=tl.float32)
-        dtau = tl.zeros([BS], dtype=tl.float32)
         if has_g:
             dtau -= tl.sum(dz2q * tl.load(G + ob2)[None, :], 1)
             tl.store(dGi + ob2, dGb2 - tl.sum(tau[:, None] * dz2q, 0))
-        # (3) through the outputs' first layer and through the update
+        # (3) through the outputs' first layer and through the update; the W1 part, then the W2
+        # part, each written back as soon as it is done (fewer [D, HC] tiles live at once)
         for c in range(M // HC):
             W1 = tl.load(P + o1 + c * HC)
             b1 = tl.load(P + ob1 + c * HC)
@@ -1163,61 +1170,67 @@ if triton is not None:
                                               input_precision=DOT)
             x2q, q1, q2 = _tm_gelu(z1q)
             dz1q = dx2q * q1                                                      # [BS, HC]
-            dW1 = tl.load(dP + o1 + c * HC)                                       # adjoints after
+            dEA1 -= tl.dot(dz1q, tl.trans(gz1), input_precision=DOT)
+            dq += tl.dot(dz1q, tl.trans(W1), input_precision=DOT)
+            # W1, b1: the adjoints after (dW1, db1) give those of the sums (dG1, dGb1) through the
+            # update; G1 = k^T u1 (+ the sums carried in), u1 = lr gz1
+            dW1 = tl.load(dP + o1 + c * HC)
             db1 = tl.load(dP + ob1 + c * HC)
-            dW2 = tl.load(dP + o2 + c * HC * D)
             dG1 = ntl * dW1 + keep * tl.load(dGo + o1 + c * HC, mask=dgo & (o1 >= 0), other=0.0)
             dGb1 = ntl * db1 + keep * tl.load(dGo + ob1 + c * HC, mask=dgo & (rh >= 0), other=0.0)
-            dG2 = ntl * dW2 + keep * tl.load(dGo + o2 + c * HC * D, mask=dgo & (o2 >= 0), other=0.0)
             G1 = tl.dot(tl.trans(k), u1, input_precision=DOT)
             Gb1 = tl.sum(u1, 0)
-            G2 = tl.dot(tl.trans(x2), u2, input_precision=DOT)
             if has_g:
                 G1 += tl.load(G + o1 + c * HC)
                 Gb1 += tl.load(G + ob1 + c * HC)
-                G2 += tl.load(G + o2 + c * HC * D)
-            dtl -= full * (tl.sum(tl.sum(dW1 * G1, 1), 0) + tl.sum(db1 * Gb1, 0)
-                           + tl.sum(tl.sum(dW2 * G2, 1), 0))
-            # u1 = lr gz1 feeds G1 = k^T u1 and Gb1; z1q = q W1 + b1 - (e A1) gz1
+            dtl -= full * (tl.sum(tl.sum(dW1 * G1, 1), 0) + tl.sum(db1 * Gb1, 0))
             du1 = tl.dot(k, dG1, input_precision=DOT) + dGb1[None, :]             # [BS, HC]
             dlr += tl.sum(du1 * gz1, 1)
-            dgz1 = lr[:, None] * du1 - tl.dot(tl.trans(a1), dz1q, input_precision=DOT)
-            dEA1 -= tl.dot(dz1q, tl.trans(gz1), input_precision=DOT)
-            dq += tl.dot(dz1q, tl.trans(W1), input_precision=DOT)
             dk += tl.dot(u1, tl.trans(dG1), input_precision=DOT)
-            # gz1 = p gelu'(z1), p = gz2 W2^T
-            dp = dgz1 * s1
-            dgz2 += tl.dot(dp, W2, input_precision=DOT)
-            nW1 = dW1 + tl.dot(tl.trans(q), dz1q, input_precision=DOT)
-            nb1 = db1 + tl.sum(dz1q, 0)
-            nW2 = dW2 + tl.dot(tl.trans(x2q), dz2q, input_precision=DOT) + tl.dot(tl.trans(dp), gz2, input_precision=DOT)
-            # what loop (4) adds to the adjoints of x2 and z1 beside dz2's part
-            pdx2 = tl.dot(u2, tl.trans(dG2), input_precision=DOT) + tl.dot(tl.trans(dA2), x2q, input_precision=DOT)
-            if has_g:  # the sums carried in: z1q and z2q used them, G1.. G2 added them
+            dgz1 = lr[:, None] * du1 - tl.dot(tl.trans(a1), dz1q, input_precision=DOT)
+            if has_g:  # the sums carried in: z1q used them, G1 added them
                 GW1 = tl.load(G + o1 + c * HC)
                 qG = tl.dot(q, GW1, input_precision=DOT) + tl.load(G + ob1 + c * HC)[None, :]
                 dq -= tau[:, None] * tl.dot(dz1q, tl.trans(GW1), input_precision=DOT)
                 tdz1q = tau[:, None] * dz1q
-                dtau -= tl.sum(dz1q * qG, 1) + tl.sum(
-                    dz2q * tl.dot(x2q, tl.load(G + o2 + c * HC * D), input_precision=DOT), 1)
+                dtau -= tl.sum(dz1q * qG, 1)
                 tl.store(dGi + o1 + c * HC, dG1 - tl.dot(tl.trans(q), tdz1q, input_precision=DOT))
                 tl.store(dGi + ob1 + c * HC, dGb1 - tl.sum(tdz1q, 0))
-                tl.store(dGi + o2 + c * HC * D,
-                         dG2 - tl.dot(tl.trans(x2q), tau[:, None] * dz2q, input_precision=DOT))
-            tl.store(S + os_ + c * HC, pdx2)
-            tl.store(S + BS * M + os_ + c * HC, dgz1 * p * s2)
-            tl.debug_barrier()  # every thread has read this chunk's adjoints before they are overwritten
+            nW1 = dW1 + tl.dot(tl.trans(q), dz1q, input_precision=DOT)
+            nb1 = db1 + tl.sum(dz1q, 0)
+            tl.debug_barrier()  # every thread has read dW1, db1 before they are overwritten
             tl.store(dP + o1 + c * HC, nW1)
             tl.store(dP + ob1 + c * HC, nb1)
+            # gz1 = p gelu'(z1), p = gz2 W2^T
+            dp = dgz1 * s1
+            dgz2 += tl.dot(dp, W2, input_precision=DOT)
+            tl.store(S + BS * M + os_ + c * HC, dgz1 * p * s2)   # loop (4) adds it to dz1
+            # W2: G2 = x2^T u2 (+ the sums carried in)
+            dW2 = tl.load(dP + o2 + c * HC * D)
+            dG2 = ntl * dW2 + keep * tl.load(dGo + o2 + c * HC * D, mask=dgo & (o2 >= 0), other=0.0)
+            G2 = tl.dot(tl.trans(x2), u2, input_precision=DOT)
+            if has_g:
+                G2 += tl.load(G + o2 + c * HC * D)
+                dtau -= tl.sum(dz2q * tl.dot(x2q, tl.load(G + o2 + c * HC * D), input_precision=DOT), 1)
+                tl.store(dGi + o2 + c * HC * D,
+                         dG2 - tl.dot(tl.trans(x2q), tau[:, None] * dz2q, input_precision=DOT))
+            dtl -= full * tl.sum(tl.sum(dW2 * G2, 1), 0)
+            # what loop (4) adds to the adjoint of x2 beside dz2's part
+            tl.store(S + os_ + c * HC, tl.dot(u2, tl.trans(dG2), input_precision=DOT)
+                     + tl.dot(tl.trans(dA2), x2q, input_precision=DOT))
+            nW2 = dW2 + tl.dot(tl.trans(x2q), dz2q, input_precision=DOT) + tl.dot(tl.trans(dp), gz2, input_precision=DOT)
+            tl.debug_barrier()  # every thread has read dW2 before it is overwritten
             tl.store(dP + o2 + c * HC * D, nW2)
         dEA1 = tl.where(causal, dEA1, 0.0)
-        dE += dEA1 * A1
-        dA1 = dEA1 * e
+        dE = dEA1 * (tl.dot(q, tl.trans(k), input_precision=DOT) + 1.0)           # (A1 again)
+        dA1 = dEA1 * tl.where(causal, tau[:, None] * lr[None, :], 0.0)
         dq += tl.dot(dA1, k, input_precision=DOT)
         dk += tl.dot(tl.trans(dA1), q, input_precision=DOT)
         dtau += tl.sum(dE * lr[None, :], 1)
         dlr += tl.sum(dE * tau[:, None], 0)
         # gz2 = the inner loss's gradient at z2 = gelu(k W1 + b1) W2 + b2
+        v = tl.load(v_ptr + offs, mask=ok[:, None], other=0.0).to(tl.float32)
+        gz2, a, xh, rs = _tl_ln_l2(tl.load(S + 2 * BS * M + od), k, v, lnw, lnb, D)
         dz2, da, dr = _tl_inner_grad_bwd(dgz2, gz2, a, xh, rs, lnw, D)
         rr = lnw[None, :] * xh + lnb[None, :] - (v - k)
         dlnw += tl.sum(da * rr + dr * xh, 0)
@@ -1267,7 +1280,7 @@ if triton is not None:
         tau = tl.load(tau_ptr + rb)
         tau_last = tl.load(tau_ptr + BS - 1)
         G, dP, dGo, dGi = G_ptr + pid * NP, dP_ptr + pid * NP, dGo_ptr + pid * NP, dGi_ptr + pid * NP
-        buf, S = buf_ptr + pid * SEG * NP, S_ptr + pid * 2 * BS * M
+        buf, S = buf_ptr + pid * SEG * NP, S_ptr + pid * (2 * BS * M + BS * D)
         g_out = last_full == 0   # an incomplete last mini-batch hands its sums on
         dtau = tl.zeros([BS], dtype=tl.float32)
         dlnw = tl.zeros([D], dtype=tl.float32)
@@ -1290,8 +1303,8 @@ if triton is not None:
                 dout = tl.load(dout_ptr + offs, mask=ok[:, None], other=0.0).to(tl.float32)
                 full = ((m < NM - 1) | (last_full != 0)).to(tl.float32)
                 dq, dk, dv, dlr, dtau_m, dtl, dlnw_m, dlnb_m = _tm_bwd_minibatch(
-                    buf + (m - m0) * NP, dP, G, m == 0, dGo, (m == NM - 1) & g_out, dGi, S, q, k, v,
-                    lr, tau, tau_last, full, lnw, lnb, dout, D, M, HC, BS, DOT)
+                    buf + (m - m0) * NP, dP, G, m == 0, dGo, (m == NM - 1) & g_out, dGi, S, q, k,
+                    v_ptr, offs, ok, lr, tau, tau_last, full, lnw, lnb, dout, D, M, HC, BS, DOT)
                 dtau += dtau_m + tl.where(rb == BS - 1, dtl, 0.0)
                 dlnw += dlnw_m
                 dlnb += dlnb_m
@@ -1525,7 +1538,7 @@ def _mlp_chunk_backward(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, tau: Tensor
     dP, dGi = dP.clone(), torch.empty_like(G)
     dq, dk, dv, dlr = (torch.empty_like(x) for x in (q, k, v, lr))
     dtau, dlnw, dlnb = q.new_empty(B * H, b), q.new_empty(B * H, d), q.new_empty(B * H, d)
-    buf, S = q.new_empty(B * H, seg, G.shape[1]), q.new_empty(B * H, 2, b, M)
+    buf, S = q.new_empty(B * H, seg, G.shape[1]), q.new_empty(B * H, 2 * b * M + b * d)
     _ttt_mlp_bwd_kernel[(B * H,)](q, k, v, lr, tau, ln_w, ln_b, G, Ck, buf, S, dout, dP, dGo, dGi,
                                   dq, dk, dv, dlr, dtau, dlnw, dlnb, T, i, Ck.shape[1], H,
                                   D=d, M=M, HC=min(M, TRITON_MLP["hc"]), BS=b, SEG=seg,
