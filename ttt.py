@@ -391,11 +391,12 @@ TRITON_BWD3 = dict(out_warps=4, walk_warps=4, walk_stages=2, par_warps=0)
 
 
 # TTT-MLP's kernels: hidden units a chunk (each mini-batch goes through the hidden units hc at a
-# time), warps of the forward and backward programs, precision of their products. H100 sweeps
-# (`python bench/ttt.py --only tune_mlp`, T = 2048 and 8192): 8 warps in the backward, chunks of 16,
-# a cap on registers (168 or 128 a thread) and pipelining the chunk loops 2 or 3 deep were all
-# slower or no faster; chunks of 64 with 8 warps do not fit shared memory at b = 64. "tf32" (one
-# tf32 product instead of three) doubles the forward and barely moves the backward.
+# time), warps of the forward and backward programs, precision of their products. On an H100
+# (T = 2048 and 8192): 8 warps in the backward and chunks of 16 (`python bench/ttt.py --only
+# tune_mlp`), a cap on registers (168 or 128 a thread) and pipelining the chunk loops 2 or 3 deep
+# (experiments not kept in the repo) were all slower or no faster; chunks of 64 with 8 warps do not
+# fit shared memory at b = 64. "tf32" (one tf32 product instead of three) doubles the forward and
+# barely moves the backward.
 TRITON_MLP = dict(hc=32, fwd_warps=4, bwd_warps=4, dot=TRITON_DOT)
 
 
