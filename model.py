@@ -795,8 +795,8 @@ if triton is not None:
         z = lg / temp
         keep = vmask
         if top_k < V:  # the k-th largest z, exactly: over the floats' bits as order-keeping int32 keys, the
-            b = z.to(tl.int32, bitcast=True)   # largest t with k keys >= t, 2 bits then 10 x 3 bits at a time
-            key = tl.where(vmask, b ^ ((b >> 31) & 0x7FFFFFFF), -2147483647 - 1)
+            b = tl.where(z == 0.0, 0, z.to(tl.int32, bitcast=True))   # (-0 as +0) the largest t with k keys >= t,
+            key = tl.where(vmask, b ^ ((b >> 31) & 0x7FFFFFFF), -2147483647 - 1)   # 2 bits, then 10 x 3 bits
             cand = (tl.arange(0, 4) - 2) << 30                                          # sign and bit 30
             n = tl.sum((key[None, :] >= cand[:, None]).to(tl.int32), 1)
             t = tl.max(tl.where(n >= top_k, cand, -2147483647 - 1), 0)

@@ -380,6 +380,48 @@ def test_depth_kernels_match_the_loop_in_the_interpreter(run_interpreted):
     run_interpreted(DEPTH_KERNELS_CHECK, "frames equal")
 
 
+SAMPLE_KERNEL_CHECK = r'''
+import os, sys
+sys.path[:0] = [sys.argv[1], os.path.join(sys.argv[1], "tests")]
+import interpreted  # Triton's CPU interpreter: before anything defines a kernel
+import torch
+import model as M
+from generate import Sampler
+g = torch.Generator().manual_seed(0)
+n = 0
+for V in (300, 2048):
+    cfg = M.Config(n_streams=1, n_codebooks=1, cardinality=V)
+    B = 6
+    # rows: a coarse grid (many ties), distinct values, every value about three times, large and tiny
+    # scales, and values round 0 with -0 beside +0
+    x = torch.randn(B, V, generator=g)
+    lg = torch.stack([torch.randint(-6, 7, (V,), generator=g) * 0.5, x[1],
+                      x[2, torch.randint(0, V // 3, (V,), generator=g)], x[3] * 1e4, x[4] * 1e-30,
+                      torch.where(torch.rand(V, generator=g) < 0.03, x[5].abs(), torch.where(x[5] > 0, 0.0, -0.0))])
+    for k in (1, 3, 250, V - 1):
+        s = Sampler(cfg, temp=0.9, top_k=k, generator=g)
+        s.new_frame(B, "cpu")
+        noise = s.noise_a[:, 0].contiguous()
+        tok = torch.zeros(B, dtype=torch.long)
+        lp = torch.zeros(B)
+        M._sample_kernel[(B,)](lg, V, noise, noise.stride(0), 0.9, k, tok, lp, 1, lg, 0, lg, 0, lg, 1,
+                               NEXT=False, BV=M.triton.next_power_of_2(V), BD=1, PDL=False)
+        ref = s(lg, 0)
+        assert torch.equal(tok, ref), (V, k, tok, ref)
+        err = (lp - lg.log_softmax(-1).gather(1, ref[:, None])[:, 0]).abs()
+        assert (err <= 1e-6 * (1 + lg.abs().amax(1))).all(), (V, k, err)   # float32 at the logits' scale
+        n += B
+print("tokens equal", n)
+'''
+
+
+def test_sample_kernel_top_k_with_ties_in_the_interpreter(run_interpreted):
+    """The sampling kernel's top-k (a radix selection over the logits' bits) keeps what
+    the PyTorch sampler keeps, ties with the k-th largest included, on logits full of ties, of both
+    signs, with -0 beside +0, at scales from 1e-30 to 1e4: the same tokens, Triton's interpreter."""
+    run_interpreted(SAMPLE_KERNEL_CHECK, "tokens equal")
+
+
 SHORT_ATTENTION_CHECK = r'''
 import os, sys
 sys.path[:0] = [sys.argv[1], os.path.join(sys.argv[1], "tests")]
