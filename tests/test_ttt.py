@@ -685,6 +685,34 @@ def test_bench_quick_runs():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_ttt_linear_final_state_matches_fla(impl):
+    """Against an independent implementation, where one is installed: flash-linear-attention's
+    chunk_ttt_linear. Its outputs are defined differently (q scaled, o + LN(o)), but with one
+    learning rate for every token and token weights 1 both make the same updates of the fast
+    weights: after 4 mini-batches W and b agree to float32 precision (they moved 16 times their
+    initial size)."""
+    fla_ttt = pytest.importorskip("fla.ops.ttt")
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    B, H, T, d, b = 2, 2, 64, 64, 16
+    q, k, v = (torch.randn(B, H, T, d, device=dev) for _ in range(3))
+    lr = torch.full((B, H, T), 0.5 / d, device=dev)
+    lnw, lnb = torch.rand(H, d, device=dev) + 0.5, 0.1 * torch.randn(H, d, device=dev)
+    W0, b0 = 0.02 * torch.randn(B, H, d, d, device=dev), 0.02 * torch.randn(B, H, 1, d, device=dev)
+    st = ttt.TTTState((W0.clone(), b0.clone()), (torch.zeros_like(W0), torch.zeros_like(b0)),
+                      torch.zeros((), dtype=torch.int64, device=dev))
+    _, st = ttt.ttt_linear(q, k, v, lr, torch.ones(b, device=dev), lnw, lnb, b, st, impl=impl)
+    tr = lambda x: x.transpose(1, 2).contiguous()   # fla: [B, T, H, d]
+    _, W, bias = fla_ttt.chunk_ttt_linear(tr(q), tr(k), tr(v), lnw, lnb, tr(lr[..., None]), chunk_size=b,
+                                          initial_state=W0.clone(), initial_state_bias=b0.clone(),
+                                          output_final_state=True)
+    rel = lambda a, r: ((a - r).norm() / r.norm()).item()
+    assert rel(st.params[0], W0) > 1
+    assert rel(W, st.params[0]) < 1e-5 and rel(bias, st.params[1]) < 1e-5
+
+
+@pytest.mark.gpu
 def test_compile_impl_on_cuda_matches_torch():
     torch.manual_seed(0)
     layer = ttt.TTTMLP(256, 4, mini_batch=16, checkpoint_group=2).cuda()
