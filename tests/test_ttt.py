@@ -684,6 +684,36 @@ def test_bench_quick_runs():
     assert "| linear | 16 | loop |" in r.stdout and "## Streaming step" in r.stdout
 
 
+@pytest.mark.parametrize("b", [4, 16])
+def test_ttt_linear_matches_fla_reference(b):
+    """Against an independent implementation: flash-linear-attention's PyTorch reference of its
+    chunk_ttt_linear (fla.ops.ttt.naive; fla-core, a test extra). fla takes one learning rate per
+    query row where the official layer has tau_i * lr_j, scales q, and returns z + LN(z) where ours
+    is q + LN(z). With one learning rate for every token, token weights 1 and q unscaled both
+    define the same layer: the fast weights after 4 mini-batches are equal, and the outputs agree
+    (z = fla's output - ours + q gives back our LN(z)), float32."""
+    naive = pytest.importorskip("fla.ops.ttt.naive")
+    torch.manual_seed(0)
+    B, H, T, d = 2, 3, 4 * b, 32
+    q, k, v = (torch.randn(B, H, T, d) for _ in range(3))
+    lr = torch.full((B, H, T), 0.5 / d)
+    lnw, lnb = torch.rand(H, d) + 0.5, 0.1 * torch.randn(H, d)
+    W0, b0 = 0.02 * torch.randn(B, H, d, d), 0.02 * torch.randn(B, H, 1, d)
+    st = ttt.TTTState((W0.clone(), b0.clone()), (torch.zeros_like(W0), torch.zeros_like(b0)),
+                      torch.zeros((), dtype=torch.int64))
+    out, st = ttt.ttt_linear(q, k, v, lr, torch.ones(b), lnw, lnb, b, st)
+    tr = lambda x: x.transpose(1, 2).contiguous()   # fla: [B, T, H, d]
+    o, W, bias = naive.chunk_ttt_linear_ref(tr(q), tr(k), tr(v), lnw, lnb, tr(lr[..., None]), scale=1.0,
+                                            mini_batch_size=b, initial_state=W0.clone(),
+                                            initial_state_bias=b0.clone(), output_final_state=True)
+    rel = lambda a, r: ((a - r).norm() / r.norm()).item()
+    assert rel(st.params[0], W0) > 10   # the fast weights moved
+    assert rel(W, st.params[0]) < 1e-6 and rel(bias, st.params[1]) < 1e-6
+    z = o.transpose(1, 2) - out + q
+    ln = F.layer_norm(z, (d,), eps=ttt.LN_EPS) * lnw[:, None] + lnb[:, None]
+    assert rel(ln, out - q) < 1e-5
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_ttt_linear_final_state_matches_fla(impl):
