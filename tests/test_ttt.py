@@ -684,6 +684,22 @@ def test_bench_quick_runs():
     assert "| linear | 16 | loop |" in r.stdout and "## Streaming step" in r.stdout
 
 
+def test_modules_match_official_ttt_lm_pytorch():
+    """TTTLinear and TTTMLP against the official layers of ttt-lm-pytorch, weights loaded by name:
+    outputs (one call and one token a call) and gradients, float64 and float32, b in {4, 16},
+    lengths that are and are not multiples of b. Needs a checkout of the official repository (this
+    suite downloads nothing): TTT_LM_PYTORCH=path/to/ttt-lm-pytorch; skipped without it."""
+    path = os.path.join(os.environ.get("TTT_LM_PYTORCH", ""), "ttt.py")
+    if not os.environ.get("TTT_LM_PYTORCH") or not os.path.isfile(path):
+        pytest.skip("set TTT_LM_PYTORCH to a checkout of test-time-training/ttt-lm-pytorch")
+    pytest.importorskip("transformers")
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import ttt_official_parity
+    for kind, dtype, b, L, *errs in ttt_official_parity.compare(path):
+        tol = 1e-7 if dtype == "float64" else 3e-6   # both RoPE tables are float32, made differently
+        assert max(errs) < tol, (kind, dtype, b, L, errs)
+
+
 @pytest.mark.parametrize("b", [4, 16])
 def test_ttt_linear_matches_fla_reference(b):
     """Against an independent implementation: flash-linear-attention's PyTorch reference of its
