@@ -700,6 +700,27 @@ def test_modules_match_official_ttt_lm_pytorch():
         assert max(errs) < tol, (kind, dtype, b, L, errs)
 
 
+def _fla_case(B, H, T, d, b, impl="torch", device="cpu"):
+    """Inputs where ours and flash-linear-attention's TTT-Linear define the same update (one learning
+    rate for every token, token weights 1), our output and final state, and the inputs in fla's
+    layout [B, T, H, d] with its initial state."""
+    q, k, v = (torch.randn(B, H, T, d, device=device) for _ in range(3))
+    lr = torch.full((B, H, T), 0.5 / d, device=device)
+    lnw, lnb = torch.rand(H, d, device=device) + 0.5, 0.1 * torch.randn(H, d, device=device)
+    W0, b0 = 0.02 * torch.randn(B, H, d, d, device=device), 0.02 * torch.randn(B, H, 1, d, device=device)
+    st = ttt.TTTState((W0.clone(), b0.clone()), (torch.zeros_like(W0), torch.zeros_like(b0)),
+                      torch.zeros((), dtype=torch.int64, device=device))
+    out, st = ttt.ttt_linear(q, k, v, lr, torch.ones(b, device=device), lnw, lnb, b, st, impl=impl)
+    tr = lambda x: x.transpose(1, 2).contiguous()
+    fla_args = (tr(q), tr(k), tr(v), lnw, lnb, tr(lr[..., None]))
+    return q, lnw, lnb, W0, out, st, fla_args, dict(initial_state=W0.clone(), initial_state_bias=b0.clone(),
+                                                    output_final_state=True)
+
+
+def _rel(a, r):
+    return ((a - r).norm() / r.norm()).item()
+
+
 @pytest.mark.parametrize("b", [4, 16])
 def test_ttt_linear_matches_fla_reference(b):
     """Against an independent implementation: flash-linear-attention's PyTorch reference of its
@@ -710,24 +731,14 @@ def test_ttt_linear_matches_fla_reference(b):
     (z = fla's output - ours + q gives back our LN(z)), float32."""
     naive = pytest.importorskip("fla.ops.ttt.naive")
     torch.manual_seed(0)
-    B, H, T, d = 2, 3, 4 * b, 32
-    q, k, v = (torch.randn(B, H, T, d) for _ in range(3))
-    lr = torch.full((B, H, T), 0.5 / d)
-    lnw, lnb = torch.rand(H, d) + 0.5, 0.1 * torch.randn(H, d)
-    W0, b0 = 0.02 * torch.randn(B, H, d, d), 0.02 * torch.randn(B, H, 1, d)
-    st = ttt.TTTState((W0.clone(), b0.clone()), (torch.zeros_like(W0), torch.zeros_like(b0)),
-                      torch.zeros((), dtype=torch.int64))
-    out, st = ttt.ttt_linear(q, k, v, lr, torch.ones(b), lnw, lnb, b, st)
-    tr = lambda x: x.transpose(1, 2).contiguous()   # fla: [B, T, H, d]
-    o, W, bias = naive.chunk_ttt_linear_ref(tr(q), tr(k), tr(v), lnw, lnb, tr(lr[..., None]), scale=1.0,
-                                            mini_batch_size=b, initial_state=W0.clone(),
-                                            initial_state_bias=b0.clone(), output_final_state=True)
-    rel = lambda a, r: ((a - r).norm() / r.norm()).item()
-    assert rel(st.params[0], W0) > 10   # the fast weights moved
-    assert rel(W, st.params[0]) < 1e-6 and rel(bias, st.params[1]) < 1e-6
+    d = 32
+    q, lnw, lnb, W0, out, st, fla_args, fla_state = _fla_case(2, 3, 4 * b, d, b)
+    o, W, bias = naive.chunk_ttt_linear_ref(*fla_args, scale=1.0, mini_batch_size=b, **fla_state)
+    assert _rel(st.params[0], W0) > 10   # the fast weights moved
+    assert _rel(W, st.params[0]) < 1e-6 and _rel(bias, st.params[1]) < 1e-6
     z = o.transpose(1, 2) - out + q
     ln = F.layer_norm(z, (d,), eps=ttt.LN_EPS) * lnw[:, None] + lnb[:, None]
-    assert rel(ln, out - q) < 1e-5
+    assert _rel(ln, out - q) < 1e-5
 
 
 @pytest.mark.gpu
@@ -740,22 +751,11 @@ def test_ttt_linear_final_state_matches_fla(impl):
     initial size)."""
     fla_ttt = pytest.importorskip("fla.ops.ttt")
     torch.manual_seed(0)
-    dev = torch.device("cuda")
-    B, H, T, d, b = 2, 2, 64, 64, 16
-    q, k, v = (torch.randn(B, H, T, d, device=dev) for _ in range(3))
-    lr = torch.full((B, H, T), 0.5 / d, device=dev)
-    lnw, lnb = torch.rand(H, d, device=dev) + 0.5, 0.1 * torch.randn(H, d, device=dev)
-    W0, b0 = 0.02 * torch.randn(B, H, d, d, device=dev), 0.02 * torch.randn(B, H, 1, d, device=dev)
-    st = ttt.TTTState((W0.clone(), b0.clone()), (torch.zeros_like(W0), torch.zeros_like(b0)),
-                      torch.zeros((), dtype=torch.int64, device=dev))
-    _, st = ttt.ttt_linear(q, k, v, lr, torch.ones(b, device=dev), lnw, lnb, b, st, impl=impl)
-    tr = lambda x: x.transpose(1, 2).contiguous()   # fla: [B, T, H, d]
-    _, W, bias = fla_ttt.chunk_ttt_linear(tr(q), tr(k), tr(v), lnw, lnb, tr(lr[..., None]), chunk_size=b,
-                                          initial_state=W0.clone(), initial_state_bias=b0.clone(),
-                                          output_final_state=True)
-    rel = lambda a, r: ((a - r).norm() / r.norm()).item()
-    assert rel(st.params[0], W0) > 1
-    assert rel(W, st.params[0]) < 1e-5 and rel(bias, st.params[1]) < 1e-5
+    b = 16
+    _, _, _, W0, _, st, fla_args, fla_state = _fla_case(2, 2, 4 * b, 64, b, impl=impl, device="cuda")
+    _, W, bias = fla_ttt.chunk_ttt_linear(*fla_args, chunk_size=b, **fla_state)
+    assert _rel(st.params[0], W0) > 1
+    assert _rel(W, st.params[0]) < 1e-5 and _rel(bias, st.params[1]) < 1e-5
 
 
 @pytest.mark.gpu
