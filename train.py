@@ -402,7 +402,8 @@ def train(tc, overrides):
     if master:
         mem = f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""
         print(f"done: step {step}, {_fmt(time.time() - t_start)}{mem}; checkpoint {ckpt_path}")
-    if ddp:
+    if ddp:   # every rank waits for the master's last checkpoint before the group goes away
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return losses
 
