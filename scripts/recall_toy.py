@@ -51,6 +51,15 @@ mention and the recall (--quiet_probe):
 
 Nor when it is trained writing nothing there (--quiet_train), the choice of writes a content gate
 would ideally make. (docs/experiment/notes.md has the tables.)
+
+--mqar N swaps the events for multi-query associative recall (Zoology's MQAR): N single-token
+key-value pairs open the sequence, each key comes back once beyond the stacked windows' reach
+followed by its value, and the loss is on those values only. --eval_lens then reads held-out
+sequences up to 90 minutes of frames long, with the state carried chunk by chunk
+(scripts/recall_mqar.sh runs the comparison):
+
+    python scripts/recall_toy.py --mqar 8 --seq_len 256 --window 16 --batch 64 --alphabet 256 \
+        --separate_noise --n_ttt 2 --device cuda --max_minutes 7 --eval_lens 1024,4096,16384,67500
 """
 import argparse
 import contextlib
@@ -211,11 +220,113 @@ def batch(g, alphabet, cues, B, T, n_events, value, first_at_start=False, adjace
     return x, dist
 
 
+def mqar_batch(g, alphabet, B, T, pairs, start, noise=None):
+    """Multi-query associative recall (Zoology's MQAR, Arora et al. 2023): `pairs` key-value pairs
+    `k1 v1 k2 v2 ...` open the sequence, keys from the first half of the alphabet and values from the
+    second, each key once; from token `start` on, each key comes back once, at a random even offset,
+    followed by its value, and token 0 fills the rest (or tokens drawn from `noise`, so that every
+    token writes something new to a memory). x [B, T + 1], dist [B, T + 1] as batch()."""
+    keys, values = alphabet[:len(alphabet) // 2], alphabet[len(alphabet) // 2:]
+    slots = (T + 1 - start) // 2
+    if pairs > len(keys) or pairs > slots:
+        raise SystemExit(f"{pairs} pairs need {pairs} keys (the alphabet has {len(keys)}) and {pairs} slots after "
+                         f"token {start} ({slots} there)")
+    x = torch.zeros(B, T + 1, dtype=torch.long) if noise is None else \
+        noise[torch.randint(0, len(noise), (B, T + 1), generator=g)]
+    dist = torch.zeros(B, T + 1, dtype=torch.long)
+    for b in range(B):
+        k = keys[torch.randperm(len(keys), generator=g)[:pairs]]
+        v = values[torch.randint(0, len(values), (pairs,), generator=g)]
+        x[b, 0:2 * pairs:2], x[b, 1:2 * pairs:2] = k, v
+        at = start + 2 * torch.randperm(slots, generator=g)[:pairs]                     # where each key returns
+        x[b, at], x[b, at + 1] = k, v
+        dist[b, at + 1] = at + 1 - (2 * torch.arange(pairs) + 1)
+    return x, dist
+
+
+def predict(model, x, state=None, K=0, S=1):
+    """The model's logits for x[:, 1:] given x [B, n + 1] tokens: those of the token [B, n, V], then
+    (the speech path only, else None) the whole Logits with the frames they predict, then the state.
+    K = 0: text-LM mode; K > 0: the speech path, frames of K codebooks each holding the token (and a
+    second stream always 7 when S = 2), the logits of the token those of codebook 0."""
+    if not K:
+        logits, state = model.lm_forward(x[:, :-1], state)
+        return logits, None, state
+    frames = x[:, 1:, None].expand(-1, -1, K).contiguous()    # the model predicts frame t from frames < t
+    if S == 2:
+        frames = torch.cat([frames, torch.full_like(frames, 7)], -1)
+    lg, state = model(frames, state)
+    return lg.audio[:, :, 0], (lg, frames), state
+
+
+def by_bucket(hit, d, lo):
+    """Accuracy of hit [...] over distances d [...] (0: not a recall) in buckets from lo up, each ending
+    at the next power of two: 'lo-63: 0.61 (n), 64-127: ...'."""
+    out, a = [], lo
+    while (d >= a).any():
+        b = 1 << a.bit_length()                                   # the next power of two above a
+        m = (d >= a) & (d < b)
+        if m.any():
+            out.append(f"{a}-{b - 1}: {hit[m].float().mean().item():.2f} ({m.sum().item()})")
+        a = b
+    return ", ".join(out)
+
+
+@torch.no_grad()
+def mqar_eval(model, g, alphabet, noise, L, pairs, start, reach, device, carry, K, S, batches=4, B=16,
+              chunk=256):
+    """Recall by distance on MQAR sequences of L tokens (keys coming back anywhere from `start` on),
+    read in chunks of `chunk` tokens with the state carried (constant memory) when `carry`, else (the
+    controls, which keep no state) in one piece."""
+    hits, dists = [], []
+    for _ in range(batches):
+        x, dist = mqar_batch(g, alphabet, B, L, pairs, start, noise)
+        x = x.to(device)
+        if carry:
+            state, hit = None, []
+            for i in range(0, L, chunk):
+                lg, _, state = predict(model, x[:, i:min(i + chunk, L) + 1], state, K, S)
+                hit.append(lg.argmax(-1) == x[:, i + 1:min(i + chunk, L) + 1])
+            hit = torch.cat(hit, 1)
+        else:
+            hit = predict(model, x, None, K, S)[0].argmax(-1) == x[:, 1:]
+        hits.append(hit.cpu())
+        dists.append(dist[:, 1:])
+    return by_bucket(torch.cat(hits), torch.cat(dists), reach + 1)
+
+
+@torch.no_grad()
+def write_rates(model, x, dist, pairs, K, S):
+    """The TTT layers' learnt write rates on MQAR tokens x [B, T + 1] (dist from mqar_batch): the mean
+    gate sigmoid(w . x + c) of their inner learning rate (1: the base rate) over the pairs' keys and
+    values, the keys and values coming back, and the filler."""
+    seen, layers = [], [m for m in model.modules() if isinstance(m, _TTTLayer)]
+    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.append((mod, args[0]))) for m in layers]
+    try:
+        predict(model, x, None, K, S)
+    finally:
+        for h in hooks:
+            h.remove()
+    T = x.shape[1] - 1
+    kind = torch.full((x.shape[0], T), 4)                                  # 4: filler
+    kind[:, 0:2 * pairs:2], kind[:, 1:2 * pairs:2] = 0, 1                  # the pairs' keys, values
+    back = dist[:, 1:] > 0                                                 # where a recalled value is predicted:
+    kind[back], kind[back.roll(1, 1)] = 2, 3                               # the key back (2); then its value (3)
+    out = []
+    for i, (mod, inp) in enumerate(seen):
+        logit = torch.einsum("btc,hc->bht", inp.float(), mod.learnable_ttt_lr_weight[:, 0].float())
+        gate = torch.sigmoid(logit + mod.learnable_ttt_lr_bias.float()).mean(1).cpu()   # [B, T]
+        out.append(f"layer {i}: " + ", ".join(f"{name} {gate[kind == c].mean().item():.3f}" for c, name in
+                                              enumerate(["keys", "values", "keys back", "values back", "filler"])))
+    return "; ".join(out)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=3, help="events per sequence")
     ap.add_argument("--value", type=int, default=16, help="tokens of a value")
     ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--max_minutes", type=float, default=0, help="stop training after this many minutes (0: no limit)")
     ap.add_argument("--seq_len", type=int, default=128)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--dim", type=int, default=128)
@@ -260,7 +371,8 @@ def main(argv=None):
     ap.add_argument("--first_at_start", action="store_true",
                     help="one event whose first mention starts the sequence: nothing is written before it")
     ap.add_argument("--separate_noise", action="store_true",
-                    help="tokens outside events from an alphabet of their own, so that content tells what to store")
+                    help="tokens outside events from an alphabet of their own, so that content tells what to store "
+                         "(--mqar: random tokens of that alphabet fill the sequence instead of token 0)")
     ap.add_argument("--ttt_norm_qk", action="store_true",
                     help="the branch's queries and keys scaled to one length per head (NormProj)")
     ap.add_argument("--ttt_shift", action="store_true",
@@ -275,6 +387,16 @@ def main(argv=None):
                          "causal softmax attention (with RoPE at absolute positions)")
     ap.add_argument("--no_post_norm", action="store_true",
                     help="drop the branch layer's LayerNorm on its output (TTT's post_norm, or the controls')")
+    ap.add_argument("--mqar", type=int, default=0,
+                    help="instead of events: multi-query associative recall with this many key-value pairs "
+                         "(mqar_batch; keys and values from the two halves of --alphabet), the keys coming back "
+                         "from token --mqar_start on; the loss on the recalled values only")
+    ap.add_argument("--mqar_start", type=int, default=0,
+                    help="--mqar: the first token where keys come back (0: just past the stacked windows' reach "
+                         "from the last pair, so that every recall lies beyond it)")
+    ap.add_argument("--eval_lens", default="",
+                    help="--mqar: after training, recall by distance on sequences of these lengths (e.g. 1024,4096), "
+                         "the keys coming back anywhere after the pairs")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--curriculum", default="",
                     help="shorter sequences first, e.g. 32:500,48:500 (tokens:steps), each with as many events "
@@ -282,6 +404,8 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.quiet_train and (a.events != 1 or not a.n_ttt):
         ap.error("--quiet_train places the quiet span of one event in the TTT layers: pass --events 1 and --n_ttt")
+    if a.eval_lens and not a.mqar:
+        ap.error("--eval_lens evaluates --mqar runs: pass --mqar")
     if not 2 <= a.alphabet * (2 if a.separate_noise else 1) <= V:
         ap.error(f"--alphabet must lie in [2, {V // 2 if a.separate_noise else V}] (the vocabulary holds {V} tokens"
                  + (", split between events and the rest with --separate_noise)" if a.separate_noise else ")"))
@@ -330,8 +454,14 @@ def main(argv=None):
     alphabet = perm[:a.alphabet]
     noise_alphabet = perm[a.alphabet:2 * a.alphabet] if a.separate_noise else None
     cues = torch.randint(0, V, (2, CUE), generator=g)
-    share = a.events * a.value / a.seq_len
-    print(f"{a.events} events of {a.value}-token values per {a.seq_len} tokens: {share:.0%} of the tokens are recalled")
+    reach = a.layers * (W - 1) + 1
+    mqar_start = a.mqar_start or 2 * a.mqar + reach
+    if a.mqar:
+        print(f"{a.mqar} key-value pairs per {a.seq_len} tokens, recalled from token {mqar_start} on")
+    else:
+        share = a.events * a.value / a.seq_len
+        print(f"{a.events} events of {a.value}-token values per {a.seq_len} tokens: {share:.0%} of the tokens are "
+              "recalled")
     t0 = time.time()
     stages = [tuple(int(v) for v in part.split(":")) for part in a.curriculum.split(",") if part]
     gap_stages = [tuple(int(v) for v in part.split(":")) for part in a.gaps.split(",") if part]
@@ -339,53 +469,77 @@ def main(argv=None):
     gap_ends = [sum(n for _, n in gap_stages[:i + 1]) for i in range(len(gap_stages))]
     ends = [sum(n for _, n in stages[:i + 1]) for i in range(len(stages))]
     for step in range(a.steps + 1):
+        last = step == a.steps or bool(a.max_minutes and time.time() - t0 > 60 * a.max_minutes)
         stage = next((i for i, end in enumerate(ends) if step < end), None)
         warm = stage is not None
         L = stages[stage][0] if warm else a.seq_len
         n_events = min(a.events, L // (2 * (CUE + KEY + a.value))) if warm else a.events
         gap = next((n for n, end in zip(gap_max, gap_ends) if step < end), 0)
-        x, dist = batch(g, alphabet, cues, a.batch, L, n_events, a.value, a.first_at_start,
-                        a.adjacent or step < a.adjacent_steps, noise_alphabet, gap)
+        if a.mqar:
+            x, dist = mqar_batch(g, alphabet, a.batch, L, a.mqar, mqar_start, noise_alphabet)
+        else:
+            x, dist = batch(g, alphabet, cues, a.batch, L, n_events, a.value, a.first_at_start,
+                            a.adjacent or step < a.adjacent_steps, noise_alphabet, gap)
         x, dist = x.to(a.device), dist.to(a.device)
         for group in opt.param_groups:
             group["lr"] = a.lr * min(1.0, (step + 1) / 50)
-        if a.frames:   # frames [B, T, K]: the model predicts frame t from frames < t, as in training
-            frames = x[:, 1:, None].expand(-1, -1, K).contiguous()
-            if S == 2:
-                frames = torch.cat([frames, torch.full_like(frames, 7)], -1)
-            lg, _ = model(frames)
-            logits = lg.audio[:, :, 0]
-            loss = loss_fn(lg, frames, cfg)[0]
+        with quiet_between(model, dist) if a.quiet_train else contextlib.nullcontext():
+            logits, speech, _ = predict(model, x, None, K if a.frames else 0, S)
+        recalled = dist[:, 1:] > 0
+        if a.mqar and speech:  # as Zoology: the loss on the recalled values only, weighted as loss_fn
+            lg, frames = speech
+            ce = F.cross_entropy(lg.audio[recalled].float().transpose(1, 2), frames[recalled], reduction="none")
+            w = torch.ones(frames.shape[-1], device=ce.device)
+            w[::K] = a.semantic_weight                                         # codebook 0 of each stream
+            loss = (ce.mean(0) * w).sum() / w.sum()
+        elif a.mqar:
+            loss = F.cross_entropy(logits[recalled], x[:, 1:][recalled])
+        elif speech:
+            loss = loss_fn(*speech, cfg)[0]
         else:
-            with quiet_between(model, dist) if a.quiet_train else contextlib.nullcontext():
-                logits, _ = model.lm_forward(x[:, :-1])
             loss = F.cross_entropy(logits.reshape(-1, V), x[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if step % 100 == 0:
+        if step % 100 == 0 or last:
             d, hit = dist[:, 1:], logits.detach().argmax(-1) == x[:, 1:]
             # the token predicted at position p copies the one at p + 1 - d. One layer's attention at p sees
             # p - W + 1 .. p, so the source is in its window when d <= W; stacked, the layers reach
             # REACH = layers x (W - 1) + 1 tokens back, through the positions in between. Only a memory
             # (the --n_ttt branch) can carry a recall from farther than that.
-            reach = a.layers * (W - 1) + 1
             acc = [f"{hit[m].float().mean().item():.3f} ({m.sum().item()})" if m.any() else "-"
                    for m in ((d > 0) & (d <= W), (d > W) & (d <= reach), d > reach)]
             stage_note = f" ({L} tokens)" if warm else ""
             far = d > W
-            if a.by_distance and far.any():  # beyond the window, by distance since the first mention
+            if a.mqar and a.by_distance:
+                acc[2] += " [" + by_bucket(hit, d, reach + 1) + "]"
+            elif a.by_distance and far.any():  # beyond the window, by distance since the first mention
                 acc[2] += " [" + ", ".join(f"{int(v)}: {hit[d == v].float().mean().item():.2f}"
                                            for v in d[far].unique()) + "]"
                 if a.quiet_probe:
                     with torch.no_grad(), quiet_between(model, dist):
-                        qhit = model.lm_forward(x[:, :-1])[0].argmax(-1) == x[:, 1:]
+                        qhit = predict(model, x, None, K if a.frames else 0, S)[0].argmax(-1) == x[:, 1:]
                     acc[2] += " quiet [" + ", ".join(f"{int(v)}: {qhit[d == v].float().mean().item():.2f}"
                                                      for v in d[far].unique()) + "]"
             print(f"step {step:5d}{stage_note} | loss {loss.item():.3f} | recall accuracy in the window / beyond it "
                   f"within {reach} tokens / beyond {reach} {acc[0]} / {acc[1]} / {acc[2]} (chance "
-                  f"{1 / a.alphabet:.3f}) | {time.time() - t0:.0f}s", flush=True)
+                  f"{(2 if a.mqar else 1) / a.alphabet:.3f}) | {time.time() - t0:.0f}s", flush=True)
+        if last:
+            break
+    carry = a.memory == "ttt" and not (a.ttt_conv or a.ttt_shift)   # the branches that keep a state
+    KF = K if a.frames else 0
+    for L in (int(v) for v in a.eval_lens.split(",") if v):
+        if not carry and L > 4096:
+            print(f"held-out, {L} tokens: skipped (this branch keeps no state: the whole sequence at once)")
+            continue
+        model.eval()
+        if carry and L == int(a.eval_lens.split(",")[0]) and a.n_ttt:
+            x, dist = mqar_batch(g, alphabet, 16, L, a.mqar, mqar_start, noise_alphabet)
+            print(f"write rates, {L} tokens: {write_rates(model, x.to(a.device), dist.to(a.device), a.mqar, KF, S)}")
+        print(f"held-out, {L} tokens: recall accuracy by distance "
+              f"{mqar_eval(model, g, alphabet, noise_alphabet, L, a.mqar, mqar_start, reach, a.device, carry, KF, S)}",
+              flush=True)
     if a.ttt_no_rope:
         ttt._rope = saved_rope
     return model

@@ -267,3 +267,41 @@ def test_recall_toy_quiet_probe(capsys):
             quiet = (inside[b, 0] < -1e3).nonzero()[:, 0].tolist()
             assert quiet == list(range(first + 8, recall)), (quiet, first, recall)
     assert layer.learnable_ttt_lr_bias is bias
+
+
+def test_recall_toy_mqar(capsys):
+    # --mqar: the pairs open the sequence, each key comes back once after `start` followed by its value,
+    # dist points back at that value; training and the held-out read (chunked with the state carried,
+    # and in one piece) run for the text and the speech path
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import recall_toy
+    g = torch.Generator().manual_seed(0)
+    alphabet, noise = torch.arange(100, 164), torch.arange(500, 564)
+    for fill in (None, noise):
+        x, dist = recall_toy.mqar_batch(g, alphabet, 4, 90, 6, 30, fill)
+        for b in range(4):
+            keys, values = x[b, 0:12:2], x[b, 1:12:2]
+            assert len(set(keys.tolist())) == 6 and set(keys.tolist()) <= set(range(100, 132))
+            assert set(values.tolist()) <= set(range(132, 164))
+            at = (dist[b] > 0).nonzero()[:, 0]                              # the recalled values
+            assert len(at) == 6 and at.min() >= 31
+            assert torch.equal(x[b, at - dist[b, at]], x[b, at])             # dist points back at the same value
+            assert torch.equal(x[b, at - dist[b, at] - 1], x[b, at - 1])     # ... after the same key
+            rest = torch.ones(91, dtype=torch.bool)
+            rest[:12], rest[at], rest[at - 1] = False, False, False
+            assert set(x[b, rest].tolist()) <= ({0} if fill is None else set(noise.tolist()))
+    assert recall_toy.by_bucket(torch.tensor([1, 0, 1, 1]), torch.tensor([0, 20, 40, 100]), 16) == \
+        "16-31: 0.00 (1), 32-63: 1.00 (1), 64-127: 1.00 (1)"
+    for extra in ([], ["--frames", "--codebooks", "2", "--semantic_weight", "10"],
+                  ["--memory", "linear_attention"]):
+        recall_toy.main(["--mqar", "4", "--steps", "1", "--seq_len", "48", "--batch", "2", "--dim", "64",
+                         "--window", "4", "--n_ttt", "1", "--separate_noise", "--by_distance", "--eval_lens",
+                         "300"] + extra)
+        out = capsys.readouterr().out
+        assert "recalled from token 15 on" in out and "held-out, 300 tokens: recall accuracy by distance 8-15: " in out
+        assert ("write rates" in out) == (extra[:1] != ["--memory"])
+    # --max_minutes: training stops once the time is up (here at once, after step 0), then the read runs
+    recall_toy.main(["--mqar", "4", "--steps", "50", "--max_minutes", "1e-9", "--seq_len", "48", "--batch", "2",
+                     "--dim", "64", "--window", "4", "--n_ttt", "1", "--eval_lens", "64"])
+    out = capsys.readouterr().out
+    assert "step     0 " in out and "step     1 " not in out and "held-out, 64 tokens" in out
