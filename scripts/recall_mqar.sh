@@ -5,6 +5,7 @@
 #   bash scripts/recall_mqar.sh main [OUT]       # window only, TTT-Linear, TTT-MLP, two controls
 #   bash scripts/recall_mqar.sh variants [OUT]   # TTT-Linear: another seed, top layer only, more pairs,
 #                                                # longer training sequences, the speech path
+#   bash scripts/recall_mqar.sh all [OUT]        # both at once (12 processes on the GPU)
 #
 # 2 layers of 128 with a 16-token attention window (the two reach 31 tokens back), 8 key-value pairs
 # opening each 256-token sequence, keys and values from 128 tokens each, the keys coming back from
@@ -17,16 +18,15 @@ C="--mqar 8 --seq_len 256 --window 16 --batch 64 --alphabet 256 --by_distance --
    --max_minutes ${MINUTES:-7}"
 EV="--eval_lens 1024,4096,16384,67500"
 run() { name=$1; shift; python scripts/recall_toy.py $C "$@" > "$out/$name.log" 2>&1; echo "$name: exit $?"; }
-case $what in
-main)
+main() {
     run window_only --separate_noise $EV --n_ttt 0 &
     run ttt_linear --separate_noise $EV --n_ttt 2 &
     run ttt_mlp --separate_noise $EV --n_ttt 2 --ttt_type mlp &
     run softmax_branch --separate_noise --eval_lens 1024,4096 --n_ttt 2 --memory softmax_attention_rope &
     run linear_attention --separate_noise --eval_lens 1024,4096 --n_ttt 2 --memory linear_attention &
     run ttt_linear_zero_fill $EV --n_ttt 2 &
-    ;;
-variants)
+}
+variants() {
     run ttt_linear_seed1 --separate_noise $EV --n_ttt 2 --seed 1 &
     run ttt_linear_top_only --separate_noise $EV --n_ttt 1 &
     run ttt_linear_32_pairs --separate_noise $EV --n_ttt 2 --mqar 32 &
@@ -35,8 +35,13 @@ variants)
         --semantic_weight 100 &
     run window_only_speech_path --separate_noise --eval_lens 1024,4096 --n_ttt 0 --frames --codebooks 8 \
         --depth_layers 1 --semantic_weight 100 &
-    ;;
-*) echo "usage: bash scripts/recall_mqar.sh main|variants [OUT]"; exit 2 ;;
+}
+case $what in
+main) main ;;
+variants) variants ;;
+all) main; variants ;;
+*) echo "usage: bash scripts/recall_mqar.sh main|variants|all [OUT]"; exit 2 ;;
 esac
 wait
-for f in "$out"/*.log; do echo "== $f"; grep -v "^step" "$f" | tail -n 8; grep "^step" "$f" | tail -n 1; done
+for f in "$out"/*.log; do echo "== $f"; grep -v "^step" "$f" | tail -n 12; grep "^step" "$f" | tail -n 1; done
+python scripts/plot_mqar.py "$out"/*.log --out "$out/recall_by_distance.png"

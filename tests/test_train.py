@@ -299,7 +299,21 @@ def test_recall_toy_mqar(capsys):
                          "300"] + extra)
         out = capsys.readouterr().out
         assert "recalled from token 15 on" in out and "held-out, 300 tokens: recall accuracy by distance 8-15: " in out
+        assert "held-out, 300 tokens, by the order the keys come back: 1: " in out and ", 4: " in out
         assert ("write rates" in out) == (extra[:1] != ["--memory"])
+    # the order the keys come back: a reader right at the first key back only scores 1 there, 0 after
+
+    def first_only(model, x, state, K, S):
+        right = torch.zeros(x.shape[0], x.shape[1] - 1, dtype=torch.bool)
+        for b in range(x.shape[0]):
+            back = [p for p in range(40, x.shape[1] - 1) if x[b, p] in x[b, 0:8:2]]
+            right[b, back[0]] = True
+        guess = torch.where(right, x[:, 1:], torch.zeros_like(x[:, 1:]))
+        return torch.nn.functional.one_hot(guess, 2048).float(), None, state
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(recall_toy, "predict", first_only)
+        by_distance, by_order = recall_toy.mqar_eval(None, g, alphabet, noise, 200, 4, 40, 7, "cpu", False, 0, 1)
+    assert by_order == "1: 1.00, 2: 0.00, 3: 0.00, 4: 0.00"
     # --max_minutes: training stops once the time is up (here at once, after step 0), then the read runs
     recall_toy.main(["--mqar", "4", "--steps", "50", "--max_minutes", "1e-9", "--seq_len", "48", "--batch", "2",
                      "--dim", "64", "--window", "4", "--n_ttt", "1", "--eval_lens", "64"])
