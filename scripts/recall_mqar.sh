@@ -6,6 +6,8 @@
 #   bash scripts/recall_mqar.sh variants [OUT]   # TTT-Linear: another seed, top layer only, more pairs,
 #                                                # longer training sequences, the speech path
 #   bash scripts/recall_mqar.sh all [OUT]        # both at once (12 processes on the GPU)
+#   bash scripts/recall_mqar.sh factors [OUT]    # TTT-Linear with what the experiment's events have: the
+#                                                # loss on every token, filler drawn from the pairs' tokens
 #
 # 2 layers of 128 with a 16-token attention window (the two reach 31 tokens back), 8 key-value pairs
 # opening each 256-token sequence, keys and values from 128 tokens each, the keys coming back from
@@ -36,11 +38,20 @@ variants() {
     run window_only_speech_path --separate_noise --eval_lens 1024,4096 --n_ttt 0 --frames --codebooks 8 \
         --depth_layers 1 --semantic_weight 100 &
 }
+factors() {
+    run ttt_linear_full_loss --separate_noise $EV --n_ttt 2 --mqar_full_loss &
+    run ttt_linear_full_loss_zero_fill $EV --n_ttt 2 --mqar_full_loss &
+    run ttt_linear_fill_from_pairs $EV --n_ttt 2 --mqar_fill_from_pairs &
+    run ttt_linear_full_loss_fill_from_pairs $EV --n_ttt 2 --mqar_full_loss --mqar_fill_from_pairs &
+    run softmax_branch_full_loss --separate_noise --eval_lens 1024,4096 --n_ttt 2 --memory softmax_attention_rope \
+        --mqar_full_loss &
+}
 case $what in
 main) main ;;
+factors) factors ;;
 variants) variants ;;
 all) main; variants ;;
-*) echo "usage: bash scripts/recall_mqar.sh main|variants|all [OUT]"; exit 2 ;;
+*) echo "usage: bash scripts/recall_mqar.sh main|variants|all|factors [OUT]"; exit 2 ;;
 esac
 wait
 for f in "$out"/*.log; do echo "== $f"; grep -v "^step" "$f" | tail -n 12; grep "^step" "$f" | tail -n 1; done

@@ -397,6 +397,11 @@ def main(argv=None):
                     help="instead of events: multi-query associative recall with this many key-value pairs "
                          "(mqar_batch; keys and values from the two halves of --alphabet), the keys coming back "
                          "from token --mqar_start on; the loss on the recalled values only")
+    ap.add_argument("--mqar_full_loss", action="store_true",
+                    help="--mqar: the loss on every token, as the experiment's, instead of on the recalled values only")
+    ap.add_argument("--mqar_fill_from_pairs", action="store_true",
+                    help="--mqar: the filler drawn from the keys' and values' own tokens, as the events' noise is, so "
+                         "that keys also turn up in it followed by other tokens")
     ap.add_argument("--mqar_start", type=int, default=0,
                     help="--mqar: the first token where keys come back (0: just past the stacked windows' reach "
                          "from the last pair, so that every recall lies beyond it)")
@@ -459,6 +464,8 @@ def main(argv=None):
     perm = torch.randperm(V, generator=g)
     alphabet = perm[:a.alphabet]
     noise_alphabet = perm[a.alphabet:2 * a.alphabet] if a.separate_noise else None
+    if a.mqar_fill_from_pairs:
+        noise_alphabet = alphabet
     cues = torch.randint(0, V, (2, CUE), generator=g)
     reach = a.layers * (W - 1) + 1
     mqar_start = a.mqar_start or 2 * a.mqar + reach
@@ -492,13 +499,14 @@ def main(argv=None):
         with quiet_between(model, dist) if a.quiet_train else contextlib.nullcontext():
             logits, speech, _ = predict(model, x, None, K if a.frames else 0, S)
         recalled = dist[:, 1:] > 0
-        if a.mqar and speech:  # as Zoology: the loss on the recalled values only, weighted as loss_fn
+        zoology = a.mqar and not a.mqar_full_loss    # as Zoology: the loss on the recalled values only
+        if zoology and speech:                       # ... weighted over the columns as loss_fn
             lg, frames = speech
             ce = F.cross_entropy(lg.audio[recalled].float().transpose(1, 2), frames[recalled], reduction="none")
             w = torch.ones(frames.shape[-1], device=ce.device)
             w[::K] = a.semantic_weight                                         # codebook 0 of each stream
             loss = (ce.mean(0) * w).sum() / w.sum()
-        elif a.mqar:
+        elif zoology:
             loss = F.cross_entropy(logits[recalled], x[:, 1:][recalled])
         elif speech:
             loss = loss_fn(*speech, cfg)[0]

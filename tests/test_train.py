@@ -293,7 +293,7 @@ def test_recall_toy_mqar(capsys):
     assert recall_toy.by_bucket(torch.tensor([1, 0, 1, 1]), torch.tensor([0, 20, 40, 100]), 16) == \
         "16-31: 0.00 (1), 32-63: 1.00 (1), 64-127: 1.00 (1)"
     for extra in ([], ["--frames", "--codebooks", "2", "--semantic_weight", "10"],
-                  ["--memory", "linear_attention"]):
+                  ["--memory", "linear_attention"], ["--mqar_full_loss", "--mqar_fill_from_pairs"]):
         recall_toy.main(["--mqar", "4", "--steps", "1", "--seq_len", "48", "--batch", "2", "--dim", "64",
                          "--window", "4", "--n_ttt", "1", "--separate_noise", "--by_distance", "--eval_lens",
                          "300"] + extra)
