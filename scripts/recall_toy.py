@@ -317,7 +317,9 @@ def write_rates(model, x, dist, pairs, K, S):
     kind = torch.full((x.shape[0], T), 4)                                  # 4: filler
     kind[:, 0:2 * pairs:2], kind[:, 1:2 * pairs:2] = 0, 1                  # the pairs' keys, values
     back = dist[:, 1:] > 0                                                 # where a recalled value is predicted:
-    kind[back], kind[back.roll(1, 1)] = 2, 3                               # the key back (2); then its value (3)
+    value_back = back.roll(1, 1)                                           # the key back (2); then its value (3)
+    value_back[:, 0] = False                                               # (not the last key's, past the input)
+    kind[back], kind[value_back] = 2, 3
     out = []
     for i, (mod, inp) in enumerate(seen):
         logit = torch.einsum("btc,hc->bht", inp.float(), mod.learnable_ttt_lr_weight[:, 0].float())
