@@ -220,27 +220,31 @@ def batch(g, alphabet, cues, B, T, n_events, value, first_at_start=False, adjace
     return x, dist
 
 
-def mqar_batch(g, alphabet, B, T, pairs, start, noise=None):
+def mqar_batch(g, alphabet, B, T, pairs, start, noise=None, value=1):
     """Multi-query associative recall (Zoology's MQAR, Arora et al. 2023): `pairs` key-value pairs
-    `k1 v1 k2 v2 ...` open the sequence, keys from the first half of the alphabet and values from the
-    second, each key once; from token `start` on, each key comes back once, at a random even offset,
-    followed by its value, and token 0 fills the rest (or tokens drawn from `noise`, so that every
-    token writes something new to a memory). x [B, T + 1], dist [B, T + 1] as batch()."""
+    `k1 v1 k2 v2 ...` open the sequence, keys from the first half of the alphabet and values (of
+    `value` tokens) from the second, each key once; from token `start` on, each key comes back once,
+    at a random offset that is a multiple of 1 + value, followed by its value, and token 0 fills the
+    rest (or tokens drawn from `noise`, so that every token writes something new to a memory).
+    x [B, T + 1], dist [B, T + 1] as batch()."""
     keys, values = alphabet[:len(alphabet) // 2], alphabet[len(alphabet) // 2:]
-    slots = (T + 1 - start) // 2
+    span = 1 + value
+    slots = (T + 1 - start) // span
     if pairs > len(keys) or pairs > slots:
         raise SystemExit(f"{pairs} pairs need {pairs} keys (the alphabet has {len(keys)}) and {pairs} slots after "
                          f"token {start} ({slots} there)")
     x = torch.zeros(B, T + 1, dtype=torch.long) if noise is None else \
         noise[torch.randint(0, len(noise), (B, T + 1), generator=g)]
     dist = torch.zeros(B, T + 1, dtype=torch.long)
+    first = span * torch.arange(pairs)                                                  # where each pair starts
     for b in range(B):
         k = keys[torch.randperm(len(keys), generator=g)[:pairs]]
-        v = values[torch.randint(0, len(values), (pairs,), generator=g)]
-        x[b, 0:2 * pairs:2], x[b, 1:2 * pairs:2] = k, v
-        at = start + 2 * torch.randperm(slots, generator=g)[:pairs]                     # where each key returns
-        x[b, at], x[b, at + 1] = k, v
-        dist[b, at + 1] = at + 1 - (2 * torch.arange(pairs) + 1)
+        v = values[torch.randint(0, len(values), (pairs, value), generator=g)]
+        at = start + span * torch.randperm(slots, generator=g)[:pairs]                  # where each key returns
+        for j in range(span):
+            x[b, first + j] = x[b, at + j] = k if j == 0 else v[:, j - 1]
+            if j:
+                dist[b, at + j] = at - first
     return x, dist
 
 
@@ -273,7 +277,7 @@ def by_bucket(hit, d, lo):
 
 
 @torch.no_grad()
-def mqar_eval(model, g, alphabet, noise, L, pairs, start, reach, device, carry, K, S, batches=4, B=16,
+def mqar_eval(model, g, alphabet, noise, L, pairs, start, reach, device, carry, K, S, value=1, batches=4, B=16,
               chunk=256):
     """Recall on MQAR sequences of L tokens (keys coming back anywhere from `start` on), by distance
     and by the order in which the keys come back, read in chunks of `chunk` tokens with the state
@@ -283,7 +287,7 @@ def mqar_eval(model, g, alphabet, noise, L, pairs, start, reach, device, carry, 
     key of 8 (0.34 on average), a lookup 1 for each."""
     hits, dists = [], []
     for _ in range(batches):
-        x, dist = mqar_batch(g, alphabet, B, L, pairs, start, noise)
+        x, dist = mqar_batch(g, alphabet, B, L, pairs, start, noise, value)
         x = x.to(device)
         if carry:
             state, hit = None, []
@@ -296,13 +300,14 @@ def mqar_eval(model, g, alphabet, noise, L, pairs, start, reach, device, carry, 
         hits.append(hit.cpu())
         dists.append(dist[:, 1:])
     hit, d = torch.cat(hits), torch.cat(dists)
-    order = (d > 0).cumsum(1)                                          # 1 at the first key back, ...
+    begins = (d > 0) & (F.pad(d, (1, 0))[:, :-1] == 0)                # the first token of each recalled value
+    order = begins.cumsum(1)                                           # 1 for the first key back, ...
     by_order = ", ".join(f"{n}: {hit[(d > 0) & (order == n)].float().mean().item():.2f}" for n in range(1, pairs + 1))
     return by_bucket(hit, d, reach + 1), by_order
 
 
 @torch.no_grad()
-def write_rates(model, x, dist, pairs, K, S):
+def write_rates(model, x, dist, pairs, K, S, value=1):
     """The TTT layers' learnt write rates on MQAR tokens x [B, T + 1] (dist from mqar_batch): the mean
     gate sigmoid(w . x + c) of their inner learning rate (1: the base rate) over the pairs' keys and
     values, the keys and values coming back, and the filler."""
@@ -313,13 +318,12 @@ def write_rates(model, x, dist, pairs, K, S):
     finally:
         for h in hooks:
             h.remove()
-    T = x.shape[1] - 1
+    T, span = x.shape[1] - 1, 1 + value
     kind = torch.full((x.shape[0], T), 4)                                  # 4: filler
-    kind[:, 0:2 * pairs:2], kind[:, 1:2 * pairs:2] = 0, 1                  # the pairs' keys, values
-    back = dist[:, 1:] > 0                                                 # where a recalled value is predicted:
-    value_back = back.roll(1, 1)                                           # the key back (2); then its value (3)
-    value_back[:, 0] = False                                               # (not the last key's, past the input)
-    kind[back], kind[value_back] = 2, 3
+    kind[:, :span * pairs] = 1                                             # the pairs' values (1), keys (0)
+    kind[:, 0:span * pairs:span] = 0
+    kind[(dist[:, 1:] > 0) & (dist[:, :-1] == 0)] = 2                      # a key back: its value comes next
+    kind[dist[:, :-1] > 0] = 3                                             # a value back
     out = []
     for i, (mod, inp) in enumerate(seen):
         logit = torch.einsum("btc,hc->bht", inp.float(), mod.learnable_ttt_lr_weight[:, 0].float())
@@ -399,6 +403,8 @@ def main(argv=None):
                     help="instead of events: multi-query associative recall with this many key-value pairs "
                          "(mqar_batch; keys and values from the two halves of --alphabet), the keys coming back "
                          "from token --mqar_start on; the loss on the recalled values only")
+    ap.add_argument("--mqar_value", type=int, default=1,
+                    help="--mqar: tokens of a value (1 as in Zoology; the experiment's patterns have 32 frames)")
     ap.add_argument("--mqar_full_loss", action="store_true",
                     help="--mqar: the loss on every token, as the experiment's, instead of on the recalled values only")
     ap.add_argument("--mqar_fill_from_pairs", action="store_true",
@@ -470,7 +476,7 @@ def main(argv=None):
         noise_alphabet = alphabet
     cues = torch.randint(0, V, (2, CUE), generator=g)
     reach = a.layers * (W - 1) + 1
-    mqar_start = a.mqar_start or 2 * a.mqar + reach
+    mqar_start = a.mqar_start or (1 + a.mqar_value) * a.mqar + reach
     if a.mqar:
         print(f"{a.mqar} key-value pairs per {a.seq_len} tokens, recalled from token {mqar_start} on")
     else:
@@ -491,7 +497,7 @@ def main(argv=None):
         n_events = min(a.events, L // (2 * (CUE + KEY + a.value))) if warm else a.events
         gap = next((n for n, end in zip(gap_max, gap_ends) if step < end), 0)
         if a.mqar:
-            x, dist = mqar_batch(g, alphabet, a.batch, L, a.mqar, mqar_start, noise_alphabet)
+            x, dist = mqar_batch(g, alphabet, a.batch, L, a.mqar, mqar_start, noise_alphabet, a.mqar_value)
         else:
             x, dist = batch(g, alphabet, cues, a.batch, L, n_events, a.value, a.first_at_start,
                             a.adjacent or step < a.adjacent_steps, noise_alphabet, gap)
@@ -551,10 +557,11 @@ def main(argv=None):
             continue
         model.eval()
         if carry and L == int(a.eval_lens.split(",")[0]) and a.n_ttt:
-            x, dist = mqar_batch(g, alphabet, 16, L, a.mqar, mqar_start, noise_alphabet)
-            print(f"write rates, {L} tokens: {write_rates(model, x.to(a.device), dist.to(a.device), a.mqar, KF, S)}")
+            x, dist = mqar_batch(g, alphabet, 16, L, a.mqar, mqar_start, noise_alphabet, a.mqar_value)
+            rates = write_rates(model, x.to(a.device), dist.to(a.device), a.mqar, KF, S, a.mqar_value)
+            print(f"write rates, {L} tokens: {rates}")
         by_distance, by_order = mqar_eval(model, g, alphabet, noise_alphabet, L, a.mqar, mqar_start, reach,
-                                          a.device, carry, KF, S)
+                                          a.device, carry, KF, S, a.mqar_value)
         print(f"held-out, {L} tokens: recall accuracy by distance {by_distance}")
         print(f"held-out, {L} tokens, by the order the keys come back: {by_order}", flush=True)
     if a.ttt_no_rope:

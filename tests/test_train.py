@@ -290,10 +290,20 @@ def test_recall_toy_mqar(capsys):
             rest = torch.ones(91, dtype=torch.bool)
             rest[:12], rest[at], rest[at - 1] = False, False, False
             assert set(x[b, rest].tolist()) <= ({0} if fill is None else set(noise.tolist()))
+    # values of 3 tokens: each pair is k v v v, comes back whole at a multiple of 4 after `start`
+    x, dist = recall_toy.mqar_batch(g, alphabet, 4, 90, 5, 30, noise, value=3)
+    for b in range(4):
+        starts = ((dist[b] > 0) & (dist[b].roll(1) == 0)).nonzero()[:, 0]     # the recalls' first value tokens
+        assert len(starts) == 5 and ((starts - 1 - 30) % 4 == 0).all()
+        for p in starts.tolist():
+            src = p - int(dist[b, p])
+            assert (dist[b, p:p + 3] == dist[b, p]).all() and torch.equal(x[b, p - 1:p + 3], x[b, src - 1:src + 3])
+            assert src - 1 in range(0, 20, 4)                                  # the pair opened the sequence
     assert recall_toy.by_bucket(torch.tensor([1, 0, 1, 1]), torch.tensor([0, 20, 40, 100]), 16) == \
         "16-31: 0.00 (1), 32-63: 1.00 (1), 64-127: 1.00 (1)"
     for extra in ([], ["--frames", "--codebooks", "2", "--semantic_weight", "10"],
-                  ["--memory", "linear_attention"], ["--mqar_full_loss", "--mqar_fill_from_pairs"]):
+                  ["--memory", "linear_attention"], ["--mqar_full_loss", "--mqar_fill_from_pairs"],
+                  ["--mqar_value", "2", "--mqar_start", "15"]):
         recall_toy.main(["--mqar", "4", "--steps", "1", "--seq_len", "48", "--batch", "2", "--dim", "64",
                          "--window", "4", "--n_ttt", "1", "--separate_noise", "--by_distance", "--eval_lens",
                          "300"] + extra)
@@ -303,17 +313,19 @@ def test_recall_toy_mqar(capsys):
         assert ("write rates" in out) == (extra[:1] != ["--memory"])
     # the order the keys come back: a reader right at the first key back only scores 1 there, 0 after
 
-    def first_only(model, x, state, K, S):
-        right = torch.zeros(x.shape[0], x.shape[1] - 1, dtype=torch.bool)
-        for b in range(x.shape[0]):
-            back = [p for p in range(40, x.shape[1] - 1) if x[b, p] in x[b, 0:8:2]]
-            right[b, back[0]] = True
-        guess = torch.where(right, x[:, 1:], torch.zeros_like(x[:, 1:]))
-        return torch.nn.functional.one_hot(guess, 2048).float(), None, state
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(recall_toy, "predict", first_only)
-        by_distance, by_order = recall_toy.mqar_eval(None, g, alphabet, noise, 200, 4, 40, 7, "cpu", False, 0, 1)
-    assert by_order == "1: 1.00, 2: 0.00, 3: 0.00, 4: 0.00"
+    for value in (1, 3):
+        def first_only(model, x, state, K, S):
+            right = torch.zeros(x.shape[0], x.shape[1] - 1, dtype=torch.bool)
+            for b in range(x.shape[0]):
+                back = [p for p in range(40, x.shape[1] - 1) if x[b, p] in x[b, 0:4 * (1 + value):1 + value]]
+                right[b, back[0]:back[0] + value] = True                       # all of the first value back
+            guess = torch.where(right, x[:, 1:], torch.zeros_like(x[:, 1:]))
+            return torch.nn.functional.one_hot(guess, 2048).float(), None, state
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(recall_toy, "predict", first_only)
+            by_distance, by_order = recall_toy.mqar_eval(None, g, alphabet, noise, 200, 4, 40, 7, "cpu", False, 0, 1,
+                                                         value)
+        assert by_order == "1: 1.00, 2: 0.00, 3: 0.00, 4: 0.00"
     # --max_minutes: training stops once the time is up (here at once, after step 0), then the read runs
     recall_toy.main(["--mqar", "4", "--steps", "50", "--max_minutes", "1e-9", "--seq_len", "48", "--batch", "2",
                      "--dim", "64", "--window", "4", "--n_ttt", "1", "--eval_lens", "64"])
