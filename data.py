@@ -42,10 +42,14 @@ CARD = 2048
 CUE_LEN, KEY_LEN, VALUE_LEN = 2, 2, 8       # frames of a recall event's parts
 
 
-def _voice(rng, K, card, palette=48):
+def _voice(rng, K, card, palette=48, codes=None):
     """A speaker's code statistics: per-codebook palettes with Zipf weights, a Markov successor
-    table on the semantic codebook and a semantic -> acoustic mapping."""
-    pal = np.stack([rng.choice(card, palette, replace=False) for _ in range(K)])     # [K, P]
+    table on the semantic codebook and a semantic -> acoustic mapping. codes [K, S] (optional): the
+    codes speech may use, per codebook (else any of card)."""
+    if codes is None:
+        pal = np.stack([rng.choice(card, palette, replace=False) for _ in range(K)])  # [K, P]
+    else:
+        pal = np.stack([c[rng.choice(len(c), palette, replace=False)] for c in codes])
     w = 1.0 / np.arange(1, palette + 1) ** 0.8
     w = w / w.sum()
     succ = rng.integers(0, palette, size=(palette, 3))                                # likely next semantic entries
@@ -73,7 +77,8 @@ def _speak(rng, voice, n):
 
 def synth_conversation(rng, n_frames, K=8, card=CARD, silence=None, cues=None, events_per_min=0.25,
                        lang=None, trng=None, near_share=0.0, near_max_s=40.0, alphabet=None,
-                       value_frames=VALUE_LEN, quiz=False, same_speaker=False, tie=None):
+                       value_frames=VALUE_LEN, quiz=False, same_speaker=False, tie=None, speech_codes=None,
+                       near_min_s=2.0):
     """One two-speaker conversation: codes [n_frames, 2, K] and its recall events as rows
     (stream, first_value_start, recall_value_start). A share `near_share` of the events comes back
     2 s to `near_max_s` after the first mention, anywhere in the conversation: short enough to
@@ -82,16 +87,18 @@ def synth_conversation(rng, n_frames, K=8, card=CARD, silence=None, cues=None, e
     per codebook (uniformly drawn): codes common enough that a model can learn to copy them.
     value_frames: the length of a value pattern.
     quiz: a recall drill instead: events back to back from the start, each recalled as soon as its
-    gap has passed (near_share and near_max_s draw the gaps), so nearly half of the frames are
-    recalled values (about a quarter at most with random places). same_speaker: the recall comes
+    gap has passed (a share near_share of them near_min_s to near_max_s later, the others as the far
+    events), so nearly half of the frames are recalled values (about a quarter at most with random
+    places). same_speaker: the recall comes
     from the speaker of the first mention (else either speaker, drawn anew). tie [K, A] (optional):
-    a pattern's codebook k is tie[k] of its semantic code (see _pattern). With lang (a
+    a pattern's codebook k is tie[k] of its semantic code (see _pattern). speech_codes [K, S]
+    (optional): the codes the speakers' voices draw from (see _voice). With lang (a
     `Language`) the speakers also say its words, drawn from trng, and a third value lists them:
     per stream, (start frame, frames, word index) rows. rng draws the same numbers with or without
     words."""
     silence = silence if silence is not None else np.zeros(K, np.int64)
     codes = np.broadcast_to(silence, (n_frames, 2, K)).copy()
-    voices = [_voice(rng, K, card) for _ in range(2)]
+    voices = [_voice(rng, K, card, codes=speech_codes) for _ in range(2)]
     t, spk = int(rng.integers(0, 25)), int(rng.integers(0, 2))
     turns = []                                                    # (start, frames, stream), for words
     while t < n_frames:                                           # turns
@@ -113,8 +120,8 @@ def synth_conversation(rng, n_frames, K=8, card=CARD, silence=None, cues=None, e
     minutes = n_frames / FRAME_RATE / 60
     busy = np.zeros(n_frames, bool)
     if quiz:
-        events = _quiz(rng, codes, busy, span, n_frames, near_share, near_max_s, alphabet, card, value_frames, cues,
-                       silence, same_speaker, tie)
+        events = _quiz(rng, codes, busy, span, n_frames, near_share, (near_min_s, near_max_s), alphabet, card,
+                       value_frames, cues, silence, same_speaker, tie)
         n_ev = 0
     for _ in range(n_ev * 4):
         if len(events) == n_ev:
@@ -163,7 +170,7 @@ def _pattern(rng, alphabet, card, value_frames, K, tie=None):
             alphabet[np.arange(K), rng.integers(0, A, size=(value_frames, K))])
 
 
-def _quiz(rng, codes, busy, span, n_frames, near_share, near_max_s, alphabet, card, value_frames, cues, silence,
+def _quiz(rng, codes, busy, span, n_frames, near_share, near_gaps, alphabet, card, value_frames, cues, silence,
           same_speaker, tie=None):
     """Fill a conversation with recall events back to back (see synth_conversation's quiz)."""
     K = codes.shape[2]
@@ -180,7 +187,7 @@ def _quiz(rng, codes, busy, span, n_frames, near_share, near_max_s, alphabet, ca
             key, value = _pattern(rng, alphabet, card, value_frames, K, tie)
             s, cue = int(rng.integers(0, 2)), cues[0]
             near = near_share > 0 and rng.random() < near_share
-            gap = rng.uniform(2.0, near_max_s) if near else np.exp(rng.uniform(np.log(10.0), np.log(3600.0)))
+            gap = rng.uniform(*near_gaps) if near else np.exp(rng.uniform(np.log(10.0), np.log(3600.0)))
             heapq.heappush(due, (t + max(int(gap * FRAME_RATE), span), t))
             said[t] = key, value, s
         codes[t:t + span, s] = np.concatenate([cue, key, value])
@@ -269,24 +276,30 @@ def _say_words(rng, lang, codes, voices, turns, busy):
 def synthetic(out, hours=20.0, min_minutes=10.0, max_minutes=90.0, n_codebooks=8, seed=0, quiet=False,
               text=False, text_words=300, text_vocab=256, events_per_min=0.25, near_share=0.0,
               near_max_s=40.0, pattern_codes=0, value_frames=VALUE_LEN, quiz_share=0.0, same_speaker=False,
-              quiz_max_s=0.0, tied_patterns=False):
+              quiz_max_s=0.0, tied_patterns=False, quiz_min_s=2.0, reserve_patterns=False):
     """Write `hours` of synthetic conversations to `out` (codes file) and their recall events to
     out + '.events.json'. text=True adds a text stream per speaker: the words of a made-up
     language of `text_words` words, tokenized by a `text_vocab`-piece sentencepiece model written
     to out + '.spm.model'. quiz_share: the share of conversations that are recall drills (see
-    synth_conversation), all their events coming back 2 s to quiz_max_s later (0: their near events
-    2 s to near_max_s, the others 10 s to an hour, as in ordinary conversations);
+    synth_conversation), all their events coming back quiz_min_s to quiz_max_s later (quiz_max_s 0:
+    their near events 2 s to near_max_s, the others 10 s to an hour, as in ordinary conversations);
     same_speaker: see synth_conversation. tied_patterns: a pattern's acoustic codes follow from its
-    semantic ones through one fixed table (see _pattern), else each is drawn on its own. Returns the
-    number of conversations."""
+    semantic ones through one fixed table (see _pattern), else each is drawn on its own.
+    reserve_patterns: the pattern_codes codes of keys and values are theirs alone (speech, silence
+    and cues use the others), so a pattern's codes never turn up in the speech around it. Returns
+    the number of conversations."""
     rng = np.random.default_rng(seed)
     # shared across conversations, like a language: the silence frame and the two cue words
     g = np.random.default_rng(1234)
     silence = g.integers(0, CARD, size=n_codebooks)
     cues = g.integers(0, CARD, size=(2, CUE_LEN, n_codebooks))
     # keys and values: any code, or (pattern_codes > 0) one of a fixed set of that many per codebook
-    alphabet = None
-    if pattern_codes:
+    alphabet = speech_codes = None
+    if reserve_patterns:   # not the silence's or the cues' codes, and the speech gets the rest
+        free = [np.setdiff1d(np.arange(CARD), [silence[k], *cues[:, :, k].ravel()]) for k in range(n_codebooks)]
+        alphabet = np.stack([g.choice(f, pattern_codes, replace=False) for f in free])
+        speech_codes = np.stack([np.setdiff1d(np.arange(CARD), a) for a in alphabet])
+    elif pattern_codes:
         alphabet = np.stack([g.choice(CARD, pattern_codes, replace=False) for _ in range(n_codebooks)])
     tie = None
     if tied_patterns:
@@ -307,19 +320,19 @@ def synthetic(out, hours=20.0, min_minutes=10.0, max_minutes=90.0, n_codebooks=8
             F = int(rng.uniform(min_minutes, max_minutes) * 60 * FRAME_RATE)
             F = max(min(F, total - done), 1)
             quiz = quiz_share > 0 and rng.random() < quiz_share
-            own = quiz and quiz_max_s > 0    # the drills' own gaps: every event back 2 s to quiz_max_s later
-            gaps, near = (quiz_max_s, 1.0) if own else (near_max_s, near_share)
+            own = quiz and quiz_max_s > 0    # the drills' own gaps: every event back quiz_min_s to quiz_max_s later
+            gaps, near = ((quiz_min_s, quiz_max_s), 1.0) if own else ((2.0, near_max_s), near_share)
             if lang is None:
                 c, ev = synth_conversation(rng, F, n_codebooks, CARD, silence, cues, events_per_min,
-                                           near_share=near, near_max_s=gaps, alphabet=alphabet,
-                                           value_frames=value_frames, quiz=quiz, same_speaker=same_speaker,
-                                           tie=tie)
+                                           near_share=near, near_min_s=gaps[0], near_max_s=gaps[1],
+                                           alphabet=alphabet, value_frames=value_frames, quiz=quiz,
+                                           same_speaker=same_speaker, tie=tie, speech_codes=speech_codes)
             else:
                 c, ev, said = synth_conversation(rng, F, n_codebooks, CARD, silence, cues, events_per_min,
-                                                 lang=lang, trng=trng, near_share=near,
-                                                 near_max_s=gaps, alphabet=alphabet,
-                                                 value_frames=value_frames, quiz=quiz, same_speaker=same_speaker,
-                                           tie=tie)
+                                                 lang=lang, trng=trng, near_share=near, near_min_s=gaps[0],
+                                                 near_max_s=gaps[1], alphabet=alphabet, value_frames=value_frames,
+                                                 quiz=quiz, same_speaker=same_speaker, tie=tie,
+                                                 speech_codes=speech_codes)
                 cols = [text_tokens([(t / FRAME_RATE, (t + L) / FRAME_RATE, lang.words[x], None) for t, L, x in said[s]],
                                     tok, F, FRAME_RATE, where=f"{out} conversation {n} stream {s}") for s in range(2)]
                 c = np.concatenate([np.stack(cols, 1), c.reshape(F, -1)], 1)
@@ -336,6 +349,8 @@ def synthetic(out, hours=20.0, min_minutes=10.0, max_minutes=90.0, n_codebooks=8
         head = {"columns": ["conversation", "stream", "first_value_start", "recall_value_start", "value_len"]}
         if pattern_codes:  # (absent: values drawn from all CARD codes)
             head["pattern_codes"] = pattern_codes
+        if reserve_patterns:
+            head["reserved_patterns"] = True
         json.dump({**head, "events": events}, f)
     os.replace(tmp, out + ".events.json")
     if lang is not None:
@@ -732,9 +747,15 @@ def main(argv=None):
                    help="draw recall keys and values from this many codes per codebook (0: all %d)" % CARD)
     s.add_argument("--value_frames", type=int, default=VALUE_LEN, help="frames of a recall event's value pattern")
     s.add_argument("--quiz_max_s", type=float, default=0.0,
-                   help="the drills' own gaps: every event of a drill comes back 2 s to this many seconds later "
-                        "(0: as in ordinary conversations, --near_share and --near_max_s); short enough to fall "
-                        "inside the attention window, the drills teach copying")
+                   help="the drills' own gaps: every event of a drill comes back --quiz_min_s to this many seconds "
+                        "later (0: as in ordinary conversations, --near_share and --near_max_s); short enough to "
+                        "fall inside the attention window, the drills teach copying")
+    s.add_argument("--quiz_min_s", type=float, default=2.0,
+                   help="the shortest gap of a drill's events with --quiz_max_s, seconds (beyond the attention "
+                        "window: only a longer memory answers them)")
+    s.add_argument("--reserve_patterns", type=lambda v: v.lower() in ("1", "true", "yes"), default=False,
+                   help="true: the --pattern_codes codes of keys and values occur nowhere else (the speech, the "
+                        "silence and the cues use the other codes)")
     s.add_argument("--same_speaker", type=lambda v: v.lower() in ("1", "true", "yes"), default=False,
                    help="true: a pattern comes back from the speaker who said it first (default: either speaker)")
     s.add_argument("--tied_patterns", type=lambda v: v.lower() in ("1", "true", "yes"), default=False,
@@ -771,17 +792,20 @@ def _run(ap, a):
             ap.error("need hours > 0 and 0 < min_minutes <= max_minutes")
         if not 0 <= a.near_share <= 1 or not a.near_max_s >= 2:
             ap.error("need 0 <= near_share <= 1 and near_max_s >= 2 (seconds)")
-        if not 0 <= a.quiz_share <= 1 or not (a.quiz_max_s == 0 or a.quiz_max_s >= 2):
-            ap.error("need 0 <= quiz_share <= 1 and quiz_max_s 0 or >= 2 (seconds)")
+        if not 0 <= a.quiz_share <= 1 or not (a.quiz_max_s == 0 or a.quiz_max_s >= a.quiz_min_s >= 2):
+            ap.error("need 0 <= quiz_share <= 1, and quiz_max_s 0 or quiz_max_s >= quiz_min_s >= 2 (seconds)")
         if a.value_frames < 1:
             ap.error("need value_frames >= 1")
         if not 0 <= a.pattern_codes <= CARD:
             ap.error(f"need 0 <= pattern_codes <= {CARD}")
+        if a.reserve_patterns and not 0 < a.pattern_codes <= CARD - 64:
+            ap.error(f"--reserve_patterns needs 0 < pattern_codes <= {CARD - 64}: the speech needs codes of its own")
         n = synthetic(a.out, a.hours, a.min_minutes, a.max_minutes, a.n_codebooks, a.seed,
                       text=a.text, text_words=a.text_words, text_vocab=a.text_vocab, events_per_min=a.events_per_min,
                       near_share=a.near_share, near_max_s=a.near_max_s, pattern_codes=a.pattern_codes,
                       value_frames=a.value_frames, quiz_share=a.quiz_share,
-                      same_speaker=a.same_speaker, quiz_max_s=a.quiz_max_s, tied_patterns=a.tied_patterns)
+                      same_speaker=a.same_speaker, quiz_max_s=a.quiz_max_s, tied_patterns=a.tied_patterns,
+                      quiz_min_s=a.quiz_min_s, reserve_patterns=a.reserve_patterns)
         print(f"wrote {n} conversations to {a.out}" + (f" (tokenizer: {a.out}.spm.model)" if a.text else ""))
     elif a.cmd == "align":
         st = align(a.codes, a.transcripts, a.spm, a.out, a.main, a.allow_missing)

@@ -5,7 +5,7 @@ long-term memory is a TTT layer instead of an ever-growing KV cache?
     python experiment.py --scale gpu --out runs/exp        # two models side by side on one H100: 8 min at 6000 steps
     python experiment.py --scale cpu-test --out /tmp/exp   # the whole pipeline in seconds (the tests)
 
-Four models, trained in streaming mode with the same budget (steps, batch, seq_len, learning-rate
+The models, trained in streaming mode with the same budget (steps, batch, seq_len, learning-rate
 schedule, seed) on the same synthetic conversations:
 
     window       attention over a short window (20 s at the gpu scale) and nothing else
@@ -13,6 +13,10 @@ schedule, seed) on the same synthetic conversations:
     ttt_mlp      the same + TTT-MLP
     long_window  attention over a long window (4 min, Moshi's context), as a reference: its cache
                  is 12x the short one, and it still forgets everything older than 4 minutes
+    ttt_linear_all  ttt_linear with TTT-Linear in every layer
+
+The gpu-beyond scale trains the same models on recall drills that resemble associative recall,
+with half of their recalls beyond the window (see SCALES["gpu-beyond"]).
 
 Then each is evaluated (evaluate.py) on held-out 90-minute conversations of another seed: loss by
 minute, recall accuracy by distance, and the statistics of a 90-minute generation against the real
@@ -105,12 +109,28 @@ SCALES = {
     ),
 }
 
+# The gpu scale's models on drills built as associative recall is (scripts/recall_toy.py --mqar, where
+# TTT-Linear learnt a lookup beyond the windows' reach): the patterns' 1024 codes per codebook are
+# theirs alone (the speech uses the other 1024: on the toy, keys that also turn up in the noise left a
+# weak lookup), and the drills' recalls come back 2-40 s later, half of them beyond the 20 s window.
+# Training chunks of 1024 frames (82 s), so that most of those have their first mention in the same
+# chunk (a gradient for storing it). The drills warm-up (mini-batch, float32) on these drills, then
+# streaming training on the conversations, nine in ten of them such drills.
+SCALES["gpu-beyond"] = dict(
+    SCALES["gpu"],
+    recall={**SCALES["gpu"]["recall"], "reserve_patterns": True},
+    train_quiz=dict(quiz_share=0.9, quiz_min_s=2.0, quiz_max_s=40.0),
+    warmup_drills=dict(steps=2500, hours=20.0, minutes=(2.0, 4.0), quiz_min_s=2.0, quiz_max_s=40.0),
+    train={**SCALES["gpu"]["train"], "seq_len": 1024, "batch_size": 8, "max_steps": 400, "warmup": 50},
+)
+
 # name -> model overrides on top of the scale's model; "long" stands for the scale's long window
 VARIANTS = {
     "window": dict(n_ttt=0),                       # (a) short-window attention only
     "ttt_linear": dict(ttt_type="linear"),         # (b) + TTT-Linear in the top n_ttt layers
     "ttt_mlp": dict(ttt_type="mlp"),               # (c) + TTT-MLP
     "long_window": dict(n_ttt=0, window="long"),   # (d) reference: attention over the long window
+    "ttt_linear_all": dict(ttt_type="linear", n_ttt="all"),   # (b) with TTT-Linear in every layer, as in the toy
 }
 SEED = 1337
 HELDOUT_SEED = 1     # the training data uses seed 0: held-out voices, keys and values are new
@@ -149,7 +169,8 @@ def make_data(sc, out):
         lo_w, hi_w = wd["minutes"]
         cmds.append([sys.executable, "data.py", "synthetic", "--out", drills_train_path(out), "--hours", str(wd["hours"]),
                      "--min_minutes", str(lo_w), "--max_minutes", str(hi_w), "--n_codebooks", str(sc["n_codebooks"]),
-                     "--seed", "2", *recall, "--quiz_share=1.0", f"--quiz_max_s={wd['quiz_max_s']}"])
+                     "--seed", "2", *recall, "--quiz_share=1.0",
+                     *[f"--{k}={wd[k]}" for k in ("quiz_min_s", "quiz_max_s") if k in wd]])
     procs, log = [], open(os.path.join(out, "data", "data.log"), "w")
     for cmd in cmds:   # data.py needs numpy only: two quick subprocesses, side by side
         print_flush("$ " + " ".join(cmd[1:]))
@@ -172,6 +193,8 @@ def model_args(sc, name):
     m = {**sc["model"], **VARIANTS[name]}
     if m.get("window") == "long":
         m["window"] = sc["long_window"]
+    if m.get("n_ttt") == "all":
+        m["n_ttt"] = m["n_layers"]
     return m
 
 

@@ -58,6 +58,7 @@ def test_experiment_runs_end_to_end(tmp_path, one_thread):
         # the most common frame of a stream is data.py's silence frame (drawn first from rng 1234)
         assert r["reference"]["silence_frame"] == np.random.default_rng(1234).integers(0, 2048, 2).tolist()
         assert r["model"]["window"] == (sc["long_window"] if name == "long_window" else sc["model"]["window"])
+        assert r["model"]["n_ttt"] == {"window": 0, "long_window": 0, "ttt_linear_all": 2}.get(name, 1)
         d = r["drills_recall"]   # held-out drills, recall only
         assert sum(b["events"] for b in d["buckets"]) == len(load_events(os.path.join(out, "data", "drills_heldout.bin"))) > 0
     assert res["eval"]["long_window"]["drills_recall"]["within_window"]["codes"] > 0
@@ -286,6 +287,55 @@ def test_quiz_conversations(tmp_path):
               near_max_s=20.0, pattern_codes=16, value_frames=L, quiz_share=1.0, quiz_max_s=3.0)
     ev = load_events(q)
     assert len(ev) > 20 and (ev[:, 3] - ev[:, 2]).max() <= 8 * 12.5
+
+
+def test_reserved_patterns_and_drill_gaps(tmp_path):
+    # --reserve_patterns: the keys' and values' codes occur only in the patterns, never in the speech,
+    # the silence or the cues; --quiz_min_s: every drill event comes back no sooner than that
+    from data import CUE_LEN, KEY_LEN
+    L, A = 8, 64
+    p = str(tmp_path / "r.bin")
+    synthetic(p, hours=0.3, min_minutes=3, max_minutes=3, n_codebooks=2, seed=6, quiet=True, events_per_min=6,
+              near_share=0.5, pattern_codes=A, value_frames=L, quiz_share=0.5, quiz_min_s=8.0, quiz_max_s=12.0,
+              reserve_patterns=True, tied_patterns=True)
+    f, events = CodesFile(p), load_events(p)
+    in_pattern = [np.zeros(f.lengths[c], bool) for c in range(len(f))]   # [frames] per conversation and stream
+    in_pattern = [[m.copy(), m.copy()] for m in in_pattern]
+    pattern_codes = [set(), set()]
+    for c, s, first, second, _ in events:
+        a = np.asarray(f.audio(int(c)))
+        for start in (first, second):
+            st = [k for k in range(2) if (a[start - KEY_LEN:start + L, k] == a[second - KEY_LEN:second + L, s]).all()]
+            assert st, "the pattern is not where the events file says"
+            in_pattern[c][st[0]][start - KEY_LEN:start + L] = True
+            for k in range(2):
+                pattern_codes[k].update(a[start - KEY_LEN:start + L, st[0], k].tolist())
+    other = [set(), set()]   # in ordinary conversations (a drill's last patterns may never come back)
+    drills = {c for c in range(len(f)) if (events[:, 0] == c).sum() > 30}
+    for c in set(range(len(f))) - drills:
+        a = np.asarray(f.audio(c))
+        for s in range(2):
+            for k in range(2):
+                other[k].update(a[~in_pattern[c][s], s, k].tolist())
+    assert all(len(u) > A // 2 for u in pattern_codes) and all(len(o) > 100 for o in other)
+    assert not (pattern_codes[0] & other[0]) and not (pattern_codes[1] & other[1])
+    # drills (events back to back) come back 8-12 s later, ordinary conversations' near events from 2 s
+    gap = (events[:, 3] - events[:, 2]) / 12.5
+    drill = np.isin(events[:, 0], list(drills))
+    assert drill.any() and (~drill).any()
+    assert (gap[drill] >= 8.0 - 1 / 12.5).all() and np.median(gap[drill]) <= 12.0
+    assert (gap[~drill] < 8.0).any()
+    # without --reserve_patterns the speech shares the patterns' codes
+    q = str(tmp_path / "s.bin")
+    synthetic(q, hours=0.3, min_minutes=3, max_minutes=3, n_codebooks=2, seed=6, quiet=True, events_per_min=6,
+              near_share=0.5, pattern_codes=A, value_frames=L)
+    speech = set(np.asarray(CodesFile(q).audio(0))[:, :, 0].ravel().tolist())
+    assert len(speech & pattern_codes_of(q, 0)) > 0
+
+
+def pattern_codes_of(path, k):
+    f, events = CodesFile(path), load_events(path)
+    return {int(x) for c, s, _, second, L in events for x in np.asarray(f.audio(int(c)))[second:second + L, s, k]}
 
 
 def test_tied_patterns(tmp_path):
