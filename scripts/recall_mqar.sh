@@ -8,6 +8,8 @@
 #   bash scripts/recall_mqar.sh all [OUT]        # both at once (12 processes on the GPU)
 #   bash scripts/recall_mqar.sh factors [OUT]    # TTT-Linear with what the experiment's events have: the
 #                                                # loss on every token, filler drawn from the pairs' tokens
+#   MINUTES=2.2 bash scripts/recall_mqar.sh speech [OUT]   # TTT-Linear through the text path and through
+#                                                # the speech path, frames of 1 and of 8 codebooks
 #
 # 2 layers of 128 with a 16-token attention window (the two reach 31 tokens back), 8 key-value pairs
 # opening each 256-token sequence, keys and values from 128 tokens each, the keys coming back from
@@ -46,12 +48,21 @@ factors() {
     run softmax_branch_full_loss --separate_noise --eval_lens 1024,4096 --n_ttt 2 --memory softmax_attention_rope \
         --mqar_full_loss &
 }
+speech() {
+    run text_path --separate_noise --eval_lens 1024 --n_ttt 2 &
+    run speech_path_1_codebook --separate_noise --eval_lens 1024 --n_ttt 2 --frames --codebooks 1 --depth_layers 0 &
+    run speech_path_8_codebooks --separate_noise --eval_lens 1024 --n_ttt 2 --frames --codebooks 8 --depth_layers 0 \
+        --semantic_weight 100 &
+    run speech_path_8_codebooks_depth_block --separate_noise --eval_lens 1024 --n_ttt 2 --frames --codebooks 8 \
+        --depth_layers 1 --semantic_weight 100 &
+}
 case $what in
 main) main ;;
+speech) speech ;;
 factors) factors ;;
 variants) variants ;;
 all) main; variants ;;
-*) echo "usage: bash scripts/recall_mqar.sh main|variants|all|factors [OUT]"; exit 2 ;;
+*) echo "usage: bash scripts/recall_mqar.sh main|variants|all|factors|speech [OUT]"; exit 2 ;;
 esac
 wait
 for f in "$out"/*.log; do echo "== $f"; grep -v "^step" "$f" | tail -n 12; grep "^step" "$f" | tail -n 1; done

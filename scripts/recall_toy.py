@@ -256,11 +256,13 @@ def predict(model, x, state=None, K=0, S=1):
     if not K:
         logits, state = model.lm_forward(x[:, :-1], state)
         return logits, None, state
-    frames = x[:, 1:, None].expand(-1, -1, K).contiguous()    # the model predicts frame t from frames < t
+    frames = x[:, :, None].expand(-1, -1, K).contiguous()     # the model predicts frame t from frames < t
     if S == 2:
         frames = torch.cat([frames, torch.full_like(frames, 7)], -1)
-    lg, state = model(frames, state)
-    return lg.audio[:, :, 0], (lg, frames), state
+    if state is None:   # the first frame is the input to the second, as the first token is in text-LM mode
+        state = model.init_state(x.shape[0], x.device)._replace(prev=frames[:, 0])
+    lg, state = model(frames[:, 1:], state)
+    return lg.audio[:, :, 0], (lg, frames[:, 1:]), state
 
 
 def by_bucket(hit, d, lo):
@@ -350,6 +352,9 @@ def main(argv=None):
     ap.add_argument("--codebooks", type=int, default=1, help="--frames: codebooks a frame, each holding the token")
     ap.add_argument("--depth_layers", type=int, default=1, help="--frames: the depth decoder's blocks (demo: 1)")
     ap.add_argument("--semantic_weight", type=float, default=1.0, help="--frames: loss weight of codebook 0")
+    ap.add_argument("--emb_lr_scale", type=float, default=1.0,
+                    help="the input embedding's learning rate, as a multiple of --lr (with --frames --codebooks K "
+                         "the K tables summed into a frame all move together: K times a table's step)")
     ap.add_argument("--silent_speaker", action="store_true", help="--frames: a second stream, always the same code")
     ap.add_argument("--window", type=int, default=0, help="attention window (default: --seq_len)")
     ap.add_argument("--n_ttt", type=int, default=0, help="TTT branch in the top n layers")
@@ -467,7 +472,10 @@ def main(argv=None):
         import ttt
         saved_rope, ttt._rope = ttt._rope, lambda x, cos, sin: x
     model.to(a.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.1)
+    emb = [p for n, p in model.named_parameters() if n.startswith(("frame_emb.", "embed_tokens."))]
+    rest = [p for n, p in model.named_parameters() if not n.startswith(("frame_emb.", "embed_tokens."))]
+    opt = torch.optim.AdamW([dict(params=rest, scale=1.0), dict(params=emb, scale=a.emb_lr_scale)], lr=a.lr,
+                            weight_decay=0.1)
     g = torch.Generator().manual_seed(a.seed + 1)
     perm = torch.randperm(V, generator=g)
     alphabet = perm[:a.alphabet]
@@ -503,7 +511,7 @@ def main(argv=None):
                             a.adjacent or step < a.adjacent_steps, noise_alphabet, gap)
         x, dist = x.to(a.device), dist.to(a.device)
         for group in opt.param_groups:
-            group["lr"] = a.lr * min(1.0, (step + 1) / 50)
+            group["lr"] = a.lr * group["scale"] * min(1.0, (step + 1) / 50)
         with quiet_between(model, dist) if a.quiet_train else contextlib.nullcontext():
             logits, speech, _ = predict(model, x, None, K if a.frames else 0, S)
         recalled = dist[:, 1:] > 0

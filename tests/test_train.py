@@ -303,7 +303,7 @@ def test_recall_toy_mqar(capsys):
         "16-31: 0.00 (1), 32-63: 1.00 (1), 64-127: 1.00 (1)"
     for extra in ([], ["--frames", "--codebooks", "2", "--semantic_weight", "10"],
                   ["--memory", "linear_attention"], ["--mqar_full_loss", "--mqar_fill_from_pairs"],
-                  ["--mqar_value", "2", "--mqar_start", "15"]):
+                  ["--mqar_value", "2", "--mqar_start", "15", "--emb_lr_scale", "8"]):
         recall_toy.main(["--mqar", "4", "--steps", "1", "--seq_len", "48", "--batch", "2", "--dim", "64",
                          "--window", "4", "--n_ttt", "1", "--separate_noise", "--by_distance", "--eval_lens",
                          "300"] + extra)
@@ -331,3 +331,29 @@ def test_recall_toy_mqar(capsys):
                      "--dim", "64", "--window", "4", "--n_ttt", "1", "--eval_lens", "64"])
     out = capsys.readouterr().out
     assert "step     0 " in out and "step     1 " not in out and "held-out, 64 tokens" in out
+
+
+def test_recall_toy_speech_path_sees_every_token():
+    # the speech path predicts token t + 1 from tokens 0..t, as the text path does: the first token is
+    # the frame before the second (it was once dropped, so the first key of every MQAR sequence was
+    # never seen); chunked with the state carried it gives the logits of one pass
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import recall_toy
+    from model import Config, SpeechLM
+    torch.manual_seed(0)
+    cfg = Config.preset("demo", n_streams=1, n_codebooks=3, window=8, dim=64, n_layers=2, n_heads=2, n_kv_heads=1, hidden=128,
+                        n_ttt=1, ttt_heads=1, ttt_mini_batch=4, depth_layers=0)
+    model = SpeechLM(cfg).eval()
+    x = torch.randint(0, 100, (2, 21))
+    y = x.clone()
+    y[:, 0] = (x[:, 0] + 1) % 100
+    with torch.no_grad():
+        lx, (lg, frames), _ = recall_toy.predict(model, x, None, 3)
+        ly = recall_toy.predict(model, y, None, 3)[0]
+        assert lx.shape == (2, 20, cfg.cardinality) and torch.equal(frames[..., 0], x[:, 1:])
+        assert not torch.allclose(lx[:, 0], ly[:, 0], atol=1e-3)        # the first token is seen
+        state, parts = None, []
+        for i in range(0, 20, 7):
+            lg_i, _, state = recall_toy.predict(model, x[:, i:min(i + 7, 20) + 1], state, 3)
+            parts.append(lg_i)
+        torch.testing.assert_close(torch.cat(parts, 1), lx, atol=1e-4, rtol=1e-4)
