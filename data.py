@@ -89,13 +89,12 @@ def synth_conversation(rng, n_frames, K=8, card=CARD, silence=None, cues=None, e
     quiz: a recall drill instead: events back to back from the start, each recalled as soon as its
     gap has passed (a share near_share of them near_min_s to near_max_s later, the others as the far
     events), so nearly half of the frames are recalled values (about a quarter at most with random
-    places). same_speaker: the recall comes
-    from the speaker of the first mention (else either speaker, drawn anew). tie [K, A] (optional):
-    a pattern's codebook k is tie[k] of its semantic code (see _pattern). speech_codes [K, S]
-    (optional): the codes the speakers' voices draw from (see _voice). With lang (a
-    `Language`) the speakers also say its words, drawn from trng, and a third value lists them:
-    per stream, (start frame, frames, word index) rows. rng draws the same numbers with or without
-    words."""
+    places). same_speaker: the recall comes from the speaker of the first mention (else either
+    speaker, drawn anew). tie [K, A] (optional): a pattern's codebook k is tie[k] of its semantic
+    code (see _pattern). speech_codes [K, S] (optional): the codes the speakers' voices draw from
+    (see _voice). With lang (a `Language`) the speakers also say its words, drawn from trng, and a
+    third value lists them: per stream, (start frame, frames, word index) rows. rng draws the same
+    numbers with or without words."""
     silence = silence if silence is not None else np.zeros(K, np.int64)
     codes = np.broadcast_to(silence, (n_frames, 2, K)).copy()
     voices = [_voice(rng, K, card, codes=speech_codes) for _ in range(2)]
@@ -322,17 +321,14 @@ def synthetic(out, hours=20.0, min_minutes=10.0, max_minutes=90.0, n_codebooks=8
             quiz = quiz_share > 0 and rng.random() < quiz_share
             own = quiz and quiz_max_s > 0    # the drills' own gaps: every event back quiz_min_s to quiz_max_s later
             gaps, near = ((quiz_min_s, quiz_max_s), 1.0) if own else ((2.0, near_max_s), near_share)
+            kw = dict(near_share=near, near_min_s=gaps[0], near_max_s=gaps[1], alphabet=alphabet,
+                      value_frames=value_frames, quiz=quiz, same_speaker=same_speaker, tie=tie,
+                      speech_codes=speech_codes)
             if lang is None:
-                c, ev = synth_conversation(rng, F, n_codebooks, CARD, silence, cues, events_per_min,
-                                           near_share=near, near_min_s=gaps[0], near_max_s=gaps[1],
-                                           alphabet=alphabet, value_frames=value_frames, quiz=quiz,
-                                           same_speaker=same_speaker, tie=tie, speech_codes=speech_codes)
+                c, ev = synth_conversation(rng, F, n_codebooks, CARD, silence, cues, events_per_min, **kw)
             else:
                 c, ev, said = synth_conversation(rng, F, n_codebooks, CARD, silence, cues, events_per_min,
-                                                 lang=lang, trng=trng, near_share=near, near_min_s=gaps[0],
-                                                 near_max_s=gaps[1], alphabet=alphabet, value_frames=value_frames,
-                                                 quiz=quiz, same_speaker=same_speaker, tie=tie,
-                                                 speech_codes=speech_codes)
+                                                 lang=lang, trng=trng, **kw)
                 cols = [text_tokens([(t / FRAME_RATE, (t + L) / FRAME_RATE, lang.words[x], None) for t, L, x in said[s]],
                                     tok, F, FRAME_RATE, where=f"{out} conversation {n} stream {s}") for s in range(2)]
                 c = np.concatenate([np.stack(cols, 1), c.reshape(F, -1)], 1)
