@@ -355,6 +355,9 @@ def main(argv=None):
     ap.add_argument("--emb_lr_scale", type=float, default=1.0,
                     help="the input embedding's learning rate, as a multiple of --lr (with --frames --codebooks K "
                          "the K tables summed into a frame all move together: K times a table's step)")
+    ap.add_argument("--emb_init_scale", type=float, default=1.0,
+                    help="scale the input embedding's initial weights (with --frames --codebooks K a frame's "
+                         "input is the sum of K embeddings: sqrt(K) times one embedding's size)")
     ap.add_argument("--silent_speaker", action="store_true", help="--frames: a second stream, always the same code")
     ap.add_argument("--window", type=int, default=0, help="attention window (default: --seq_len)")
     ap.add_argument("--n_ttt", type=int, default=0, help="TTT branch in the top n layers")
@@ -473,6 +476,9 @@ def main(argv=None):
         saved_rope, ttt._rope = ttt._rope, lambda x, cos, sin: x
     model.to(a.device)
     emb = [p for n, p in model.named_parameters() if n.startswith(("frame_emb.", "embed_tokens."))]
+    with torch.no_grad():
+        for p in emb:
+            p.mul_(a.emb_init_scale)
     rest = [p for n, p in model.named_parameters() if not n.startswith(("frame_emb.", "embed_tokens."))]
     opt = torch.optim.AdamW([dict(params=rest, scale=1.0), dict(params=emb, scale=a.emb_lr_scale)], lr=a.lr,
                             weight_decay=0.1)

@@ -303,7 +303,7 @@ def test_recall_toy_mqar(capsys):
         "16-31: 0.00 (1), 32-63: 1.00 (1), 64-127: 1.00 (1)"
     for extra in ([], ["--frames", "--codebooks", "2", "--semantic_weight", "10"],
                   ["--memory", "linear_attention"], ["--mqar_full_loss", "--mqar_fill_from_pairs"],
-                  ["--mqar_value", "2", "--mqar_start", "15", "--emb_lr_scale", "8"]):
+                  ["--mqar_value", "2", "--mqar_start", "15", "--emb_lr_scale", "8", "--emb_init_scale", "0.5"]):
         recall_toy.main(["--mqar", "4", "--steps", "1", "--seq_len", "48", "--batch", "2", "--dim", "64",
                          "--window", "4", "--n_ttt", "1", "--separate_noise", "--by_distance", "--eval_lens",
                          "300"] + extra)
