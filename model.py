@@ -1069,7 +1069,11 @@ class SpeechLM(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self):
-        """GPT-2 style: N(0, 0.02), output projections scaled down with depth; TTT keeps its own."""
+        """GPT-2 style: N(0, 0.02), output projections scaled down with depth; TTT keeps its own. A
+        frame's input sums one embedding row per column, so those rows get 0.02 / sqrt(columns): the
+        sum starts at the size of one token's embedding. (At 0.02 each, a frame of 8 codebooks starts
+        sqrt(8) times larger, and on associative recall the model learnt no lookup, only elimination;
+        scaled, it learnt the lookup as with one codebook: docs/experiment/notes.md.)"""
         for name, p in self.named_parameters():
             if ".ttt.layer." in name or p.is_meta:
                 continue
@@ -1077,6 +1081,8 @@ class SpeechLM(nn.Module):
                 p.fill_(self.cfg.ttt_gate_init)
             elif p.dim() == 1:
                 p.fill_(1.0 if name.endswith("norm.weight") else 0.0)
+            elif name == "frame_emb.emb.weight":
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(self.cfg.n_cols))
             else:
                 depth = self.cfg.depth_layers if name.startswith("depth.") else self.cfg.n_layers
                 out = name.endswith(("o_proj.weight", "down_proj.weight"))
@@ -1415,6 +1421,11 @@ class SpeechLM(nn.Module):
             with safe_open(path, "pt") as f:
                 meta = f.metadata() or {}
             sd = load_file(path, device=str(device))
+            if torch.device(device).type == "cpu":
+                # on the CPU the tensors share one buffer at the file's offsets, not 64-byte aligned, and
+                # the matrix products then round differently: each gets memory of its own, so a loaded
+                # model computes what the saved one did to the bit
+                sd = {k: v.clone() for k, v in sd.items()}
             sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}  # bf16 exports too
         except Exception as e:
             raise ValueError(f"{path!r} is not a readable safetensors checkpoint ({e})") from None
