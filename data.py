@@ -78,7 +78,7 @@ def _speak(rng, voice, n):
 def synth_conversation(rng, n_frames, K=8, card=CARD, silence=None, cues=None, events_per_min=0.25,
                        lang=None, trng=None, near_share=0.0, near_max_s=40.0, alphabet=None,
                        value_frames=VALUE_LEN, quiz=False, same_speaker=False, tie=None, speech_codes=None,
-                       near_min_s=2.0):
+                       near_min_s=2.0, quiz_spacing_s=0.0):
     """One two-speaker conversation: codes [n_frames, 2, K] and its recall events as rows
     (stream, first_value_start, recall_value_start). A share `near_share` of the events comes back
     2 s to `near_max_s` after the first mention, anywhere in the conversation: short enough to
@@ -120,7 +120,7 @@ def synth_conversation(rng, n_frames, K=8, card=CARD, silence=None, cues=None, e
     busy = np.zeros(n_frames, bool)
     if quiz:
         events = _quiz(rng, codes, busy, span, n_frames, near_share, (near_min_s, near_max_s), alphabet, card,
-                       value_frames, cues, silence, same_speaker, tie)
+                       value_frames, cues, silence, same_speaker, tie, quiz_spacing_s)
         n_ev = 0
     for _ in range(n_ev * 4):
         if len(events) == n_ev:
@@ -170,8 +170,9 @@ def _pattern(rng, alphabet, card, value_frames, K, tie=None):
 
 
 def _quiz(rng, codes, busy, span, n_frames, near_share, near_gaps, alphabet, card, value_frames, cues, silence,
-          same_speaker, tie=None):
-    """Fill a conversation with recall events back to back (see synth_conversation's quiz)."""
+          same_speaker, tie=None, spacing_s=0.0):
+    """Fill a conversation with recall events, back to back or spacing_s of speech apart on average
+    (see synth_conversation's quiz)."""
     K = codes.shape[2]
     events, due, said = [], [], {}
     t = 0
@@ -193,6 +194,8 @@ def _quiz(rng, codes, busy, span, n_frames, near_share, near_gaps, alphabet, car
         codes[t:t + span, 1 - s] = silence
         busy[t:t + span] = True
         t += span
+        if spacing_s > 0:   # the speech laid down under the events shows through until the next one
+            t += int(rng.exponential(spacing_s) * FRAME_RATE)
     return events
 
 
@@ -275,7 +278,7 @@ def _say_words(rng, lang, codes, voices, turns, busy):
 def synthetic(out, hours=20.0, min_minutes=10.0, max_minutes=90.0, n_codebooks=8, seed=0, quiet=False,
               text=False, text_words=300, text_vocab=256, events_per_min=0.25, near_share=0.0,
               near_max_s=40.0, pattern_codes=0, value_frames=VALUE_LEN, quiz_share=0.0, same_speaker=False,
-              quiz_max_s=0.0, tied_patterns=False, quiz_min_s=2.0, reserve_patterns=False):
+              quiz_max_s=0.0, tied_patterns=False, quiz_min_s=2.0, reserve_patterns=False, quiz_spacing_s=0.0):
     """Write `hours` of synthetic conversations to `out` (codes file) and their recall events to
     out + '.events.json'. text=True adds a text stream per speaker: the words of a made-up
     language of `text_words` words, tokenized by a `text_vocab`-piece sentencepiece model written
@@ -285,7 +288,8 @@ def synthetic(out, hours=20.0, min_minutes=10.0, max_minutes=90.0, n_codebooks=8
     same_speaker: see synth_conversation. tied_patterns: a pattern's acoustic codes follow from its
     semantic ones through one fixed table (see _pattern), else each is drawn on its own.
     reserve_patterns: the pattern_codes codes of keys and values are theirs alone (speech, silence
-    and cues use the others), so a pattern's codes never turn up in the speech around it. Returns
+    and cues use the others), so a pattern's codes never turn up in the speech around it.
+    quiz_spacing_s: mean seconds of speech between a drill's events (0: back to back). Returns
     the number of conversations."""
     rng = np.random.default_rng(seed)
     # shared across conversations, like a language: the silence frame and the two cue words
@@ -323,7 +327,7 @@ def synthetic(out, hours=20.0, min_minutes=10.0, max_minutes=90.0, n_codebooks=8
             gaps, near = ((quiz_min_s, quiz_max_s), 1.0) if own else ((2.0, near_max_s), near_share)
             kw = dict(near_share=near, near_min_s=gaps[0], near_max_s=gaps[1], alphabet=alphabet,
                       value_frames=value_frames, quiz=quiz, same_speaker=same_speaker, tie=tie,
-                      speech_codes=speech_codes)
+                      speech_codes=speech_codes, quiz_spacing_s=quiz_spacing_s)
             if lang is None:
                 c, ev = synth_conversation(rng, F, n_codebooks, CARD, silence, cues, events_per_min, **kw)
             else:
@@ -749,6 +753,9 @@ def main(argv=None):
     s.add_argument("--quiz_min_s", type=float, default=2.0,
                    help="the shortest gap of a drill's events with --quiz_max_s, seconds (beyond the attention "
                         "window: only a longer memory answers them)")
+    s.add_argument("--quiz_spacing_s", type=float, default=0.0,
+                   help="mean seconds of speech between a drill's events (default 0: back to back); fewer "
+                        "patterns to hold at once, as in associative-recall tasks with noise between the pairs")
     s.add_argument("--reserve_patterns", type=lambda v: v.lower() in ("1", "true", "yes"), default=False,
                    help="true: the --pattern_codes codes of keys and values occur nowhere else (the speech, the "
                         "silence and the cues use the other codes)")
@@ -790,8 +797,8 @@ def _run(ap, a):
             ap.error("need 0 <= near_share <= 1 and near_max_s >= 2 (seconds)")
         if not 0 <= a.quiz_share <= 1 or not (a.quiz_max_s == 0 or a.quiz_max_s >= a.quiz_min_s >= 2):
             ap.error("need 0 <= quiz_share <= 1, and quiz_max_s 0 or quiz_max_s >= quiz_min_s >= 2 (seconds)")
-        if a.value_frames < 1:
-            ap.error("need value_frames >= 1")
+        if a.value_frames < 1 or a.quiz_spacing_s < 0:
+            ap.error("need value_frames >= 1 and quiz_spacing_s >= 0")
         if not 0 <= a.pattern_codes <= CARD:
             ap.error(f"need 0 <= pattern_codes <= {CARD}")
         if a.reserve_patterns and not 0 < a.pattern_codes <= CARD - 64:
@@ -801,7 +808,8 @@ def _run(ap, a):
                       near_share=a.near_share, near_max_s=a.near_max_s, pattern_codes=a.pattern_codes,
                       value_frames=a.value_frames, quiz_share=a.quiz_share,
                       same_speaker=a.same_speaker, quiz_max_s=a.quiz_max_s, tied_patterns=a.tied_patterns,
-                      quiz_min_s=a.quiz_min_s, reserve_patterns=a.reserve_patterns)
+                      quiz_min_s=a.quiz_min_s, reserve_patterns=a.reserve_patterns,
+                      quiz_spacing_s=a.quiz_spacing_s)
         print(f"wrote {n} conversations to {a.out}" + (f" (tokenizer: {a.out}.spm.model)" if a.text else ""))
     elif a.cmd == "align":
         st = align(a.codes, a.transcripts, a.spm, a.out, a.main, a.allow_missing)

@@ -17,7 +17,8 @@ schedule, seed) on the same synthetic conversations:
     ttt_linear_all  ttt_linear with TTT-Linear in every layer
 
 The gpu-beyond scale trains the same models on recall drills that resemble associative recall,
-with half of their recalls beyond the window (see SCALES["gpu-beyond"]).
+with half of their recalls beyond the window (see SCALES["gpu-beyond"]); gpu-sparse, on such drills
+with shorter values and speech between the events, so that fewer patterns are held at once.
 
 Then each is evaluated (evaluate.py) on held-out 90-minute conversations of another seed: loss by
 minute, recall accuracy by distance, and the statistics of a 90-minute generation against the real
@@ -129,6 +130,17 @@ SCALES["gpu-beyond"] = dict(
     train={**SCALES["gpu"]["train"], "seq_len": 1024, "batch_size": 8, "max_steps": 400, "warmup": 50},
 )
 
+# gpu-beyond's drills with fewer patterns to hold at once, as associative recall has them: values of 4
+# frames instead of 32, and 3 s of speech on average between the events instead of none. Over a 40 s
+# gap gpu-beyond's drills bring about 500 frames of patterns, every one a new pair to store, against
+# the 8 x 64 x 64 fast weights of a TTT-Linear layer; these bring about 70.
+SCALES["gpu-sparse"] = dict(
+    SCALES["gpu-beyond"],
+    recall={**SCALES["gpu-beyond"]["recall"], "value_frames": 4},
+    train_quiz={**SCALES["gpu-beyond"]["train_quiz"], "quiz_spacing_s": 3.0},
+    warmup_drills={**SCALES["gpu-beyond"]["warmup_drills"], "quiz_spacing_s": 3.0},
+)
+
 # name -> model overrides on top of the scale's model; "long" stands for the scale's long window
 VARIANTS = {
     "window": dict(n_ttt=0),                       # (a) short-window attention only
@@ -175,7 +187,7 @@ def make_data(sc, out):
         cmds.append([sys.executable, "data.py", "synthetic", "--out", drills_train_path(out), "--hours", str(wd["hours"]),
                      "--min_minutes", str(lo_w), "--max_minutes", str(hi_w), "--n_codebooks", str(sc["n_codebooks"]),
                      "--seed", "2", *recall, "--quiz_share=1.0",
-                     *[f"--{k}={wd[k]}" for k in ("quiz_min_s", "quiz_max_s") if k in wd]])
+                     *[f"--{k}={wd[k]}" for k in ("quiz_min_s", "quiz_max_s", "quiz_spacing_s") if k in wd]])
     procs, log = [], open(os.path.join(out, "data", "data.log"), "w")
     for cmd in cmds:   # data.py needs numpy only: two quick subprocesses, side by side
         print_flush("$ " + " ".join(cmd[1:]))
