@@ -661,9 +661,37 @@ def _long_enough(f, convs, T):
     return np.asarray(convs)[lens >= T]
 
 
+class RecallFrames:
+    """Where a synthetic codes file's recalled values are (its events file), as a mask over the
+    columns of a training window: True at the audio columns of the stream that recalls a value, in
+    the value's frames (each column shifted by its delay, as `window` shifts the codes)."""
+
+    def __init__(self, path, f):
+        ev = load_events(path)
+        if not len(ev):
+            raise ValueError(f"{path}.events.json is missing or lists no recall events: the recall weight needs a "
+                             "codes file written by `python data.py synthetic` with recall events")
+        self.by_conv = {}
+        for c, s, _, second, L in ev.tolist():
+            self.by_conv.setdefault(c, []).append((s, second, L))
+        self.f = f
+        self.col_stream = np.r_[np.full(f.n_text, -1), np.repeat(np.arange(f.n_streams), f.n_codebooks)]   # [C]
+
+    def mask(self, c, start, T, delays):
+        """[T, C] bool for frames start..start+T of conversation c."""
+        n = int(self.f.lengths[c])
+        recalled = np.zeros((n, self.f.n_streams), bool)
+        for s, a, L in self.by_conv.get(int(c), ()):
+            recalled[a:a + L, s] = True
+        idx = start + np.arange(T)[:, None] - np.asarray(delays)[None, :]
+        hit = recalled[np.clip(idx, 0, n - 1), np.clip(self.col_stream, 0, None)[None, :]]
+        return hit & (idx >= 0) & (self.col_stream >= 0)[None, :]
+
+
 class WindowSampler:
     """Mini-batch mode: random windows of T frames inside conversations, each drawn with
-    probability proportional to its number of windows."""
+    probability proportional to its number of windows. After next(), `last` lists each row's
+    (conversation, first frame)."""
 
     def __init__(self, f, convs, T, batch, delays, initial, seed):
         self.f, self.T, self.B, self.delays, self.initial = f, T, batch, delays, initial
@@ -675,6 +703,7 @@ class WindowSampler:
     def next(self):
         cs = self.rng.choice(self.convs, size=self.B, p=self.p)
         starts = [int(self.rng.integers(0, self.f.lengths[c] - self.T + 1)) for c in cs]
+        self.last = [(int(c), s) for c, s in zip(cs, starts)]
         x = np.stack([window(self.f.conversation(c), s, self.T, self.delays, self.initial) for c, s in zip(cs, starts)])
         return x, np.ones(self.B, bool)
 
@@ -688,7 +717,8 @@ class WindowSampler:
 class StreamSampler:
     """Streaming mode: each of B rows walks one conversation in consecutive chunks of T frames;
     when its conversation has fewer than T frames left, the row takes the next conversation of a
-    shuffled order (its state is then reset by the caller: `reset` is True for that row)."""
+    shuffled order (its state is then reset by the caller: `reset` is True for that row). After
+    next(), `last` lists each row's (conversation, first frame)."""
 
     def __init__(self, f, convs, T, batch, delays, initial, seed, rank=0, world=1):
         self.f, self.T, self.B, self.delays, self.initial = f, T, batch, delays, initial
@@ -715,6 +745,7 @@ class StreamSampler:
                 self.rows[i] = row = self._take()
             reset[i] = row[1] == 0
         x = np.stack([window(self.f.conversation(c), s, self.T, self.delays, self.initial) for c, s in self.rows])
+        self.last = [(c, s) for c, s in self.rows]
         for row in self.rows:
             row[1] += self.T
         return x, reset

@@ -133,12 +133,16 @@ SCALES["gpu-beyond"] = dict(
 # gpu-beyond's drills with fewer patterns to hold at once, as associative recall has them: values of 4
 # frames instead of 32, and 3 s of speech on average between the events instead of none. Over a 40 s
 # gap gpu-beyond's drills bring about 500 frames of patterns, every one a new pair to store, against
-# the 8 x 64 x 64 fast weights of a TTT-Linear layer; these bring about 70.
+# the 8 x 64 x 64 fast weights of a TTT-Linear layer; these bring about 70. The recalled values are 4%
+# of the frames, and the speech codes around them are mostly unpredictable: on the associative-recall
+# toy such a loss hid the recall's gradient, and a loss on the recalls alone found the lookup. So the
+# warm-up weighs the recalled frames 100 times the others (about 80% of its loss); the streaming
+# training after it has the plain loss.
 SCALES["gpu-sparse"] = dict(
     SCALES["gpu-beyond"],
     recall={**SCALES["gpu-beyond"]["recall"], "value_frames": 4},
     train_quiz={**SCALES["gpu-beyond"]["train_quiz"], "quiz_spacing_s": 3.0},
-    warmup_drills={**SCALES["gpu-beyond"]["warmup_drills"], "quiz_spacing_s": 3.0},
+    warmup_drills={**SCALES["gpu-beyond"]["warmup_drills"], "quiz_spacing_s": 3.0, "recall_weight": 100.0},
 )
 
 # name -> model overrides on top of the scale's model; "long" stands for the scale's long window
@@ -225,7 +229,8 @@ def warmup_argv(sc, name, drills_train, warm_dir):
     """Phase 1 (--warmup_drills): the same model on drills alone, in mini-batch mode, float32 and a
     constant learning rate, the setting in which the lookup formed soonest (scripts/recall_factors.sh)."""
     t = {**sc["train"], "max_steps": sc["warmup_drills"]["steps"], "min_lr": sc["train"]["lr"],
-         "warmup": min(50, sc["train"]["warmup"]), "dtype": "float32"}
+         "warmup": min(50, sc["train"]["warmup"]), "dtype": "float32",
+         "recall_weight": sc["warmup_drills"].get("recall_weight", 1.0)}
     a = {"data": drills_train, "out_dir": warm_dir, "mode": "minibatch", "seed": SEED, **t, **model_args(sc, name)}
     return [f"--{k}={v}" for k, v in a.items()]
 
@@ -497,6 +502,9 @@ def parse_args(argv=None):
     ap.add_argument("--warmup_drills", type=int, default=-1,
                     help="train each variant first for this many steps on drills alone (mini-batch mode, "
                          "float32, constant learning rate), then the scale's training starts from it")
+    ap.add_argument("--warmup_recall_weight", type=float, default=-1,
+                    help="override the warm-up's loss weight of the recalled values' frames against 1 for the others "
+                         "(train.py --recall_weight)")
     ap.add_argument("--quiz_max_s", type=float, default=-1,
                     help="override the scale's drill gaps: every drill event comes back 2 s to this many seconds "
                          "later (longer than the window: only a memory beyond it can answer some)")
@@ -527,6 +535,8 @@ def main(argv=None):
         sc["train"]["dtype"] = a.dtype
     if a.warmup_drills >= 0:
         sc["warmup_drills"]["steps"] = a.warmup_drills
+    if a.warmup_recall_weight >= 0:
+        sc["warmup_drills"]["recall_weight"] = a.warmup_recall_weight
     if a.min_lr >= 0:
         sc["train"]["min_lr"] = a.min_lr
     if a.quiz_max_s >= 0:

@@ -1646,16 +1646,19 @@ def undelay(codes, cfg):
     return torch.stack([codes[:, d:T - m + d, c] for c, d in enumerate(dl)], 2)
 
 
-def loss_fn(logits: Logits, codes, cfg, reduce=True):
+def loss_fn(logits: Logits, codes, cfg, reduce=True, weight=None):
     """Moshi's weighting: text term + audio term, where the audio term is a weighted mean over
     codebooks with the semantic one weighted `semantic_weight`. Targets equal to a column's initial
-    token (delay padding) are ignored. Returns (loss, parts) with parts the mean cross-entropy per
-    group ("text", "semantic", "acoustic") for logging."""
+    token (delay padding) are ignored. weight [B, T, n_audio] (optional): each audio target's weight
+    within its column's mean (default: all 1). Returns (loss, parts) with parts the mean cross-entropy
+    per group ("text", "semantic", "acoustic") for logging, weighted as the loss is."""
     nt, K = cfg.n_text, cfg.n_codebooks
     audio_t = codes[..., nt:]
     ce = F.cross_entropy(logits.audio.float().flatten(0, 2), audio_t.flatten(), reduction="none",
                          ignore_index=cfg.cardinality).view(audio_t.shape)          # [B, T, A]
     valid = (audio_t != cfg.cardinality).float()
+    if weight is not None:
+        valid = valid * weight
     w = torch.ones(K, device=codes.device)
     w[0] = cfg.semantic_weight
     w = w.repeat(cfg.n_streams)

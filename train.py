@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from codes import CodesFile, CodesFormatError
-from data import StreamSampler, WindowSampler
+from data import RecallFrames, StreamSampler, WindowSampler
 from model import Config, SpeechLM, detach_state, flops_per_frame, loss_fn, tree_map
 
 H100_BF16_FLOPS = 989e12  # dense bf16 peak of an H100 SXM, for MFU
@@ -58,6 +58,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     beta2: float = 0.95
     grad_clip: float = 1.0
+    recall_weight: float = 1.0     # loss weight of the recalled values' frames (DATA.events.json of data.py synthetic) against 1
     eval_interval: int = 250       # steps between evaluations and checkpoints (0: only at the end)
     eval_batches: int = 8
     log_interval: int = 10
@@ -253,6 +254,11 @@ def train(tc, overrides):
         # with N * A micro-batches draws, so the two runs see the same data
         samplers = [WindowSampler(data, train_ids, tc.seq_len, B, delays, initial, tc.seed + 7 * (rank * A + i))
                     for i in range(A)]
+    recall = None
+    if tc.recall_weight != 1:   # the recall's share of the loss, raised: the lookup forms sooner (see README)
+        if not tc.recall_weight > 0:
+            raise ValueError(f"--recall_weight must be > 0, not {tc.recall_weight}")
+        recall = RecallFrames(tc.data, data)
     val_sampler = WindowSampler(val, val_ids, min(tc.seq_len, int(val.lengths[val_ids].max())), B, delays,
                                 initial, 0)
 
@@ -353,10 +359,14 @@ def train(tc, overrides):
                 st = raw.init_state(B, device) if st is None else raw.reset_rows(st, torch.from_numpy(reset).to(device))
             else:
                 st = None
+            wt = None
+            if recall is not None:
+                m = np.stack([recall.mask(c, s, tc.seq_len, delays) for c, s in samplers[i].last])[..., cfg.n_text:]
+                wt = torch.from_numpy(np.where(m, np.float32(tc.recall_weight), np.float32(1))).to(device)
             sync = nullcontext() if not ddp or tc.fsdp or i == A - 1 else model.no_sync()
             with sync, autocast:
                 logits, new = model(x, st, keep_state=st is not None)  # mini-batch: no state to keep
-                loss, parts = lossf(logits, x, cfg)
+                loss, parts = lossf(logits, x, cfg, weight=wt)
             (loss / A).backward()
             if tc.mode == "streaming":
                 states[i] = detach_state(new)
