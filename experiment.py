@@ -492,6 +492,8 @@ def parse_args(argv=None):
     ap.add_argument("--depth_layers", type=int, default=-1,
                     help="override the scale's depth decoder blocks (0: each codebook from a projection of the "
                          "backbone output and the previous codebook's embedding)")
+    ap.add_argument("--window", type=int, default=0,
+                    help="override the scale's short attention window, frames (12.5 a second)")
     ap.add_argument("--mode", choices=["streaming", "minibatch"], default="streaming",
                     help="train.py's mode (default streaming: state carried through whole conversations)")
     ap.add_argument("--dtype", choices=["", "bfloat16", "float32"], default="",
@@ -530,6 +532,8 @@ def main(argv=None):
         sc["train"]["warmup"] = min(sc["train"]["warmup"], a.steps)
     if a.depth_layers >= 0:
         sc["model"]["depth_layers"] = a.depth_layers
+    if a.window:
+        sc["model"]["window"] = a.window
     sc["mode"] = a.mode
     if a.dtype:
         sc["train"]["dtype"] = a.dtype
