@@ -372,3 +372,31 @@ def test_recall_pilot_runs(tmp_path, capsys):
     assert "recalled" in out and "recall accuracy: training" in out
     acc = [float(x.split()[0].rstrip(",")) for x in out.split("training ")[1:]]
     assert all(0 <= a <= 1 for a in acc)
+
+
+def test_drill_spacing(tmp_path):
+    # --quiz_spacing_s: the speech goes on between a drill's events, that many seconds on average;
+    # without it the events follow each other back to back
+    from data import CUE_LEN, KEY_LEN
+    L = 4
+    span = CUE_LEN + KEY_LEN + L
+    for spacing in (0.0, 3.0):
+        p = str(tmp_path / f"s{spacing}.bin")
+        synthetic(p, hours=0.5, min_minutes=3, max_minutes=3, n_codebooks=2, seed=3, quiet=True, value_frames=L,
+                  quiz_share=1.0, quiz_min_s=2.0, quiz_max_s=20.0, quiz_spacing_s=spacing)
+        f, events = CodesFile(p), load_events(p)
+        gaps, speech = [], []
+        for c in range(len(f)):
+            ev = events[events[:, 0] == c]
+            starts = np.unique(np.concatenate([ev[:, 2], ev[:, 3]])) - CUE_LEN - KEY_LEN   # every event's first frame
+            gaps += (np.diff(starts) - span).tolist()
+            a = np.asarray(f.audio(c))
+            for s0, s1 in zip(starts, starts[1:]):   # 1 s or more between: speech, not one silent frame repeated
+                if s1 - s0 - span >= 12:
+                    speech.append(len(np.unique(a[s0 + span:s1].reshape(s1 - s0 - span, -1), axis=0)) > 1)
+        gaps = np.array(gaps) / 12.5   # (a pattern that never comes back, near a drill's end, is not listed)
+        if spacing == 0:
+            assert np.median(gaps) == 0 and (gaps == 0).mean() > 0.9
+        else:
+            assert 2.5 < gaps.mean() < 3.8 and 1.6 < np.median(gaps) < 2.8   # exponential: median 3 ln 2 = 2.1
+            assert len(speech) > 50 and all(speech)

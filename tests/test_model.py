@@ -569,3 +569,27 @@ def test_short_attention_kernels_compile_for_h100(dtype):
             src = ASTSource(fn=kern, signature=sig, constexprs={(names.index(n),): v for n, v in consts.items()})
             compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
             assert compiled.metadata.shared <= 227 * 1024
+
+
+def test_loss_weight():
+    # weight: each audio target's weight within its column's mean; all ones is the plain loss, and
+    # zeros drop targets as padding does
+    torch.manual_seed(0)
+    cfg = Config.preset("tiny", n_streams=2, n_codebooks=3, cardinality=32)
+    m = SpeechLM(cfg)
+    codes = torch.randint(0, 32, (2, 12, cfg.n_cols))
+    logits, _ = m(codes)
+    plain, _ = loss_fn(logits, codes, cfg)
+    ones, _ = loss_fn(logits, codes, cfg, weight=torch.ones(2, 12, cfg.n_audio))
+    torch.testing.assert_close(ones, plain, rtol=1e-6, atol=0)
+    w = torch.ones(2, 12, cfg.n_audio)
+    w[:, :5] = 0
+    padded = codes.clone()
+    padded[:, :5, cfg.n_text:] = cfg.cardinality          # the initial token: ignored by the loss
+    torch.testing.assert_close(loss_fn(logits, codes, cfg, weight=w)[0], loss_fn(logits, padded, cfg)[0],
+                               rtol=1e-6, atol=0)
+    w[:, :5] = 3.0                                         # a weight of 3 counts a target three times
+    tripled = torch.cat([codes[:, :5]] * 3 + [codes[:, 5:]], 1)
+    lt = model_mod.Logits(*(None if x is None else torch.cat([x[:, :5]] * 3 + [x[:, 5:]], 1) for x in logits))
+    torch.testing.assert_close(loss_fn(logits, codes, cfg, weight=w)[0], loss_fn(lt, tripled, cfg)[0],
+                               rtol=1e-5, atol=0)

@@ -357,3 +357,74 @@ def test_recall_toy_speech_path_sees_every_token():
             lg_i, _, state = recall_toy.predict(model, x[:, i:min(i + 7, 20) + 1], state, 3)
             parts.append(lg_i)
         torch.testing.assert_close(torch.cat(parts, 1), lx, atol=1e-4, rtol=1e-4)
+
+
+def test_recall_frames_mark_the_recalled_values(tmp_path):
+    # RecallFrames.mask marks, in a delayed training window, exactly the columns and frames that hold
+    # a recalled value (checked against a plain loop over the events), and only for its stream
+    from codes import CodesFile
+    from data import RecallFrames, load_events
+    p = str(tmp_path / "r.bin")
+    synthetic(p, hours=0.2, min_minutes=2, max_minutes=3, n_codebooks=3, seed=4, quiet=True, events_per_min=6,
+              near_share=1.0, near_max_s=8.0, value_frames=5, quiz_share=0.5)
+    f, ev = CodesFile(p), load_events(p)
+    rf = RecallFrames(p, f)
+    delays = (0, 1, 2) * 2
+    T, K, hits = 64, 3, 0
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        c = int(rng.integers(0, len(f)))
+        start = int(rng.integers(0, f.lengths[c] - T + 1))
+        m = rf.mask(c, start, T, delays)                                   # [T, 6]
+        want = np.zeros((T, 2 * K), bool)
+        for cc, s, _, second, L in ev.tolist():
+            if cc != c:
+                continue
+            for k in range(K):
+                col = s * K + k
+                for t in range(T):
+                    want[t, col] |= second <= start + t - delays[col] < second + L
+        np.testing.assert_array_equal(m, want)
+        hits += int(m.sum())
+    assert hits > 100
+    # the marked codes are the recalled values' codes, taken from the window as training takes it
+    c, s, _, second, L = ev[0].tolist()
+    start = max(0, second - 10)
+    x = window(f.conversation(c), start, T, delays, (2048,) * 6)
+    m = rf.mask(c, start, T, delays)
+    for k in range(K):
+        np.testing.assert_array_equal(x[m[:, s * K + k], s * K + k], f.audio(c)[second:second + L, s, k])
+    # a file without events cannot be weighted: a clear message
+    q = str(tmp_path / "q.bin")
+    write_codes(q, [np.zeros((50, 2, 3), np.int64)], n_streams=2, n_codebooks=3)
+    with pytest.raises(ValueError, match="no recall events"):
+        RecallFrames(q, CodesFile(q))
+
+
+def test_recall_weight_weighs_the_recalled_frames(tmp_path, monkeypatch, capsys):
+    # --recall_weight W: train.py hands the loss the recalled values' targets weighted W (where they
+    # are: test_recall_frames_mark_the_recalled_values; what the weight does: test_loss_weight)
+    import model as model_mod
+    p = str(tmp_path / "r.bin")
+    synthetic(p, hours=0.3, min_minutes=2, max_minutes=3, n_codebooks=2, seed=4, quiet=True, events_per_min=6,
+              near_share=1.0, near_max_s=8.0, value_frames=6, quiz_share=1.0)
+    seen = []
+    orig = model_mod.loss_fn
+
+    def spy(logits, codes, cfg, reduce=True, weight=None):
+        seen.append(weight)
+        return orig(logits, codes, cfg, reduce, weight)
+    monkeypatch.setattr(train, "loss_fn", spy)
+    plain = train.main(_args(p, tmp_path / "a", "minibatch", seq_len=64, batch_size=4, max_steps=3))
+    assert len(seen) >= 3 and all(x is None for x in seen)   # 3 steps, then the validation (plain loss)
+    seen.clear()
+    heavy = train.main(_args(p, tmp_path / "b", "minibatch", seq_len=64, batch_size=4, max_steps=3,
+                             recall_weight=50))
+    w = torch.stack([x for x in seen if x is not None])        # [steps, B, T, n_audio]
+    assert len(w) == 3 and w.shape[1:] == (4, 64, 4)
+    assert set(w.unique().tolist()) == {1.0, 50.0} and 0.05 < (w == 50).float().mean() < 0.5
+    assert heavy != plain
+    assert "must be > 0" in _err(capsys, _args(p, tmp_path / "c", "minibatch", recall_weight=0))
+    q = str(tmp_path / "q.bin")
+    write_codes(q, [np.zeros((100, 2, 2), np.int64)] * 3, n_streams=2, n_codebooks=2)
+    assert "no recall events" in _err(capsys, _args(q, tmp_path / "d", "minibatch", recall_weight=5))
