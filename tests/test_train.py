@@ -428,3 +428,22 @@ def test_recall_weight_weighs_the_recalled_frames(tmp_path, monkeypatch, capsys)
     q = str(tmp_path / "q.bin")
     write_codes(q, [np.zeros((100, 2, 2), np.int64)] * 3, n_streams=2, n_codebooks=2)
     assert "no recall events" in _err(capsys, _args(q, tmp_path / "d", "minibatch", recall_weight=5))
+
+
+def test_mqar_codes_file(tmp_path):
+    # scripts/mqar_codes.py: each listed recall is its key's value, after the same key, past `start`
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import mqar_codes
+    from codes import CodesFile
+    from data import load_events
+    p = str(tmp_path / "m.bin")
+    mqar_codes.main(["--out", p, "--sequences", "20", "--seed", "3"])
+    f, ev = CodesFile(p), load_events(p)
+    assert len(f) == 20 and len(ev) == 20 * 8 and (f.lengths == 257).all()
+    for c, s, first, second, L in ev.tolist():
+        x = f.audio(c)[:, 0, 0]
+        assert x[first] == x[second] and 128 <= x[first] < 256          # the value, from the values' codes
+        assert x[first - 1] == x[second - 1] and x[first - 1] < 128     # after the same key
+        assert second - 1 >= 47 and first <= 15
+    keys = [[f.audio(c)[2 * i, 0, 0] for i in range(8)] for c in range(20)]
+    assert all(len(set(k)) == 8 for k in keys)                          # a sequence's keys differ
