@@ -31,6 +31,8 @@ def main(argv=None):
     ap.add_argument("--alphabet", type=int, default=256, help="codes of keys and values (half each); the noise has as many")
     ap.add_argument("--start", type=int, default=47,
                     help="first frame where keys come back (default: past two 16-frame windows' reach from the last pair)")
+    ap.add_argument("--streams", type=int, default=1,
+                    help="streams a frame; the task is on stream 0, the others hold one constant code (a silent speaker)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     T, P, A = a.seq_len, a.pairs, a.alphabet
@@ -40,7 +42,7 @@ def main(argv=None):
     rng = np.random.default_rng(a.seed)
     keys, values, noise = np.arange(A // 2), np.arange(A // 2, A), np.arange(A, 2 * A)
     events = []
-    with CodesWriter(a.out, n_streams=1, n_codebooks=1, cardinality=2048, frame_rate=12.5) as w:
+    with CodesWriter(a.out, n_streams=a.streams, n_codebooks=1, cardinality=2048, frame_rate=12.5) as w:
         for c in range(a.sequences):
             x = noise[rng.integers(0, A, T)]
             k, v = rng.permutation(keys)[:P], values[rng.integers(0, A // 2, P)]
@@ -49,7 +51,9 @@ def main(argv=None):
                 x[2 * i], x[2 * i + 1] = k[i], v[i]
                 x[back[i]], x[back[i] + 1] = k[i], v[i]
                 events.append((c, 0, 2 * i + 1, int(back[i]) + 1, 1))
-            w.add(x.reshape(T, 1, 1))
+            frames = np.full((T, a.streams, 1), 2047)
+            frames[:, 0, 0] = x
+            w.add(frames)
     with open(a.out + ".events.json", "w") as f:
         json.dump({"columns": ["conversation", "stream", "first_value_start", "recall_value_start", "value_len"],
                    "events": events}, f)

@@ -447,3 +447,7 @@ def test_mqar_codes_file(tmp_path):
         assert second - 1 >= 47 and first <= 15
     keys = [[f.audio(c)[2 * i, 0, 0] for i in range(8)] for c in range(20)]
     assert all(len(set(k)) == 8 for k in keys)                          # a sequence's keys differ
+    q = str(tmp_path / "m2.bin")                                        # a second, silent stream
+    mqar_codes.main(["--out", q, "--sequences", "20", "--seed", "3", "--streams", "2"])
+    g = CodesFile(q)
+    assert all(np.array_equal(g.audio(c)[:, 0], f.audio(c)[:, 0]) and (g.audio(c)[:, 1] == 2047).all() for c in range(20))
