@@ -189,6 +189,22 @@ def main(argv=None):
         fail(e)
 
 
+def pick_device(name, local_rank=0):
+    """--device (None: the best there is) -> torch.device; a bare "cuda" means this process's GPU
+    (LOCAL_RANK under torchrun), as torch.cuda.set_device needs an index."""
+    if name:
+        device = torch.device(name)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+    elif torch.backends.mps.is_available():
+        device = torch.device("mps")
+    else:
+        device = torch.device("cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
 def train(tc, overrides):
     if tc.mode not in ("streaming", "minibatch"):
         raise ValueError(f"--mode must be streaming or minibatch, not {tc.mode!r}")
@@ -203,14 +219,7 @@ def train(tc, overrides):
     if tc.fsdp and not ddp:
         raise ValueError("--fsdp shards over several processes: launch with torchrun")
     master = rank == 0
-    if tc.device:
-        device = torch.device(tc.device)
-    elif torch.cuda.is_available():
-        device = torch.device("cuda", local)
-    elif torch.backends.mps.is_available():
-        device = torch.device("mps")
-    else:
-        device = torch.device("cpu")
+    device = pick_device(tc.device, local)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True

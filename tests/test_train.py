@@ -451,3 +451,10 @@ def test_mqar_codes_file(tmp_path):
     mqar_codes.main(["--out", q, "--sequences", "20", "--seed", "3", "--streams", "2"])
     g = CodesFile(q)
     assert all(np.array_equal(g.audio(c)[:, 0], f.audio(c)[:, 0]) and (g.audio(c)[:, 1] == 2047).all() for c in range(20))
+
+
+def test_pick_device():
+    # a bare "cuda" gets this process's index (torch.cuda.set_device refuses a device without one)
+    assert train.pick_device("cuda", 3) == torch.device("cuda", 3)
+    assert train.pick_device("cuda:1", 3) == torch.device("cuda", 1)
+    assert train.pick_device("cpu", 3) == torch.device("cpu")
