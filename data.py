@@ -78,7 +78,7 @@ def _speak(rng, voice, n):
 def synth_conversation(rng, n_frames, K=8, card=CARD, silence=None, cues=None, events_per_min=0.25,
                        lang=None, trng=None, near_share=0.0, near_max_s=40.0, alphabet=None,
                        value_frames=VALUE_LEN, quiz=False, same_speaker=False, tie=None, speech_codes=None,
-                       near_min_s=2.0, quiz_spacing_s=0.0):
+                       near_min_s=2.0, quiz_spacing_s=0.0, split_patterns=False):
     """One two-speaker conversation: codes [n_frames, 2, K] and its recall events as rows
     (stream, first_value_start, recall_value_start). A share `near_share` of the events comes back
     2 s to `near_max_s` after the first mention, anywhere in the conversation: short enough to
@@ -91,7 +91,8 @@ def synth_conversation(rng, n_frames, K=8, card=CARD, silence=None, cues=None, e
     events), so nearly half of the frames are recalled values (about a quarter at most with random
     places). same_speaker: the recall comes from the speaker of the first mention (else either
     speaker, drawn anew). tie [K, A] (optional): a pattern's codebook k is tie[k] of its semantic
-    code (see _pattern). speech_codes [K, S] (optional): the codes the speakers' voices draw from
+    code (see _pattern); split_patterns: keys from the first half of those codes, values from the
+    second (see _pattern). speech_codes [K, S] (optional): the codes the speakers' voices draw from
     (see _voice). With lang (a `Language`) the speakers also say its words, drawn from trng, and a
     third value lists them: per stream, (start frame, frames, word index) rows. rng draws the same
     numbers with or without words."""
@@ -120,7 +121,7 @@ def synth_conversation(rng, n_frames, K=8, card=CARD, silence=None, cues=None, e
     busy = np.zeros(n_frames, bool)
     if quiz:
         events = _quiz(rng, codes, busy, span, n_frames, near_share, (near_min_s, near_max_s), alphabet, card,
-                       value_frames, cues, silence, same_speaker, tie, quiz_spacing_s)
+                       value_frames, cues, silence, same_speaker, tie, quiz_spacing_s, split_patterns)
         n_ev = 0
     for _ in range(n_ev * 4):
         if len(events) == n_ev:
@@ -142,7 +143,7 @@ def synth_conversation(rng, n_frames, K=8, card=CARD, silence=None, cues=None, e
         if busy[first:first + span].any() or busy[second:second + span].any():
             continue
         busy[first:first + span] = busy[second:second + span] = True
-        key, value = _pattern(rng, alphabet, card, value_frames, K, tie)
+        key, value = _pattern(rng, alphabet, card, value_frames, K, tie, split_patterns)
         s1, s2 = int(rng.integers(0, 2)), int(rng.integers(0, 2))
         s2 = s1 if same_speaker else s2
         for start, s, cue in ((first, s1, cues[0]), (second, s2, cues[1])):
@@ -154,10 +155,22 @@ def synth_conversation(rng, n_frames, K=8, card=CARD, silence=None, cues=None, e
     return codes, events, _say_words(trng, lang, codes, voices, turns, busy)
 
 
-def _pattern(rng, alphabet, card, value_frames, K, tie=None):
+def _pattern(rng, alphabet, card, value_frames, K, tie=None, split=False):
     """A recall event's key [KEY_LEN, K] and value [value_frames, K]: any code, or from alphabet [K, A].
     With tie [K, A or card] each frame draws only its semantic code; codebook k is then tie[k] of it
-    (tie[0] is the identity), as speech's acoustic codes follow its semantic ones."""
+    (tie[0] is the identity), as speech's acoustic codes follow its semantic ones. split: keys draw
+    from the first half of the codes (or of the alphabet), values from the second, as in
+    associative-recall tasks (MQAR), so a frame's code tells whether it is a key or a value."""
+    if split:
+        n = tie.shape[1] if tie is not None else alphabet.shape[1] if alphabet is not None else card
+        h = n // 2
+        if tie is not None:
+            i = np.concatenate([rng.integers(0, h, KEY_LEN), rng.integers(h, n, value_frames)])
+            codes = tie[:, i].T if alphabet is None else alphabet[np.arange(K), tie[:, i].T]
+        else:
+            i = np.concatenate([rng.integers(0, h, (KEY_LEN, K)), rng.integers(h, n, (value_frames, K))])
+            codes = i if alphabet is None else alphabet[np.arange(K), i]
+        return codes[:KEY_LEN], codes[KEY_LEN:]
     if tie is not None:
         idx = tie[:, rng.integers(0, tie.shape[1], size=KEY_LEN + value_frames)].T         # [n, K]
         codes = idx if alphabet is None else alphabet[np.arange(K), idx]
@@ -170,7 +183,7 @@ def _pattern(rng, alphabet, card, value_frames, K, tie=None):
 
 
 def _quiz(rng, codes, busy, span, n_frames, near_share, near_gaps, alphabet, card, value_frames, cues, silence,
-          same_speaker, tie=None, spacing_s=0.0):
+          same_speaker, tie=None, spacing_s=0.0, split=False):
     """Fill a conversation with recall events, back to back or spacing_s of speech apart on average
     (see synth_conversation's quiz)."""
     K = codes.shape[2]
@@ -184,7 +197,7 @@ def _quiz(rng, codes, busy, span, n_frames, near_share, near_gaps, alphabet, car
             s = s1 if same_speaker else s
             events.append((s, first + CUE_LEN + KEY_LEN, t + CUE_LEN + KEY_LEN))
         else:                                              # a new pattern
-            key, value = _pattern(rng, alphabet, card, value_frames, K, tie)
+            key, value = _pattern(rng, alphabet, card, value_frames, K, tie, split)
             s, cue = int(rng.integers(0, 2)), cues[0]
             near = near_share > 0 and rng.random() < near_share
             gap = rng.uniform(*near_gaps) if near else np.exp(rng.uniform(np.log(10.0), np.log(3600.0)))
@@ -278,7 +291,8 @@ def _say_words(rng, lang, codes, voices, turns, busy):
 def synthetic(out, hours=20.0, min_minutes=10.0, max_minutes=90.0, n_codebooks=8, seed=0, quiet=False,
               text=False, text_words=300, text_vocab=256, events_per_min=0.25, near_share=0.0,
               near_max_s=40.0, pattern_codes=0, value_frames=VALUE_LEN, quiz_share=0.0, same_speaker=False,
-              quiz_max_s=0.0, tied_patterns=False, quiz_min_s=2.0, reserve_patterns=False, quiz_spacing_s=0.0):
+              quiz_max_s=0.0, tied_patterns=False, quiz_min_s=2.0, reserve_patterns=False, quiz_spacing_s=0.0,
+              split_patterns=False):
     """Write `hours` of synthetic conversations to `out` (codes file) and their recall events to
     out + '.events.json'. text=True adds a text stream per speaker: the words of a made-up
     language of `text_words` words, tokenized by a `text_vocab`-piece sentencepiece model written
@@ -289,7 +303,8 @@ def synthetic(out, hours=20.0, min_minutes=10.0, max_minutes=90.0, n_codebooks=8
     semantic ones through one fixed table (see _pattern), else each is drawn on its own.
     reserve_patterns: the pattern_codes codes of keys and values are theirs alone (speech, silence
     and cues use the others), so a pattern's codes never turn up in the speech around it.
-    quiz_spacing_s: mean seconds of speech between a drill's events (0: back to back). Returns
+    quiz_spacing_s: mean seconds of speech between a drill's events (0: back to back).
+    split_patterns: keys from one half of the pattern codes, values from the other. Returns
     the number of conversations."""
     rng = np.random.default_rng(seed)
     # shared across conversations, like a language: the silence frame and the two cue words
@@ -327,7 +342,7 @@ def synthetic(out, hours=20.0, min_minutes=10.0, max_minutes=90.0, n_codebooks=8
             gaps, near = ((quiz_min_s, quiz_max_s), 1.0) if own else ((2.0, near_max_s), near_share)
             kw = dict(near_share=near, near_min_s=gaps[0], near_max_s=gaps[1], alphabet=alphabet,
                       value_frames=value_frames, quiz=quiz, same_speaker=same_speaker, tie=tie,
-                      speech_codes=speech_codes, quiz_spacing_s=quiz_spacing_s)
+                      speech_codes=speech_codes, quiz_spacing_s=quiz_spacing_s, split_patterns=split_patterns)
             if lang is None:
                 c, ev = synth_conversation(rng, F, n_codebooks, CARD, silence, cues, events_per_min, **kw)
             else:
@@ -351,6 +366,9 @@ def synthetic(out, hours=20.0, min_minutes=10.0, max_minutes=90.0, n_codebooks=8
             head["pattern_codes"] = pattern_codes
         if reserve_patterns:
             head["reserved_patterns"] = True
+        if split_patterns:   # values from one half of the codes: chance is 1 / this
+            head["value_codes"] = (pattern_codes or CARD) // 2
+        head["silence"] = silence.tolist()   # the silence frame (train.py --silence data)
         json.dump({**head, "events": events}, f)
     os.replace(tmp, out + ".events.json")
     if lang is not None:
@@ -367,7 +385,21 @@ def pattern_codes(path):
     if not os.path.exists(p):
         return None
     with open(p) as f:
-        return int(json.load(f).get("pattern_codes", CARD))
+        head = json.load(f)
+    return int(head.get("value_codes", head.get("pattern_codes", CARD)))
+
+
+def silence_frame(path):
+    """The silence frame (one code per codebook) that data.py synthetic wrote beside a codes file,
+    for train.py --silence data."""
+    p = path + ".events.json"
+    if os.path.exists(p):
+        with open(p) as f:
+            sil = json.load(f).get("silence")
+        if sil is not None:
+            return tuple(int(c) for c in sil)
+    raise ValueError(f"{p} lists no silence frame (files of python data.py synthetic do); give the codes "
+                     "instead, one per codebook: --silence 2005,17,...")
 
 
 def load_events(path):
@@ -790,6 +822,9 @@ def main(argv=None):
     s.add_argument("--reserve_patterns", type=lambda v: v.lower() in ("1", "true", "yes"), default=False,
                    help="true: the --pattern_codes codes of keys and values occur nowhere else (the speech, the "
                         "silence and the cues use the other codes)")
+    s.add_argument("--split_patterns", type=lambda v: v.lower() in ("1", "true", "yes"), default=False,
+                   help="true: keys draw from one half of the pattern codes and values from the other, as in "
+                        "associative-recall tasks (default: both from all of them, so a key and a value look alike)")
     s.add_argument("--same_speaker", type=lambda v: v.lower() in ("1", "true", "yes"), default=False,
                    help="true: a pattern comes back from the speaker who said it first (default: either speaker)")
     s.add_argument("--tied_patterns", type=lambda v: v.lower() in ("1", "true", "yes"), default=False,
@@ -840,7 +875,7 @@ def _run(ap, a):
                       value_frames=a.value_frames, quiz_share=a.quiz_share,
                       same_speaker=a.same_speaker, quiz_max_s=a.quiz_max_s, tied_patterns=a.tied_patterns,
                       quiz_min_s=a.quiz_min_s, reserve_patterns=a.reserve_patterns,
-                      quiz_spacing_s=a.quiz_spacing_s)
+                      quiz_spacing_s=a.quiz_spacing_s, split_patterns=a.split_patterns)
         print(f"wrote {n} conversations to {a.out}" + (f" (tokenizer: {a.out}.spm.model)" if a.text else ""))
     elif a.cmd == "align":
         st = align(a.codes, a.transcripts, a.spm, a.out, a.main, a.allow_missing)

@@ -18,7 +18,8 @@ schedule, seed) on the same synthetic conversations:
 
 The gpu-beyond scale trains the same models on recall drills that resemble associative recall,
 with half of their recalls beyond the window (see SCALES["gpu-beyond"]); gpu-sparse, on such drills
-with shorter values and speech between the events, so that fewer patterns are held at once.
+with shorter values and speech between the events, so that fewer patterns are held at once;
+gpu-whole, on drills laid out as the toy runs found they must be for the lookup to form.
 
 Then each is evaluated (evaluate.py) on held-out 90-minute conversations of another seed: loss by
 minute, recall accuracy by distance, and the statistics of a 90-minute generation against the real
@@ -57,12 +58,12 @@ SCALES = {
         heldout=(2, 2.0),                                # 2 held-out conversations of 2 minutes
         drills_heldout=(0.05, 1.0),                      # hours, minutes each
         recall=dict(events_per_min=6.0, near_share=0.75, near_max_s=10.0, pattern_codes=64, value_frames=12,
-                    tied_patterns=True),
+                    tied_patterns=True, split_patterns=True),
         train_quiz=dict(quiz_share=0.5, quiz_max_s=4.0),
         warmup_drills=dict(steps=0, hours=0.1, minutes=(1.0, 2.0), quiz_max_s=4.0),
         n_codebooks=2,
         model=dict(preset="tiny", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, window=16, n_ttt=1,
-                   ttt_heads=4, ttt_mini_batch=16, depth_dim=32, depth_layers=1, depth_heads=2),
+                   ttt_heads=4, ttt_mini_batch=16, depth_dim=32, depth_layers=1, depth_heads=2, silence="data"),
         long_window=64,
         train=dict(seq_len=16, batch_size=2, max_steps=3, lr=3e-3, min_lr=3e-4, warmup=1, device="cpu",
                    dtype="float32", log_interval=1),
@@ -145,6 +146,23 @@ SCALES["gpu-sparse"] = dict(
     recall={**SCALES["gpu-beyond"]["recall"], "value_frames": 4},
     train_quiz={**SCALES["gpu-beyond"]["train_quiz"], "quiz_spacing_s": 3.0},
     warmup_drills={**SCALES["gpu-beyond"]["warmup_drills"], "quiz_spacing_s": 3.0, "recall_weight": 100.0},
+)
+
+# What the toy runs found the drills need (docs/experiment/notes.md, "What the drills need"): the
+# toy's model (2 layers of 128) learnt the drills' lookup beyond its windows' reach only with all
+# four of: every warm-up conversation one training window long (its first mentions and their
+# recalls in the same window, the TTT state fresh at its start); a silent stream that adds nothing
+# to the frame's input (train.py --silence data); the speech kept in the loss, the recalls weighted
+# 10-100 times (not 10000); and, sooner, keys and values from separate halves of the pattern codes.
+# Values of one frame from 128 codes (chance 1/128), 1 s of speech between the events. Not yet run
+# at this scale.
+SCALES["gpu-whole"] = dict(
+    SCALES["gpu-sparse"],
+    recall={**SCALES["gpu-sparse"]["recall"], "value_frames": 1, "pattern_codes": 256, "split_patterns": True},
+    train_quiz={**SCALES["gpu-sparse"]["train_quiz"], "quiz_spacing_s": 1.0},
+    warmup_drills={**SCALES["gpu-sparse"]["warmup_drills"], "quiz_spacing_s": 1.0, "recall_weight": 100.0,
+                   "minutes": (1025.5 / 750, 1025.5 / 750)},    # seq_len + 1 frames: one training window each
+    model={**SCALES["gpu-sparse"]["model"], "silence": "data"},
 )
 
 # name -> model overrides on top of the scale's model; "long" stands for the scale's long window

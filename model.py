@@ -76,9 +76,15 @@ class Config:
     # text LM head, only for a loaded Qwen2/Llama checkpoint used as a text model
     vocab_size: int = 0
     tie_embeddings: bool = False
+    # a stream's silence frame, one code per codebook (as data.py writes it): a stream whose frame is
+    # this adds nothing to the frame's input (empty: every frame is embedded). A stream that holds
+    # one frame adds the same vector to every frame, which a TTT layer's keys then share; zero, it
+    # does not (docs/experiment/notes.md)
+    silence: tuple = ()
 
     def __post_init__(self):
         self.delays = tuple(int(d) for d in self.delays)
+        self.silence = tuple(int(c) for c in self.silence)
         self.n_kv_heads = self.n_kv_heads or self.n_heads
         self.head_dim = self.head_dim or self.dim // self.n_heads
         self.hidden = self.hidden or 64 * math.ceil(8 * self.dim / 3 / 64)
@@ -94,6 +100,10 @@ class Config:
             raise ValueError(f"ttt_type must be 'linear' or 'mlp', got {self.ttt_type!r}")
         if self.n_text and not self.text_cardinality:
             raise ValueError("a text stream needs text_cardinality")
+        if self.silence and (len(self.silence) != self.n_codebooks
+                             or not all(0 <= c < self.cardinality for c in self.silence)):
+            raise ValueError(f"silence must be one code in [0, {self.cardinality}) per codebook "
+                             f"({self.n_codebooks}), got {self.silence}")
 
     @property
     def n_audio(self):  # audio columns of a frame
@@ -550,19 +560,33 @@ EMBEDDING_BAG = True  # False: gather, then sum (bench)
 
 
 class FrameEmbedding(nn.Module):
-    """Sum over streams and codebooks (and text) of per-column embeddings: one vector a frame."""
+    """Sum over streams and codebooks (and text) of per-column embeddings: one vector a frame.
+    With silence (one code per codebook; the audio columns, after n_text text columns, are
+    n_streams x n_codebooks), a stream whose codebooks all hold their silence code is left out."""
 
-    def __init__(self, cards, dim):
+    def __init__(self, cards, dim, silence=(), n_text=0):
         super().__init__()
         self.register_buffer("offsets", _offsets(cards), persistent=False)
         self.emb = nn.Embedding(sum(c + 1 for c in cards), dim)
+        self.n_text = n_text
+        self.register_buffer("silence", torch.tensor(silence, dtype=torch.long) if silence else None,
+                             persistent=False)
+
+    def keep(self, codes):
+        """codes [B, T, C] -> [B, T, C] 1.0 where a column counts, 0.0 in a silent stream's columns."""
+        audio = codes[..., self.n_text:].unflatten(-1, (-1, len(self.silence)))          # [B, T, S, K]
+        speaks = (audio != self.silence).any(-1, keepdim=True).expand(audio.shape).flatten(-2)
+        return F.pad(speaks, (self.n_text, 0), value=True).to(self.emb.weight.dtype)
 
     def forward(self, codes):  # [B, T, C] -> [B, T, D]
+        w = None if self.silence is None else self.keep(codes)
         if not EMBEDDING_BAG or codes.device.type not in ("cpu", "cuda"):  # (other backends may lack it)
-            return self.emb(codes + self.offsets).sum(2)
+            e = self.emb(codes + self.offsets)
+            return (e if w is None else e * w[..., None]).sum(2)
         # gathered and summed in one op: the [B, T, C, D] rows are never written out (nor their gradient)
         B, T, C = codes.shape
-        return F.embedding_bag((codes + self.offsets).reshape(B * T, C), self.emb.weight, mode="sum").view(B, T, -1)
+        return F.embedding_bag((codes + self.offsets).reshape(B * T, C), self.emb.weight, mode="sum",
+                               per_sample_weights=None if w is None else w.reshape(B * T, C)).view(B, T, -1)
 
 
 class DepthDecoder(nn.Module):
@@ -1052,7 +1076,7 @@ class SpeechLM(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg = cfg
-        self.frame_emb = FrameEmbedding(cfg.col_cards(), cfg.dim)
+        self.frame_emb = FrameEmbedding(cfg.col_cards(), cfg.dim, cfg.silence, cfg.n_text)
         first_ttt = cfg.n_layers - cfg.n_ttt
         self.layers = nn.ModuleList(
             Block(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.hidden, cfg.qkv_bias, cfg.norm_eps,
@@ -1460,6 +1484,8 @@ class SpeechLM(nn.Module):
                 val = _offsets(cards)
             elif short == "rope_table":  # a TTT layer's
                 val = mod.make_rope_table()
+            elif short == "silence":
+                val = torch.tensor(self.cfg.silence, dtype=torch.long)
             else:
                 val = fresh[short]
             mod.register_buffer(short, val.to(device), persistent=False)

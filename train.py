@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from codes import CodesFile, CodesFormatError
-from data import RecallFrames, StreamSampler, WindowSampler
-from model import Config, SpeechLM, detach_state, flops_per_frame, loss_fn, tree_map
+from data import RecallFrames, StreamSampler, WindowSampler, silence_frame
+from model import Config, SpeechLM, config_from_dict, detach_state, flops_per_frame, loss_fn, tree_map
 
 H100_BF16_FLOPS = 989e12  # dense bf16 peak of an H100 SXM, for MFU
 
@@ -97,6 +97,11 @@ def _add(ap, name, typ, default, help):
         ap.add_argument(f"--{name}", type=lambda s: s.lower() in ("1", "true", "yes"), default=default,
                         metavar="BOOL",
                         help=f"{help} (default {'the preset' if default is None else default})".strip())
+    elif name == "silence":
+        ap.add_argument(f"--{name}", default=default, metavar="CODES",
+                        help="a stream's silence frame, one code per codebook (e.g. 2005,17,...), or 'data': the "
+                             "one data.py synthetic wrote beside --data; a silent stream then adds nothing to the "
+                             "frame's input (default: none, every frame is embedded)")
     elif name == "delays":
         ap.add_argument(f"--{name}", type=lambda s: tuple(int(x) for x in s.split(",")), default=default,
                         help="per-codebook delays, e.g. 0,1,1,1,1,1,1,1")
@@ -126,6 +131,14 @@ def build_model(tc, overrides, data, device):
     """The model for this data: a preset with overrides, our checkpoint, or a HF backbone."""
     shape = dict(n_streams=data.n_streams, n_codebooks=data.n_codebooks, cardinality=data.cardinality,
                  n_text=data.n_text, text_cardinality=data.text_cardinality)
+    if "silence" in overrides:
+        s = overrides["silence"].strip()
+        try:
+            sil = silence_frame(tc.data) if s == "data" else tuple(int(c) for c in s.split(",")) if s not in ("", "none") else ()
+        except ValueError as e:
+            raise ValueError(f"--silence {s!r}: {e}" if s == "data" else
+                             f"--silence takes 'data' or codes separated by commas, not {s!r}") from None
+        overrides = {**overrides, "silence": sil}
     if tc.init_from:
         p = tc.init_from
         if os.path.isdir(p) and os.path.isfile(os.path.join(p, "config.json")):
@@ -297,7 +310,7 @@ def train(tc, overrides):
     step, losses = 0, []
     if tc.resume and os.path.exists(ckpt_path):
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if ck["model_config"] != asdict(cfg):
+        if asdict(config_from_dict(ck["model_config"])) != asdict(cfg):   # (fields added since: their defaults)
             raise ValueError(f"{ckpt_path} was written for another model shape; use another --out_dir "
                              "or --resume false")
         if ck["world"] != world:

@@ -42,7 +42,7 @@ def test_experiment_runs_end_to_end(tmp_path, one_thread):
         assert lm["minute"] == list(range(1, int(minutes) + 1))
         assert all(math.isfinite(x) and 0 < x < 20 for x in lm["loss"])
         assert sum(lm["frames"]) == n_conv * minutes * evaluate.FRAMES_PER_MINUTE
-        A = sc["recall"]["pattern_codes"]                   # values drawn from A codes per codebook
+        A = sc["recall"]["pattern_codes"] // (2 if sc["recall"].get("split_patterns") else 1)   # values drawn from A codes
         assert r["chance"]["accuracy"] == 1 / A and r["chance"]["loss"] == pytest.approx(math.log(A))
         rc = r["recall"]
         assert [b["label"] for b in rc["buckets"]] == list(evaluate.DIST_LABELS)
@@ -64,9 +64,13 @@ def test_experiment_runs_end_to_end(tmp_path, one_thread):
     assert res["eval"]["long_window"]["drills_recall"]["within_window"]["codes"] > 0
     mem = {n: r["memory"]["state_bytes"] for n, r in res["eval"].items()}
     assert mem["window"] < mem["ttt_linear"] < mem["ttt_mlp"] and mem["window"] < mem["long_window"]
+    # --silence data reached the models: the silence frame that data.py wrote beside the training file
+    with open(os.path.join(out, "data", "train.bin.events.json")) as f:
+        sil = tuple(json.load(f)["silence"])
+    assert len(sil) == sc["n_codebooks"] and SpeechLM.from_checkpoint(os.path.join(out, "runs", "ttt_linear")).cfg.silence == sil
     with open(os.path.join(out, "summary.md")) as f:
         md = f.read()
-    assert all(f"| {n} |" in md for n in experiment.VARIANTS) and f"1/{sc['recall']['pattern_codes']}" in md
+    assert all(f"| {n} |" in md for n in experiment.VARIANTS) and f"1/{A}" in md
     assert "drills: recall in / beyond window" in md
     try:
         import matplotlib  # noqa: F401
@@ -400,3 +404,25 @@ def test_drill_spacing(tmp_path):
         else:
             assert 2.5 < gaps.mean() < 3.8 and 1.6 < np.median(gaps) < 2.8   # exponential: median 3 ln 2 = 2.1
             assert len(speech) > 50 and all(speech)
+
+
+def test_split_patterns(tmp_path):
+    # split_patterns: keys draw from one half of the pattern codes and values from the other, in the
+    # drills and in scattered events, with and without tied codebooks; without it both use all of them
+    from data import KEY_LEN, pattern_codes
+    for tied in (False, True):
+        for split in (False, True):
+            p = str(tmp_path / f"t{tied}{split}.bin")
+            synthetic(p, hours=0.3, min_minutes=3, max_minutes=3, n_codebooks=2, seed=5, quiet=True, value_frames=2,
+                      pattern_codes=64, reserve_patterns=True, tied_patterns=tied, split_patterns=split,
+                      quiz_share=0.5, quiz_min_s=2.0, quiz_max_s=10.0, events_per_min=2, same_speaker=True)
+            f, events = CodesFile(p), load_events(p)
+            keys, values = set(), set()
+            for c, s, first, recall, L in events:
+                a = np.asarray(f.audio(c))[:, s, 0]       # the semantic codebook
+                for t in (first, recall):
+                    keys.update(a[t - KEY_LEN:t].tolist())
+                    values.update(a[t:t + L].tolist())
+            assert len(events) > 100 and len(keys) > 20 and len(values) > 20
+            assert (not keys & values) == split, (tied, split, len(keys & values))
+            assert pattern_codes(p) == (32 if split else 64)              # what the values draw from: chance 1/that

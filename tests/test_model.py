@@ -593,3 +593,47 @@ def test_loss_weight():
     lt = model_mod.Logits(*(None if x is None else torch.cat([x[:, :5]] * 3 + [x[:, 5:]], 1) for x in logits))
     torch.testing.assert_close(loss_fn(logits, codes, cfg, weight=w)[0], loss_fn(lt, tripled, cfg)[0],
                                rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("bag", [True, False])
+def test_silent_stream_adds_nothing(bag, monkeypatch):
+    # Config.silence: a stream whose codebooks all hold the silence frame is left out of the frame's
+    # input; one codebook of it is not enough; text columns always count; both embedding paths agree
+    monkeypatch.setattr(model_mod, "EMBEDDING_BAG", bag)
+    sil = (5, 7, 11)
+    m = _model(silence=sil, n_text=1, text_cardinality=20)
+    plain = _model(n_text=1, text_cardinality=20)
+    plain.load_state_dict(m.state_dict())
+    codes = _codes(m, 2, 12)
+    codes[0, :6, 1:4] = torch.tensor(sil)          # stream 0 silent in frames 0-5 of row 0
+    codes[1, :, 4:7] = torch.tensor(sil)           # stream 1 silent throughout in row 1
+    codes[1, 3, 4] = 6                             # ...but for frame 3, where it speaks (one codebook off)
+    x, ref = m.frame_emb(codes), plain.frame_emb(codes)
+    e = plain.frame_emb.emb.weight
+    def col(r, t, c):
+        return e[codes[r, t, c] + plain.frame_emb.offsets[c]]
+    torch.testing.assert_close(x[0, :6], ref[0, :6] - sum(col(0, slice(0, 6), c) for c in (1, 2, 3)))
+    torch.testing.assert_close(x[0, 6:], ref[0, 6:])
+    keep = [t for t in range(12) if t != 3]
+    torch.testing.assert_close(x[1, keep], ref[1, keep] - sum(col(1, keep, c) for c in (4, 5, 6)))
+    torch.testing.assert_close(x[1, 3], ref[1, 3])
+    assert (x[1, keep] - ref[1, keep]).abs().max() > 1e-3          # the silent stream did count before
+    # a frame that is silence in every stream is the text's embedding alone
+    codes[:, :, 1:] = torch.tensor(sil * 2)
+    torch.testing.assert_close(m.frame_emb(codes), e[codes[..., 0]])   # (text's rows come first)
+    with pytest.raises(ValueError, match="one code in"):
+        Config.preset("tiny", n_streams=2, n_codebooks=3, cardinality=32, silence=(5, 7))
+
+
+def test_silence_generation_step_matches_forward():
+    # the streaming step and one forward see the same frame inputs with a silence frame set
+    m = _model(window=6, silence=(1, 2, 3))
+    codes = _codes(m, 2, 20)
+    codes[:, 4:12, 3:6] = torch.tensor((1, 2, 3))
+    with torch.no_grad():
+        full, _ = m(codes)
+        s, outs = m.init_state(2), []
+        for t in range(20):
+            o, s = m(codes[:, t:t + 1], s)
+            outs.append(o)
+    torch.testing.assert_close(_cat(outs)[0], full.audio, rtol=1e-4, atol=1e-5)

@@ -451,6 +451,37 @@ def test_mqar_codes_file(tmp_path):
     mqar_codes.main(["--out", q, "--sequences", "20", "--seed", "3", "--streams", "2"])
     g = CodesFile(q)
     assert all(np.array_equal(g.audio(c)[:, 0], f.audio(c)[:, 0]) and (g.audio(c)[:, 1] == 2047).all() for c in range(20))
+    r = str(tmp_path / "m3.bin")        # keys of two frames; keys and values from the same 256 codes
+    mqar_codes.main(["--out", r, "--sequences", "20", "--seed", "3", "--key_frames", "2", "--shared_codes"])
+    h, ev = CodesFile(r), load_events(r)
+    assert len(ev) == 20 * 8
+    both = set()
+    for c, s, first, second, L in ev.tolist():
+        x = h.audio(c)[:, 0, 0]
+        assert x[first] == x[second] and (x[first - 2:first] == x[second - 2:second]).all()
+        assert (first - 2) % 3 == 0 and first <= 23 and second - 2 >= 47
+        both |= {("k", int(k)) for k in x[first - 2:first]} | {("v", int(x[first]))}
+    keys, values = {k for t, k in both if t == "k"}, {v for t, v in both if t == "v"}
+    assert max(keys | values) < 256 and keys & values                  # shared codes: some code is both
+
+
+def test_silence_from_the_data(synth, tmp_path, capsys):
+    # --silence data: the silence frame data.py wrote beside the codes file goes into the model's config;
+    # codes given by hand too; a file without one, or codes that do not fit, give a clear error
+    import json
+    sil = json.load(open(synth + ".events.json"))["silence"]
+    assert len(sil) == 2
+    train.main(_args(synth, tmp_path / "a", "minibatch", max_steps=1, silence="data"))
+    ck = torch.load(tmp_path / "a" / "ckpt.pt", map_location="cpu", weights_only=False)
+    assert list(ck["model_config"]["silence"]) == sil
+    assert list(SpeechLM.from_checkpoint(str(tmp_path / "a")).cfg.silence) == sil
+    train.main(_args(synth, tmp_path / "b", "minibatch", max_steps=1, silence="3,4"))
+    assert list(torch.load(tmp_path / "b" / "ckpt.pt", map_location="cpu", weights_only=False)["model_config"]["silence"]) == [3, 4]
+    p = str(tmp_path / "plain.bin")
+    write_codes(p, [np.zeros((100, 2, 2), np.int64)] * 2, n_streams=2, n_codebooks=2)
+    assert "lists no silence frame" in _err(capsys, _args(p, tmp_path / "o", "minibatch", silence="data"))
+    assert "one code in" in _err(capsys, _args(synth, tmp_path / "o", "minibatch", silence="3"))
+    assert "codes separated by commas" in _err(capsys, _args(synth, tmp_path / "o", "minibatch", silence="x,y"))
 
 
 def test_pick_device():
