@@ -71,7 +71,7 @@ def main(argv=None):
             w.add(frames)
     with open(a.out + ".events.json", "w") as f:
         json.dump({"columns": ["conversation", "stream", "first_value_start", "recall_value_start", "value_len"],
-                   "events": events}, f)
+                   "value_codes": len(values), "events": events}, f)   # value_codes: evaluate.py's chance is 1/that
     print(f"wrote {a.sequences} sequences of {T} frames, {len(events)} recalls, to {a.out}")
 
 
