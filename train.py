@@ -148,6 +148,12 @@ def build_model(tc, overrides, data, device):
             have = {k: getattr(model.cfg, k) for k in shape}
             if have != shape:
                 raise ValueError(f"--init_from {p!r} takes frames of {have}, but {tc.data!r} holds {shape}")
+            differ = {k: v for k, v in overrides.items() if getattr(model.cfg, k) != v}
+            if differ:   # a checkpoint keeps its own shape: an override would be ignored, so say so
+                raise ValueError(f"--init_from {p!r} has " + ", ".join(f"{k}={getattr(model.cfg, k)!r}" for k in differ)
+                                 + ", not " + ", ".join(f"{k}={v!r}" for k, v in differ.items())
+                                 + ": a checkpoint keeps its model's settings; drop "
+                                 + " ".join(f"--{k}" for k in differ))
             return model
         raise ValueError(f"--init_from {p!r} is not a checkpoint: give a Hugging Face model directory "
                          "(config.json + safetensors) or a model.safetensors / run directory written by train.py")

@@ -111,6 +111,13 @@ def test_bad_inputs(synth, tmp_path, capsys):
     write_codes(p3, [np.zeros((100, 2, 3), np.int64)] * 2, n_streams=2, n_codebooks=3)
     msg = _err(capsys, _args(p3, tmp_path / "o2", "minibatch", init_from=str(tmp_path / "m")))
     assert "takes frames of" in msg and "'n_codebooks': 2" in msg
+    # settings of the model that the checkpoint fixes: the same value is fine, another one is an error
+    # (it used to be ignored without a word)
+    window = SpeechLM.from_checkpoint(str(tmp_path / "m")).cfg.window
+    train.main(_args(synth, tmp_path / "m2", "minibatch", max_steps=1, init_from=str(tmp_path / "m"), window=window))
+    msg = _err(capsys, _args(synth, tmp_path / "o3", "minibatch", init_from=str(tmp_path / "m"), window=window + 1,
+                             silence="1,2"))
+    assert f"window={window}" in msg and f"window={window + 1}" in msg and "drop --window --silence" in msg
     assert "multiple of the TTT mini-batch" in _err(capsys, _args(synth, tmp_path / "o", "streaming", seq_len=15))
 
 
