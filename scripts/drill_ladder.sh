@@ -10,7 +10,8 @@
 #           the silent stream embedded or not, 2-frame keys, keys and values from the same codes
 #   long    data.py drills in 2-4 minute conversations, one frame a value (split patterns)
 #   window  the same drills in conversations of one training window (257 frames), the loss's weight
-#           on the recalls from 1 to 10000, the silent stream embedded or not, window only, TTT-MLP
+#           on the recalls from 1 to 10000, the silent stream embedded or not, window only, TTT-MLP,
+#           8 codebooks (tied as speech's: w8_w100, not yet run)
 #
 # STEPS, HOURS, DEVICE and PER_GPU change the scale (the test suite runs a tiny one on the CPU).
 set -u
@@ -45,7 +46,8 @@ for g in $GROUPS_; do case $g in
   mqar) data mq mqar & data mqk mqar --key_frames 2 & data mqs mqar --shared_codes & data mqks mqar --key_frames 2 --shared_codes & ;;
   long) data p2s $LONG --quiz_spacing_s 1 & data p4s $LONG --quiz_spacing_s 0 &
         data p5s $LONG --quiz_spacing_s 3 --value_frames 4 --pattern_codes 1024 & ;;
-  window) data w $WIN --quiz_spacing_s 1 & data wu $WIN --quiz_spacing_s 1 --split_patterns false & ;;
+  window) data w $WIN --quiz_spacing_s 1 & data wu $WIN --quiz_spacing_s 1 --split_patterns false &
+          data w8 $WIN --quiz_spacing_s 1 --n_codebooks 8 & ;;
   *) echo "unknown group $g (mqar, long, window)"; exit 2 ;;
 esac; done
 wait
@@ -87,7 +89,8 @@ for g in $GROUPS_; do case $g in
     run w_w100_embedded w 5000 --recall_weight 100
     run w_w100_window w 5000 --recall_weight 100 --silence data --n_ttt 0
     run w_w100_mlp w 5000 --recall_weight 100 --silence data --ttt_type mlp
-    run wu_w100 wu 5000 --recall_weight 100 --silence data ;;
+    run wu_w100 wu 5000 --recall_weight 100 --silence data
+    run w8_w100 w8 5000 --recall_weight 100 --silence data ;;
 esac; done
 wait
 echo "all: $(( $(date +%s) - t0 )) s"
