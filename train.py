@@ -127,18 +127,29 @@ def fail(msg):
     sys.exit(2)
 
 
+def parse_silence(s, data_path):
+    """--silence: 'data' (the frame data.py wrote beside the codes file), codes separated by commas,
+    or '' / 'none' (no silence frame)."""
+    s = s.strip()
+    if s in ("", "none"):
+        return ()
+    if s == "data":
+        try:
+            return silence_frame(data_path)
+        except ValueError as e:
+            raise ValueError(f"--silence 'data': {e}") from None
+    try:
+        return tuple(int(c) for c in s.split(","))
+    except ValueError:
+        raise ValueError(f"--silence takes 'data' or codes separated by commas, not {s!r}") from None
+
+
 def build_model(tc, overrides, data, device):
     """The model for this data: a preset with overrides, our checkpoint, or a HF backbone."""
     shape = dict(n_streams=data.n_streams, n_codebooks=data.n_codebooks, cardinality=data.cardinality,
                  n_text=data.n_text, text_cardinality=data.text_cardinality)
     if "silence" in overrides:
-        s = overrides["silence"].strip()
-        try:
-            sil = silence_frame(tc.data) if s == "data" else tuple(int(c) for c in s.split(",")) if s not in ("", "none") else ()
-        except ValueError as e:
-            raise ValueError(f"--silence {s!r}: {e}" if s == "data" else
-                             f"--silence takes 'data' or codes separated by commas, not {s!r}") from None
-        overrides = {**overrides, "silence": sil}
+        overrides = {**overrides, "silence": parse_silence(overrides["silence"], tc.data)}
     if tc.init_from:
         p = tc.init_from
         if os.path.isdir(p) and os.path.isfile(os.path.join(p, "config.json")):
