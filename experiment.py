@@ -165,6 +165,25 @@ SCALES["gpu-whole"] = dict(
     model={**SCALES["gpu-sparse"]["model"], "silence": "data"},
 )
 
+# The scale at which the experiment's lookup beyond the windows' reach was first seen
+# (scripts/drill_ladder.sh, group reach): gpu-whole's drills and 8 codebooks with the toy's model, 2
+# layers of 128 (TTT in both: the top layers of a 2-layer model), a 20 s window (250 frames; the two
+# windows stacked reach 40 s) and chunks of 16 x 1024 frames. The warm-up's drill conversations are
+# one chunk long (1025 frames, 25 recalls each, half of them 20-52 s after the first mention); the
+# held-out drills are the same, of another seed. With 8 layers of 512 the same warm-up had not left
+# chance after 2500 steps; with a 16-frame window (1.28 s) the toy's model stays at chance on these
+# longer gaps.
+SCALES["gpu-reach"] = dict(
+    SCALES["gpu-whole"],
+    train_hours=100.0,
+    warmup_drills={**SCALES["gpu-whole"]["warmup_drills"], "steps": 5000, "hours": 220.0},
+    drills_heldout=(2.0, 1025.5 / 750),
+    model=dict(preset="demo", dim=128, n_layers=2, n_heads=4, n_kv_heads=2, hidden=384, window=250, n_ttt=2,
+               ttt_heads=2, ttt_mini_batch=16, depth_layers=0, silence="data"),
+    train={**SCALES["gpu-whole"]["train"], "batch_size": 16, "max_steps": 600},
+    eval={**SCALES["gpu-whole"]["eval"], "dtype": "float32"},
+)
+
 # name -> model overrides on top of the scale's model; "long" stands for the scale's long window
 VARIANTS = {
     "window": dict(n_ttt=0),                       # (a) short-window attention only
@@ -240,7 +259,8 @@ def model_args(sc, name):
 
 
 def train_argv(sc, name, train_path, run_dir):
-    a = {"data": train_path, "out_dir": run_dir, "mode": sc.get("mode", "streaming"), "eval_interval": 0, "seed": SEED,
+    a = {"data": train_path, "out_dir": run_dir, "mode": sc.get("mode", "streaming"), "eval_interval": 0,
+         "seed": sc.get("seed", SEED),
          **sc["train"], **model_args(sc, name)}
     return [f"--{k}={v}" for k, v in a.items()]
 
@@ -251,7 +271,8 @@ def warmup_argv(sc, name, drills_train, warm_dir):
     t = {**sc["train"], "max_steps": sc["warmup_drills"]["steps"], "min_lr": sc["train"]["lr"],
          "warmup": min(50, sc["train"]["warmup"]), "dtype": "float32",
          "recall_weight": sc["warmup_drills"].get("recall_weight", 1.0)}
-    a = {"data": drills_train, "out_dir": warm_dir, "mode": "minibatch", "seed": SEED, **t, **model_args(sc, name)}
+    a = {"data": drills_train, "out_dir": warm_dir, "mode": "minibatch", "seed": sc.get("seed", SEED), **t,
+         **model_args(sc, name)}
     return [f"--{k}={v}" for k, v in a.items()]
 
 
@@ -530,6 +551,8 @@ def parse_args(argv=None):
     ap.add_argument("--quiz_max_s", type=float, default=-1,
                     help="override the scale's drill gaps: every drill event comes back 2 s to this many seconds "
                          "later (longer than the window: only a memory beyond it can answer some)")
+    ap.add_argument("--seed", type=int, default=SEED, help=f"train.py's seed (initial weights, batches; default {SEED}): "
+                    "the data stay the same")
     ap.add_argument("--gen_minutes", type=float, default=-1, help="override the scale's generation length (0: none)")
     ap.add_argument("--gen_budget_s", type=float, default=-1,
                     help="override the scale's time limit on generation, seconds (0: none)")
@@ -565,6 +588,7 @@ def main(argv=None):
         sc["train"]["min_lr"] = a.min_lr
     if a.quiz_max_s >= 0:
         sc["train_quiz"]["quiz_max_s"] = a.quiz_max_s
+    sc["seed"] = a.seed
     if a.gen_minutes >= 0:
         sc["eval"]["gen_minutes"] = a.gen_minutes
     if a.gen_budget_s >= 0:

@@ -11,13 +11,16 @@
 #   long    data.py drills in 2-4 minute conversations, one frame a value (split patterns)
 #   window  the same drills in conversations of one training window (257 frames), the loss's weight
 #           on the recalls from 1 to 10000, the silent stream embedded or not, window only, TTT-MLP,
-#           8 codebooks (tied as speech's: w8_w100, not yet run)
+#           8 codebooks (tied as speech's: w8_w100)
+#   reach   toward the experiment: drill conversations of one 1024-frame window, recalls 2-40 s
+#           back, a 20 s window (250 frames) against the toy's 1.28 s, 1 or 8 codebooks, and the
+#           experiment's model (8 layers of 512, TTT-Linear in the top 2: r8_exp)
 #
 # STEPS, HOURS, DEVICE and PER_GPU change the scale (the test suite runs a tiny one on the CPU).
 set -u
 OUT=${1:?usage: bash scripts/drill_ladder.sh OUT [mqar] [long] [window]}
 shift
-GROUPS_=${*:-mqar long window}
+GROUPS_=${*:-mqar long window reach}
 R=$(cd "$(dirname "$0")/.." && pwd)
 HOURS=${HOURS:-220}
 DEVICE=${DEVICE:-cuda}
@@ -31,6 +34,7 @@ D="--events_per_min 8 --same_speaker true --tied_patterns true --reserve_pattern
    --quiz_min_s 2.5 --quiz_max_s 15 --n_codebooks 1 --value_frames 1 --pattern_codes 256 --split_patterns true"
 LONG="--min_minutes 2 --max_minutes 4"
 WIN="--min_minutes 0.3428 --max_minutes 0.3428"     # 257 frames: train.py --seq_len 256 reads all of it
+WIN1K="--min_minutes 1.36733 --max_minutes 1.36733 --quiz_min_s 2 --quiz_max_s 40"    # 1025 frames
 SEQS=$(python -c "print(max(20, int($HOURS * 45000 / 220)))")
 data() {  # name, then data.py synthetic or mqar_codes.py arguments; seed 2 to train, 3 held out
   local n=$1; shift
@@ -48,7 +52,8 @@ for g in $GROUPS_; do case $g in
         data p5s $LONG --quiz_spacing_s 3 --value_frames 4 --pattern_codes 1024 & ;;
   window) data w $WIN --quiz_spacing_s 1 & data wu $WIN --quiz_spacing_s 1 --split_patterns false &
           data w8 $WIN --quiz_spacing_s 1 --n_codebooks 8 & ;;
-  *) echo "unknown group $g (mqar, long, window)"; exit 2 ;;
+  reach) data r1 $WIN1K --quiz_spacing_s 1 & data r8 $WIN1K --quiz_spacing_s 1 --n_codebooks 8 & ;;
+  *) echo "unknown group $g (mqar, long, window, reach)"; exit 2 ;;
 esac; done
 wait
 echo "data: $(( $(date +%s) - t0 )) s"
@@ -91,13 +96,24 @@ for g in $GROUPS_; do case $g in
     run w_w100_mlp w 5000 --recall_weight 100 --silence data --ttt_type mlp
     run wu_w100 wu 5000 --recall_weight 100 --silence data
     run w8_w100 w8 5000 --recall_weight 100 --silence data ;;
+  reach)
+    K="--recall_weight 100 --silence data --seq_len 1024 --batch_size 16"
+    EXP="--dim 512 --n_layers 8 --n_heads 8 --n_kv_heads 4 --hidden 1408 --ttt_heads 8 --batch_size 8"
+    run r8_exp r8 2500 $K --window 250 $EXP
+    run r1 r1 5000 $K --window 250
+    run r1_window r1 5000 $K --window 250 --n_ttt 0
+    run r1_w16 r1 5000 $K --window 16
+    run r8 r8 5000 $K --window 250
+    run r8_window r8 5000 $K --window 250 --n_ttt 0
+    run r8_w16 r8 5000 $K --window 16
+    run r1_mlp r1 5000 $K --window 250 --ttt_type mlp ;;
 esac; done
 wait
 echo "all: $(( $(date +%s) - t0 )) s"
 python - <<'PY'
 import glob, json, re
-print("| run | steps | held-out recall | chance | recalls |")
-print("|---|---:|---:|---:|---:|")
+print("| run | steps | held-out recall | in window | beyond window | beyond reach | chance | recalls |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|")
 for f in sorted(glob.glob("r_*/eval.json")):
     name = f.split("/")[0]
     e = json.load(open(f))
@@ -105,5 +121,7 @@ for f in sorted(glob.glob("r_*/eval.json")):
     n = sum(x["codes"] for x in b)
     acc = sum(x["accuracy"] * x["codes"] for x in b) / max(n, 1)
     steps = re.findall(r"done: step (\d+)", open(name + ".log").read())
-    print(f"| {name[2:]} | {steps[-1] if steps else '?'} | {acc:.3f} | {e['chance']['accuracy']:.4f} | {n} |")
+    part = lambda k: f"{e['recall'][k]['accuracy']:.3f}" if e["recall"][k].get("accuracy") is not None else "-"
+    print(f"| {name[2:]} | {steps[-1] if steps else '?'} | {acc:.3f} | {part('within_window')} | "
+          f"{part('beyond_window')} | {part('beyond_reach')} | {e['chance']['accuracy']:.4f} | {n} |")
 PY

@@ -426,3 +426,13 @@ def test_split_patterns(tmp_path):
             assert len(events) > 100 and len(keys) > 20 and len(values) > 20
             assert (not keys & values) == split, (tied, split, len(keys & values))
             assert pattern_codes(p) == (32 if split else 64)              # what the values draw from: chance 1/that
+
+
+def test_seed_reaches_both_training_phases():
+    sc = json.loads(json.dumps(experiment.SCALES["gpu-reach"]))
+    for want, seed in ((experiment.SEED, None), (7, 7)):
+        if seed is not None:
+            sc["seed"] = experiment.parse_args(["--seed", str(seed)]).seed
+        for argv in (experiment.warmup_argv(sc, "ttt_linear", "d.bin", "w"),
+                     experiment.train_argv(sc, "ttt_linear", "t.bin", "r")):
+            assert [x for x in argv if x.startswith("--seed=")] == [f"--seed={want}"]
