@@ -14,8 +14,8 @@ Two modes:
   layers learn to use memory older than one training window.
 
 A run resumes from out_dir/ckpt.pt where one exists (model, optimizer, step, every row's data
-position, the carried states, RNG states); Ctrl-C writes a checkpoint and stops. Every option is a
-field of TrainConfig below or of model.Config (shape overrides), shown by --help.
+position, the carried states, RNG states); Ctrl-C or SIGTERM writes a checkpoint and stops. Every
+option is a field of TrainConfig below or of model.Config (shape overrides), shown by --help.
 """
 import argparse
 import math
@@ -366,15 +366,19 @@ def train(tc, overrides):
                 os.replace(tmp, os.path.join(tc.out_dir, "tokenizer.model"))
 
     # --- loop ----------------------------------------------------------------------------------
+    # Ctrl-C, and SIGTERM as schedulers, `timeout` and `docker stop` send it: finish the step, write a
+    # checkpoint, stop; the same signal again aborts at once
     stop = {"flag": False}
 
-    def on_sigint(sig, frame):
+    def on_signal(sig, frame):
         if stop["flag"]:
             raise KeyboardInterrupt
         stop["flag"] = True
-        if master:
-            print("\ninterrupted: finishing this step, writing a checkpoint (Ctrl-C again to abort)", flush=True)
-    old_handler = signal.signal(signal.SIGINT, on_sigint) if threading_main() else None
+        who = f"rank {rank}: " if world > 1 else ""
+        print(f"\n{who}{'interrupted' if sig == signal.SIGINT else signal.Signals(sig).name}: finishing this "
+              f"step, writing a checkpoint (the same again to abort)", flush=True)
+    stop_signals = (signal.SIGINT, signal.SIGTERM)
+    old_handlers = [signal.signal(s, on_signal) for s in stop_signals] if threading_main() else []
 
     fpf = flops_per_frame(cfg, tc.seq_len)
     frames_per_step = B * A * tc.seq_len * world
@@ -413,9 +417,11 @@ def train(tc, overrides):
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0) + v / A
         norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), tc.grad_clip)
-        if ddp:
-            torch.distributed.all_reduce(total)
-            total /= world
+        stopping = stop["flag"]   # read once: a signal may come at any moment
+        if ddp:   # the mean loss, and whether any rank was asked to stop: then all stop at this step
+            red = torch.stack([total, torch.tensor(float(stopping), device=device)])
+            torch.distributed.all_reduce(red)
+            total, stopping = red[0] / world, bool(red[1] > 0)
         lv = total.item()
         if not math.isfinite(lv):
             msg = (f"loss is {lv} at step {step + 1}: stopping. The last good checkpoint, if any, is "
@@ -438,16 +444,16 @@ def train(tc, overrides):
                   f"lr {lr:.2e} | norm {norm.item():.2f} | {fps:,.0f} frames/s{mfu} | eta {_fmt(eta)}", flush=True)
             t0, last = time.time(), step
         at_eval = tc.eval_interval > 0 and step % tc.eval_interval == 0
-        if at_eval or step == tc.max_steps or (tc.stop_at and step >= tc.stop_at) or stop["flag"]:
+        if at_eval or step == tc.max_steps or (tc.stop_at and step >= tc.stop_at) or stopping:
             if at_eval or step == tc.max_steps:
                 vl = evaluate(model, raw, val_sampler, tc, cfg, device, autocast)
                 if master:
                     print(f"eval step {step}: val loss {vl:.4f}", flush=True)
             checkpoint(step)
-            if (tc.stop_at and step >= tc.stop_at) or stop["flag"]:
+            if (tc.stop_at and step >= tc.stop_at) or stopping:
                 break
-    if old_handler is not None:
-        signal.signal(signal.SIGINT, old_handler)
+    for s, h in zip(stop_signals, old_handlers):
+        signal.signal(s, h)
     if master:
         mem = f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""
         print(f"done: step {step}, {_fmt(time.time() - t_start)}{mem}; checkpoint {ckpt_path}")

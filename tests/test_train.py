@@ -1,4 +1,6 @@
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 
@@ -496,3 +498,60 @@ def test_pick_device():
     assert train.pick_device("cuda", 3) == torch.device("cuda", 3)
     assert train.pick_device("cuda:1", 3) == torch.device("cuda", 1)
     assert train.pick_device("cpu", 3) == torch.device("cpu")
+
+
+def _train_until_stepping(cmd, env=None):
+    """Start train.py and return it once it reports its second step (its signal handlers are in)."""
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    out = []
+    for line in p.stdout:
+        out.append(line)
+        if line.startswith("step 2/"):
+            return p, out
+    p.wait()
+    raise AssertionError("train.py ended before its second step:\n" + "".join(out)[-3000:])
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_stops_with_a_checkpoint(synth, tmp_path, sig):
+    # Ctrl-C, or SIGTERM from a scheduler: finish the step, write a checkpoint, exit cleanly; the run resumes
+    out_dir = tmp_path / "run"
+    cmd = [sys.executable, "train.py", *_args(synth, out_dir, "streaming", max_steps=100000, log_interval=1)]
+    p, out = _train_until_stepping(cmd)
+    p.send_signal(getattr(signal, sig))
+    rest, _ = p.communicate(timeout=120)
+    text = "".join(out) + rest
+    assert p.returncode == 0, text[-3000:]
+    assert "writing a checkpoint" in text
+    step = torch.load(out_dir / "ckpt.pt", weights_only=False)["step"]
+    assert 2 <= step < 100000 and f"done: step {step}" in text
+    resumed = train.main(_args(synth, out_dir, "streaming", max_steps=step + 1))
+    assert len(resumed) == step + 1
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(synth, tmp_path):
+    # torchrun on the CPU: SIGTERM to rank 1 alone. Every rank must stop after the same step, or the
+    # checkpoint's barrier would wait forever.
+    out_dir = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(29600 + os.getpid() % 1000), "train.py",
+           *_args(synth, out_dir, "streaming", max_steps=100000, log_interval=1)]
+    p, out = _train_until_stepping(cmd)
+    with open(f"/proc/{p.pid}/task/{p.pid}/children") as fh:
+        kids = [int(x) for x in fh.read().split()]
+    rank1 = [k for k in kids if b"RANK=1\0" in open(f"/proc/{k}/environ", "rb").read()]
+    assert len(rank1) == 1, kids
+    os.kill(rank1[0], signal.SIGTERM)
+    try:
+        rest, _ = p.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        for pid in [p.pid, *kids]:   # leave no rank running
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        raise AssertionError("the ranks did not stop together: " + "".join(out)[-2000:])
+    text = "".join(out) + rest
+    assert p.returncode == 0, text[-3000:]
+    assert "rank 1: SIGTERM" in text
+    step = torch.load(out_dir / "ckpt.pt", weights_only=False)["step"]
+    assert 2 <= step < 100000 and f"done: step {step}" in text
