@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from codes import CodesFile, CodesFormatError
-from data import load_events, pattern_codes, window
+from data import CUE_LEN, KEY_LEN, load_events, pattern_codes, window
 from generate import FrameStep, Sampler, generate, peak_memory_mb
 from model import SpeechLM, default_device, state_bytes
 
@@ -95,18 +95,41 @@ def recall_entries(f, events, convs, cfg):
     return out[np.argsort(out[:, 1], kind="stable")]
 
 
+def event_spans(events, convs, pad):
+    """Rows (batch row, first frame, end frame) of every mention of every recall event: its cue, key
+    and value, and pad frames after, where delayed columns still carry them."""
+    spans = [(convs.index(conv), v - CUE_LEN - KEY_LEN, v + vlen + pad)
+             for conv, _, first, recall, vlen in events for v in (first, recall)]
+    return np.array(spans, np.int64).reshape(-1, 3)
+
+
+def speech_frames(spans, live, start):
+    """live [B, T] (frames start.. of each row) with the frames inside event_spans turned off: the
+    speech frames. The events' density changes along a conversation (data.py puts the far events'
+    first mentions in its first 20 minutes), so the loss on these frames alone is the one to compare
+    between minutes."""
+    out = live.copy()
+    T = live.shape[1]
+    for r, lo, hi in spans[(spans[:, 2] > start) & (spans[:, 1] < start + T)]:
+        out[r, max(lo - start, 0):max(hi - start, 0)] = False
+    return out
+
+
 @torch.no_grad()
 def stream_eval(model, f, events, convs, chunk_len=256, device="cpu", autocast=None, quiet=True):
     """Feed conversations convs of codes file f (one batch row each) through the model in chunks
     of chunk_len frames with the state carried. events: load_events rows of these conversations.
-    Returns per-minute sums [minutes, audio columns] of cross-entropy and counts, per-saying sums
-    of cross-entropy, hits and counts, and the state size in bytes."""
+    Returns per-minute sums [minutes, audio columns] of cross-entropy and counts (over all frames,
+    and over the speech frames alone: speech_frames), per-saying sums of cross-entropy, hits and
+    counts, and the state size in bytes."""
     cfg = model.cfg
     nt, A = cfg.n_text, cfg.n_audio
     autocast = autocast or nullcontext()
     lengths = [int(f.lengths[c]) for c in convs]
     n_min = math.ceil(max(lengths) / FRAMES_PER_MINUTE)
     ce_min, n_min_cnt = np.zeros((n_min, A)), np.zeros((n_min, A))
+    ce_sp, n_sp = np.zeros((n_min, A)), np.zeros((n_min, A))
+    spans = event_spans(events, list(convs), max(cfg.col_delays()))
     entries = recall_entries(f, events, list(convs), cfg)
     say_ce, say_hit, say_n = (np.zeros(2 * len(events)) for _ in range(3))
     state = model.init_state(len(convs), device)
@@ -114,6 +137,7 @@ def stream_eval(model, f, events, convs, chunk_len=256, device="cpu", autocast=N
     for start in range(0, max(lengths), chunk_len):
         T = min(chunk_len, max(lengths) - start)
         x, live = chunk(f, convs, start, T, cfg.col_delays(), cfg.col_cards())
+        speech = torch.from_numpy(speech_frames(spans, live, start)).to(device)
         x, live = torch.from_numpy(x).to(device), torch.from_numpy(live).to(device)
         with autocast:
             logits, state = model(x, state)
@@ -125,6 +149,9 @@ def stream_eval(model, f, events, convs, chunk_len=256, device="cpu", autocast=N
         minute = (start + np.arange(T)) // FRAMES_PER_MINUTE
         np.add.at(ce_min, minute, (ce * valid).sum(0).cpu().numpy())           # rows share positions
         np.add.at(n_min_cnt, minute, valid.sum(0).cpu().numpy())
+        valid = valid * speech[..., None]
+        np.add.at(ce_sp, minute, (ce * valid).sum(0).cpu().numpy())
+        np.add.at(n_sp, minute, valid.sum(0).cpu().numpy())
         lo, hi = np.searchsorted(entries[:, 1], [start, start + T])
         if hi > lo:                                                             # recall codes in this chunk
             r, p, a, say = (torch.from_numpy(v).to(device) for v in entries[lo:hi].T)
@@ -138,7 +165,7 @@ def stream_eval(model, f, events, convs, chunk_len=256, device="cpu", autocast=N
                   end="", file=sys.stderr, flush=True)
     if not quiet:
         print(file=sys.stderr)
-    return dict(ce_min=ce_min, n_min=n_min_cnt, say_ce=say_ce, say_hit=say_hit, say_n=say_n,
+    return dict(ce_min=ce_min, n_min=n_min_cnt, ce_speech=ce_sp, n_speech=n_sp, say_ce=say_ce, say_hit=say_hit, say_n=say_n,
                 state_bytes=state_bytes(state))
 
 
@@ -352,6 +379,7 @@ def evaluate(model, data_path, conversations=0, chunk_len=256, batch=16, gen_min
         torch.cuda.reset_peak_memory_stats(device)
     # the loss pass, `batch` conversations at a time (one row each)
     ce_min, n_min = np.zeros((0, cfg.n_audio)), np.zeros((0, cfg.n_audio))
+    ce_sp, n_sp = ce_min, n_min
     say = {k: np.zeros(2 * len(events)) for k in ("say_ce", "say_hit", "say_n")}
     for i in range(0, len(convs), batch):
         group = convs[i:i + batch]
@@ -359,6 +387,7 @@ def evaluate(model, data_path, conversations=0, chunk_len=256, batch=16, gen_min
         r = stream_eval(model, f, events[mine], group, chunk_len, device, autocast, quiet)
         ce_min = _pad_add(ce_min, r["ce_min"])
         n_min = _pad_add(n_min, r["n_min"])
+        ce_sp, n_sp = _pad_add(ce_sp, r["ce_speech"]), _pad_add(n_sp, r["n_speech"])
         for k in say:
             say[k][np.repeat(mine, 2)] = r[k]
         state_b = r["state_bytes"]
@@ -373,7 +402,9 @@ def evaluate(model, data_path, conversations=0, chunk_len=256, batch=16, gen_min
         chance=dict(accuracy=1.0 / n_codes, loss=math.log(n_codes),
                     note=f"recall values are uniformly random among {n_codes} codes per codebook: chance "
                          f"top-1 accuracy 1/{n_codes}, chance loss ln {n_codes}"),
-        loss_by_minute=minute_losses(ce_min, n_min, cfg),
+        loss_by_minute=dict(minute_losses(ce_min, n_min, cfg),
+                            speech=minute_losses(ce_sp, n_sp, cfg)["loss"],
+                            speech_frames=n_sp[:, 0].astype(int).tolist()),
         recall=recall_table(events, say["say_ce"], say["say_hit"], say["say_n"], cfg.window,
                             cfg.n_layers * (cfg.window - 1) + 1),
         memory=dict(state_bytes=state_b, device=str(device),
@@ -410,6 +441,8 @@ def print_table(name, r):
     print(f"{name}: window {r['model']['window']} frames ({r['model']['window'] / FRAME_RATE:g} s), "
           f"TTT {r['model']['ttt_type'] or 'none'}; state {r['memory']['state_bytes'] / 2**20:.2f} MiB per conversation")
     print("  loss by minute:  " + "  ".join(f"min {lm['minute'][i]}: {lm['loss'][i]:.3f}" for i in pick))
+    if "speech" in lm:   # (older result files lack it)
+        print("  speech frames:   " + "  ".join(f"min {lm['minute'][i]}: {lm['speech'][i]:.3f}" for i in pick))
     ch = r["chance"]
     print(f"  recall (chance: accuracy {ch['accuracy']:.2g}, loss {ch['loss']:.2f})")
     print(f"    {'distance':<12}{'window':<10}{'events':>7}{'loss':>8}{'accuracy':>10}")
@@ -451,11 +484,14 @@ def plot(results, out_dir):
     paths = []
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for name, r in results.items():
+    for i, (name, r) in enumerate(results.items()):
         lm = r["loss_by_minute"]
-        ax.plot(lm["minute"], lm["loss"], ".-" if len(lm["minute"]) < 20 else "-", label=name)
+        marker = "." if len(lm["minute"]) < 20 else None
+        ax.plot(lm["minute"], lm["loss"], marker=marker, color=f"C{i}", label=name)
+        if "speech" in lm:
+            ax.plot(lm["minute"], lm["speech"], marker=marker, color=f"C{i}", ls=":", lw=1)
     ax.set(xlabel="minute of the conversation", ylabel="loss (training objective)",
-           title="Held-out loss by position in the conversation")
+           title="Held-out loss by position in the conversation (dotted: speech frames alone)")
     ax.grid(alpha=0.3)
     ax.legend()
     paths.append(_save(fig, out_dir, "loss_by_minute.png"))

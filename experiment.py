@@ -450,9 +450,10 @@ def summary(a, results, losses):
            "(recall in / beyond the window), to tell a model that learnt no lookup from one whose lookup does not "
            "carry over to ordinary speech.", "",
            "| model | window | TTT | state / conversation | last train loss | loss min 1-5 | loss last 5 min "
+           "| speech frames: loss min 1-5 / last 5 "
            "| recall in window: acc. / loss | recall beyond window: acc. / loss | recall beyond reach: acc. (reach) "
            "| 1st mentions: loss (control) | drills: recall in / beyond window |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         lm = r["loss_by_minute"]["loss"]
         rc = r["recall"]
@@ -460,7 +461,8 @@ def summary(a, results, losses):
         tl = losses.get(name)
         out.append(f"| {name} | {w} ({fmt_seconds(w / 12.5)}) | {r['model']['ttt_type'] or '-'} | "
                    f"{r['memory']['state_bytes'] / 2**20:.2f} MiB | {(f'{tl[-1]:.3f}' if tl else '-')} | "
-                   f"{_mean(lm[:5]):.3f} | {_mean(lm[-5:]):.3f} | {_acc(rc['within_window'])} / "
+                   f"{_mean(lm[:5]):.3f} | {_mean(lm[-5:]):.3f} | {_speech(r['loss_by_minute'])} | "
+                   f"{_acc(rc['within_window'])} / "
                    f"{_num(rc['within_window']['loss'])} | {_acc(rc['beyond_window'])} / "
                    f"{_num(rc['beyond_window']['loss'])} | " +
                    (f"{_acc(rc['beyond_reach'])} ({fmt_seconds(rc['reach_frames'] / 12.5)})" if "beyond_reach" in rc
@@ -493,6 +495,11 @@ def summary(a, results, losses):
         out.append("| data | | | " + " | ".join(cells) + " |")
     out += ["", "Figures: loss_by_minute.png, recall_by_distance.png, generation.png. Every number: results.json.", ""]
     return "\n".join(out)
+
+
+def _speech(lm):
+    sp = lm.get("speech")   # (older result files lack it)
+    return f"{_mean(sp[:5]):.3f} / {_mean(sp[-5:]):.3f}" if sp else "-"
 
 
 def _mean(x):

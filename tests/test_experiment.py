@@ -436,3 +436,25 @@ def test_seed_reaches_both_training_phases():
         for argv in (experiment.warmup_argv(sc, "ttt_linear", "d.bin", "w"),
                      experiment.train_argv(sc, "ttt_linear", "t.bin", "r")):
             assert [x for x in argv if x.startswith("--seed=")] == [f"--seed={want}"]
+
+
+def test_speech_frames_leave_out_every_event(tmp_path, one_thread):
+    p = str(tmp_path / "s.bin")
+    synthetic(p, hours=3 / 60, min_minutes=3, max_minutes=3, n_codebooks=2, seed=4, quiet=True,
+              events_per_min=6.0, near_share=0.75, near_max_s=10.0)
+    f, events = CodesFile(p), load_events(p)
+    L = int(f.lengths[0])
+    assert len(events) >= 10
+    want = np.ones(L, bool)        # by hand: cue (2 frames), key (2) and value of both mentions, 1 frame after
+    for _, _, first, recall, vlen in events:
+        for v in (first, recall):
+            want[v - 4:v + vlen + 1] = False
+    spans = evaluate.event_spans(events, [0], pad=1)
+    got = np.concatenate([evaluate.speech_frames(spans, np.ones((1, min(7, L - s)), bool), s)[0]
+                          for s in range(0, L, 7)])   # chunks of 7 frames: spans cross their edges
+    np.testing.assert_array_equal(got, want)
+    # the loss pass counts those frames alone in its speech sums (column 0 has no delay)
+    m = _tiny()
+    r = evaluate.stream_eval(m, f, events, [0], chunk_len=64)
+    assert r["n_speech"][:, 0].sum() == want.sum() < r["n_min"][:, 0].sum()
+    assert (r["ce_speech"] <= r["ce_min"] + 1e-9).all()
