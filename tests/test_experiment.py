@@ -458,3 +458,28 @@ def test_speech_frames_leave_out_every_event(tmp_path, one_thread):
     r = evaluate.stream_eval(m, f, events, [0], chunk_len=64)
     assert r["n_speech"][:, 0].sum() == want.sum() < r["n_min"][:, 0].sum()
     assert (r["ce_speech"] <= r["ce_min"] + 1e-9).all()
+
+
+def test_state_by_minute_script(tmp_path, one_thread, capsys):
+    # scripts/state_by_minute.py: its speech loss by minute is evaluate.py's, and it sees the fast
+    # weights move (a model without TTT has none to report)
+    import importlib.util
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("sbm", os.path.join(root, "scripts", "state_by_minute.py"))
+    sbm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sbm)
+    p = str(tmp_path / "h.bin")
+    synthetic(p, hours=2 / 60, min_minutes=2, max_minutes=2, n_codebooks=2, seed=5, quiet=True, events_per_min=4.0)
+    ttt, window = _tiny(ttt_base_lr=10.0), _tiny(n_ttt=0)
+    for name, m in (("ttt", ttt), ("window", window)):
+        m.save(str(tmp_path / f"{name}.safetensors"))
+    out = sbm.main(["--data", p, "--ckpt", str(tmp_path / "ttt.safetensors"), "--ckpt",
+                    str(tmp_path / "window.safetensors"), "--blocks", "1-1,2-2"])
+    assert "| 2-2 |" in capsys.readouterr().out
+    f, events = CodesFile(p), load_events(p)
+    r = evaluate.stream_eval(ttt, f, events, [0], chunk_len=64)
+    want = evaluate.minute_losses(r["ce_speech"], r["n_speech"], ttt.cfg)["loss"]
+    np.testing.assert_allclose(out["ttt"]["loss"], want, rtol=1e-5)
+    moved = np.array(out["ttt"]["moved"])
+    assert moved.shape == (ttt.cfg.n_ttt, 2) and (moved > 0).all() and (moved[:, 1] > moved[:, 0]).all()
+    assert out["window"]["moved"] == []
