@@ -272,8 +272,12 @@ def most_common_frame(f, conv=0):
     return rows[cnt.argmax()].astype(np.int64)
 
 
+SPREAD = (5, 95)   # percentiles over every whole minute of every held-out conversation
+
+
 def reference_stats(f, convs, silence):
-    """FrameStats of real conversations, averaged per minute over those that reach it."""
+    """FrameStats of real conversations, averaged per minute over those that reach it, and their
+    spread: the SPREAD percentiles of each statistic over every whole minute of every conversation."""
     per = []
     for c in convs:
         s = FrameStats(silence)
@@ -285,7 +289,17 @@ def reference_stats(f, convs, silence):
     out = {"minute": list(range(1, n + 1))}
     for k in STATS:
         out[k] = [float(np.mean([p[k][m] for p in per if len(p[k]) > m])) for m in range(n)]
+    whole = [int(f.lengths[c]) // FRAMES_PER_MINUTE for c in convs]   # a partial last minute is left out,
+    whole = whole if sum(whole) else [1] * len(convs)                  # unless there is nothing else
+    out["spread"] = {k: np.percentile([x for p, w in zip(per, whole) for x in p[k][:w]], SPREAD).tolist()
+                     for k in STATS}
+    out["spread_percentiles"] = list(SPREAD)
     return out
+
+
+def within_spread(g, ref):
+    """For each statistic, whether the last generated minute lies inside the data's spread."""
+    return {k: bool(ref["spread"][k][0] <= g[k][-1] <= ref["spread"][k][1]) for k in STATS}
 
 
 class _OutOfTime(Exception):
@@ -419,6 +433,8 @@ def evaluate(model, data_path, conversations=0, chunk_len=256, batch=16, gen_min
             torch.cuda.reset_peak_memory_stats(device)
         out["generation"] = generation_stats(model, gen_minutes, silence, device, seed, temp, top_k, gen_budget_s,
                                              cuda_graph, quiet)
+        if out["generation"]["minute"]:
+            out["generation"]["last_minute_within_spread"] = within_spread(out["generation"], out["reference"])
         if device.type == "cuda":
             out["memory"]["peak_mb_generation"] = peak_memory_mb(device)
     return out
@@ -464,6 +480,11 @@ def print_table(name, r):
             j = min(i, len(ref["minute"]) - 1)
             print(f"    minute {g['minute'][i]:>3}: " + "  ".join(
                 f"{k} {g[k][i]:.3g} | {ref[k][j]:.3g}" for k in STATS))
+        if "last_minute_within_spread" in g:   # (older result files lack it)
+            lo, hi = ref["spread_percentiles"]
+            print(f"    last minute within the data's {lo}-{hi}% spread: " + "  ".join(
+                f"{k} {'yes' if v else 'no'} ({ref['spread'][k][0]:.3g}-{ref['spread'][k][1]:.3g})"
+                for k, v in g["last_minute_within_spread"].items()))
 
 # -----------------------------------------------------------------------------
 # Figures: one model or several side by side
@@ -541,6 +562,9 @@ def plot(results, out_dir):
                 if g and g["minute"]:
                     ax.plot(g["minute"], g[k], ".-" if n < 20 else "-", label=name)
             ax.plot(ref["minute"][:max(n, 1)], ref[k][:max(n, 1)], "k.--" if n < 20 else "k--", label="held-out data")
+            if "spread" in ref:
+                ax.axhspan(*ref["spread"][k], color="k", alpha=0.08, lw=0,
+                           label="data, {}-{}% of minutes".format(*ref["spread_percentiles"]))
             ax.set(xlabel="minute", ylabel=units[k], title=k)
             ax.grid(alpha=0.3)
         axes.flat[-1].axis("off")

@@ -483,16 +483,22 @@ def summary(a, results, losses):
         out += ["", f"Generation from nothing (temperature {g0['temp']}, top-k {g0['top_k']}), statistics of "
                 "the first and the last generated minute; `data` is the held-out conversations' average:", "",
                 "| model | minutes | frames/s | " + " | ".join(f"{k} first / last" for k in ("entropy", "repeat",
-                                                                                     "silence", "overlap", "turns")) + " |",
-                "|---|---|---|" + "---|" * 5]
+                                                                                     "silence", "overlap", "turns"))
+                + " | last minute outside the data's spread |",
+                "|---|---|---|" + "---|" * 6]
         for name, g in gens.items():
             cells = [f"{g[k][0]:.3g} / {g[k][-1]:.3g}" for k in ("entropy", "repeat", "silence", "overlap", "turns")]
+            ws = g.get("last_minute_within_spread")
+            outside = "-" if ws is None else ", ".join(k for k, v in ws.items() if not v) or "none"
             out.append(f"| {name} | {g['minutes_done']:.3g} of {g['minutes_requested']:g} | {g['frames_per_s']:.0f} | "
-                       + " | ".join(cells) + " |")
+                       + " | ".join(cells) + f" | {outside} |")
         n = max(len(g["minute"]) for g in gens.values())
         cells = [f"{ref[k][0]:.3g} / {ref[k][min(n, len(ref[k])) - 1]:.3g}" for k in ("entropy", "repeat", "silence",
                                                                                         "overlap", "turns")]
-        out.append("| data | | | " + " | ".join(cells) + " |")
+        spread = ref.get("spread")
+        out.append("| data | | | " + " | ".join(cells) + " | " + (
+            "spread ({}-{}% of minutes): ".format(*ref["spread_percentiles"])
+            + ", ".join(f"{k} {spread[k][0]:.3g}-{spread[k][1]:.3g}" for k in spread) if spread else "") + " |")
     out += ["", "Figures: loss_by_minute.png, recall_by_distance.png, generation.png. Every number: results.json.", ""]
     return "\n".join(out)
 

@@ -55,6 +55,8 @@ def test_experiment_runs_end_to_end(tmp_path, one_thread):
         assert g["frames"] == round(sc["eval"]["gen_minutes"] * 750) and len(g["minute"]) == 1
         for k in evaluate.STATS:
             assert math.isfinite(g[k][0]) and len(r["reference"][k]) == minutes
+        assert g["last_minute_within_spread"] == evaluate.within_spread(g, r["reference"])
+        assert len(lm["speech"]) == minutes and sum(lm["speech_frames"]) < sum(lm["frames"])
         # the most common frame of a stream is data.py's silence frame (drawn first from rng 1234)
         assert r["reference"]["silence_frame"] == np.random.default_rng(1234).integers(0, 2048, 2).tolist()
         assert r["model"]["window"] == (sc["long_window"] if name == "long_window" else sc["model"]["window"])
@@ -71,7 +73,8 @@ def test_experiment_runs_end_to_end(tmp_path, one_thread):
     with open(os.path.join(out, "summary.md")) as f:
         md = f.read()
     assert all(f"| {n} |" in md for n in experiment.VARIANTS) and f"1/{A}" in md
-    assert "drills: recall in / beyond window" in md
+    assert "drills: recall in / beyond window" in md and "speech frames: loss min 1-5 / last 5" in md
+    assert "last minute outside the data's spread" in md and "spread (5-95% of minutes)" in md
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -483,3 +486,29 @@ def test_state_by_minute_script(tmp_path, one_thread, capsys):
     moved = np.array(out["ttt"]["moved"])
     assert moved.shape == (ttt.cfg.n_ttt, 2) and (moved > 0).all() and (moved[:, 1] > moved[:, 0]).all()
     assert out["window"]["moved"] == []
+
+
+def test_reference_spread_and_within_spread(tmp_path):
+    # the spread is taken over every whole minute of every conversation, a partial last minute left out
+    p = str(tmp_path / "r.bin")
+    synthetic(p, hours=5.5 / 60, min_minutes=2.5, max_minutes=3.0, n_codebooks=2, seed=6, quiet=True)
+    f = CodesFile(p)
+    convs = list(range(len(f)))
+    sil = evaluate.most_common_frame(f)
+    ref = evaluate.reference_stats(f, convs, sil)
+    whole = []
+    for c in convs:
+        st = evaluate.FrameStats(sil)
+        st.add(np.asarray(f.audio(c), np.int64))
+        got = st.close()
+        assert len(got["turns"]) == math.ceil(f.lengths[c] / 750)
+        whole.append({k: v[:int(f.lengths[c]) // 750] for k, v in got.items()})
+    assert any(f.lengths[c] % 750 for c in convs)    # some conversation ends in a partial minute
+    for k in evaluate.STATS:
+        want = np.percentile([x for w in whole for x in w[k]], evaluate.SPREAD)
+        np.testing.assert_allclose(ref["spread"][k], want, rtol=1e-12)
+    lo, hi = ref["spread"]["turns"]
+    g = {k: [ref["spread"][k][0]] for k in evaluate.STATS}
+    assert all(evaluate.within_spread(g, ref).values())          # the bounds are inside
+    g["turns"] = [hi + 1e-6]
+    assert evaluate.within_spread(g, ref) == {**{k: True for k in evaluate.STATS}, "turns": False}
