@@ -212,6 +212,10 @@ class CodesWriter:
         if self.fh is None:
             return
         fh, self.fh = self.fh, None
+        # the index goes right after the frames the offsets count: frames written by an add() that an
+        # interrupt (Ctrl-C) cut before it counted them are dropped, not left to shift the index
+        fh.seek(HEADER_SIZE + self.offsets[-1] * self.n_cols * 2)
+        fh.truncate()
         fh.write(np.asarray(self.offsets, dtype="<u8").tobytes())
         head = _HEADER.pack(MAGIC, VERSION, self.n_streams, self.n_codebooks, self.cardinality,
                             self.n_text, self.text_cardinality, self.frame_rate,

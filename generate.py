@@ -9,8 +9,9 @@ Generate a conversation: minutes to hours of codes (and audio), written to disk 
 Per frame: one backbone step (windowed attention + TTT, constant-size state), the depth decoder
 over the frame's codebooks, and, with Mimi weights, one streaming Mimi decode step whose audio is
 appended to the wav file. The wav header is rewritten as the file grows, so an interrupted run
-(Ctrl-C included) leaves a valid file with everything made so far. Memory stays flat: nothing
-grows with the length of the conversation.
+(Ctrl-C included) leaves a valid file with everything made so far; Ctrl-C and SIGTERM also stop
+the run cleanly, writing the codes file with every frame made. Memory stays flat: nothing grows
+with the length of the conversation.
 
 With a text stream (a model trained on `python data.py align` or `synthetic --text` data),
 --text_out writes the words as they are made, `seconds<TAB>word` a line (with a text stream per
@@ -25,8 +26,10 @@ import contextlib
 import math
 import os
 import resource
+import signal
 import struct
 import sys
+import threading
 import time
 
 import numpy as np
@@ -457,6 +460,10 @@ def run(a):
                   end="", file=sys.stderr, flush=True)
 
     interrupted = False
+
+    def on_term(sig, frame):   # SIGTERM (schedulers, `timeout`, `docker stop`): stop as Ctrl-C does
+        raise KeyboardInterrupt
+    old_term = signal.signal(signal.SIGTERM, on_term) if threading.current_thread() is threading.main_thread() else None
     try:
         with torch.inference_mode():
             generate(model, n_frames, sampler, a.batch, prompt, a.mode, on_frame, device, step)
@@ -466,6 +473,8 @@ def run(a):
         with torch.inference_mode():
             flush()
     finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
         stack.close()
         writer.close()
         if transcript is not None:

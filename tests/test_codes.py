@@ -87,3 +87,15 @@ def test_writer_rejects_bad_data_and_is_atomic(tmp_path):
         CodesWriter(p, n_streams=1, n_codebooks=1, n_text=1, text_cardinality=70000)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         CodesWriter(tmp_path / "no" / "x.bin", n_streams=1, n_codebooks=1)
+
+
+def test_frames_written_but_not_counted_are_dropped(tmp_path):
+    # an interrupt between writing a piece's frames and counting them must not shift the index
+    p = tmp_path / "c.bin"
+    w = CodesWriter(p, n_streams=1, n_codebooks=2)
+    w.extend(np.full((5, 2), 7))
+    w._write(np.full((3, 2), 9))        # what extend() does before it counts the frames
+    w.close()
+    f = CodesFile(p)
+    assert f.n_frames == 5 and len(f) == 1
+    np.testing.assert_array_equal(np.asarray(f.conversation(0)).reshape(5, 2), np.full((5, 2), 7))
