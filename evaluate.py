@@ -11,7 +11,9 @@ and for ninety.
 
 1. Loss by minute. The training objective (model.loss_fn: semantic codebook weighted up) of every
    frame, summed into one bucket per minute of the conversation. A model that forgets who is
-   speaking, or drifts, shows a loss that climbs with the minute.
+   speaking, or drifts, shows a loss that climbs with the minute. The same over the speech frames
+   alone (the recall events left out) too: the events are easier than speech and data.py places
+   more of them early in a conversation, so only this one compares like with like between minutes.
 2. Recall. The synthetic conversations hold recall events (data.py): a value pattern of 8 frames (or --value_frames) of
    uniformly random codes (from all 2048 per codebook, or a fixed set of --pattern_codes A) is said
    once, and again up to an hour later after the same key. Loss and top-1 accuracy on the second
@@ -28,7 +30,8 @@ and for ninety.
    per minute we measure code entropy, repetition of whole frames, silence share, overlap and
    turn-taking rate, and the same statistics of the held-out data. A model that goes off the rails
    drifts away from the data: babble (entropy up), loops (repetition up), collapse into silence,
-   one speaker only (no turns).
+   one speaker only (no turns). The data's spread (5-95% of its minutes) says how far is too far:
+   the last generated minute is checked against it.
 
 Output: a JSON file of every number, a printed table, and with --plots the figures (matplotlib).
 """
@@ -165,8 +168,8 @@ def stream_eval(model, f, events, convs, chunk_len=256, device="cpu", autocast=N
                   end="", file=sys.stderr, flush=True)
     if not quiet:
         print(file=sys.stderr)
-    return dict(ce_min=ce_min, n_min=n_min_cnt, ce_speech=ce_sp, n_speech=n_sp, say_ce=say_ce, say_hit=say_hit, say_n=say_n,
-                state_bytes=state_bytes(state))
+    return dict(ce_min=ce_min, n_min=n_min_cnt, ce_speech=ce_sp, n_speech=n_sp, say_ce=say_ce, say_hit=say_hit,
+                say_n=say_n, state_bytes=state_bytes(state))
 
 
 def minute_losses(ce_min, n_min, cfg):
