@@ -11,7 +11,7 @@
 #   long    data.py drills in 2-4 minute conversations, one frame a value (split patterns)
 #   window  the same drills in conversations of one training window (257 frames), the loss's weight
 #           on the recalls from 1 to 10000, the silent stream embedded or not, window only, TTT-MLP,
-#           8 codebooks (tied as speech's: w8_w100)
+#           8 codebooks (tied as speech's: w8_w100, not yet run; the reach group's r8 has 8 codebooks)
 #   reach   toward the experiment: drill conversations of one 1024-frame window, recalls 2-40 s
 #           back, a 20 s window (250 frames) against the toy's 1.28 s, 1 or 8 codebooks, and the
 #           experiment's model (8 layers of 512, TTT-Linear in the top 2: r8_exp)
