@@ -463,7 +463,8 @@ def run(a):
 
     def on_term(sig, frame):   # SIGTERM (schedulers, `timeout`, `docker stop`): stop as Ctrl-C does
         raise KeyboardInterrupt
-    old_term = signal.signal(signal.SIGTERM, on_term) if threading.current_thread() is threading.main_thread() else None
+    in_main = threading.current_thread() is threading.main_thread()   # (signals can be set there only)
+    old_term = signal.signal(signal.SIGTERM, on_term) if in_main else None
     try:
         with torch.inference_mode():
             generate(model, n_frames, sampler, a.batch, prompt, a.mode, on_frame, device, step)
