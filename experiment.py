@@ -447,12 +447,12 @@ def summary(a, results, losses):
            f"{ch['loss']:.2f}. In/beyond window: distance since the first mention shorter/longer than "
            "the model's own attention window; beyond reach: farther back than its stacked windows reach "
            "(layers x (window - 1) + 1 frames), where only a memory can help. Drills: held-out recall drills like the training ones "
-           "(recall in / beyond the window), to tell a model that learnt no lookup from one whose lookup does not "
+           "(recall in / beyond the window / beyond the reach), to tell a model that learnt no lookup from one whose lookup does not "
            "carry over to ordinary speech.", "",
            "| model | window | TTT | state / conversation | last train loss | loss min 1-5 | loss last 5 min "
            "| speech frames: loss min 1-5 / last 5 "
            "| recall in window: acc. / loss | recall beyond window: acc. / loss | recall beyond reach: acc. (reach) "
-           "| 1st mentions: loss (control) | drills: recall in / beyond window |",
+           "| 1st mentions: loss (control) | drills: recall in / beyond window / beyond reach |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         lm = r["loss_by_minute"]["loss"]
@@ -467,8 +467,8 @@ def summary(a, results, losses):
                    f"{_num(rc['beyond_window']['loss'])} | " +
                    (f"{_acc(rc['beyond_reach'])} ({fmt_seconds(rc['reach_frames'] / 12.5)})" if "beyond_reach" in rc
                     else "-") + f" | {_num(rc['first_mention']['loss'])} | " +
-                   (f"{_acc(r['drills_recall']['within_window'])} / {_acc(r['drills_recall']['beyond_window'])}"
-                    if 'drills_recall' in r else '-') + " |")
+                   (" / ".join(_acc(r["drills_recall"][k]) for k in ("within_window", "beyond_window", "beyond_reach")
+                               if k in r["drills_recall"]) if "drills_recall" in r else "-") + " |")
     labels = [b["label"] for b in any_r["recall"]["buckets"]]
     out += ["", "Recall accuracy by distance since the pattern was first heard (events; * = within the "
             "model's window):", "",

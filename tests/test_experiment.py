@@ -73,7 +73,10 @@ def test_experiment_runs_end_to_end(tmp_path, one_thread):
     with open(os.path.join(out, "summary.md")) as f:
         md = f.read()
     assert all(f"| {n} |" in md for n in experiment.VARIANTS) and f"1/{A}" in md
-    assert "drills: recall in / beyond window" in md and "speech frames: loss min 1-5 / last 5" in md
+    assert "drills: recall in / beyond window / beyond reach" in md and "speech frames: loss min 1-5 / last 5" in md
+    d = res["eval"]["ttt_linear"]["drills_recall"]
+    assert " / ".join(f"{d[k]['accuracy']:.3f}" if d[k]["accuracy"] is not None else "-"
+                      for k in ("within_window", "beyond_window", "beyond_reach")) + " |" in md
     assert "last minute outside the data's spread" in md and "spread (5-95% of minutes)" in md
     try:
         import matplotlib  # noqa: F401
