@@ -151,7 +151,11 @@ def compiled_or_eager(step, model, a, device, sampler):
         print(f"compiling the frame step (--compile {step.compile}; --compile '' skips it)", file=sys.stderr)
     g = sampler.g.get_state() if sampler.g is not None else None
     try:
-        step(model.init_state(a.batch, device))
+        with torch.inference_mode():   # as the frames will be made: graphs for the forced first frames, if any,
+            state = model.init_state(a.batch, device)   # and for the frames after (with the TTT state)
+            if max(model.cfg.col_delays()):
+                step(state, torch.full((a.batch, model.cfg.n_cols), -1, dtype=torch.long, device=device))
+            step(step(state)[2])
     except Exception as e:  # noqa: BLE001 (any compiler failure)
         print(f"note: torch.compile failed here ({e.__class__.__name__}: {str(e).splitlines()[0][:120]}); "
               "generating without it", file=sys.stderr)
@@ -445,6 +449,8 @@ def run(a):
         made[0] += chunk.shape[1]
 
     def on_frame(frame, logp):
+        if stop[0]:
+            raise KeyboardInterrupt
         buf.append(frame)
         if len(buf) == AUDIO_CHUNK:                                  # write two seconds at a time
             flush()
@@ -461,10 +467,16 @@ def run(a):
 
     interrupted = False
 
-    def on_term(sig, frame):   # SIGTERM (schedulers, `timeout`, `docker stop`): stop as Ctrl-C does
-        raise KeyboardInterrupt
+    def on_signal(sig, frame):
+        # Ctrl-C or SIGTERM (schedulers, `timeout`, `docker stop`): stop at the next frame, where nothing is
+        # half done (an exception raised anywhere could leave a lock held in torch.compile's code); a second
+        # signal stops at once
+        if stop[0]:
+            raise KeyboardInterrupt
+        stop[0] = True
+    stop = [False]
     in_main = threading.current_thread() is threading.main_thread()   # (signals can be set there only)
-    old_term = signal.signal(signal.SIGTERM, on_term) if in_main else None
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
     try:
         with torch.inference_mode():
             generate(model, n_frames, sampler, a.batch, prompt, a.mode, on_frame, device, step)
@@ -474,8 +486,8 @@ def run(a):
         with torch.inference_mode():
             flush()
     finally:
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
         stack.close()
         writer.close()
         if transcript is not None:
