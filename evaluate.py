@@ -631,6 +631,11 @@ def run(a):
         raise ValueError(f"--dtype must be bfloat16 or float32, not {dtype!r}")
     if a.chunk < 1 or a.batch < 1:
         raise ValueError("--chunk and --batch must be at least 1")
+    if not (a.gen_minutes >= 0 and a.gen_budget_s >= 0 and a.conversations >= 0):
+        raise ValueError(f"--gen_minutes, --gen_budget_s and --conversations must be 0 or more (0: skip, no limit, "
+                         f"all); got {a.gen_minutes}, {a.gen_budget_s} and {a.conversations}")
+    if not (a.temp >= 0 and a.top_k >= 0):
+        raise ValueError(f"--temp and --top_k must be 0 or more (0: greedy, off); got {a.temp} and {a.top_k}")
     cuda_graph = device.type == "cuda" if a.cuda_graph is None else a.cuda_graph
     if cuda_graph and device.type != "cuda":
         raise ValueError("--cuda_graph needs a CUDA device")

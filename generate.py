@@ -55,6 +55,10 @@ class Sampler:
 
     def __init__(self, cfg, temp=0.8, top_k=250, top_p=1.0, text_temp=0.7, text_top_k=25, text_top_p=1.0,
                  generator=None):
+        for name, t, k, p in (("", temp, top_k, top_p), ("text_", text_temp, text_top_k, text_top_p)):
+            if not (t >= 0 and k >= 0 and 0 < p <= 1):
+                raise ValueError(f"sampling needs --{name}temp >= 0 (0: greedy), --{name}top_k >= 0 (0: off) and "
+                                 f"0 < --{name}top_p <= 1 (1: off); got {t}, {k} and {p}")
         self.cfg, self.g = cfg, generator
         self.audio = (temp, top_k, top_p)
         self.text = (text_temp, text_top_k, text_top_p)

@@ -150,11 +150,29 @@ PRESETS = {
                        depth_dim=1024, depth_layers=6, depth_heads=16),
 }
 
-def default_device(name=""):
-    """The device to run on: `name` if given, else cuda, then mps, then cpu."""
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+def default_device(name="", index=None):
+    """The device to run on: `name` if given, else cuda, then mps, then cpu. A bare "cuda" becomes
+    cuda:index where an index is given (this process's GPU under torchrun). A device that torch cannot
+    use here is a ValueError that says so, not an error from deep inside the first copy to it."""
+    try:
+        d = torch.device(name) if name else None
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use cpu, cuda, cuda:1 or mps") from None
+    if d is None:
+        d = torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build of torch" if torch.version.cuda is None else "no GPU visible"
+            raise ValueError(f"device {name!r}: torch sees no CUDA device here ({build}); use --device cpu")
+        if d.index is None and index is not None:
+            d = torch.device("cuda", index)
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(d)!r}: there are {torch.cuda.device_count()} CUDA device(s) here")
+    elif d.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r}: torch sees no MPS device here; use --device cpu")
+    elif d.type not in ("cpu", "mps"):
+        raise ValueError(f"device {name!r}: this project runs on cpu, cuda or mps")
+    return d
 
 
 # -----------------------------------------------------------------------------

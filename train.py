@@ -34,7 +34,8 @@ import torch
 
 from codes import CodesFile, CodesFormatError
 from data import RecallFrames, StreamSampler, WindowSampler, silence_frame
-from model import Config, SpeechLM, config_from_dict, detach_state, flops_per_frame, loss_fn, tree_map
+from model import (Config, SpeechLM, config_from_dict, default_device, detach_state, flops_per_frame, loss_fn,
+                   tree_map)
 
 H100_BF16_FLOPS = 989e12  # dense bf16 peak of an H100 SXM, for MFU
 
@@ -57,7 +58,7 @@ class TrainConfig:
     warmup: int = 100
     weight_decay: float = 0.1
     beta2: float = 0.95
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0          # largest gradient norm (0: no clipping)
     recall_weight: float = 1.0     # loss weight of the recalled values' frames (DATA.events.json of data.py synthetic) against 1
     eval_interval: int = 250       # steps between evaluations and checkpoints (0: only at the end)
     eval_batches: int = 8
@@ -90,11 +91,31 @@ def parse_args(argv=None):
     return tc, overrides
 
 
+def _bool(s):
+    if s.lower() in ("1", "true", "yes", "0", "false", "no"):
+        return s.lower() in ("1", "true", "yes")
+    raise argparse.ArgumentTypeError(f"{s!r} is not true or false")
+
+
+def check_config(tc):
+    """Numbers that would fail later, deep inside a step, or train on silently: a clear error now."""
+    for k in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_batches", "log_interval"):
+        if getattr(tc, k) < 1:
+            raise ValueError(f"--{k} must be at least 1, not {getattr(tc, k)}")
+    for k in ("warmup", "eval_interval", "val_conversations", "stop_at", "weight_decay", "grad_clip", "min_lr"):
+        if getattr(tc, k) < 0:
+            raise ValueError(f"--{k} must be 0 or more, not {getattr(tc, k)}")
+    if not tc.lr > 0:
+        raise ValueError(f"--lr must be > 0, not {tc.lr}")
+    if not 0 <= tc.beta2 < 1:
+        raise ValueError(f"--beta2 must be in [0, 1), not {tc.beta2}")
+
+
 def _add(ap, name, typ, default, help):
     help = help.replace("%", "%%")  # argparse formats help strings
     typ = {"int": int, "float": float, "str": str, "bool": bool, "tuple": str}.get(getattr(typ, "__name__", str(typ)), str)
     if typ is bool:
-        ap.add_argument(f"--{name}", type=lambda s: s.lower() in ("1", "true", "yes"), default=default,
+        ap.add_argument(f"--{name}", type=_bool, default=default,
                         metavar="BOOL",
                         help=f"{help} (default {'the preset' if default is None else default})".strip())
     elif name == "silence":
@@ -219,25 +240,10 @@ def main(argv=None):
         fail(e)
 
 
-def pick_device(name, local_rank=0):
-    """--device (None: the best there is) -> torch.device; a bare "cuda" means this process's GPU
-    (LOCAL_RANK under torchrun), as torch.cuda.set_device needs an index."""
-    if name:
-        device = torch.device(name)
-    elif torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-    elif torch.backends.mps.is_available():
-        device = torch.device("mps")
-    else:
-        device = torch.device("cpu")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
-    return device
-
-
 def train(tc, overrides):
     if tc.mode not in ("streaming", "minibatch"):
         raise ValueError(f"--mode must be streaming or minibatch, not {tc.mode!r}")
+    check_config(tc)
     # --- distributed: torchrun sets RANK; one process per GPU -------------------------------
     ddp = "RANK" in os.environ
     rank, world, local = 0, 1, 0
@@ -249,7 +255,7 @@ def train(tc, overrides):
     if tc.fsdp and not ddp:
         raise ValueError("--fsdp shards over several processes: launch with torchrun")
     master = rank == 0
-    device = pick_device(tc.device, local)
+    device = default_device(tc.device, local)   # a bare "cuda": this process's GPU under torchrun
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -416,7 +422,7 @@ def train(tc, overrides):
             total += loss.detach() / A
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0) + v / A
-        norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), tc.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), tc.grad_clip or math.inf)
         stopping = stop["flag"]   # read once: a signal may come at any moment
         if ddp:   # the mean loss, and whether any rank was asked to stop: then all stop at this step
             red = torch.stack([total, torch.tensor(float(stopping), device=device)])

@@ -515,3 +515,25 @@ def test_reference_spread_and_within_spread(tmp_path):
     assert all(evaluate.within_spread(g, ref).values())          # the bounds are inside
     g["turns"] = [hi + 1e-6]
     assert evaluate.within_spread(g, ref) == {**{k: True for k in evaluate.STATS}, "turns": False}
+
+
+def test_evaluate_bad_inputs(tmp_path, capsys):
+    # each a clear error that names the option, before the model or the data is read
+    p = str(tmp_path / "c.bin")
+    synthetic(p, hours=0.5 / 60, min_minutes=0.5, max_minutes=0.5, n_codebooks=2, seed=1, quiet=True)
+    ck = str(tmp_path / "m.safetensors")
+    _tiny().save(ck)
+    base = ["--ckpt", ck, "--data", p, "--device", "cpu", "--quiet", "--out", str(tmp_path / "e.json")]
+    for extra, msg in [(["--gen_minutes", "-1"], "--gen_minutes, --gen_budget_s and --conversations must be 0 or more"),
+                       (["--gen_budget_s", "-5"], "must be 0 or more"),
+                       (["--temp", "-0.5"], "--temp and --top_k must be 0 or more"),
+                       (["--top_k", "-1"], "--temp and --top_k must be 0 or more"),
+                       (["--chunk", "0"], "--chunk and --batch must be at least 1"),
+                       (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "gpu"],
+                        "torch sees no CUDA device" if not torch.cuda.is_available() else "unknown device")]:
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(base + extra)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err, (extra, err)
+    assert not os.path.exists(tmp_path / "e.json")

@@ -208,6 +208,12 @@ def test_bad_inputs(ckpt, tmp_path, capsys):
     # the depth decoder kernels: launched from Python they would be slower than the loop, and need a GPU
     assert "capture them as a CUDA graph" in _err(capsys, ["--ckpt", ckpt, "--compile", "kernels"] + base)
     assert "needs a CUDA device" in _err(capsys, ["--ckpt", ckpt, "--compile", "kernels", "--cuda_graph"] + base)
+    # sampling settings that would sample silently wrong (a negative temperature flips the distribution)
+    for opt, v in [("--temp", "-1"), ("--top_k", "-3"), ("--top_p", "0"), ("--top_p", "1.5"), ("--text_temp", "-0.1")]:
+        msg = _err(capsys, ["--ckpt", ckpt, "--minutes", "0.1", "--mimi", "", opt, v] + base)
+        assert "sampling needs" in msg and opt.lstrip("-").split("_")[0] in msg, (opt, msg)
+    if not torch.cuda.is_available():
+        assert "torch sees no CUDA device here" in _err(capsys, ["--ckpt", ckpt, "--device", "cuda"] + base)
 
 
 @pytest.mark.slow

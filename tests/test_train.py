@@ -11,7 +11,7 @@ import torch
 import train
 from codes import write_codes
 from data import StreamSampler, synthetic, window
-from model import SpeechLM
+from model import SpeechLM, default_device
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -121,6 +121,16 @@ def test_bad_inputs(synth, tmp_path, capsys):
                              silence="1,2"))
     assert f"window={window}" in msg and f"window={window + 1}" in msg and "drop --window --silence" in msg
     assert "multiple of the TTT mini-batch" in _err(capsys, _args(synth, tmp_path / "o", "streaming", seq_len=15))
+    # numbers out of range: an error that names the option, not a failure inside the first step
+    for k, v, msg in [("batch_size", 0, "--batch_size must be at least 1, not 0"),
+                      ("max_steps", -1, "--max_steps must be at least 1"),
+                      ("grad_accum", 0, "--grad_accum must be at least 1"),
+                      ("lr", 0, "--lr must be > 0"), ("warmup", -5, "--warmup must be 0 or more"),
+                      ("beta2", 1.5, "--beta2 must be in [0, 1)")]:
+        assert msg in _err(capsys, _args(synth, tmp_path / "o", "minibatch", **{k: v})), k
+    with pytest.raises(SystemExit):
+        train.main(_args(synth, tmp_path / "o", "minibatch", compile="maybe"))
+    assert "'maybe' is not true or false" in capsys.readouterr().err
 
 
 def test_nonfinite_loss_stops_and_keeps_checkpoint(synth, tmp_path, capsys, monkeypatch):
@@ -493,11 +503,24 @@ def test_silence_from_the_data(synth, tmp_path, capsys):
     assert "codes separated by commas" in _err(capsys, _args(synth, tmp_path / "o", "minibatch", silence="x,y"))
 
 
-def test_pick_device():
+def test_device_choice(monkeypatch, tmp_path, capsys):
     # a bare "cuda" gets this process's index (torch.cuda.set_device refuses a device without one)
-    assert train.pick_device("cuda", 3) == torch.device("cuda", 3)
-    assert train.pick_device("cuda:1", 3) == torch.device("cuda", 1)
-    assert train.pick_device("cpu", 3) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert default_device("cuda", 3) == torch.device("cuda", 3)
+    assert default_device("cuda:1", 3) == torch.device("cuda", 1)
+    assert default_device("cpu", 3) == torch.device("cpu")
+    assert default_device("", 2) == torch.device("cuda", 2)
+    with pytest.raises(ValueError, match="there are 4 CUDA device"):
+        default_device("cuda:4")
+    # a device torch cannot use here is a clear error, before any data is read
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="torch sees no CUDA device here"):
+        default_device("cuda", 0)
+    with pytest.raises(ValueError, match="unknown device 'gpu'"):
+        default_device("gpu")
+    assert "torch sees no CUDA device here" in _err(capsys, ["--data", "missing.bin", "--device", "cuda",
+                                                             "--out_dir", str(tmp_path / "o")])
 
 
 def _train_until_stepping(cmd, env=None):
@@ -555,3 +578,14 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(synth, tmp_path)
     assert "rank 1: SIGTERM" in text
     step = torch.load(out_dir / "ckpt.pt", weights_only=False)["step"]
     assert 2 <= step < 100000 and f"done: step {step}" in text
+
+
+def test_grad_clip_zero_is_no_clipping(synth, tmp_path):
+    # --grad_clip 0 turns clipping off (it used to scale every gradient to zero: a run that learnt nothing)
+    train.main(_args(synth, tmp_path / "a", "minibatch", max_steps=3, grad_clip=0))
+    train.main(_args(synth, tmp_path / "b", "minibatch", max_steps=3, grad_clip=1e9))
+    train.main(_args(synth, tmp_path / "c", "minibatch", max_steps=3, grad_clip=1e-9))
+    a, b, c = (SpeechLM.from_checkpoint(str(tmp_path / n)).state_dict() for n in "abc")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
