@@ -6,6 +6,8 @@ long-term memory is a TTT layer instead of an ever-growing KV cache?
     python experiment.py --scale cpu-test --out /tmp/exp   # the whole pipeline in seconds (the tests)
     python experiment.py --scale gpu-beyond --out runs/gb --variants window,ttt_linear,ttt_linear_all
     python experiment.py --scale gpu-reach --out runs/gr --dtype float32   # README's figures: 4 GPUs, 8 min
+    python experiment.py --scale gpu-reach --out runs/grs --dtype float32 --variants window,ttt_linear \
+        --seeds 1337,7,11,23 --gen_minutes 0      # how much the result depends on the seed: 8 runs
 
 The models, trained in streaming mode with the same budget (steps, batch, seq_len, learning-rate
 schedule, seed) on the same synthetic conversations:
@@ -260,20 +262,21 @@ def model_args(sc, name):
     return m
 
 
-def train_argv(sc, name, train_path, run_dir):
+def train_argv(sc, name, train_path, run_dir, seed=None):
     a = {"data": train_path, "out_dir": run_dir, "mode": sc.get("mode", "streaming"), "eval_interval": 0,
-         "seed": sc.get("seed", SEED),
+         "seed": sc.get("seed", SEED) if seed is None else seed,
          **sc["train"], **model_args(sc, name)}
     return [f"--{k}={v}" for k, v in a.items()]
 
 
-def warmup_argv(sc, name, drills_train, warm_dir):
+def warmup_argv(sc, name, drills_train, warm_dir, seed=None):
     """Phase 1 (--warmup_drills): the same model on drills alone, in mini-batch mode, float32 and a
     constant learning rate, the setting in which the lookup formed soonest (scripts/recall_factors.sh)."""
     t = {**sc["train"], "max_steps": sc["warmup_drills"]["steps"], "min_lr": sc["train"]["lr"],
          "warmup": min(50, sc["train"]["warmup"]), "dtype": "float32",
          "recall_weight": sc["warmup_drills"].get("recall_weight", 1.0)}
-    a = {"data": drills_train, "out_dir": warm_dir, "mode": "minibatch", "seed": sc.get("seed", SEED), **t,
+    a = {"data": drills_train, "out_dir": warm_dir, "mode": "minibatch",
+         "seed": sc.get("seed", SEED) if seed is None else seed, **t,
          **model_args(sc, name)}
     return [f"--{k}={v}" for k, v in a.items()]
 
@@ -328,33 +331,41 @@ def run_job(script, argv, log, gpu, in_process, threads, result_json=None):
         raise RuntimeError(f"{script}.py failed (exit {rc}); the end of {log}:\n{tail}")
 
 
-def pipeline(name, sc, a, train_path, held_path, gpu, in_process):
-    """Train one variant (unless done) and evaluate it."""
-    run_dir = os.path.join(a.out, "runs", name)
+def run_label(name, seed, seeds):
+    """A run's folder under runs/ and its row in the tables: the variant, and its seed when there are several."""
+    return name if len(seeds) == 1 else f"{name}_seed{seed}"
+
+
+def pipeline(name, sc, a, train_path, held_path, gpu, in_process, seed=None):
+    """Train one variant (unless done) and evaluate it: with one seed in runs/NAME, with several in
+    runs/NAME_seedS."""
+    seed = a.seeds[0] if seed is None else seed
+    label = run_label(name, seed, a.seeds)
+    run_dir = os.path.join(a.out, "runs", label)
     os.makedirs(run_dir, exist_ok=True)
     where = "in this process" if in_process else f"on GPU {gpu}" if gpu is not None else "in a subprocess"
     if "train" in a.stages:
         wd = sc.get("warmup_drills", {})
         if wd.get("steps"):   # phase 1: the drills alone, until the lookup forms; phase 2 starts from it
             warm_dir = os.path.join(run_dir, "warmup")
-            if not _train_phase(f"{name}: drills warm-up", warmup_argv(sc, name, drills_train_path(a.out), warm_dir),
-                                warm_dir, wd["steps"], gpu, in_process, a):
+            if not _train_phase(f"{label}: drills warm-up", warmup_argv(sc, name, drills_train_path(a.out), warm_dir,
+                                                                         seed), warm_dir, wd["steps"], gpu, in_process, a):
                 return False
             extra = [f"--init_from={os.path.join(warm_dir, 'model.safetensors')}"]
         else:
             extra = []
-        if not _train_phase(name, train_argv(sc, name, train_path, run_dir) + extra, run_dir,
+        if not _train_phase(label, train_argv(sc, name, train_path, run_dir, seed) + extra, run_dir,
                             sc["train"]["max_steps"], gpu, in_process, a):
             return False
     if "eval" in a.stages:
         t0 = time.time()
-        print_flush(f"[{name}] evaluating {where}; log {os.path.join(run_dir, 'eval.log')}")
+        print_flush(f"[{label}] evaluating {where}; log {os.path.join(run_dir, 'eval.log')}")
         run_job("evaluate", eval_argv(sc, run_dir, held_path), os.path.join(run_dir, "eval.log"), gpu, in_process,
                 a.threads)
         if os.path.exists(drills_path(a.out)):
             run_job("evaluate", eval_argv(sc, run_dir, drills_path(a.out), "drills_eval.json", generate=False),
                     os.path.join(run_dir, "drills_eval.log"), gpu, in_process, a.threads)
-        print_flush(f"[{name}] evaluated in {_fmt(time.time() - t0)}")
+        print_flush(f"[{label}] evaluated in {_fmt(time.time() - t0)}")
     return True
 
 
@@ -406,11 +417,12 @@ def _fmt(s):
 # 4. report
 
 
-def report(a, names):
-    """summary.md, results.json and the figures from the runs' eval.json files."""
+def report(a, runs):
+    """summary.md, results.json and the figures from the runs' eval.json files; runs: (variant, seed)."""
     import evaluate
-    results, losses = {}, {}
-    for name in names:
+    results, losses, seeds = {}, {}, getattr(a, "seeds", [SEED])
+    for variant, seed in runs:
+        name = run_label(variant, seed, seeds)
         p = os.path.join(a.out, "runs", name, "eval.json")
         if not os.path.exists(p):
             print_flush(f"[{name}] no {p}: left out of the report")
@@ -427,8 +439,11 @@ def report(a, names):
                 losses[name] = json.load(fh)
     if not results:
         raise RuntimeError("nothing to report: no evaluation finished")
-    _write_json(os.path.join(a.out, "results.json"), {"scale": a.scale, "train_losses": losses, "eval": results})
+    _write_json(os.path.join(a.out, "results.json"), {"scale": a.scale, "seeds": seeds, "train_losses": losses,
+                                                       "eval": results})
     md = summary(a, results, losses)
+    if len(seeds) > 1:
+        md += seeds_summary(results, [(v, s) for v, s in runs if run_label(v, s, seeds) in results], seeds)
     with open(os.path.join(a.out, "summary.md"), "w") as fh:
         fh.write(md)
     print_flush("\n" + md)
@@ -503,6 +518,37 @@ def summary(a, results, losses):
     return "\n".join(out)
 
 
+# the figures whose spread over seeds the summary shows: (column, value of one run's eval.json or None)
+SEED_FIGURES = [
+    ("recall in window", lambda r: r["recall"]["within_window"]["accuracy"]),
+    ("recall beyond window", lambda r: r["recall"]["beyond_window"]["accuracy"]),
+    ("recall beyond reach", lambda r: r["recall"].get("beyond_reach", {}).get("accuracy")),
+    ("drills: recall beyond reach", lambda r: r.get("drills_recall", {}).get("beyond_reach", {}).get("accuracy")),
+    ("loss min 1-5", lambda r: _mean(r["loss_by_minute"]["loss"][:5])),
+    ("loss last 5 min", lambda r: _mean(r["loss_by_minute"]["loss"][-5:])),
+    ("speech frames: loss last 5 min - min 1-5", lambda r: (_mean(r["loss_by_minute"]["speech"][-5:])
+                                                            - _mean(r["loss_by_minute"]["speech"][:5]))
+     if r["loss_by_minute"].get("speech") else None),
+]
+
+
+def seeds_summary(results, runs, seeds):
+    """Each variant over the seeds: the mean of each figure, its lowest and highest, and each seed's value."""
+    out = ["", f"Over {len(seeds)} seeds ({', '.join(map(str, seeds))}: train.py's initial weights and batches; the "
+           "data are the same): mean (lowest - highest), then each seed's value in that order.", "",
+           "| model | " + " | ".join(c for c, _ in SEED_FIGURES) + " |", "|---|" + "---|" * len(SEED_FIGURES)]
+    for variant in dict.fromkeys(v for v, _ in runs):
+        mine = [results[run_label(v, s, seeds)] for v, s in runs if v == variant]
+        cells = []
+        for _, f in SEED_FIGURES:
+            xs = [f(r) for r in mine]
+            have = [x for x in xs if x is not None]
+            each = ", ".join("-" if x is None else f"{x:.3f}" for x in xs)
+            cells.append(f"{_mean(have):.3f} ({min(have):.3f} - {max(have):.3f}); {each}" if have else "-")
+        out.append(f"| {variant} ({len(mine)} seeds) | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
 def _speech(lm):
     sp = lm.get("speech")   # (older result files lack it)
     return f"{_mean(sp[:5]):.3f} / {_mean(sp[-5:]):.3f}" if sp else "-"
@@ -568,6 +614,9 @@ def parse_args(argv=None):
                          "later (longer than the window: only a memory beyond it can answer some)")
     ap.add_argument("--seed", type=int, default=SEED, help=f"train.py's seed (initial weights, batches; default {SEED}): "
                     "the data stay the same")
+    ap.add_argument("--seeds", default="",
+                    help="comma-separated seeds: every variant is trained and evaluated once per seed (runs/NAME_seedS), "
+                         "on the same data, and the summary adds each variant's spread over the seeds")
     ap.add_argument("--gen_minutes", type=float, default=-1, help="override the scale's generation length (0: none)")
     ap.add_argument("--gen_budget_s", type=float, default=-1,
                     help="override the scale's time limit on generation, seconds (0: none)")
@@ -579,6 +628,12 @@ def parse_args(argv=None):
     bad = [v for v in a.variants if v not in VARIANTS] + [s for s in a.stages if s not in ("data", "train", "eval", "report")]
     if bad or not a.variants:
         ap.error(f"unknown variant or stage: {', '.join(bad) or '(none given)'}")
+    try:
+        a.seeds = [int(x) for x in a.seeds.split(",") if x.strip()] or [a.seed]
+    except ValueError:
+        ap.error(f"--seeds takes integers separated by commas, not {a.seeds!r}")
+    if len(set(a.seeds)) != len(a.seeds):
+        ap.error(f"--seeds repeats a seed: {a.seeds}")
     return a
 
 
@@ -603,7 +658,7 @@ def main(argv=None):
         sc["train"]["min_lr"] = a.min_lr
     if a.quiz_max_s >= 0:
         sc["train_quiz"]["quiz_max_s"] = a.quiz_max_s
-    sc["seed"] = a.seed
+    sc["seed"] = a.seeds[0]
     if a.gen_minutes >= 0:
         sc["eval"]["gen_minutes"] = a.gen_minutes
     if a.gen_budget_s >= 0:
@@ -622,32 +677,34 @@ def main(argv=None):
     if "train" in a.stages or "eval" in a.stages:
         on_cpu = sc["train"].get("device") == "cpu"
         gpus = [] if on_cpu else gpu_list()
-        parallel = a.parallel or (len(a.variants) if gpus else 1)
+        runs = [(n, s) for s in a.seeds for n in a.variants]   # (variant, seed), a seed's variants together
+        parallel = a.parallel or (len(runs) if gpus else 1)
         in_process = parallel == 1 and len(gpus) <= 1
         a.threads = max(1, (os.cpu_count() or 1) // parallel)   # CPU threads of each subprocess
         # round robin over the GPUs, in the order of VARIANTS: with 2 GPUs the slowest (ttt_mlp)
         # shares its GPU with the fastest (window)
-        gpu_of = {n: (gpus[i % len(gpus)] if gpus else None) for i, n in enumerate(a.variants)}
+        gpu_of = {r: (gpus[i % len(gpus)] if gpus else None) for i, r in enumerate(runs)}
         lock = threading.Lock()
 
-        def job(name):
+        def job(run):
+            name, seed = run
             try:
-                if not pipeline(name, sc, a, train_path, held_path, gpu_of[name], in_process):
+                if not pipeline(name, sc, a, train_path, held_path, gpu_of[run], in_process, seed):
                     with lock:
-                        stopped.append(name)
+                        stopped.append(run)
             except Exception as e:
                 with lock:
-                    failed.append(name)
-                print_flush(f"[{name}] FAILED: {e}")
+                    failed.append(run)
+                print_flush(f"[{run_label(name, seed, a.seeds)}] FAILED: {e}")
         stopped = []
         if in_process:
-            for n in a.variants:
-                job(n)
+            for r in runs:
+                job(r)
                 if stopped:
                     break
         else:
             pool = ThreadPoolExecutor(parallel)
-            futures = [pool.submit(job, n) for n in a.variants]
+            futures = [pool.submit(job, r) for r in runs]
             try:
                 for f in futures:
                     f.result()
@@ -661,10 +718,11 @@ def main(argv=None):
             sys.exit("stopped before the end of training: run the same command again to resume")
         print_flush(f"runs: {_fmt(time.time() - t0)} so far")
     if "report" in a.stages:
-        report(a, [n for n in a.variants if n not in failed])
+        report(a, [(n, s) for s in a.seeds for n in a.variants if (n, s) not in failed])
     print_flush(f"done in {_fmt(time.time() - t0)}: {a.out}")
     if failed:
-        sys.exit(f"failed: {', '.join(failed)} (see their logs under {os.path.join(a.out, 'runs')})")
+        sys.exit(f"failed: {', '.join(run_label(n, s, a.seeds) for n, s in failed)} "
+                 f"(see their logs under {os.path.join(a.out, 'runs')})")
 
 
 if __name__ == "__main__":

@@ -444,6 +444,34 @@ def test_seed_reaches_both_training_phases():
             assert [x for x in argv if x.startswith("--seed=")] == [f"--seed={want}"]
 
 
+def test_several_seeds(tmp_path, one_thread):
+    # --seeds: each variant trained once per seed on the same data, its own run folder and rows, and a
+    # table of each variant's spread over the seeds
+    out = str(tmp_path / "exp")
+    experiment.main(["--scale", "cpu-test", "--out", out, "--variants", "window,ttt_linear", "--seeds", "3,5",
+                     "--gen_minutes", "0"])
+    with open(os.path.join(out, "results.json")) as f:
+        res = json.load(f)
+    labels = ["window_seed3", "ttt_linear_seed3", "window_seed5", "ttt_linear_seed5"]
+    assert res["seeds"] == [3, 5] and list(res["eval"]) == labels
+    for lab in labels:   # each run trained with its own seed: another initial model
+        with open(os.path.join(out, "runs", lab, "train.log")) as f:
+            assert f"--seed={lab[-1]}" in f.readline()
+    w3, w5 = (SpeechLM.from_checkpoint(os.path.join(out, "runs", f"window_seed{s}")).state_dict() for s in (3, 5))
+    assert any(not torch.equal(w3[k], w5[k]) for k in w3)
+    with open(os.path.join(out, "summary.md")) as f:
+        md = f.read()
+    assert all(f"| {lab} |" in md for lab in labels) and "Over 2 seeds (3, 5" in md
+    for v in ("window", "ttt_linear"):
+        row = next(line for line in md.splitlines() if line.startswith(f"| {v} (2 seeds) |"))
+        xs = [float(np.mean(res["eval"][f"{v}_seed{s}"]["loss_by_minute"]["loss"][:5])) for s in (3, 5)]
+        col = 1 + [c for c, _ in experiment.SEED_FIGURES].index("loss min 1-5")
+        cell = row.split(" | ")[col]
+        assert cell == f"{sum(xs) / 2:.3f} ({min(xs):.3f} - {max(xs):.3f}); {xs[0]:.3f}, {xs[1]:.3f}", cell
+    with pytest.raises(SystemExit):
+        experiment.parse_args(["--seeds", "1,1"])
+
+
 def test_speech_frames_leave_out_every_event(tmp_path, one_thread):
     p = str(tmp_path / "s.bin")
     synthetic(p, hours=3 / 60, min_minutes=3, max_minutes=3, n_codebooks=2, seed=4, quiet=True,
