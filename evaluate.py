@@ -300,9 +300,10 @@ def reference_stats(f, convs, silence):
     return out
 
 
-def within_spread(g, ref):
-    """For each statistic, whether the last generated minute lies inside the data's spread."""
-    return {k: bool(ref["spread"][k][0] <= g[k][-1] <= ref["spread"][k][1]) for k in STATS}
+def within_spread(g, ref, minute=-1):
+    """For each statistic, whether a generated minute (the last by default) lies inside the data's spread.
+    The first minute tells a sampler or model that is off from the start from one that drifts off."""
+    return {k: bool(ref["spread"][k][0] <= g[k][minute] <= ref["spread"][k][1]) for k in STATS}
 
 
 class _OutOfTime(Exception):
@@ -437,6 +438,7 @@ def evaluate(model, data_path, conversations=0, chunk_len=256, batch=16, gen_min
         out["generation"] = generation_stats(model, gen_minutes, silence, device, seed, temp, top_k, gen_budget_s,
                                              cuda_graph, quiet)
         if out["generation"]["minute"]:
+            out["generation"]["first_minute_within_spread"] = within_spread(out["generation"], out["reference"], 0)
             out["generation"]["last_minute_within_spread"] = within_spread(out["generation"], out["reference"])
         if device.type == "cuda":
             out["memory"]["peak_mb_generation"] = peak_memory_mb(device)
@@ -483,11 +485,12 @@ def print_table(name, r):
             j = min(i, len(ref["minute"]) - 1)
             print(f"    minute {g['minute'][i]:>3}: " + "  ".join(
                 f"{k} {g[k][i]:.3g} | {ref[k][j]:.3g}" for k in STATS))
-        if "last_minute_within_spread" in g:   # (older result files lack it)
-            lo, hi = ref["spread_percentiles"]
-            print(f"    last minute within the data's {lo}-{hi}% spread: " + "  ".join(
-                f"{k} {'yes' if v else 'no'} ({ref['spread'][k][0]:.3g}-{ref['spread'][k][1]:.3g})"
-                for k, v in g["last_minute_within_spread"].items()))
+        for which in ("first", "last"):
+            if f"{which}_minute_within_spread" in g:   # (older result files lack them)
+                lo, hi = ref["spread_percentiles"]
+                print(f"    {which} minute within the data's {lo}-{hi}% spread: " + "  ".join(
+                    f"{k} {'yes' if v else 'no'} ({ref['spread'][k][0]:.3g}-{ref['spread'][k][1]:.3g})"
+                    for k, v in g[f"{which}_minute_within_spread"].items()))
 
 # -----------------------------------------------------------------------------
 # Figures: one model or several side by side

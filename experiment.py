@@ -499,12 +499,13 @@ def summary(a, results, losses):
                 "the first and the last generated minute; `data` is the held-out conversations' average:", "",
                 "| model | minutes | frames/s | " + " | ".join(f"{k} first / last" for k in ("entropy", "repeat",
                                                                                      "silence", "overlap", "turns"))
-                + " | last minute outside the data's spread |",
+                + " | first / last minute outside the data's spread |",
                 "|---|---|---|" + "---|" * 6]
         for name, g in gens.items():
             cells = [f"{g[k][0]:.3g} / {g[k][-1]:.3g}" for k in ("entropy", "repeat", "silence", "overlap", "turns")]
-            ws = g.get("last_minute_within_spread")
-            outside = "-" if ws is None else ", ".join(k for k, v in ws.items() if not v) or "none"
+            outside = " / ".join("-" if g.get(f"{w}_minute_within_spread") is None else
+                                 ", ".join(k for k, v in g[f"{w}_minute_within_spread"].items() if not v) or "none"
+                                 for w in ("first", "last"))
             out.append(f"| {name} | {g['minutes_done']:.3g} of {g['minutes_requested']:g} | {g['frames_per_s']:.0f} | "
                        + " | ".join(cells) + f" | {outside} |")
         n = max(len(g["minute"]) for g in gens.values())

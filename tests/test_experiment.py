@@ -56,6 +56,7 @@ def test_experiment_runs_end_to_end(tmp_path, one_thread):
         for k in evaluate.STATS:
             assert math.isfinite(g[k][0]) and len(r["reference"][k]) == minutes
         assert g["last_minute_within_spread"] == evaluate.within_spread(g, r["reference"])
+        assert g["first_minute_within_spread"] == evaluate.within_spread(g, r["reference"], 0)
         assert len(lm["speech"]) == minutes and sum(lm["speech_frames"]) < sum(lm["frames"])
         # the most common frame of a stream is data.py's silence frame (drawn first from rng 1234)
         assert r["reference"]["silence_frame"] == np.random.default_rng(1234).integers(0, 2048, 2).tolist()
@@ -77,7 +78,10 @@ def test_experiment_runs_end_to_end(tmp_path, one_thread):
     d = res["eval"]["ttt_linear"]["drills_recall"]
     assert " / ".join(f"{d[k]['accuracy']:.3f}" if d[k]["accuracy"] is not None else "-"
                       for k in ("within_window", "beyond_window", "beyond_reach")) + " |" in md
-    assert "last minute outside the data's spread" in md and "spread (5-95% of minutes)" in md
+    assert "first / last minute outside the data's spread" in md and "spread (5-95% of minutes)" in md
+    g = res["eval"]["ttt_linear"]["generation"]
+    cells = [", ".join(k for k, v in g[f"{w}_minute_within_spread"].items() if not v) or "none" for w in ("first", "last")]
+    assert f"| {cells[0]} / {cells[1]} |" in md
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -542,6 +546,11 @@ def test_reference_spread_and_within_spread(tmp_path):
     g = {k: [ref["spread"][k][0]] for k in evaluate.STATS}
     assert all(evaluate.within_spread(g, ref).values())          # the bounds are inside
     g["turns"] = [hi + 1e-6]
+    assert evaluate.within_spread(g, ref) == {**{k: True for k in evaluate.STATS}, "turns": False}
+    # a generation inside at its first minute and outside at its last: the two checks tell them apart
+    g = {k: [ref["spread"][k][0], ref["spread"][k][1]] for k in evaluate.STATS}
+    g["turns"] = [lo, hi + 1]
+    assert all(evaluate.within_spread(g, ref, 0).values())
     assert evaluate.within_spread(g, ref) == {**{k: True for k in evaluate.STATS}, "turns": False}
 
 
