@@ -619,6 +619,10 @@ def parse_args(argv=None):
                     help="comma-separated seeds: every variant is trained and evaluated once per seed (runs/NAME_seedS), "
                          "on the same data, and the summary adds each variant's spread over the seeds")
     ap.add_argument("--gen_minutes", type=float, default=-1, help="override the scale's generation length (0: none)")
+    ap.add_argument("--temp", type=float, default=-1,
+                    help="override the generation's sampling temperature (default: generate.py's 0.8; 1 with "
+                         "--top_k 0 samples the model's own distribution)")
+    ap.add_argument("--top_k", type=int, default=-1, help="override the generation's top-k (default 250; 0: off)")
     ap.add_argument("--gen_budget_s", type=float, default=-1,
                     help="override the scale's time limit on generation, seconds (0: none)")
     ap.add_argument("--keep_optimizer", action="store_true",
@@ -664,6 +668,10 @@ def main(argv=None):
         sc["eval"]["gen_minutes"] = a.gen_minutes
     if a.gen_budget_s >= 0:
         sc["eval"]["gen_budget_s"] = a.gen_budget_s
+    if a.temp >= 0:
+        sc["eval"]["temp"] = a.temp
+    if a.top_k >= 0:
+        sc["eval"]["top_k"] = a.top_k
     os.makedirs(a.out, exist_ok=True)
     t0 = time.time()
     if "data" in a.stages:

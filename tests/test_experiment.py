@@ -476,6 +476,15 @@ def test_several_seeds(tmp_path, one_thread):
         experiment.parse_args(["--seeds", "1,1"])
 
 
+def test_generation_sampling_reaches_the_evaluation(tmp_path, one_thread):
+    # --temp / --top_k: the experiment's generations can sample the models' own distribution
+    out = str(tmp_path / "exp")
+    experiment.main(["--scale", "cpu-test", "--out", out, "--variants", "window", "--temp", "1.0", "--top_k", "0"])
+    with open(os.path.join(out, "runs", "window", "eval.json")) as f:
+        g = json.load(f)["generation"]
+    assert (g["temp"], g["top_k"]) == (1.0, 0) and g["frames"] > 0
+
+
 def test_speech_frames_leave_out_every_event(tmp_path, one_thread):
     p = str(tmp_path / "s.bin")
     synthetic(p, hours=3 / 60, min_minutes=3, max_minutes=3, n_codebooks=2, seed=4, quiet=True,
