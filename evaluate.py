@@ -614,6 +614,10 @@ def parse_args(argv=None):
     ap.add_argument("--dtype", default="", help="bfloat16 (autocast) or float32; default: bfloat16 on CUDA")
     ap.add_argument("--cuda_graph", type=lambda s: s.lower() in ("1", "true", "yes"), default=None, metavar="BOOL",
                     help="generate with the frame step captured as a CUDA graph (default: on CUDA)")
+    ap.add_argument("--ttt_lr_scale", type=float, default=1.0,
+                    help="multiply the TTT layers' inner learning rate by this at evaluation (default 1: as "
+                         "trained; 0: fast weights that never move). Smaller steps let the fast weights drift "
+                         "less over a long conversation (README, the long-conversation experiment)")
     ap.add_argument("--quiet", action="store_true")
     return ap.parse_args(argv)
 
@@ -639,16 +643,25 @@ def run(a):
                          f"all); got {a.gen_minutes}, {a.gen_budget_s} and {a.conversations}")
     if not (a.temp >= 0 and a.top_k >= 0):
         raise ValueError(f"--temp and --top_k must be 0 or more (0: greedy, off); got {a.temp} and {a.top_k}")
+    if not a.ttt_lr_scale >= 0:
+        raise ValueError(f"--ttt_lr_scale must be 0 or more (1: as trained), not {a.ttt_lr_scale}")
     cuda_graph = device.type == "cuda" if a.cuda_graph is None else a.cuda_graph
     if cuda_graph and device.type != "cuda":
         raise ValueError("--cuda_graph needs a CUDA device")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     model = SpeechLM.from_checkpoint(a.ckpt, device=device).eval()
+    if a.ttt_lr_scale != 1:
+        if not any(b.ttt is not None for b in model.layers):
+            raise ValueError(f"--ttt_lr_scale {a.ttt_lr_scale}: {a.ckpt!r} has no TTT layer")
+        for b in model.layers:
+            if b.ttt is not None:
+                b.ttt.layer.base_lr = b.ttt.layer.base_lr * a.ttt_lr_scale
     out_path = a.out or os.path.join(a.ckpt if os.path.isdir(a.ckpt) else os.path.dirname(a.ckpt), "eval.json")
     r = evaluate(model, a.data, a.conversations, a.chunk, a.batch, a.gen_minutes, a.gen_budget_s, a.temp, a.top_k,
                  a.seed, device, dtype, cuda_graph, a.quiet)
     r["checkpoint"] = os.path.abspath(a.ckpt)
+    r["ttt_lr_scale"] = a.ttt_lr_scale
     tmp = out_path + ".tmp"
     with open(tmp, "w") as fh:
         json.dump(r, fh, indent=1)

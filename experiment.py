@@ -515,7 +515,8 @@ def summary(a, results, losses):
         out.append("| data | | | " + " | ".join(cells) + " | " + (
             "spread ({}-{}% of minutes): ".format(*ref["spread_percentiles"])
             + ", ".join(f"{k} {spread[k][0]:.3g}-{spread[k][1]:.3g}" for k in spread) if spread else "") + " |")
-    out += ["", "Figures: loss_by_minute.png, recall_by_distance.png, generation.png. Every number: results.json.", ""]
+    figures = "loss_by_minute.png, recall_by_distance.png" + (", generation.png" if gens else "")
+    out += ["", f"Figures: {figures}. Every number: results.json.", ""]
     return "\n".join(out)
 
 
@@ -570,6 +571,15 @@ def _num(x):
 # -----------------------------------------------------------------------------
 
 
+def assign_gpus(runs, variants, seeds, gpus):
+    """{(variant, seed): GPU or None}: round robin over the GPUs, a variant's seeds one after another,
+    variants in the order given. With 2 GPUs the slowest variant (ttt_mlp) shares its GPU with the
+    fastest (window), and with several seeds each GPU gets a mix of variants, not one variant's every
+    run (which would leave the GPUs of the fast variant idle while the others finish)."""
+    order = sorted(runs, key=lambda r: (variants.index(r[0]), seeds.index(r[1])))
+    return {r: (gpus[i % len(gpus)] if gpus else None) for i, r in enumerate(order)}
+
+
 def gpu_list():
     """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them."""
     vis = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -592,6 +602,11 @@ def parse_args(argv=None):
                     help="variants run at once, as subprocesses spread over the GPUs (0: all variants on CUDA, "
                          "1 on CPU; 1 runs in this process)")
     ap.add_argument("--steps", type=int, default=0, help="override the scale's training steps")
+    ap.add_argument("--train_hours", type=float, default=0,
+                    help="override the scale's hours of training conversations (more steps on the same hours "
+                         "repeat them: the models learn the training conversations' patterns by heart)")
+    ap.add_argument("--ttt_base_lr", type=float, default=0,
+                    help="override the TTT layers' base inner learning rate (model.py's ttt_base_lr, default 1.0)")
     ap.add_argument("--depth_layers", type=int, default=-1,
                     help="override the scale's depth decoder blocks (0: each codebook from a projection of the "
                          "backbone output and the previous codebook's embedding)")
@@ -631,6 +646,10 @@ def parse_args(argv=None):
     a.variants = [v.strip() for v in a.variants.split(",") if v.strip()]
     a.stages = [s.strip() for s in a.stages.split(",") if s.strip()]
     bad = [v for v in a.variants if v not in VARIANTS] + [s for s in a.stages if s not in ("data", "train", "eval", "report")]
+    if a.ttt_base_lr < 0:
+        ap.error(f"--ttt_base_lr must be > 0, not {a.ttt_base_lr}")
+    if a.train_hours < 0:
+        ap.error(f"--train_hours must be > 0, not {a.train_hours}")
     if bad or not a.variants:
         ap.error(f"unknown variant or stage: {', '.join(bad) or '(none given)'}")
     try:
@@ -648,6 +667,10 @@ def main(argv=None):
     if a.steps:
         sc["train"]["max_steps"] = a.steps
         sc["train"]["warmup"] = min(sc["train"]["warmup"], a.steps)
+    if a.ttt_base_lr:
+        sc["model"]["ttt_base_lr"] = a.ttt_base_lr
+    if a.train_hours:
+        sc["train_hours"] = a.train_hours
     if a.depth_layers >= 0:
         sc["model"]["depth_layers"] = a.depth_layers
     if a.window:
@@ -690,9 +713,7 @@ def main(argv=None):
         parallel = a.parallel or (len(runs) if gpus else 1)
         in_process = parallel == 1 and len(gpus) <= 1
         a.threads = max(1, (os.cpu_count() or 1) // parallel)   # CPU threads of each subprocess
-        # round robin over the GPUs, in the order of VARIANTS: with 2 GPUs the slowest (ttt_mlp)
-        # shares its GPU with the fastest (window)
-        gpu_of = {r: (gpus[i % len(gpus)] if gpus else None) for i, r in enumerate(runs)}
+        gpu_of = assign_gpus(runs, a.variants, a.seeds, gpus)
         lock = threading.Lock()
 
         def job(run):

@@ -583,3 +583,71 @@ def test_evaluate_bad_inputs(tmp_path, capsys):
         err = capsys.readouterr().err
         assert msg in err and "Traceback" not in err, (extra, err)
     assert not os.path.exists(tmp_path / "e.json")
+
+
+def test_ttt_lr_scale(tmp_path, capsys):
+    # evaluate.py --ttt_lr_scale: the TTT layers' inner steps scaled at evaluation; 1 is the model as trained
+    p = str(tmp_path / "c.bin")
+    synthetic(p, hours=1 / 60, min_minutes=1, max_minutes=1, n_codebooks=2, seed=1, quiet=True)
+    ck = str(tmp_path / "m.safetensors")
+    m = _tiny()
+    assert any(b.ttt is not None for b in m.layers)
+    m.save(ck)
+    base = ["--ckpt", ck, "--data", p, "--device", "cpu", "--quiet", "--gen_minutes", "0"]
+    loss = {}
+    for s in ("1", "0.25", "0"):
+        out = str(tmp_path / f"e{s}.json")
+        evaluate.main(base + ["--out", out] + (["--ttt_lr_scale", s] if s != "1" else []))
+        with open(out) as f:
+            r = json.load(f)
+        assert r["ttt_lr_scale"] == float(s)
+        loss[s] = r["loss_by_minute"]["loss"][0]
+    assert len(set(loss.values())) == 3, loss
+    # scale 0: the fast weights stay at their start, as a model whose every TTT call gets a fresh state
+    m0 = _tiny()
+    for b in m0.layers:
+        if b.ttt is not None:
+            b.ttt.layer.base_lr = 0.0
+    f = CodesFile(p)
+    x = torch.from_numpy(evaluate.chunk(f, [0], 0, 40, m0.cfg.col_delays(), m0.cfg.col_cards())[0])
+    with torch.no_grad():
+        st = m0.init_state(1)
+        _, st = m0(x[:, :20], st)
+        for s_new, s_old in zip(m0.init_state(1).ttt, st.ttt):
+            assert torch.equal(s_new.params[0], s_old.params[0])
+    for extra, msg in [(["--ttt_lr_scale", "-1"], "--ttt_lr_scale must be 0 or more")]:
+        with pytest.raises(SystemExit):
+            evaluate.main(base + ["--out", str(tmp_path / "x.json")] + extra)
+        assert msg in capsys.readouterr().err
+    ck2 = str(tmp_path / "w.safetensors")
+    _tiny(n_ttt=0).save(ck2)
+    with pytest.raises(SystemExit):
+        evaluate.main(["--ckpt", ck2, "--data", p, "--device", "cpu", "--quiet", "--gen_minutes", "0",
+                       "--out", str(tmp_path / "y.json"), "--ttt_lr_scale", "0.5"])
+    assert "has no TTT layer" in capsys.readouterr().err
+
+
+def test_gpu_assignment_mixes_variants():
+    runs = [(v, s) for s in (1, 2, 3, 4) for v in ("window", "ttt_linear")]
+    g = experiment.assign_gpus(runs, ["window", "ttt_linear"], [1, 2, 3, 4], ["0", "1", "2", "3"])
+    for gpu in "0123":   # each GPU one run of each variant
+        assert sorted(v for (v, _), x in g.items() if x == gpu) == ["ttt_linear", "window"]
+    # one seed, 2 GPUs: the slowest variant shares its GPU with the fastest
+    v3 = ["window", "ttt_linear", "ttt_mlp"]
+    g = experiment.assign_gpus([(v, 0) for v in v3], v3, [0], ["0", "1"])
+    assert g[("ttt_mlp", 0)] == g[("window", 0)] != g[("ttt_linear", 0)]
+    assert set(experiment.assign_gpus(runs, ["window", "ttt_linear"], [1, 2, 3, 4], []).values()) == {None}
+
+
+def test_scale_overrides_reach_the_runs(tmp_path, one_thread):
+    # --train_hours and --ttt_base_lr: the training data's size and the model's inner learning rate
+    out = str(tmp_path / "exp")
+    experiment.main(["--scale", "cpu-test", "--out", out, "--variants", "ttt_linear", "--train_hours", "0.1",
+                     "--ttt_base_lr", "0.25", "--gen_minutes", "0"])
+    f = CodesFile(os.path.join(out, "data", "train.bin"))
+    hours = f.lengths.sum() / 12.5 / 3600
+    assert 0.09 < hours < 0.12, hours      # the scale's own is 0.25
+    assert SpeechLM.from_checkpoint(os.path.join(out, "runs", "ttt_linear")).cfg.ttt_base_lr == 0.25
+    for bad in (["--train_hours", "-1"], ["--ttt_base_lr", "-0.5"]):
+        with pytest.raises(SystemExit):
+            experiment.parse_args(bad)
