@@ -654,9 +654,7 @@ def run(a):
     if a.ttt_lr_scale != 1:
         if not any(b.ttt is not None for b in model.layers):
             raise ValueError(f"--ttt_lr_scale {a.ttt_lr_scale}: {a.ckpt!r} has no TTT layer")
-        for b in model.layers:
-            if b.ttt is not None:
-                b.ttt.layer.base_lr = b.ttt.layer.base_lr * a.ttt_lr_scale
+        model.set_ttt_base_lr(model.cfg.ttt_base_lr * a.ttt_lr_scale)
     out_path = a.out or os.path.join(a.ckpt if os.path.isdir(a.ckpt) else os.path.dirname(a.ckpt), "eval.json")
     r = evaluate(model, a.data, a.conversations, a.chunk, a.batch, a.gen_minutes, a.gen_budget_s, a.temp, a.top_k,
                  a.seed, device, dtype, cuda_graph, a.quiet)

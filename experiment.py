@@ -8,6 +8,11 @@ long-term memory is a TTT layer instead of an ever-growing KV cache?
     python experiment.py --scale gpu-reach --out runs/gr --dtype float32   # README's figures: 4 GPUs, 8 min
     python experiment.py --scale gpu-reach --out runs/grs --dtype float32 --variants window,ttt_linear \
         --seeds 1337,7,11,23 --gen_minutes 0      # how much the result depends on the seed: 8 runs
+    python experiment.py --scale gpu-reach --out runs/grl --dtype float32 --variants window,ttt_linear \
+        --seeds 7,11 --train_hours 400 --steps 2000 --gen_minutes 0   # 4x the streaming data, none seen twice
+    python experiment.py --scale gpu-reach --out runs/grt --dtype float32 --variants ttt_linear \
+        --seeds 7,11 --train_hours 400 --steps 2000 --stream_ttt_base_lr 0.25 --gen_minutes 0
+                                                  # the streaming phase at a quarter of the inner step
 
 The models, trained in streaming mode with the same budget (steps, batch, seq_len, learning-rate
 schedule, seed) on the same synthetic conversations:
@@ -266,6 +271,8 @@ def train_argv(sc, name, train_path, run_dir, seed=None):
     a = {"data": train_path, "out_dir": run_dir, "mode": sc.get("mode", "streaming"), "eval_interval": 0,
          "seed": sc.get("seed", SEED) if seed is None else seed,
          **sc["train"], **model_args(sc, name)}
+    if sc.get("stream_ttt_base_lr") and a.get("n_ttt"):   # the inner step of this phase alone
+        a["ttt_base_lr"] = sc["stream_ttt_base_lr"]
     return [f"--{k}={v}" for k, v in a.items()]
 
 
@@ -607,6 +614,9 @@ def parse_args(argv=None):
                          "repeat them: the models learn the training conversations' patterns by heart)")
     ap.add_argument("--ttt_base_lr", type=float, default=0,
                     help="override the TTT layers' base inner learning rate (model.py's ttt_base_lr, default 1.0)")
+    ap.add_argument("--stream_ttt_base_lr", type=float, default=0,
+                    help="the TTT layers' base inner learning rate in the streaming phase alone (the drills "
+                         "warm-up keeps the scale's, or --ttt_base_lr); the evaluation uses it too")
     ap.add_argument("--depth_layers", type=int, default=-1,
                     help="override the scale's depth decoder blocks (0: each codebook from a projection of the "
                          "backbone output and the previous codebook's embedding)")
@@ -646,8 +656,8 @@ def parse_args(argv=None):
     a.variants = [v.strip() for v in a.variants.split(",") if v.strip()]
     a.stages = [s.strip() for s in a.stages.split(",") if s.strip()]
     bad = [v for v in a.variants if v not in VARIANTS] + [s for s in a.stages if s not in ("data", "train", "eval", "report")]
-    if a.ttt_base_lr < 0:
-        ap.error(f"--ttt_base_lr must be > 0, not {a.ttt_base_lr}")
+    if a.ttt_base_lr < 0 or a.stream_ttt_base_lr < 0:
+        ap.error(f"--ttt_base_lr and --stream_ttt_base_lr must be > 0, not {a.ttt_base_lr} and {a.stream_ttt_base_lr}")
     if a.train_hours < 0:
         ap.error(f"--train_hours must be > 0, not {a.train_hours}")
     if bad or not a.variants:
@@ -669,6 +679,8 @@ def main(argv=None):
         sc["train"]["warmup"] = min(sc["train"]["warmup"], a.steps)
     if a.ttt_base_lr:
         sc["model"]["ttt_base_lr"] = a.ttt_base_lr
+    if a.stream_ttt_base_lr:
+        sc["stream_ttt_base_lr"] = a.stream_ttt_base_lr
     if a.train_hours:
         sc["train_hours"] = a.train_hours
     if a.depth_layers >= 0:

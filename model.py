@@ -1165,6 +1165,19 @@ class SpeechLM(nn.Module):
         self._depth_fn = torch.compile(self._depth_loop, fullgraph=True, dynamic=False)
         return self
 
+    def set_ttt_base_lr(self, lr):
+        """Give every TTT layer a new base inner learning rate (no weight depends on it: a trained
+        model can be evaluated or trained on with another). Saved with the config."""
+        if not any(b.ttt is not None for b in self.layers):
+            raise ValueError(f"this model has no TTT layer to set an inner learning rate of {lr} for")
+        if not lr >= 0:
+            raise ValueError(f"the TTT base learning rate must be 0 or more, not {lr}")
+        self.cfg.ttt_base_lr = float(lr)
+        for b in self.layers:
+            if b.ttt is not None:
+                b.ttt.layer.base_lr = float(lr)
+        return self
+
     # --- state -----------------------------------------------------------------
 
     def init_state(self, batch_size, device=None, dtype=None, cache=True) -> State:

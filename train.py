@@ -181,6 +181,10 @@ def build_model(tc, overrides, data, device):
             if have != shape:
                 raise ValueError(f"--init_from {p!r} takes frames of {have}, but {tc.data!r} holds {shape}")
             differ = {k: v for k, v in overrides.items() if getattr(model.cfg, k) != v}
+            if "ttt_base_lr" in differ:   # no weight depends on it: a model can train on with another
+                lr = differ.pop("ttt_base_lr")
+                if model.cfg.n_ttt:
+                    model.set_ttt_base_lr(lr)
             if differ:   # a checkpoint keeps its own shape: an override would be ignored, so say so
                 raise ValueError(f"--init_from {p!r} has " + ", ".join(f"{k}={getattr(model.cfg, k)!r}" for k in differ)
                                  + ", not " + ", ".join(f"{k}={v!r}" for k, v in differ.items())

@@ -651,3 +651,21 @@ def test_scale_overrides_reach_the_runs(tmp_path, one_thread):
     for bad in (["--train_hours", "-1"], ["--ttt_base_lr", "-0.5"]):
         with pytest.raises(SystemExit):
             experiment.parse_args(bad)
+
+
+def test_streaming_phase_inner_step(tmp_path, one_thread):
+    # --stream_ttt_base_lr: the drills warm-up at the model's inner step, the streaming phase (and so the
+    # evaluated model) at another; a model without TTT trains as before
+    out = str(tmp_path / "exp")
+    experiment.main(["--scale", "cpu-test", "--out", out, "--variants", "window,ttt_linear", "--warmup_drills", "2",
+                     "--stream_ttt_base_lr", "0.3", "--gen_minutes", "0"])
+    run = os.path.join(out, "runs", "ttt_linear")
+    warm, final = (SpeechLM.from_checkpoint(p) for p in (os.path.join(run, "warmup"), run))
+    assert warm.cfg.ttt_base_lr == 1.0 and final.cfg.ttt_base_lr == 0.3
+    assert all(b.ttt.layer.base_lr == 0.3 for b in final.layers if b.ttt is not None)
+    assert os.path.exists(os.path.join(out, "runs", "window", "eval.json"))
+    m = SpeechLM.from_checkpoint(os.path.join(out, "runs", "window"))
+    with pytest.raises(ValueError, match="no TTT layer"):
+        m.set_ttt_base_lr(0.5)
+    with pytest.raises(ValueError, match="0 or more"):
+        final.set_ttt_base_lr(-1)
