@@ -9,7 +9,7 @@ long-term memory is a TTT layer instead of an ever-growing KV cache?
     python experiment.py --scale gpu-reach --out runs/grs --dtype float32 --variants window,ttt_linear \
         --seeds 1337,7,11,23 --gen_minutes 0      # how much the result depends on the seed: 8 runs
     python experiment.py --scale gpu-reach --out runs/grl --dtype float32 --variants window,ttt_linear \
-        --seeds 7,11 --train_hours 400 --steps 2000 --gen_minutes 0   # 4x the streaming data, none seen twice
+        --seeds 7,11 --train_hours 400 --steps 2000 --gen_minutes 0   # 4x the streaming data, 1.8 passes
     python experiment.py --scale gpu-reach --out runs/grt --dtype float32 --variants ttt_linear \
         --seeds 7,11 --train_hours 400 --steps 2000 --stream_ttt_base_lr 0.25 --gen_minutes 0
                                                   # the streaming phase at a quarter of the inner step
