@@ -618,6 +618,9 @@ def parse_args(argv=None):
                     help="multiply the TTT layers' inner learning rate by this at evaluation (default 1: as "
                          "trained; 0: fast weights that never move); README's long-conversation experiment "
                          "measures what smaller steps do to the loss, the recall and the generations")
+    ap.add_argument("--ttt_half_life_s", type=float, default=None,
+                    help="evaluate with fast weights that fade toward their learnt start with this half-life, "
+                         "seconds (model.py's ttt_half_life; 0: never forget; default: as trained)")
     ap.add_argument("--quiet", action="store_true")
     return ap.parse_args(argv)
 
@@ -645,6 +648,8 @@ def run(a):
         raise ValueError(f"--temp and --top_k must be 0 or more (0: greedy, off); got {a.temp} and {a.top_k}")
     if not a.ttt_lr_scale >= 0:
         raise ValueError(f"--ttt_lr_scale must be 0 or more (1: as trained), not {a.ttt_lr_scale}")
+    if a.ttt_half_life_s is not None and not a.ttt_half_life_s >= 0:
+        raise ValueError(f"--ttt_half_life_s must be 0 (never forget) or a number of seconds, not {a.ttt_half_life_s}")
     cuda_graph = device.type == "cuda" if a.cuda_graph is None else a.cuda_graph
     if cuda_graph and device.type != "cuda":
         raise ValueError("--cuda_graph needs a CUDA device")
@@ -655,11 +660,16 @@ def run(a):
         if not any(b.ttt is not None for b in model.layers):
             raise ValueError(f"--ttt_lr_scale {a.ttt_lr_scale}: {a.ckpt!r} has no TTT layer")
         model.set_ttt_base_lr(model.cfg.ttt_base_lr * a.ttt_lr_scale)
+    if a.ttt_half_life_s is not None:
+        if not any(b.ttt is not None for b in model.layers):
+            raise ValueError(f"--ttt_half_life_s {a.ttt_half_life_s}: {a.ckpt!r} has no TTT layer")
+        model.set_ttt_half_life(a.ttt_half_life_s * FRAMES_PER_MINUTE / 60)
     out_path = a.out or os.path.join(a.ckpt if os.path.isdir(a.ckpt) else os.path.dirname(a.ckpt), "eval.json")
     r = evaluate(model, a.data, a.conversations, a.chunk, a.batch, a.gen_minutes, a.gen_budget_s, a.temp, a.top_k,
                  a.seed, device, dtype, cuda_graph, a.quiet)
     r["checkpoint"] = os.path.abspath(a.ckpt)
     r["ttt_lr_scale"] = a.ttt_lr_scale
+    r["ttt_half_life_s"] = model.cfg.ttt_half_life * 60 / FRAMES_PER_MINUTE   # 0: never forget
     tmp = out_path + ".tmp"
     with open(tmp, "w") as fh:
         json.dump(r, fh, indent=1)

@@ -55,7 +55,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from evaluate import fmt_seconds
+from evaluate import FRAMES_PER_MINUTE, fmt_seconds
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -273,6 +273,8 @@ def train_argv(sc, name, train_path, run_dir, seed=None):
          **sc["train"], **model_args(sc, name)}
     if sc.get("stream_ttt_base_lr") and a.get("n_ttt"):   # the inner step of this phase alone
         a["ttt_base_lr"] = sc["stream_ttt_base_lr"]
+    if sc.get("stream_ttt_half_life_s") and a.get("n_ttt"):   # forgetting in this phase alone, in frames
+        a["ttt_half_life"] = sc["stream_ttt_half_life_s"] * FRAMES_PER_MINUTE / 60
     return [f"--{k}={v}" for k, v in a.items()]
 
 
@@ -617,6 +619,10 @@ def parse_args(argv=None):
     ap.add_argument("--stream_ttt_base_lr", type=float, default=0,
                     help="the TTT layers' base inner learning rate in the streaming phase alone (the drills "
                          "warm-up keeps the scale's, or --ttt_base_lr); the evaluation uses it too")
+    ap.add_argument("--stream_ttt_half_life_s", type=float, default=0,
+                    help="in the streaming phase alone, fast weights that fade toward their learnt start with this "
+                         "half-life, seconds (model.py's ttt_half_life; default 0: they never forget, as the "
+                         "official layer); the evaluation uses it too")
     ap.add_argument("--depth_layers", type=int, default=-1,
                     help="override the scale's depth decoder blocks (0: each codebook from a projection of the "
                          "backbone output and the previous codebook's embedding)")
@@ -658,6 +664,8 @@ def parse_args(argv=None):
     bad = [v for v in a.variants if v not in VARIANTS] + [s for s in a.stages if s not in ("data", "train", "eval", "report")]
     if a.ttt_base_lr < 0 or a.stream_ttt_base_lr < 0:
         ap.error(f"--ttt_base_lr and --stream_ttt_base_lr must be > 0, not {a.ttt_base_lr} and {a.stream_ttt_base_lr}")
+    if not a.stream_ttt_half_life_s >= 0:
+        ap.error(f"--stream_ttt_half_life_s must be a number of seconds (0: never forget), not {a.stream_ttt_half_life_s}")
     if a.train_hours < 0:
         ap.error(f"--train_hours must be > 0, not {a.train_hours}")
     if bad or not a.variants:
@@ -681,6 +689,8 @@ def main(argv=None):
         sc["model"]["ttt_base_lr"] = a.ttt_base_lr
     if a.stream_ttt_base_lr:
         sc["stream_ttt_base_lr"] = a.stream_ttt_base_lr
+    if a.stream_ttt_half_life_s:
+        sc["stream_ttt_half_life_s"] = a.stream_ttt_half_life_s
     if a.train_hours:
         sc["train_hours"] = a.train_hours
     if a.depth_layers >= 0:

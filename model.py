@@ -63,6 +63,9 @@ class Config:
     ttt_heads: int = 0            # 0: dim // 64
     ttt_mini_batch: int = 16
     ttt_base_lr: float = 1.0
+    # frames after which what the fast weights wrote has faded halfway back to their learnt start
+    # (ttt.py's decay, applied once a mini-batch); 0: they never forget, as the official layer
+    ttt_half_life: float = 0.0
     ttt_gate_init: float = 0.1    # 0 leaves a pretrained backbone unchanged at the start
     ttt_checkpoint_group: int = 0  # mini-batches per gradient checkpoint segment, 0 = off
     # depth decoder: a small transformer inside each frame
@@ -98,12 +101,18 @@ class Config:
             raise ValueError(f"n_ttt ({self.n_ttt}) exceeds n_layers ({self.n_layers})")
         if self.ttt_type not in ("linear", "mlp"):
             raise ValueError(f"ttt_type must be 'linear' or 'mlp', got {self.ttt_type!r}")
+        if not self.ttt_half_life >= 0:
+            raise ValueError(f"ttt_half_life must be 0 (never forget) or a number of frames, got {self.ttt_half_life}")
         if self.n_text and not self.text_cardinality:
             raise ValueError("a text stream needs text_cardinality")
         if self.silence and (len(self.silence) != self.n_codebooks
                              or not all(0 <= c < self.cardinality for c in self.silence)):
             raise ValueError(f"silence must be one code in [0, {self.cardinality}) per codebook "
                              f"({self.n_codebooks}), got {self.silence}")
+
+    def ttt_decay(self):
+        """ttt.py's decay per mini-batch for ttt_half_life: 0.5 ** (mini-batch / half-life), 1 for 0."""
+        return 0.5 ** (self.ttt_mini_batch / self.ttt_half_life) if self.ttt_half_life else 1.0
 
     @property
     def n_audio(self):  # audio columns of a frame
@@ -495,7 +504,7 @@ class GatedTTT(nn.Module):
         cls = TTTLinear if cfg.ttt_type == "linear" else TTTMLP
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.layer = cls(cfg.dim, cfg.ttt_heads, mini_batch=cfg.ttt_mini_batch, base_lr=cfg.ttt_base_lr,
-                         checkpoint_group=cfg.ttt_checkpoint_group)
+                         checkpoint_group=cfg.ttt_checkpoint_group, decay=cfg.ttt_decay())
         self.alpha = nn.Parameter(torch.full((cfg.dim,), float(cfg.ttt_gate_init)))
 
     def forward(self, x, state):
@@ -1178,6 +1187,19 @@ class SpeechLM(nn.Module):
                 b.ttt.layer.base_lr = float(lr)
         return self
 
+    def set_ttt_half_life(self, frames):
+        """Let every TTT layer's fast weights fade toward their learnt start with this half-life in
+        frames (0: never, the official layer). No weight depends on it. Saved with the config."""
+        if not any(b.ttt is not None for b in self.layers):
+            raise ValueError(f"this model has no TTT layer to give a half-life of {frames} frames")
+        if not frames >= 0:
+            raise ValueError(f"the TTT half-life must be 0 (never forget) or a number of frames, not {frames}")
+        self.cfg.ttt_half_life = float(frames)
+        for b in self.layers:
+            if b.ttt is not None:
+                b.ttt.layer.set_decay(self.cfg.ttt_decay())
+        return self
+
     # --- state -----------------------------------------------------------------
 
     def init_state(self, batch_size, device=None, dtype=None, cache=True) -> State:
@@ -1403,7 +1425,8 @@ class SpeechLM(nn.Module):
             _rows_linear(x, w_qkv, qkv, norm=layer.input_layernorm, bias=b_qkv, launch=STEP_LAUNCH)
             _step_attend(qkv, cos, sin, k, v, state.kpos, state.pos, y, scratch)
             _rows_linear(y, layer.self_attn.o_proj.weight, x, residual=True, launch=STEP_LAUNCH)
-            if layer.ttt is not None and B == 1 and self._step_ttt_kernel[i] is not None:
+            fused = self._step_ttt_kernel[i] is not None and layer.ttt.layer.decay == 1   # (the kernel has no decay)
+            if layer.ttt is not None and B == 1 and fused:
                 ttt.append(self._ttt_step_kernels(i, x, next(it)))
             elif layer.ttt is not None:
                 xt, ts = self._step_ttt[i](x[:, None], next(it))

@@ -185,11 +185,21 @@ def _mlp_token(params, grads, tau_i, q, k, v, lr, ln_w, ln_b):
 # Driving the inner loop over a call: chunked (T > 1) and streaming (T = 1)
 
 
-def _full_minibatch(minibatch, params, q, k, v, lr, tau, ln_w, ln_b):
+def _next_start(params, grads, tau_last, decay, anchor):
+    """The fast weights that start the next mini-batch: W_start - tau_{b-1} sum_j lr_j g_j (the
+    official update); with decay < 1, what the memory held before this mini-batch also fades toward
+    the anchor (the learnt start): - (1 - decay) (W_start - anchor)."""
+    new = tuple(w - tau_last * g for w, g in zip(params, grads))
+    if decay != 1.0:
+        new = tuple(n - (1.0 - decay) * (w - a) for n, w, a in zip(new, params, anchor))
+    return new
+
+
+def _full_minibatch(minibatch, params, q, k, v, lr, tau, ln_w, ln_b, decay=1.0, anchor=()):
     """A whole mini-batch from zero sums (all but a call's first and last piece): its outputs and
-    the next W_start = W_start - tau_{b-1} sum_j lr_j g_j. The unit that impl="compile" compiles."""
+    the next W_start (_next_start). The unit that impl="compile" compiles."""
     out, grads = minibatch(params, None, q, k, v, lr, tau, ln_w, ln_b)
-    return out, tuple(w - tau[-1] * g for w, g in zip(params, grads))
+    return out, _next_start(params, grads, tau[-1], decay, anchor)
 
 
 _COMPILED = {}
@@ -205,7 +215,8 @@ def _compiled_full_minibatch(minibatch):
     return _COMPILED[minibatch]
 
 
-def _scan(minibatch, state, q, k, v, lr, tau, ln_w, ln_b, b, checkpoint_group, compiled=False):
+def _scan(minibatch, state, q, k, v, lr, tau, ln_w, ln_b, b, checkpoint_group, compiled=False, decay=1.0,
+          anchor=()):
     """Chunked path: cut the call at mini-batch boundaries, run the dual form on each piece, and
     apply the W_start update whenever a piece completes its mini-batch. Reads state.i once."""
     T = q.shape[2]
@@ -222,13 +233,12 @@ def _scan(minibatch, state, q, k, v, lr, tau, ln_w, ln_b, b, checkpoint_group, c
             args = (q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], lr[:, :, s:e], tau[p:p + e - s],
                     ln_w, ln_b)
             if s > 0 and e - s == b:  # past the first piece, a whole mini-batch from zero sums
-                out, params = full(params, *args)
+                out, params = full(params, *args, decay, anchor)
                 grads = None
             else:  # the first piece carries the state's sums; the last may stop mid-mini-batch
                 out, grads = minibatch(params, grads, *args)
                 if p + e - s == b:  # complete: W_start <- W_start - tau_{b-1} sum lr_j g_j
-                    params = tuple(w - tau[b - 1] * g for w, g in zip(params, grads))
-                    grads = None
+                    params, grads = _next_start(params, grads, tau[b - 1], decay, anchor), None
             outs.append(out)
         grads = grads if grads is not None else tuple(torch.zeros_like(w) for w in params)
         return torch.cat(outs, 2), params, grads
@@ -247,11 +257,13 @@ def _scan(minibatch, state, q, k, v, lr, tau, ln_w, ln_b, b, checkpoint_group, c
     return out, TTTState(params, grads, (state.i + T) % b)
 
 
-def _step(token, state, q, k, v, lr, tau, ln_w, ln_b, b):
+def _step(token, state, q, k, v, lr, tau, ln_w, ln_b, b, decay=1.0, anchor=()):
     """Streaming path, T = 1: no host sync and no branch on tensor values, so it can be captured in
     a CUDA graph or compiled; the end of a mini-batch is a torch.where on i == b - 1."""
     tau_i = tau.index_select(0, state.i.view(1))  # [1] (indexing with a tensor would sync)
     out, grads, Wi = token(state.params, state.grads, tau_i, q, k, v, lr, ln_w, ln_b)
+    if decay != 1.0:  # W_i = W_start - tau_i G_i: at the last token, _next_start's update
+        Wi = tuple(w_i - (1.0 - decay) * (w - a) for w_i, w, a in zip(Wi, state.params, anchor))
     last = state.i == b - 1  # [] bool: the token that completes a mini-batch makes W_i the new W_start
     params = tuple(torch.where(last, w_i, w) for w_i, w in zip(Wi, state.params))
     grads = tuple(torch.where(last, 0.0, g) for g in grads)
@@ -288,11 +300,34 @@ def _check_inputs(name, q, k, v, lr, tau, ln_w, ln_b, b, state, shapes):
                          f"{state.i.dtype} {tuple(state.i.shape)}")
 
 
+def _check_decay_value(name, decay):
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 < decay <= 1.0:
+        raise ValueError(f"{name}: decay must be a number in (0, 1] (1: the fast weights never forget), "
+                         f"got {decay!r}")
+
+
+def _check_decay(name, decay, anchor, state):
+    _check_decay_value(name, decay)
+    if decay == 1.0:
+        return
+    if anchor is None or len(anchor) != len(state.params):
+        raise ValueError(f"{name}: decay < 1 fades the fast weights toward an anchor: give anchor, one "
+                         f"tensor per fast weight ({len(state.params)}), e.g. the layer's fast_weights()")
+    for a, p in zip(anchor, state.params):
+        if a.shape != p.shape[1:] and a.shape != p.shape:
+            raise ValueError(f"{name}: anchor tensor of shape {tuple(a.shape)} does not fit the fast weight "
+                             f"{tuple(p.shape)}: expected {tuple(p.shape[1:])} or {tuple(p.shape)}")
+
+
 def _run(name, minibatch, token, shapes, q, k, v, lr, tau, ln_w, ln_b, b, state, impl,
-         checkpoint_group):
+         checkpoint_group, decay=1.0, anchor=None):
     _check_inputs(name, q, k, v, lr, tau, ln_w, ln_b, b, state, shapes)
+    _check_decay(name, decay, anchor, state)
     if impl not in ("torch", "compile", "triton"):
         raise ValueError(f"{name}: impl must be 'torch', 'compile' or 'triton', got {impl!r}")
+    if impl == "triton" and decay != 1.0 and q.shape[2] > 1:
+        raise NotImplementedError(f"{name}: the Triton kernels have no decay (they run the official "
+                                  "update); use impl='torch' or 'compile' with decay < 1")
     out_dtype = q.dtype
     # The inner loop runs in the state's dtype (float32 from init_state) whatever the autocast
     # dtype: bf16 fast weights drift over thousands of updates (DESIGN.md point 4).
@@ -300,18 +335,20 @@ def _run(name, minibatch, token, shapes, q, k, v, lr, tau, ln_w, ln_b, b, state,
         dt = state.params[0].dtype
         q, k, v, lr, tau = (t.to(dt) for t in (q, k, v, lr, tau))
         ln_w, ln_b = ln_w.to(dt)[:, None], ln_b.to(dt)[:, None]  # [H, 1, d]
+        anchor = tuple(a.to(dt) for a in anchor) if decay != 1.0 else ()
         if q.shape[2] == 1:
-            out, state = _step(token, state, q, k, v, lr, tau, ln_w, ln_b, b)
+            out, state = _step(token, state, q, k, v, lr, tau, ln_w, ln_b, b, decay, anchor)
         elif impl == "triton":
             out, state = _triton_scan(name, state, q, k, v, lr, tau, ln_w[:, 0], ln_b[:, 0], b,
                                       checkpoint_group)
         else:
             out, state = _scan(minibatch, state, q, k, v, lr, tau, ln_w, ln_b, b, checkpoint_group,
-                               compiled=impl == "compile")
+                               compiled=impl == "compile", decay=decay, anchor=anchor)
     return out.to(out_dtype), state
 
 
-def ttt_linear(q, k, v, lr, tau, ln_w, ln_b, b, state, *, impl="torch", checkpoint_group=0):
+def ttt_linear(q, k, v, lr, tau, ln_w, ln_b, b, state, *, impl="torch", checkpoint_group=0, decay=1.0,
+               anchor=None):
     """The TTT-Linear inner loop, f(x; W) = LN_h(x W1 + b1), over one call of T >= 1 tokens.
 
     q, k, v  [B, H, T, d]  any float dtype (bf16 under autocast is fine)
@@ -327,6 +364,12 @@ def ttt_linear(q, k, v, lr, tau, ln_w, ln_b, b, state, *, impl="torch", checkpoi
                            (the Triton backward replays, from W1 kept every checkpoint_group
                            mini-batches, every 16 when 0; with few long sequences, where the
                            forward takes two passes, it keeps W1 of every mini-batch instead)
+    decay    float in (0, 1]   1: the official update. Below 1, fast weights that forget: at the end
+             of each mini-batch the next W_start = W_start - tau_{b-1} G - (1 - decay) (W_start - anchor),
+             so what was written k mini-batches ago has faded by decay^k toward the anchor (not in
+             the official layer; impl "torch" and "compile" only)
+    anchor   tuple of tensors, one per fast weight, [H, ...] or [B, H, ...]: where the fast weights
+             fade to (the layer passes its learnt start); needed when decay < 1
 
     Returns out = q + f(q; W_i) [B, H, T, d] in q's dtype and the new state. The inner math runs in
     the state's dtype (float32) with autocast off. T = 1 takes the primal path, which never syncs
@@ -336,10 +379,11 @@ def ttt_linear(q, k, v, lr, tau, ln_w, ln_b, b, state, *, impl="torch", checkpoi
     """
     d = q.shape[-1]
     return _run("ttt_linear", _linear_minibatch, _linear_token, [(d, d), (1, d)], q, k, v, lr,
-                tau, ln_w, ln_b, b, state, impl, checkpoint_group)
+                tau, ln_w, ln_b, b, state, impl, checkpoint_group, decay, anchor)
 
 
-def ttt_mlp(q, k, v, lr, tau, ln_w, ln_b, b, state, *, impl="torch", checkpoint_group=0):
+def ttt_mlp(q, k, v, lr, tau, ln_w, ln_b, b, state, *, impl="torch", checkpoint_group=0, decay=1.0,
+            anchor=None):
     """The TTT-MLP inner loop, f(x; W) = LN_h(gelu(x W1 + b1) W2 + b2) with hidden width m = 4d.
 
     Arguments and result as ttt_linear, with state params (W1 [B,H,d,m], b1 [B,H,1,m],
@@ -349,7 +393,7 @@ def ttt_mlp(q, k, v, lr, tau, ln_w, ln_b, b, state, *, impl="torch", checkpoint_
     d = q.shape[-1]
     m = state.params[0].shape[-1] if isinstance(state, TTTState) and state.params else 4 * d
     return _run("ttt_mlp", _mlp_minibatch, _mlp_token, [(d, m), (1, m), (m, d), (1, d)], q, k, v,
-                lr, tau, ln_w, ln_b, b, state, impl, checkpoint_group)
+                lr, tau, ln_w, ln_b, b, state, impl, checkpoint_group, decay, anchor)
 
 
 # -----------------------------------------------------------------------------
@@ -1632,7 +1676,7 @@ class _TTTLayer(nn.Module):
     """Shared body of TTTLinear and TTTMLP (upstream TTTBase); see their docstrings."""
 
     def __init__(self, dim, n_heads, mini_batch=16, base_lr=1.0, rope_theta=10000.0, gate=True,
-                 checkpoint_group=0, impl="auto"):
+                 checkpoint_group=0, impl="auto", decay=1.0):
         super().__init__()
         if dim % n_heads:
             raise ValueError(f"dim ({dim}) must be a multiple of n_heads ({n_heads})")
@@ -1645,6 +1689,7 @@ class _TTTLayer(nn.Module):
         self.dim, self.n_heads, self.head_dim = dim, n_heads, dim // n_heads
         self.mini_batch, self.base_lr, self.rope_theta = mini_batch, base_lr, rope_theta
         self.checkpoint_group, self.impl = checkpoint_group, impl
+        self.set_decay(decay)
         H, d = n_heads, self.head_dim
         self.q_proj = nn.Linear(dim, dim, bias=False)
         self.k_proj = nn.Linear(dim, dim, bias=False)
@@ -1671,12 +1716,21 @@ class _TTTLayer(nn.Module):
         """The learnable initial fast weights, in state order."""
         raise NotImplementedError
 
+    def _full_fast_weights(self):
+        # under FSDP the parameters are shards outside forward: gather them (differentiably)
+        return [w.full_tensor() if hasattr(w, "full_tensor") else w for w in self.fast_weights()]
+
+    def set_decay(self, decay):
+        """decay in (0, 1]: each mini-batch, what the fast weights hold beyond their learnt start fades by
+        this factor (ttt_linear's decay; 1, the default, is the official layer). No weight depends on it."""
+        _check_decay_value(type(self).__name__, decay)
+        self.decay = float(decay)
+
     def init_state(self, batch_size: int, device=None) -> TTTState:
         """A fresh state: the initial fast weights broadcast to the batch (float32, or float64 for a
         float64 layer), still linked to the parameters by autograd; zero sums; position 0."""
         dt = torch.promote_types(self.W1.dtype, torch.float32)
-        # under FSDP the parameters are shards outside forward: gather them (differentiably)
-        full = [w.full_tensor() if hasattr(w, "full_tensor") else w for w in self.fast_weights()]
+        full = self._full_fast_weights()
         params = tuple(w.to(device=device, dtype=dt)[None].repeat(batch_size, *[1] * w.dim()) for w in full)
         grads = tuple(torch.zeros_like(p) for p in params)
         return TTTState(params, grads, torch.zeros((), dtype=torch.int64, device=params[0].device))
@@ -1686,15 +1740,17 @@ class _TTTLayer(nn.Module):
             return self.impl
         if not x.is_cuda:
             return "torch"
-        if triton_supported(self.kind, self.head_dim, self.mini_batch):
+        if triton_supported(self.kind, self.head_dim, self.mini_batch) and self.decay == 1.0:
             return "triton"
         return "torch" if _COMPILE_FAILED else "compile"
 
     def _inner(self, q, k, v, lr, tau, state, impl):
         global _COMPILE_FAILED
+        anchor = self._full_fast_weights() if self.decay != 1.0 else None
         run = lambda impl: self.inner(q, k, v, lr, tau, self.ttt_norm_weight, self.ttt_norm_bias,
                                       self.mini_batch, state, impl=impl,
-                                      checkpoint_group=self.checkpoint_group)
+                                      checkpoint_group=self.checkpoint_group, decay=self.decay,
+                                      anchor=anchor)
         if impl != "compile" or self.impl != "auto" or q.shape[2] == 1:  # (T = 1 compiles nothing)
             return run(impl)
         try:
@@ -1751,11 +1807,13 @@ class TTTLinear(_TTTLayer):
     """TTT-Linear layer: per head a linear fast model f(x) = LN(x W1 + b1), trained while reading.
 
     TTTLinear(dim, n_heads, mini_batch=16, base_lr=1.0, rope_theta=10000.0, gate=True,
-              checkpoint_group=0, impl="auto")
+              checkpoint_group=0, impl="auto", decay=1.0)
     forward(x [B, T, dim], state=None) -> (y [B, T, dim], TTTState)
     Parameter names follow ttt-lm-pytorch (q_proj, ..., W1, b1) so its checkpoints map by name.
     impl "auto": on CUDA the Triton kernels where they support the shape, else the compiled loop
     (falling back to eager if compiling fails); on the CPU the PyTorch reference.
+    decay < 1 (not in the official layer): fast weights that fade toward their learnt start, see
+    ttt_linear; on CUDA it takes the compiled loop (the kernels have no decay).
     """
     kind = "linear"
     inner = staticmethod(ttt_linear)

@@ -627,6 +627,33 @@ def test_ttt_lr_scale(tmp_path, capsys):
     assert "has no TTT layer" in capsys.readouterr().err
 
 
+def test_ttt_half_life_at_evaluation(tmp_path, capsys):
+    # evaluate.py --ttt_half_life_s: fast weights that forget, on a model trained without; 0 is never
+    p = str(tmp_path / "c.bin")
+    synthetic(p, hours=1 / 60, min_minutes=1, max_minutes=1, n_codebooks=2, seed=1, quiet=True)
+    ck = str(tmp_path / "m.safetensors")
+    _tiny().save(ck)
+    base = ["--ckpt", ck, "--data", p, "--device", "cpu", "--quiet", "--gen_minutes", "0"]
+    loss = {}
+    for s in (None, "0", "3", "0.5"):
+        out = str(tmp_path / f"e{s}.json")
+        evaluate.main(base + ["--out", out] + (["--ttt_half_life_s", s] if s is not None else []))
+        with open(out) as f:
+            r = json.load(f)
+        assert r["ttt_half_life_s"] == float(s or 0)
+        loss[s] = r["loss_by_minute"]["loss"][0]
+    assert loss[None] == loss["0"] and len({loss["0"], loss["3"], loss["0.5"]}) == 3, loss
+    with pytest.raises(SystemExit):
+        evaluate.main(base + ["--out", str(tmp_path / "x.json"), "--ttt_half_life_s", "-1"])
+    assert "--ttt_half_life_s must be 0" in capsys.readouterr().err
+    ck2 = str(tmp_path / "w.safetensors")
+    _tiny(n_ttt=0).save(ck2)
+    with pytest.raises(SystemExit):
+        evaluate.main(["--ckpt", ck2, "--data", p, "--device", "cpu", "--quiet", "--gen_minutes", "0",
+                       "--out", str(tmp_path / "y.json"), "--ttt_half_life_s", "5"])
+    assert "has no TTT layer" in capsys.readouterr().err
+
+
 def test_gpu_assignment_mixes_variants():
     runs = [(v, s) for s in (1, 2, 3, 4) for v in ("window", "ttt_linear")]
     g = experiment.assign_gpus(runs, ["window", "ttt_linear"], [1, 2, 3, 4], ["0", "1", "2", "3"])
@@ -658,11 +685,19 @@ def test_streaming_phase_inner_step(tmp_path, one_thread):
     # evaluated model) at another; a model without TTT trains as before
     out = str(tmp_path / "exp")
     experiment.main(["--scale", "cpu-test", "--out", out, "--variants", "window,ttt_linear", "--warmup_drills", "2",
-                     "--stream_ttt_base_lr", "0.3", "--gen_minutes", "0"])
+                     "--stream_ttt_base_lr", "0.3", "--stream_ttt_half_life_s", "2", "--gen_minutes", "0"])
     run = os.path.join(out, "runs", "ttt_linear")
     warm, final = (SpeechLM.from_checkpoint(p) for p in (os.path.join(run, "warmup"), run))
     assert warm.cfg.ttt_base_lr == 1.0 and final.cfg.ttt_base_lr == 0.3
     assert all(b.ttt.layer.base_lr == 0.3 for b in final.layers if b.ttt is not None)
+    # --stream_ttt_half_life_s: forgetting in the streaming phase alone, 2 s = 25 frames
+    assert warm.cfg.ttt_half_life == 0 and final.cfg.ttt_half_life == 25
+    assert all(b.ttt.layer.decay == 1.0 for b in warm.layers if b.ttt is not None)
+    assert all(abs(b.ttt.layer.decay - 0.5 ** (16 / 25)) < 1e-12 for b in final.layers if b.ttt is not None)
+    with open(os.path.join(run, "eval.json")) as fh:
+        assert json.load(fh)["ttt_half_life_s"] == 2.0
+    with pytest.raises(SystemExit):
+        experiment.parse_args(["--stream_ttt_half_life_s", "-3"])
     assert os.path.exists(os.path.join(out, "runs", "window", "eval.json"))
     m = SpeechLM.from_checkpoint(os.path.join(out, "runs", "window"))
     with pytest.raises(ValueError, match="no TTT layer"):

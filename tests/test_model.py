@@ -41,10 +41,10 @@ def _assert_close(a, b, rtol):
     assert err < rtol, err
 
 
-@pytest.mark.parametrize("ttt_type", ["linear", "mlp"])
-def test_any_split_gives_one_pass(ttt_type):
-    # W not a multiple of b, T >= 3W: full pass, frame by frame, random chunks
-    m = _model(ttt_type=ttt_type, window=10, ttt_mini_batch=4, n_text=1, text_cardinality=20)
+@pytest.mark.parametrize("ttt_type,half_life", [("linear", 0), ("mlp", 0), ("linear", 6)])
+def test_any_split_gives_one_pass(ttt_type, half_life):
+    # W not a multiple of b, T >= 3W: full pass, frame by frame, random chunks; with fast weights that forget too
+    m = _model(ttt_type=ttt_type, window=10, ttt_mini_batch=4, n_text=1, text_cardinality=20, ttt_half_life=half_life)
     B, T = 2, 37
     codes = _codes(m, B, T)
     with torch.no_grad():
@@ -233,6 +233,29 @@ def test_checkpoint_roundtrip(tmp_path):
         with torch.no_grad():
             assert torch.equal(m(codes)[0].audio, m2(codes)[0].audio)
     assert "parameters" in repr(m2)
+
+
+def test_ttt_half_life(tmp_path):
+    # fast weights that forget: the decay a mini-batch from the half-life in frames, kept in the checkpoint,
+    # changed in place (as the inner learning rate), and the same model as before with 0
+    m = _model(ttt_mini_batch=4, ttt_half_life=8)
+    assert all(b.ttt.layer.decay == 0.5 ** 0.5 for b in m.layers if b.ttt is not None)
+    p = tmp_path / "m.safetensors"
+    m.save(p)
+    assert SpeechLM.from_checkpoint(p).cfg.ttt_half_life == 8
+    codes = _codes(m, 1, 30)
+    with torch.no_grad():
+        forget = m(codes)[0].audio
+        m.set_ttt_half_life(0)
+        never = m(codes)[0].audio
+        assert torch.equal(never, _model(ttt_mini_batch=4)(codes)[0].audio)
+    assert not torch.allclose(forget, never) and torch.equal(forget[:, :4], never[:, :4])  # from the 2nd mini-batch on
+    with pytest.raises(ValueError, match="number of frames"):
+        m.set_ttt_half_life(-1)
+    with pytest.raises(ValueError, match="ttt_half_life must be"):
+        _model(ttt_half_life=-2)
+    with pytest.raises(ValueError, match="no TTT layer"):
+        _model(n_ttt=0).set_ttt_half_life(10)
 
 
 def test_bad_checkpoints(tmp_path):

@@ -43,8 +43,9 @@ def f_mlp(x, W, w, b):
     return ln(F.gelu(x @ W1 + b1, approximate="tanh") @ W2 + b2, w, b)
 
 
-def reference(kind, q, k, v, lr, tau, ln_w, ln_b, b, W0, i0=0, G0=None):
-    """out_t = q_t + f(q_t; W_start - tau_i sum_{j<=i} lr_j g_j), g_j by autograd at W_start."""
+def reference(kind, q, k, v, lr, tau, ln_w, ln_b, b, W0, i0=0, G0=None, decay=1.0, anchor=None):
+    """out_t = q_t + f(q_t; W_start - tau_i sum_{j<=i} lr_j g_j), g_j by autograd at W_start; with
+    decay < 1 the next W_start also moves (1 - decay) of the way from W_start back to the anchor."""
     f = f_linear if kind == "linear" else f_mlp
     w, bb = ln_w[:, None], ln_b[:, None]
     W = list(W0)
@@ -59,6 +60,8 @@ def reference(kind, q, k, v, lr, tau, ln_w, ln_b, b, W0, i0=0, G0=None):
         Wi = [p - tau[i] * Gp for p, Gp in zip(W, G)]
         outs.append(qt + f(qt, Wi, w, bb))
         if i == b - 1:
+            if decay != 1.0:
+                Wi = [p_i - (1 - decay) * (p - a) for p_i, p, a in zip(Wi, W, anchor)]
             W, G = Wi, [torch.zeros_like(Gp) for Gp in G]
     return torch.cat(outs, 2), W, G
 
@@ -150,6 +153,123 @@ def test_matches_per_token_loop_from_mid_minibatch(kind):
     assert int(state.i) == (i0 + 30) % b
     for x, y in zip(state.params + state.grads, W + G):
         assert (x - y).abs().max().item() < 1e-10
+
+# -----------------------------------------------------------------------------
+# Fast weights that forget (decay < 1, not in the official layer)
+
+
+def make_anchor(W0, seed=11):
+    g = torch.Generator().manual_seed(seed)
+    return [p[0] + 0.1 * torch.randn(p[0].shape, generator=g, dtype=p.dtype) for p in W0]  # [H, ...]
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+@pytest.mark.parametrize("b,T,i0", [(4, 23, 0), (16, 37, 5)])
+def test_decay_matches_per_token_loop(kind, b, T, i0):
+    """decay < 1, one call, token by token and random chunks, from the start or mid-mini-batch."""
+    fn = KINDS[kind][0]
+    q, k, v, lr, tau, ln_w, ln_b, *W0 = make_inputs(kind, T=T, b=b, seed=8)
+    G0 = [0.01 * torch.randn_like(p) for p in W0] if i0 else None
+    anchor, decay = make_anchor(W0), 0.7
+    for p in W0:
+        p.requires_grad_()
+    ref, W, G = reference(kind, q, k, v, lr, tau, ln_w, ln_b, b, W0, i0, G0, decay, anchor)
+    plain, W1, _ = reference(kind, q, k, v, lr, tau, ln_w, ln_b, b, W0, i0, G0)
+    assert (plain - ref).abs().max().item() > 1e-3  # the decay changes the outputs
+    with torch.no_grad():
+        for sizes in ([T], [1] * T, random_sizes(T, 4)):
+            out, st = run_chunks(fn, q, k, v, lr, tau, ln_w, ln_b, b, state_of(W0, G0, i0), sizes,
+                                 decay=decay, anchor=anchor)
+            assert (out - ref).abs().max().item() < 1e-10, sizes
+            for x, y in zip(st.params + st.grads, W + G):
+                assert (x - y).abs().max().item() < 1e-10, sizes
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_decay_fades_toward_the_anchor(kind):
+    """With nothing learnt (lr = 0) the fast weights approach the anchor by decay each mini-batch:
+    after n whole mini-batches W = anchor + decay^n (W0 - anchor), and mid-mini-batch they stay."""
+    fn = KINDS[kind][0]
+    b, n, decay = 4, 5, 0.8
+    q, k, v, lr, tau, ln_w, ln_b, *W0 = make_inputs(kind, T=n * b + 2, b=b, seed=9)
+    anchor = make_anchor(W0)
+    for T in (n * b, n * b + 2):
+        for sizes in ([T], [1] * T):
+            _, st = run_chunks(fn, q[:, :, :T], k[:, :, :T], v[:, :, :T], torch.zeros_like(lr[:, :, :T]), tau,
+                               ln_w, ln_b, b, state_of(W0), sizes, decay=decay, anchor=anchor)
+            for p, p0, a in zip(st.params, W0, anchor):
+                assert (p - (a + decay ** n * (p0 - a))).abs().max().item() < 1e-12, (T, sizes)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_decay_gradients_match_per_token_loop(kind):
+    """Outer gradients with decay < 1, the anchor's included, chunked and checkpointed."""
+    fn = KINDS[kind][0]
+    b, T = 4, 19
+    xs = make_inputs(kind, T=T, b=b, d=4, grad=True, seed=6)
+    q, k, v, lr, tau, ln_w, ln_b, *W0 = xs
+    anchor = [a.requires_grad_() for a in make_anchor(W0)]
+    ref = grads_of(kind, reference(kind, q, k, v, lr, tau, ln_w, ln_b, b, W0, decay=0.6, anchor=anchor),
+                   xs + anchor)
+    for sizes, group in (([T], 0), ([3, 1, 9, 6], 2)):
+        out, st = run_chunks(fn, q, k, v, lr, tau, ln_w, ln_b, b, state_of(W0), sizes, checkpoint_group=group,
+                             decay=0.6, anchor=anchor)
+        for a, r in zip(grads_of(kind, (out, st.params, st.grads), xs + anchor), ref):
+            assert (a - r).abs().max().item() < 1e-8 * (1 + r.abs().max().item()), sizes
+    assert all(r.abs().max() > 0 for r in ref[-len(anchor):])  # the anchor gets a gradient
+
+
+@pytest.mark.parametrize("cls", [ttt.TTTLinear, ttt.TTTMLP])
+def test_module_decay(cls):
+    """A layer with decay: chunking invariance, a different result than without, its learnt start as
+    the anchor (gradients reach it through the decay too), and set_decay's checks."""
+    torch.manual_seed(1)
+    b, T = 4, 21
+    layer = cls(16, 2, mini_batch=b, decay=0.5).double()
+    x = torch.randn(2, T, 16, dtype=torch.float64)
+    y, state = layer(x)
+    ys, st, s = [], layer.init_state(2), 0
+    for n in random_sizes(T, 5):
+        yi, st = layer(x[:, s:s + n], st)
+        ys.append(yi)
+        s += n
+    assert (torch.cat(ys, 1) - y).abs().max().item() < 1e-10
+    assert_state_close(st, state, 1e-10)
+    # the anchor is W1 itself: the state's W1 = start + sum of decayed writes, against the reference
+    q, k, v, lr, tau = layer.inner_inputs(x, torch.tensor(0))
+    ref, W, _ = reference(layer.kind, q, k, v, lr, tau, layer.ttt_norm_weight, layer.ttt_norm_bias, b,
+                          [p.detach()[None].repeat(2, *[1] * p.dim()).requires_grad_() for p in layer.fast_weights()],
+                          decay=0.5, anchor=[p.detach() for p in layer.fast_weights()])
+    assert (state.params[0] - W[0]).abs().max().item() < 1e-10
+    layer.set_decay(1.0)
+    y1, _ = layer(x)
+    assert (y1 - y).abs().max().item() > 1e-6
+    layer.set_decay(0.5)
+    (y.sum() + state.params[0].sum()).backward()
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in layer.fast_weights())
+    for bad in (0.0, 1.5, -0.1, "0.9", True):
+        with pytest.raises(ValueError, match="decay must be a number in"):
+            layer.set_decay(bad)
+    with pytest.raises(ValueError, match="decay must be a number in"):
+        cls(16, 2, decay=2.0)
+
+
+def test_decay_bad_inputs_and_triton_refuses_it():
+    q, k, v, lr, tau, ln_w, ln_b, *W0 = make_inputs("linear", T=5, b=4, dtype=torch.float32)
+    with pytest.raises(ValueError, match="give anchor"):
+        ttt.ttt_linear(q, k, v, lr, tau, ln_w, ln_b, 4, state_of(W0), decay=0.9)
+    with pytest.raises(ValueError, match="does not fit the fast weight"):
+        ttt.ttt_linear(q, k, v, lr, tau, ln_w, ln_b, 4, state_of(W0), decay=0.9,
+                       anchor=[W0[0][0, 0], W0[1][0]])
+    with pytest.raises(ValueError, match="decay must be a number in"):
+        ttt.ttt_linear(q, k, v, lr, tau, ln_w, ln_b, 4, state_of(W0), decay=0.0, anchor=[w[0] for w in W0])
+    with pytest.raises(NotImplementedError, match="no decay"):
+        ttt.ttt_linear(q, k, v, lr, tau, ln_w, ln_b, 4, state_of(W0), impl="triton", decay=0.9,
+                       anchor=[w[0] for w in W0])
+    layer = ttt.TTTLinear(16, 2, mini_batch=16, decay=0.9)
+    assert layer._impl(torch.empty(1)) == "torch"   # the CPU
+    if torch.cuda.is_available():
+        assert layer._impl(torch.empty(1, device="cuda")) == "compile"
 
 # -----------------------------------------------------------------------------
 # Chunking invariance
@@ -641,7 +761,8 @@ def test_streaming_step_in_a_cuda_graph(cls):
 
 
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
-def test_compile_impl_matches_torch(kind, monkeypatch):
+@pytest.mark.parametrize("decay", [1.0, 0.7])
+def test_compile_impl_matches_torch(kind, decay, monkeypatch):
     """impl="compile" runs the same math with each whole mini-batch under torch.compile; traced
     here with the aot_eager backend (dynamo + AOTAutograd, no code generation) to stay fast."""
     import functools
@@ -656,7 +777,8 @@ def test_compile_impl_matches_torch(kind, monkeypatch):
     res = []
     for impl in ("torch", "compile"):
         out, st = run_chunks(fn, q, k, v, lr, tau, ln_w, ln_b, b, state_of(W0), [2, 13, 4],
-                             impl=impl, checkpoint_group=2)
+                             impl=impl, checkpoint_group=2, decay=decay,
+                             anchor=[w[0] for w in W0] if decay != 1.0 else None)
         res.append([out, *st.params, *grads_of(kind, (out, st.params, st.grads), xs)])
     for a, r in zip(*res):
         assert (a - r).abs().max().item() < 1e-10
@@ -759,10 +881,13 @@ def test_ttt_linear_final_state_matches_fla(impl):
 
 
 @pytest.mark.gpu
-def test_compile_impl_on_cuda_matches_torch():
+@pytest.mark.parametrize("cls,decay", [(ttt.TTTMLP, 1.0), (ttt.TTTLinear, 0.9)])
+def test_compile_impl_on_cuda_matches_torch(cls, decay):
     torch.manual_seed(0)
-    layer = ttt.TTTMLP(256, 4, mini_batch=16, checkpoint_group=2).cuda()
+    layer = cls(256, 4, mini_batch=16, checkpoint_group=2, decay=decay).cuda()
     x = torch.randn(2, 70, 256, device="cuda", requires_grad=True)
+    if decay != 1.0:
+        assert layer._impl(x) == "compile"   # auto: the Triton kernels have no decay
     res = []
     for impl in ("torch", "compile"):
         layer.impl = impl
