@@ -13,6 +13,9 @@ long-term memory is a TTT layer instead of an ever-growing KV cache?
     python experiment.py --scale gpu-reach --out runs/grt --dtype float32 --variants ttt_linear \
         --seeds 7,11 --train_hours 400 --steps 2000 --stream_ttt_base_lr 0.25 --gen_minutes 0
                                                   # the streaming phase at a quarter of the inner step
+    python experiment.py --scale gpu-reach --out runs/grf600 --dtype float32 --variants ttt_linear \
+        --seeds 7,11 --train_hours 400 --steps 2000 --stream_ttt_half_life_s 600 --gen_minutes 0
+                                                  # the streaming phase with fast weights that forget
 
 The models, trained in streaming mode with the same budget (steps, batch, seq_len, learning-rate
 schedule, seed) on the same synthetic conversations:
