@@ -656,13 +656,13 @@ def run(a):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     model = SpeechLM.from_checkpoint(a.ckpt, device=device).eval()
+    ttt_flags = [f"--{k} {v:g}" for k, v in (("ttt_lr_scale", a.ttt_lr_scale), ("ttt_half_life_s", a.ttt_half_life_s))
+                 if v not in (1, None)]
+    if ttt_flags and not any(b.ttt is not None for b in model.layers):
+        raise ValueError(f"{' '.join(ttt_flags)}: {a.ckpt!r} has no TTT layer")
     if a.ttt_lr_scale != 1:
-        if not any(b.ttt is not None for b in model.layers):
-            raise ValueError(f"--ttt_lr_scale {a.ttt_lr_scale}: {a.ckpt!r} has no TTT layer")
         model.set_ttt_base_lr(model.cfg.ttt_base_lr * a.ttt_lr_scale)
     if a.ttt_half_life_s is not None:
-        if not any(b.ttt is not None for b in model.layers):
-            raise ValueError(f"--ttt_half_life_s {a.ttt_half_life_s}: {a.ckpt!r} has no TTT layer")
         model.set_ttt_half_life(a.ttt_half_life_s * FRAMES_PER_MINUTE / 60)
     out_path = a.out or os.path.join(a.ckpt if os.path.isdir(a.ckpt) else os.path.dirname(a.ckpt), "eval.json")
     r = evaluate(model, a.data, a.conversations, a.chunk, a.batch, a.gen_minutes, a.gen_budget_s, a.temp, a.top_k,

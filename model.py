@@ -1174,30 +1174,32 @@ class SpeechLM(nn.Module):
         self._depth_fn = torch.compile(self._depth_loop, fullgraph=True, dynamic=False)
         return self
 
+    def _ttt_layers(self, what):
+        layers = [b.ttt.layer for b in self.layers if b.ttt is not None]
+        if not layers:
+            raise ValueError(f"this model has no TTT layer to {what}")
+        return layers
+
     def set_ttt_base_lr(self, lr):
         """Give every TTT layer a new base inner learning rate (no weight depends on it: a trained
         model can be evaluated or trained on with another). Saved with the config."""
-        if not any(b.ttt is not None for b in self.layers):
-            raise ValueError(f"this model has no TTT layer to set an inner learning rate of {lr} for")
+        layers = self._ttt_layers(f"set an inner learning rate of {lr} for")
         if not lr >= 0:
             raise ValueError(f"the TTT base learning rate must be 0 or more, not {lr}")
         self.cfg.ttt_base_lr = float(lr)
-        for b in self.layers:
-            if b.ttt is not None:
-                b.ttt.layer.base_lr = float(lr)
+        for t in layers:
+            t.base_lr = float(lr)
         return self
 
     def set_ttt_half_life(self, frames):
         """Let every TTT layer's fast weights fade toward their learnt start with this half-life in
         frames (0: never, the official layer). No weight depends on it. Saved with the config."""
-        if not any(b.ttt is not None for b in self.layers):
-            raise ValueError(f"this model has no TTT layer to give a half-life of {frames} frames")
+        layers = self._ttt_layers(f"give a half-life of {frames} frames")
         if not frames >= 0:
             raise ValueError(f"the TTT half-life must be 0 (never forget) or a number of frames, not {frames}")
         self.cfg.ttt_half_life = float(frames)
-        for b in self.layers:
-            if b.ttt is not None:
-                b.ttt.layer.set_decay(self.cfg.ttt_decay())
+        for t in layers:
+            t.set_decay(self.cfg.ttt_decay())
         return self
 
     # --- state -----------------------------------------------------------------

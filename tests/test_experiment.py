@@ -619,12 +619,17 @@ def test_ttt_lr_scale(tmp_path, capsys):
         with pytest.raises(SystemExit):
             evaluate.main(base + ["--out", str(tmp_path / "x.json")] + extra)
         assert msg in capsys.readouterr().err
-    ck2 = str(tmp_path / "w.safetensors")
-    _tiny(n_ttt=0).save(ck2)
+    _refused_without_ttt(tmp_path, p, capsys, ["--ttt_lr_scale", "0.5"])
+
+
+def _refused_without_ttt(tmp_path, data, capsys, flag):
+    ck = str(tmp_path / "w.safetensors")
+    _tiny(n_ttt=0).save(ck)
     with pytest.raises(SystemExit):
-        evaluate.main(["--ckpt", ck2, "--data", p, "--device", "cpu", "--quiet", "--gen_minutes", "0",
-                       "--out", str(tmp_path / "y.json"), "--ttt_lr_scale", "0.5"])
-    assert "has no TTT layer" in capsys.readouterr().err
+        evaluate.main(["--ckpt", ck, "--data", data, "--device", "cpu", "--quiet", "--gen_minutes", "0",
+                       "--out", str(tmp_path / "y.json"), *flag])
+    err = capsys.readouterr().err
+    assert f"{' '.join(flag)}: " in err and "has no TTT layer" in err, err
 
 
 def test_ttt_half_life_at_evaluation(tmp_path, capsys):
@@ -646,12 +651,7 @@ def test_ttt_half_life_at_evaluation(tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluate.main(base + ["--out", str(tmp_path / "x.json"), "--ttt_half_life_s", "-1"])
     assert "--ttt_half_life_s must be 0" in capsys.readouterr().err
-    ck2 = str(tmp_path / "w.safetensors")
-    _tiny(n_ttt=0).save(ck2)
-    with pytest.raises(SystemExit):
-        evaluate.main(["--ckpt", ck2, "--data", p, "--device", "cpu", "--quiet", "--gen_minutes", "0",
-                       "--out", str(tmp_path / "y.json"), "--ttt_half_life_s", "5"])
-    assert "has no TTT layer" in capsys.readouterr().err
+    _refused_without_ttt(tmp_path, p, capsys, ["--ttt_half_life_s", "5"])
 
 
 def test_gpu_assignment_mixes_variants():
