@@ -325,8 +325,8 @@ def _run(name, minibatch, token, shapes, q, k, v, lr, tau, ln_w, ln_b, b, state,
     _check_decay(name, decay, anchor, state)
     if impl not in ("torch", "compile", "triton"):
         raise ValueError(f"{name}: impl must be 'torch', 'compile' or 'triton', got {impl!r}")
-    if impl == "triton" and decay != 1.0 and q.shape[2] > 1:
-        raise NotImplementedError(f"{name}: the Triton kernels have no decay (they run the official "
+    if impl == "triton" and decay != 1.0 and q.shape[2] > 1 and name == "ttt_mlp":
+        raise NotImplementedError(f"{name}: TTT-MLP's Triton kernels have no decay (they run the official "
                                   "update); use impl='torch' or 'compile' with decay < 1")
     out_dtype = q.dtype
     # The inner loop runs in the state's dtype (float32 from init_state) whatever the autocast
@@ -340,7 +340,7 @@ def _run(name, minibatch, token, shapes, q, k, v, lr, tau, ln_w, ln_b, b, state,
             out, state = _step(token, state, q, k, v, lr, tau, ln_w, ln_b, b, decay, anchor)
         elif impl == "triton":
             out, state = _triton_scan(name, state, q, k, v, lr, tau, ln_w[:, 0], ln_b[:, 0], b,
-                                      checkpoint_group)
+                                      checkpoint_group, decay, anchor)
         else:
             out, state = _scan(minibatch, state, q, k, v, lr, tau, ln_w, ln_b, b, checkpoint_group,
                                compiled=impl == "compile", decay=decay, anchor=anchor)
@@ -367,7 +367,7 @@ def ttt_linear(q, k, v, lr, tau, ln_w, ln_b, b, state, *, impl="torch", checkpoi
     decay    float in (0, 1]   1: the official update. Below 1, fast weights that forget: at the end
              of each mini-batch the next W_start = W_start - tau_{b-1} G - (1 - decay) (W_start - anchor),
              so what was written k mini-batches ago has faded by decay^k toward the anchor (not in
-             the official layer; impl "torch" and "compile" only)
+             the official layer; ttt_mlp's impl "triton" does not have it)
     anchor   tuple of tensors, one per fast weight, [H, ...] or [B, H, ...]: where the fast weights
              fade to (the layer passes its learnt start); needed when decay < 1
 
@@ -520,10 +520,20 @@ if triton is not None:
         return out, Gn, Gcn
 
     @triton.jit
+    def _tl_decay(W, c, full, A_ptr, Ac_ptr, gam, pid, D: tl.constexpr):
+        """The part of the next W_start that fast weights that forget add: -(1 - decay) (W - anchor)
+        when the mini-batch is complete (the anchor of (row, head) pid read from memory: it would
+        hold as many registers as W through the walk)."""
+        rd = tl.arange(0, D)
+        f = full * (1.0 - gam)
+        A = tl.load(A_ptr + pid * D * D + rd[:, None] * D + rd[None, :])
+        return -f * (W - A), -f * (c - tl.load(Ac_ptr + pid * D + rd))
+
+    @triton.jit
     def _tl_fwd_step(m, W, c, GW, Gc, q_ptr, k_ptr, v_ptr, lr_ptr, out_ptr, GW_ptr, Gc_ptr,
                      Wck_ptr, cck_ptr, tau, tau_last, lnw, lnb, pid, T, i0, NM, NCS, last_full,
-                     HAS_G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, SEG: tl.constexpr,
-                     SAVE: tl.constexpr, DOT: tl.constexpr):
+                     A_ptr, Ac_ptr, gam, HAS_G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+                     SEG: tl.constexpr, SAVE: tl.constexpr, DOT: tl.constexpr, DECAY: tl.constexpr):
         """Mini-batch m: outputs, then W_start moves on (or, for an incomplete last one, the
         running sums are written out as the new state's)."""
         rd = tl.arange(0, D)
@@ -541,7 +551,11 @@ if triton is not None:
         last = m == NM - 1
         tl.store(GW_ptr + pid * D * D + dd, Gn * (1.0 - full), mask=last & (dd >= 0))
         tl.store(Gc_ptr + pid * D + rd, Gcn * (1.0 - full), mask=last & (rd >= 0))
-        return W - (full * tau_last) * Gn, c - (full * tau_last) * Gcn
+        Wn, cn = W - (full * tau_last) * Gn, c - (full * tau_last) * Gcn
+        if DECAY:
+            xW, xc = _tl_decay(W, c, full, A_ptr, Ac_ptr, gam, pid, D)
+            Wn, cn = Wn + xW, cn + xc
+        return Wn, cn
 
     # runtime ints are never specialised: a value of 1 would turn them into compile-time
     # constants; T would recompile per length. NMS, NCS: the buffers' room for mini-batches and
@@ -550,11 +564,13 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=_RUNTIME)
     def _ttt_linear_fwd_kernel(q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr,
-                               W_ptr, c_ptr, GW_ptr, Gc_ptr, out_ptr, Wck_ptr, cck_ptr,
+                               W_ptr, c_ptr, GW_ptr, Gc_ptr, out_ptr, Wck_ptr, cck_ptr, A_ptr, Ac_ptr, gam,
                                T, i_ptr, NCS, H,
                                D: tl.constexpr, BS: tl.constexpr, SEG: tl.constexpr,
-                               SAVE: tl.constexpr, DOT: tl.constexpr, STAGES: tl.constexpr):
-        """W_ptr.. Gc_ptr hold the state; the kernel overwrites them with the new state."""
+                               SAVE: tl.constexpr, DOT: tl.constexpr, STAGES: tl.constexpr,
+                               DECAY: tl.constexpr):
+        """W_ptr.. Gc_ptr hold the state; the kernel overwrites them with the new state. With
+        DECAY, fast weights that forget: A_ptr, Ac_ptr the anchor, gam the decay (ttt_linear)."""
         pid = tl.program_id(0)          # one (batch row, head)
         i0, NM, NC, last_full = _tl_shape(i_ptr, T, BS, SEG)
         h = pid % H
@@ -571,18 +587,19 @@ if triton is not None:
         Gc = tl.load(Gc_ptr + pid * D + rd)
         W, c = _tl_fwd_step(0, W, c, GW, Gc, q_ptr, k_ptr, v_ptr, lr_ptr, out_ptr, GW_ptr, Gc_ptr,
                             Wck_ptr, cck_ptr, tau, tau_last, lnw, lnb, pid, T, i0, NM, NCS,
-                            last_full, True, D, BS, SEG, SAVE, DOT)
+                            last_full, A_ptr, Ac_ptr, gam, True, D, BS, SEG, SAVE, DOT, DECAY)
         for m in tl.range(1, NM, num_stages=STAGES):  # later ones start from zero sums: their products are skipped
             W, c = _tl_fwd_step(m, W, c, W, c, q_ptr, k_ptr, v_ptr, lr_ptr, out_ptr, GW_ptr,
                                 Gc_ptr, Wck_ptr, cck_ptr, tau, tau_last, lnw, lnb, pid, T, i0, NM,
-                                NCS, last_full, False, D, BS, SEG, SAVE, DOT)
+                                NCS, last_full, A_ptr, Ac_ptr, gam, False, D, BS, SEG, SAVE, DOT, DECAY)
         tl.store(W_ptr + pid * D * D + dd, W)
         tl.store(c_ptr + pid * D + rd, c)
 
     @triton.jit(do_not_specialize=_RUNTIME + ["M0", "M1"])
     def _ttt_linear_scan_kernel(k_ptr, v_ptr, lr_ptr, lnw_ptr, lnb_ptr, tau_ptr, W_ptr, c_ptr, GW_ptr, Gc_ptr,
-                                Wall_ptr, call_ptr, T, i_ptr, NMS, H, M0, M1,
-                                D: tl.constexpr, BS: tl.constexpr, DOT: tl.constexpr, STAGES: tl.constexpr):
+                                Wall_ptr, call_ptr, A_ptr, Ac_ptr, gam, T, i_ptr, NMS, H, M0, M1,
+                                D: tl.constexpr, BS: tl.constexpr, DOT: tl.constexpr, STAGES: tl.constexpr,
+                                DECAY: tl.constexpr):
         """The two-pass forward's walk: the fast weights of one (batch row, head) through its
         mini-batches M0 to M1 - 1, each one's start written to Wall/call [NMS, D, D] / [NMS, D];
         W_ptr.. Gc_ptr hold the state in and the new state out, as in _ttt_linear_fwd_kernel."""
@@ -612,6 +629,10 @@ if triton is not None:
                 tl.debug_barrier()  # every thread has read the sums carried in before they are overwritten
                 tl.store(GW_ptr + pid * D * D + dd, Gn * (1.0 - full))
                 tl.store(Gc_ptr + pid * D + rd, Gcn * (1.0 - full))
+            if DECAY:
+                xW, xc = _tl_decay(W, c, full, A_ptr, Ac_ptr, gam, pid, D)
+                W += xW
+                c += xc
             W -= (full * tau_last) * Gn
             c -= (full * tau_last) * Gcn
         tl.store(W_ptr + pid * D * D + dd, W)
@@ -660,12 +681,13 @@ if triton is not None:
 
     @triton.jit
     def _tl_bwd_minibatch(W, c, GW, Gc, q, k, v, lr, tau, tau_last, full, lnw, lnb, dout,
-                          dW, dc, dG, dGc, HAS_G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-                          DOT: tl.constexpr):
+                          dW, dc, dG, dGc, gam, HAS_G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+                          DOT: tl.constexpr, DECAY: tl.constexpr):
         """Reverse of _tl_fwd_minibatch plus the end-of-mini-batch update, derived by hand.
 
         dW, dc: adjoints of W_start after this mini-batch; dG, dGc: of the sums it hands on.
-        Returns the adjoints of the inputs; dW, dc become those of W_start before it.
+        Returns the adjoints of the inputs; dW, dc become those of W_start before it; with DECAY,
+        dA, dAc: what the anchor gets through this mini-batch's update (else zeros).
         """
         r = tl.arange(0, BS)
         causal = r[:, None] >= r[None, :]
@@ -687,6 +709,13 @@ if triton is not None:
         dGn = full * (-tau_last) * dW + (1.0 - full) * dG                         # [D, D]
         dGcn = full * (-tau_last) * dc + (1.0 - full) * dGc                       # [D]
         dtau_last = -full * (tl.sum(tl.sum(dW * Gn, 1), 0) + tl.sum(dc * Gcn, 0))
+        dA = tl.zeros([D, D], dtype=tl.float32)
+        dAc = tl.zeros([D], dtype=tl.float32)
+        if DECAY:  # W_next = W - ... - f (W - A): the share f of W_next's adjoint goes to A, not W
+            dA = (full * (1.0 - gam)) * dW
+            dAc = (full * (1.0 - gam)) * dc
+            dW -= dA
+            dc -= dAc
         # Gn = GW + k^T u, Gcn = Gc + sum_j u_j, u = lr * gz
         du = tl.dot(k, dGn, input_precision=DOT) + dGcn[None, :]                  # [BS, D]
         dk = tl.dot(u, tl.trans(dGn), input_precision=DOT)                       # [BS, D]
@@ -726,18 +755,18 @@ if triton is not None:
         dk += tl.dot(dz, tl.trans(W), input_precision=DOT)
         dW += tl.dot(tl.trans(k), dz, input_precision=DOT)
         dc += tl.sum(dz, 0)
-        return dq, dk, dv, dlr, dtau, dtau_last, dlnw, dlnb, dW, dc, dGW_in, dGc_in
+        return dq, dk, dv, dlr, dtau, dtau_last, dlnw, dlnb, dW, dc, dGW_in, dGc_in, dA, dAc
 
     @triton.jit(do_not_specialize=_RUNTIME)
     def _ttt_linear_bwd_kernel(q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr,
                                GW_ptr, Gc_ptr, Wck_ptr, cck_ptr, Wbuf_ptr, cbuf_ptr, dout_ptr,
                                dW_ptr, dc_ptr, dGW_ptr, dGc_ptr,
                                dq_ptr, dk_ptr, dv_ptr, dlr_ptr, dtau_ptr, dlnw_ptr, dlnb_ptr,
-                               T, i_ptr, NCS, H,
+                               A_ptr, Ac_ptr, gam, dA_ptr, dAc_ptr, T, i_ptr, NCS, H,
                                D: tl.constexpr, BS: tl.constexpr, SEG: tl.constexpr,
-                               DOT: tl.constexpr):
+                               DOT: tl.constexpr, DECAY: tl.constexpr):
         """dW_ptr.. dGc_ptr hold the adjoints of the final state on entry and those of the initial
-        state on exit."""
+        state on exit; with DECAY, dA_ptr, dAc_ptr receive the anchor's."""
         pid = tl.program_id(0)
         i0, NM, NC, last_full = _tl_shape(i_ptr, T, BS, SEG)
         h = pid % H
@@ -756,6 +785,8 @@ if triton is not None:
         dtau = tl.zeros([BS], dtype=tl.float32)
         dlnw = tl.zeros([D], dtype=tl.float32)
         dlnb = tl.zeros([D], dtype=tl.float32)
+        dA = tl.zeros([D, D], dtype=tl.float32)
+        dAc = tl.zeros([D], dtype=tl.float32)
         buf = Wbuf_ptr + pid * SEG * D * D
         cbuf = cbuf_ptr + pid * SEG * D
         for si in range(NC):
@@ -776,6 +807,10 @@ if triton is not None:
                 GW0 = tl.load(GW_ptr + pid * D * D + dd, mask=(m == 0) & (dd >= 0), other=0.0)
                 Gc0 = tl.load(Gc_ptr + pid * D + rd, mask=(m == 0) & (rd >= 0), other=0.0)
                 full = ((m < NM - 1) | (last_full != 0)).to(tl.float32)
+                if DECAY:
+                    xW, xc = _tl_decay(W, c, full, A_ptr, Ac_ptr, gam, pid, D)
+                    W += xW
+                    c += xc
                 W -= (full * tau_last) * (tl.dot(tl.trans(k), u, input_precision=DOT) + GW0)
                 c -= (full * tau_last) * (tl.sum(u, 0) + Gc0)
             tl.debug_barrier()  # buf is written before any thread reads it
@@ -792,9 +827,12 @@ if triton is not None:
                 dG = tl.load(dGW_ptr + pid * D * D + dd, mask=last & (dd >= 0), other=0.0)
                 dGc = tl.load(dGc_ptr + pid * D + rd, mask=last & (rd >= 0), other=0.0)
                 # (the sums entering this mini-batch are the constant 0: their adjoint is dropped)
-                dq, dk, dv, dlr, dtau_m, dtl, dlnw_m, dlnb_m, dW, dc, _, _ = _tl_bwd_minibatch(
+                dq, dk, dv, dlr, dtau_m, dtl, dlnw_m, dlnb_m, dW, dc, _, _, dA_m, dAc_m = _tl_bwd_minibatch(
                     W, c, dW, dc, q, k, v, lr, tau, tau_last, full, lnw, lnb, dout,
-                    dW, dc, dG, dGc, False, D, BS, DOT)
+                    dW, dc, dG, dGc, gam, False, D, BS, DOT, DECAY)
+                if DECAY:
+                    dA += dA_m
+                    dAc += dAc_m
                 dtau += dtau_m + tl.where(rb == BS - 1, dtl, 0.0)
                 dlnw += dlnw_m
                 dlnb += dlnb_m
@@ -811,9 +849,12 @@ if triton is not None:
         Gc0 = tl.load(Gc_ptr + pid * D + rd)
         dG = tl.load(dGW_ptr + pid * D * D + dd, mask=(NM == 1) & g_out & (dd >= 0), other=0.0)
         dGc = tl.load(dGc_ptr + pid * D + rd, mask=(NM == 1) & g_out & (rd >= 0), other=0.0)
-        dq, dk, dv, dlr, dtau_m, dtl, dlnw_m, dlnb_m, dW, dc, dG, dGc = _tl_bwd_minibatch(
+        dq, dk, dv, dlr, dtau_m, dtl, dlnw_m, dlnb_m, dW, dc, dG, dGc, dA_m, dAc_m = _tl_bwd_minibatch(
             W, c, GW0, Gc0, q, k, v, lr, tau, tau_last, full, lnw, lnb, dout,
-            dW, dc, dG, dGc, True, D, BS, DOT)
+            dW, dc, dG, dGc, gam, True, D, BS, DOT, DECAY)
+        if DECAY:
+            tl.store(dA_ptr + pid * D * D + dd, dA + dA_m)
+            tl.store(dAc_ptr + pid * D + rd, dAc + dAc_m)
         dtau += dtau_m + tl.where(rb == BS - 1, dtl, 0.0)
         tl.store(dq_ptr + offs, dq, mask=ok[:, None])
         tl.store(dk_ptr + offs, dk, mask=ok[:, None])
@@ -874,11 +915,13 @@ if triton is not None:
     @triton.jit(do_not_specialize=_RUNTIME + ["J0", "J1"])
     def _ttt_linear_bwd_walk_kernel(k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, Wall_ptr, call_ptr,
                                     Q_ptr, g0_ptr, s_ptr, dGW_ptr, dGc_ptr, dW_ptr, dc_ptr, dWall_ptr, dcall_ptr,
-                                    T, i_ptr, NMS, H, J0, J1, D: tl.constexpr, BS: tl.constexpr,
-                                    DOT: tl.constexpr, STAGES: tl.constexpr):
+                                    gam, dA_ptr, dAc_ptr, T, i_ptr, NMS, H, J0, J1, D: tl.constexpr,
+                                    BS: tl.constexpr, DOT: tl.constexpr, STAGES: tl.constexpr,
+                                    DECAY: tl.constexpr):
         """Pass (2), one program per (row, head): from the adjoint of W and c after mini-batch
         NM - 1 - J0 (dW_ptr, dc_ptr), back through J1 - J0 mini-batches, writing the adjoint each
-        one receives from the next to dWall/dcall, and the last one's to dW_ptr, dc_ptr."""
+        one receives from the next to dWall/dcall, and the last one's to dW_ptr, dc_ptr. With
+        DECAY, the anchor's share of each is added to dA_ptr, dAc_ptr."""
         pid = tl.program_id(0)
         i0, NM, nc, last_full = _tl_shape(i_ptr, T, BS, 1)
         h = pid % H
@@ -889,6 +932,8 @@ if triton is not None:
         tau_last = tl.load(tau_ptr + BS - 1)
         dW = tl.load(dW_ptr + pid * D * D + dd)
         dc = tl.load(dc_ptr + pid * D + rd)
+        dA = tl.zeros([D, D], dtype=tl.float32)
+        dAc = tl.zeros([D], dtype=tl.float32)
         for j in tl.range(J0, tl.minimum(J1, NM), num_stages=STAGES):
             m = NM - 1 - j
             at = pid * NMS + m
@@ -904,6 +949,12 @@ if triton is not None:
             if (m == NM - 1) & (last_full == 0):
                 dGn += tl.load(dGW_ptr + pid * D * D + dd)
                 dGcn += tl.load(dGc_ptr + pid * D + rd)
+            if DECAY:  # as in _tl_bwd_minibatch
+                f = full * (1.0 - gam)
+                dA += f * dW
+                dAc += f * dc
+                dW -= f * dW
+                dc -= f * dc
             gz, a, xh, rs = _tl_inner_grad(W, c, k, v, lnw, lnb, D, DOT)
             du = tl.dot(k, dGn, input_precision=DOT) + dGcn[None, :]
             dgz = lr[:, None] * du + tl.load(g0_ptr + at * BS * D + rb[:, None] * D + rd[None, :])
@@ -912,6 +963,9 @@ if triton is not None:
             dc += tl.load(s_ptr + at * D + rd) + tl.sum(dz, 0)
         tl.store(dW_ptr + pid * D * D + dd, dW)
         tl.store(dc_ptr + pid * D + rd, dc)
+        if DECAY:  # the walk comes in pieces: add this one's share
+            tl.store(dA_ptr + pid * D * D + dd, tl.load(dA_ptr + pid * D * D + dd) + dA)
+            tl.store(dAc_ptr + pid * D + rd, tl.load(dAc_ptr + pid * D + rd) + dAc)
 
     @triton.jit(do_not_specialize=_RUNTIME + ["J0"])
     def _ttt_linear_bwd_par_kernel(q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, GW_ptr, Gc_ptr,
@@ -947,10 +1001,11 @@ if triton is not None:
             if HAS_G:
                 GW = tl.load(GW_ptr + pid * D * D + dd)
                 Gc = tl.load(Gc_ptr + pid * D + rd)
-            dq, dk, dv, dlr, dtau, dtl, dlnw, dlnb, _, _, dGW, dGc = _tl_bwd_minibatch(
+            # (the decay changes only the adjoint of W handed back, which pass (2) made)
+            dq, dk, dv, dlr, dtau, dtl, dlnw, dlnb, _, _, dGW, dGc, _, _ = _tl_bwd_minibatch(
                 W, c, GW, Gc, q, k, v, lr, tl.load(tau_ptr + rb), tl.load(tau_ptr + BS - 1), full,
-                tl.load(lnw_ptr + h * D + rd), tl.load(lnb_ptr + h * D + rd), dout, dW, dc, dG, dGc, HAS_G,
-                D, BS, DOT)
+                tl.load(lnw_ptr + h * D + rd), tl.load(lnb_ptr + h * D + rd), dout, dW, dc, dG, dGc, 1.0, HAS_G,
+                D, BS, DOT, False)
             tl.store(dq_ptr + offs, dq, mask=ok[:, None])
             tl.store(dk_ptr + offs, dk, mask=ok[:, None])
             tl.store(dv_ptr + offs, dv, mask=ok[:, None])
@@ -1416,12 +1471,13 @@ Tensor = torch.Tensor
 # break), and autograd takes the backward kernel from register_autograd below.
 @torch.library.custom_op("ttt::linear_chunk", mutates_args=())
 def _linear_chunk(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, tau: Tensor, ln_w: Tensor, ln_b: Tensor,
-                  W: Tensor, c: Tensor, GW: Tensor, Gc: Tensor, i: Tensor, b: int, seg: int,
-                  save: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  W: Tensor, c: Tensor, GW: Tensor, Gc: Tensor, A: Tensor, Ac: Tensor, i: Tensor, b: int, seg: int,
+                  save: bool, gam: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """ttt_linear's chunked path as Triton kernels (one pass, or two), on float32 contiguous
-    inputs; i: the state's position in its mini-batch (int64 []). Returns out, the new state
-    (W, c, GW, Gc) and, when save, the fast weights for backward: every seg mini-batches (one
-    pass) or every mini-batch (two)."""
+    inputs; i: the state's position in its mini-batch (int64 []); gam < 1: fast weights that
+    forget toward the anchor A, Ac (shaped as W, c). Returns out, the new state (W, c, GW, Gc)
+    and, when save, the fast weights for backward: every seg mini-batches (one pass) or every
+    mini-batch (two)."""
     B, H, T, d = q.shape
     NMS, NCS = _room(T, b, seg)
     GW_in, Gc_in = GW, Gc
@@ -1435,8 +1491,9 @@ def _linear_chunk(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, tau: Tensor, ln_w
         side = _Side(q)
         for m0, n in _pieces(NMS):
             _ttt_linear_scan_kernel[(B * H,)](
-                k, v, lr, ln_w, ln_b, tau, W, c, GW, Gc, Wall, call, T, i, NMS, H, m0, m0 + n,
-                D=d, BS=b, DOT=TRITON_DOT, STAGES=TRITON_FWD["stages"], num_warps=TRITON_FWD["num_warps"])
+                k, v, lr, ln_w, ln_b, tau, W, c, GW, Gc, Wall, call, A, Ac, gam, T, i, NMS, H, m0, m0 + n,
+                D=d, BS=b, DOT=TRITON_DOT, STAGES=TRITON_FWD["stages"], DECAY=gam != 1.0,
+                num_warps=TRITON_FWD["num_warps"])
             with side:
                 _ttt_linear_readout_kernel[(B * H, n)](
                     q, k, v, lr, tau, ln_w, ln_b, GW_in, Gc_in, Wall, call, out, T, i, NMS, H, m0, D=d, BS=b,
@@ -1448,14 +1505,14 @@ def _linear_chunk(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, tau: Tensor, ln_w
     Wck = q.new_empty((B * H, NCS if save else 1, d, d))
     cck = q.new_empty((B * H, NCS if save else 1, d))
     _ttt_linear_fwd_kernel[(B * H,)](
-        q, k, v, lr, tau, ln_w, ln_b, W, c, GW, Gc, out, Wck, cck, T, i, NCS, H,
-        D=d, BS=b, SEG=seg, SAVE=save, DOT=TRITON_DOT, STAGES=TRITON_FWD["stages"],
+        q, k, v, lr, tau, ln_w, ln_b, W, c, GW, Gc, out, Wck, cck, A, Ac, gam, T, i, NCS, H,
+        D=d, BS=b, SEG=seg, SAVE=save, DOT=TRITON_DOT, STAGES=TRITON_FWD["stages"], DECAY=gam != 1.0,
         num_warps=TRITON_FWD["num_warps"])
     return out, W, c, GW, Gc, Wck, cck
 
 
 @_linear_chunk.register_fake
-def _(q, k, v, lr, tau, ln_w, ln_b, W, c, GW, Gc, i, b, seg, save):
+def _(q, k, v, lr, tau, ln_w, ln_b, W, c, GW, Gc, A, Ac, i, b, seg, save, gam):
     B, H, T, d = q.shape
     NCS = 1 if not save else _room(T, b, 1)[0] if _two_pass(B * H, T, b, d) else _room(T, b, seg)[1]
     return (torch.empty_like(q), torch.empty_like(W), torch.empty_like(c), torch.empty_like(GW),
@@ -1464,16 +1521,17 @@ def _(q, k, v, lr, tau, ln_w, ln_b, W, c, GW, Gc, i, b, seg, save):
 
 @torch.library.custom_op("ttt::linear_chunk_backward", mutates_args=())
 def _linear_chunk_backward(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, tau: Tensor, ln_w: Tensor,
-                           ln_b: Tensor, GW: Tensor, Gc: Tensor, Wck: Tensor, cck: Tensor, i: Tensor,
-                           dout: Tensor, dW: Tensor, dc: Tensor, dGW: Tensor, dGc: Tensor, b: int,
-                           seg: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-                                              Tensor, Tensor, Tensor, Tensor]:
+                           ln_b: Tensor, GW: Tensor, Gc: Tensor, Wck: Tensor, cck: Tensor, A: Tensor, Ac: Tensor,
+                           i: Tensor, dout: Tensor, dW: Tensor, dc: Tensor, dGW: Tensor, dGc: Tensor, b: int,
+                           seg: int, gam: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                          Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The backward kernels (one walk, or three passes when the forward kept the fast weights of
     every mini-batch): from the adjoints of out and of the final state, those of q, k, v, lr, of
-    tau, ln_w, ln_b per (row, head), and of the initial state."""
+    tau, ln_w, ln_b per (row, head), of the initial state and of the anchor (zero when gam = 1)."""
     B, H, T, d = q.shape
     dW, dc, dGW, dGc = (g.clone() for g in (dW, dc, dGW, dGc))  # the kernel updates these in place
     dq, dk, dv, dlr = (torch.empty_like(x) for x in (q, k, v, lr))
+    dA, dAc = torch.zeros_like(A), torch.zeros_like(Ac)
     NMS = _room(T, b, 1)[0]
     if Wck.shape[1] == NMS and _two_pass(B * H, T, b, d):  # the forward kept every mini-batch's W
         args = (T, i, NMS, H)
@@ -1490,49 +1548,51 @@ def _linear_chunk_backward(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, tau: Ten
             num_warps=TRITON_BWD3["par_warps"] or (8 if b * d <= 1024 else 4))
         for j0, n in _pieces(NMS):   # j: mini-batches from the last one back
             _ttt_linear_bwd_walk_kernel[(B * H,)](k, v, lr, tau, ln_w, ln_b, Wck, cck, Q, g0, s, dGW, dGc, dW,
-                                                  dc, dWall, dcall, *args, j0, j0 + n, D=d, BS=b, DOT=TRITON_DOT,
-                                                  STAGES=TRITON_BWD3["walk_stages"],
-                                                  num_warps=TRITON_BWD3["walk_warps"])
+                                                  dc, dWall, dcall, gam, dA, dAc, *args, j0, j0 + n, D=d, BS=b,
+                                                  DOT=TRITON_DOT, STAGES=TRITON_BWD3["walk_stages"],
+                                                  DECAY=gam != 1.0, num_warps=TRITON_BWD3["walk_warps"])
             with side:
                 par(j0, n, False)
         with side:
             par(0, 1, True)   # mini-batch 0, last: it writes the adjoint of the sums carried in over dGW, dGc
         side.join()
-        return dq, dk, dv, dlr, dtau.sum(1), dlnw.sum(1), dlnb.sum(1), dW, dc, dGW, dGc
+        return dq, dk, dv, dlr, dtau.sum(1), dlnw.sum(1), dlnb.sum(1), dW, dc, dGW, dGc, dA, dAc
     dtau, dlnw, dlnb = q.new_empty(B * H, b), q.new_empty(B * H, d), q.new_empty(B * H, d)
     Wbuf, cbuf = q.new_empty(B * H, seg, d, d), q.new_empty(B * H, seg, d)
     _ttt_linear_bwd_kernel[(B * H,)](
         q, k, v, lr, tau, ln_w, ln_b, GW, Gc, Wck, cck, Wbuf, cbuf, dout, dW, dc, dGW, dGc,
-        dq, dk, dv, dlr, dtau, dlnw, dlnb, T, i, Wck.shape[1], H,
-        D=d, BS=b, SEG=seg, DOT=TRITON_DOT, num_stages=TRITON_BWD["num_stages"] or (3 if b * d <= 1024 else 1),
+        dq, dk, dv, dlr, dtau, dlnw, dlnb, A, Ac, gam, dA, dAc, T, i, Wck.shape[1], H,
+        D=d, BS=b, SEG=seg, DOT=TRITON_DOT, DECAY=gam != 1.0,
+        num_stages=TRITON_BWD["num_stages"] or (3 if b * d <= 1024 else 1),
         num_warps=TRITON_BWD["num_warps"] or (8 if b * d <= 1024 else 4))
-    return dq, dk, dv, dlr, dtau, dlnw, dlnb, dW, dc, dGW, dGc
+    return dq, dk, dv, dlr, dtau, dlnw, dlnb, dW, dc, dGW, dGc, dA, dAc
 
 
 @_linear_chunk_backward.register_fake
-def _(q, k, v, lr, tau, ln_w, ln_b, GW, Gc, Wck, cck, i, dout, dW, dc, dGW, dGc, b, seg):
+def _(q, k, v, lr, tau, ln_w, ln_b, GW, Gc, Wck, cck, A, Ac, i, dout, dW, dc, dGW, dGc, b, seg, gam):
     B, H, T, d = q.shape
     return (*(torch.empty_like(x) for x in (q, k, v, lr)), q.new_empty(B * H, b), q.new_empty(B * H, d),
-            q.new_empty(B * H, d), *(torch.empty_like(x) for x in (dW, dc, dGW, dGc)))
+            q.new_empty(B * H, d), *(torch.empty_like(x) for x in (dW, dc, dGW, dGc, A, Ac)))
 
 
 def _linear_chunk_setup(ctx, inputs, output):
-    q, k, v, lr, tau, ln_w, ln_b, W, c, GW, Gc, i, b, seg, save = inputs
-    ctx.save_for_backward(q, k, v, lr, tau, ln_w, ln_b, GW, Gc, output[5], output[6], i)
-    ctx.meta = (b, seg)
+    q, k, v, lr, tau, ln_w, ln_b, W, c, GW, Gc, A, Ac, i, b, seg, save, gam = inputs
+    ctx.save_for_backward(q, k, v, lr, tau, ln_w, ln_b, GW, Gc, output[5], output[6], A, Ac, i)
+    ctx.meta = (b, seg, gam)
 
 
 def _linear_chunk_grad(ctx, dout, dW, dc, dGW, dGc, _dWck, _dcck):
-    q, k, v, lr, tau, ln_w, ln_b, GW, Gc, Wck, cck, i = ctx.saved_tensors
-    b, seg = ctx.meta
+    q, k, v, lr, tau, ln_w, ln_b, GW, Gc, Wck, cck, A, Ac, i = ctx.saved_tensors
+    b, seg, gam = ctx.meta
     B, H, T, d = q.shape
     # adjoints of the final state (None: that state was unused)
     adj = lambda g, like: torch.zeros_like(like) if g is None else g.contiguous()
-    dq, dk, dv, dlr, dtau, dlnw, dlnb, dW, dc, dGW, dGc = _linear_chunk_backward(
-        q, k, v, lr, tau, ln_w, ln_b, GW, Gc, Wck, cck, i, adj(dout, q), adj(dW, GW), adj(dc, Gc),
-        adj(dGW, GW), adj(dGc, Gc), b, seg)
+    dq, dk, dv, dlr, dtau, dlnw, dlnb, dW, dc, dGW, dGc, dA, dAc = _linear_chunk_backward(
+        q, k, v, lr, tau, ln_w, ln_b, GW, Gc, Wck, cck, A, Ac, i, adj(dout, q), adj(dW, GW), adj(dc, Gc),
+        adj(dGW, GW), adj(dGc, Gc), b, seg, gam)
     return (dq, dk, dv, dlr, dtau.sum(0), dlnw.view(B, H, d).sum(0), dlnb.view(B, H, d).sum(0),
-            dW, dc, dGW, dGc, None, None, None, None)
+            dW, dc, dGW, dGc, dA if gam != 1.0 else None, dAc if gam != 1.0 else None, None, None, None, None,
+            None)
 
 
 _linear_chunk.register_autograd(_linear_chunk_grad, setup_context=_linear_chunk_setup)
@@ -1618,7 +1678,7 @@ def _mlp_chunk_grad(ctx, dout, dP, dGo, _dCk):
 _mlp_chunk.register_autograd(_mlp_chunk_grad, setup_context=_mlp_chunk_setup)
 
 
-def _triton_scan(name, state, q, k, v, lr, tau, ln_w, ln_b, b, checkpoint_group):
+def _triton_scan(name, state, q, k, v, lr, tau, ln_w, ln_b, b, checkpoint_group, decay=1.0, anchor=()):
     """Chunked path of ttt_linear / ttt_mlp on the Triton kernels (same contract as _scan). Where
     the call starts inside its mini-batch is read by the kernels on the device: no host sync."""
     B, H, T, d = q.shape
@@ -1644,9 +1704,11 @@ def _triton_scan(name, state, q, k, v, lr, tau, ln_w, ln_b, b, checkpoint_group)
         return out, TTTState(unflat(P), unflat(G), (state.i + T) % b)
     W, c = state.params
     GW, Gc = state.grads
-    args += [x.contiguous() for x in (W, c, GW, Gc)]
+    # the anchor, one copy a (row, head) as the kernels read it (W itself, unread, without decay)
+    A, Ac = (a.expand_as(p) for a, p in zip(anchor, (W, c))) if decay != 1.0 else (W, c)
+    args += [x.contiguous() for x in (W, c, GW, Gc, A, Ac)]
     save = torch.is_grad_enabled() and any(x.requires_grad for x in args)  # keep W for backward?
-    out, W, c, GW, Gc, _, _ = _linear_chunk(*args, i, b, seg, save)
+    out, W, c, GW, Gc, _, _ = _linear_chunk(*args, i, b, seg, save, float(decay))
     return out, TTTState((W, c), (GW, Gc), (state.i + T) % b)
 
 
@@ -1740,7 +1802,7 @@ class _TTTLayer(nn.Module):
             return self.impl
         if not x.is_cuda:
             return "torch"
-        if triton_supported(self.kind, self.head_dim, self.mini_batch) and self.decay == 1.0:
+        if triton_supported(self.kind, self.head_dim, self.mini_batch) and (self.decay == 1.0 or self.kind == "linear"):
             return "triton"
         return "torch" if _COMPILE_FAILED else "compile"
 
@@ -1813,7 +1875,7 @@ class TTTLinear(_TTTLayer):
     impl "auto": on CUDA the Triton kernels where they support the shape, else the compiled loop
     (falling back to eager if compiling fails); on the CPU the PyTorch reference.
     decay < 1 (not in the official layer): fast weights that fade toward their learnt start, see
-    ttt_linear; on CUDA it takes the compiled loop (the kernels have no decay).
+    ttt_linear (TTT-MLP's takes the compiled loop on CUDA: its Triton kernels have no decay).
     """
     kind = "linear"
     inner = staticmethod(ttt_linear)
