@@ -9,6 +9,8 @@ size b and position i = t mod b inside the mini-batch (DESIGN.md, "TTT layer"):
     loss_j = 1/2 || f(k_j; W) - (v_j - k_j) ||^2          g_j = grad of loss_j at W_start
     out_i  = q_i + f(q_i; W_start - tau_i * sum_{j<=i} lr_j g_j)
     after a full mini-batch: W_start <- W_start - tau_{b-1} * sum_{j<b} lr_j g_j
+    (option, not in the official layer: fast weights that forget, decay < 1, also
+     W_start <- ... - (1 - decay) (W_start - W_0), toward the learnt start W_0)
 
 The state carried between calls is (W_start, the running sum sum_j lr_j g_j, i), all float32, so
 a call may begin and end anywhere inside a mini-batch and any split of a sequence into calls gives
