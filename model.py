@@ -947,12 +947,14 @@ if triton is not None:
 
     @triton.jit
     def _ttt_step_kernel(buf_ptr, x_ptr, nw_ptr, eps, wlr_ptr, blr_ptr, base_lr, tau_ptr, i_ptr, cos_ptr, sin_ptr,
-                         lnw_ptr, lnb_ptr, W_ptr, c_ptr, GW_ptr, Gc_ptr, out_ptr, D, MB,
-                         H: tl.constexpr, HD: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr):
+                         lnw_ptr, lnb_ptr, W_ptr, c_ptr, GW_ptr, Gc_ptr, out_ptr, A_ptr, Ac_ptr, gam, D, MB,
+                         H: tl.constexpr, HD: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr,
+                         DECAY: tl.constexpr):
         # The TTT-Linear streaming step (ttt._linear_token and ttt._step) of head h = program_id(0), row
         # bi = program_id(1): buf holds the row's q, k, v (before RoPE) and gate; x the branch's input,
         # whose RMSNorm (weight nw) feeds the learning-rate gate. Fast weights W [HD, HD], c [HD] and the
-        # running sums GW, Gc are updated in place; out = q + LN(q W_i + c_i) in out's dtype.
+        # running sums GW, Gc are updated in place; out = q + LN(q W_i + c_i) in out's dtype. DECAY: fast
+        # weights that forget (ttt.py's decay gam), toward the layer's learnt start A [H, HD, HD], Ac [H, HD].
         h, bi = tl.program_id(0), tl.program_id(1)
         rd = tl.arange(0, HD)
         if PDL:
@@ -1002,6 +1004,10 @@ if triton is not None:
         o = q + (zc * tl.rsqrt(tl.sum(zc * zc, 0) / HD + TTT_EPS) * lnw + lnb)
         tl.store(out_ptr + bi * D + h * HD + rd, o.to(dt))
         if i == MB - 1:  # the mini-batch is complete: W_i is the next start, the sums start again
+            if DECAY:   # ... and what W held fades toward the learnt start
+                A = tl.load(A_ptr + h * HD * HD + rd[:, None] * HD + rd[None, :]).to(tl.float32)
+                Wi -= (1.0 - gam) * (W - A)
+                ci -= (1.0 - gam) * (c - tl.load(Ac_ptr + h * HD + rd).to(tl.float32))
             tl.store(W_ptr + at, Wi)
             tl.store(c_ptr + st + rd, ci)
             tl.store(GW_ptr + at, tl.zeros([HD, HD], tl.float32))
@@ -1398,8 +1404,8 @@ class SpeechLM(nn.Module):
         _ttt_step_kernel[(t.n_heads, 1)](
             buf, x, self.layers[i].ttt.norm.weight, self.layers[i].ttt.norm.eps, t.learnable_ttt_lr_weight,
             t.learnable_ttt_lr_bias, float(t.base_lr), g["tau"], ts.i, g["cos"], g["sin"], t.ttt_norm_weight,
-            t.ttt_norm_bias, W, c, GW, Gc, out, D, t.mini_batch, H=t.n_heads, HD=t.head_dim,
-            BD=triton.next_power_of_2(D), PDL=bool(pdl), num_warps=4, **pdl)
+            t.ttt_norm_bias, W, c, GW, Gc, out, t.W1, t.b1, t.decay, D, t.mini_batch, H=t.n_heads, HD=t.head_dim,
+            BD=triton.next_power_of_2(D), PDL=bool(pdl), DECAY=t.decay != 1.0, num_warps=4, **pdl)
         _rows_linear(out, t.o_proj.weight, x, norm=t.post_norm, gate=buf[:, 3 * D:], scale=g["alpha"], residual=True,
                      launch=STEP_LAUNCH)
         return TTTState((W, c), (GW, Gc), (ts.i + 1) % t.mini_batch)
@@ -1427,8 +1433,7 @@ class SpeechLM(nn.Module):
             _rows_linear(x, w_qkv, qkv, norm=layer.input_layernorm, bias=b_qkv, launch=STEP_LAUNCH)
             _step_attend(qkv, cos, sin, k, v, state.kpos, state.pos, y, scratch)
             _rows_linear(y, layer.self_attn.o_proj.weight, x, residual=True, launch=STEP_LAUNCH)
-            fused = self._step_ttt_kernel[i] is not None and layer.ttt.layer.decay == 1   # (the kernel has no decay)
-            if layer.ttt is not None and B == 1 and fused:
+            if layer.ttt is not None and B == 1 and self._step_ttt_kernel[i] is not None:
                 ttt.append(self._ttt_step_kernels(i, x, next(it)))
             elif layer.ttt is not None:
                 xt, ts = self._step_ttt[i](x[:, None], next(it))

@@ -524,12 +524,17 @@ m = M.SpeechLM(cfg).eval()
 with torch.no_grad():
     for p in m.parameters():
         p.add_(0.3 * torch.randn_like(p))  # large enough that attention is far from uniform
+    for l in m.layers:   # token weights 1/(i+1): perturbed, the last one clamps at 0 and W_start never moves
+        if l.ttt is not None:
+            l.ttt.layer.learnable_token_idx.zero_()
 m.use_step_kernels()
 worst = 0.0
 # 3 rows (matrix products), the window in 4 splits; 1 row (products and sums), several reduction
-# blocks, one split; and 1 row from a fresh state
-for B, bk, bn, programs, fresh in ((3, 1024, 0, 24, False), (1, 32, 16, 1, False), (1, 1024, 0, 128, True)):
+# blocks, one split; and 1 row from a fresh state; one row again with fast weights that forget
+for B, bk, bn, programs, fresh, half_life in ((3, 1024, 0, 24, False, 0), (1, 32, 16, 1, False, 0),
+                                              (1, 1024, 0, 128, True, 0), (1, 32, 16, 1, False, 6)):
     M.STEP_LAUNCH.update(BK=bk, BN=bn, programs=programs)
+    m.set_ttt_half_life(half_life)
     g = torch.Generator().manual_seed(B)
     frame = lambda: (torch.rand(B, cfg.n_cols, generator=g) * torch.tensor(cfg.col_cards())).long()
     with torch.no_grad():
@@ -592,6 +597,25 @@ def test_short_attention_kernels_compile_for_h100(dtype):
             src = ASTSource(fn=kern, signature=sig, constexprs={(names.index(n),): v for n, v in consts.items()})
             compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
             assert compiled.metadata.shared <= 227 * 1024
+
+
+@pytest.mark.slow
+def test_ttt_step_kernel_compiles_for_h100():
+    """The TTT-Linear streaming step kernel compiled to sm_90 machine code without a GPU, with the
+    official update and with fast weights that forget (DECAY)."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    kern = model_mod._ttt_step_kernel
+    names = kern.arg_names
+    for decay in (False, True):
+        consts = dict(H=16, HD=64, BD=1024, PDL=False, DECAY=decay)
+        sig = {n: "constexpr" if n in consts else "i32" if n in ("D", "MB") else "*i64" if n == "i_ptr"
+               else "fp32" if n in ("eps", "base_lr", "gam") else "*bf16" if n in ("buf_ptr", "x_ptr", "out_ptr")
+               else "*fp32" for n in names}
+        src = ASTSource(fn=kern, signature=sig, constexprs={(names.index(n),): v for n, v in consts.items()})
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        assert compiled.metadata.shared <= 227 * 1024
 
 
 def test_loss_weight():
