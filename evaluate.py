@@ -662,7 +662,7 @@ def run(a):
         raise ValueError(f"{' '.join(ttt_flags)}: {a.ckpt!r} has no TTT layer")
     if a.ttt_lr_scale != 1:
         model.set_ttt_base_lr(model.cfg.ttt_base_lr * a.ttt_lr_scale)
-    if a.ttt_half_life_s is not None:
+    if a.ttt_half_life_s is not None:   # (replaces learnt half-lives, if the model has them)
         model.set_ttt_half_life(a.ttt_half_life_s * FRAMES_PER_MINUTE / 60)
     out_path = a.out or os.path.join(a.ckpt if os.path.isdir(a.ckpt) else os.path.dirname(a.ckpt), "eval.json")
     r = evaluate(model, a.data, a.conversations, a.chunk, a.batch, a.gen_minutes, a.gen_budget_s, a.temp, a.top_k,
@@ -670,6 +670,14 @@ def run(a):
     r["checkpoint"] = os.path.abspath(a.ckpt)
     r["ttt_lr_scale"] = a.ttt_lr_scale
     r["ttt_half_life_s"] = model.cfg.ttt_half_life * 60 / FRAMES_PER_MINUTE   # 0: never forget
+    learnt = [b.ttt.layer.half_lives() for b in model.layers if b.ttt is not None and b.ttt.layer.log_half_life is not None]
+    if learnt:   # learnt half-lives, seconds, per TTT layer [heads][features]
+        r["ttt_half_life_s"] = None
+        r["ttt_learnt_half_lives_s"] = [(h * 60 / FRAMES_PER_MINUTE).tolist() for h in learnt]
+        for i, h in enumerate(learnt):
+            q = torch.quantile(h.flatten().double() * 60 / FRAMES_PER_MINUTE, torch.tensor([0, .1, .5, .9, 1.], dtype=torch.float64))
+            print(f"TTT layer {i}: learnt half-lives, s: min {q[0]:.3g}, 10% {q[1]:.3g}, median {q[2]:.3g}, "
+                  f"90% {q[3]:.3g}, max {q[4]:.3g}")
     tmp = out_path + ".tmp"
     with open(tmp, "w") as fh:
         json.dump(r, fh, indent=1)

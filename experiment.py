@@ -278,6 +278,8 @@ def train_argv(sc, name, train_path, run_dir, seed=None):
         a["ttt_base_lr"] = sc["stream_ttt_base_lr"]
     if sc.get("stream_ttt_half_life_s") and a.get("n_ttt"):   # forgetting in this phase alone, in frames
         a["ttt_half_life"] = sc["stream_ttt_half_life_s"] * FRAMES_PER_MINUTE / 60
+        if sc.get("stream_ttt_half_life_max_s"):   # learnt half-lives, starting log-spaced in this range
+            a["ttt_half_life_max"] = sc["stream_ttt_half_life_max_s"] * FRAMES_PER_MINUTE / 60
     return [f"--{k}={v}" for k, v in a.items()]
 
 
@@ -626,6 +628,9 @@ def parse_args(argv=None):
                     help="in the streaming phase alone, fast weights that fade toward their learnt start with this "
                          "half-life, seconds (model.py's ttt_half_life; default 0: they never forget, as the "
                          "official layer); the evaluation uses it too")
+    ap.add_argument("--stream_ttt_half_life_max_s", type=float, default=0,
+                    help="with --stream_ttt_half_life_s: learnt half-lives instead (model.py's ttt_half_life_max), "
+                         "one per head and feature, starting log-spaced from --stream_ttt_half_life_s to this, seconds")
     ap.add_argument("--depth_layers", type=int, default=-1,
                     help="override the scale's depth decoder blocks (0: each codebook from a projection of the "
                          "backbone output and the previous codebook's embedding)")
@@ -669,6 +674,9 @@ def parse_args(argv=None):
         ap.error(f"--ttt_base_lr and --stream_ttt_base_lr must be > 0, not {a.ttt_base_lr} and {a.stream_ttt_base_lr}")
     if not a.stream_ttt_half_life_s >= 0:
         ap.error(f"--stream_ttt_half_life_s must be a number of seconds (0: never forget), not {a.stream_ttt_half_life_s}")
+    if a.stream_ttt_half_life_max_s and not 0 < a.stream_ttt_half_life_s <= a.stream_ttt_half_life_max_s < float("inf"):
+        ap.error("--stream_ttt_half_life_max_s needs 0 < --stream_ttt_half_life_s <= --stream_ttt_half_life_max_s, "
+                 f"not {a.stream_ttt_half_life_s} and {a.stream_ttt_half_life_max_s}")
     if a.train_hours < 0:
         ap.error(f"--train_hours must be > 0, not {a.train_hours}")
     if bad or not a.variants:
@@ -694,6 +702,8 @@ def main(argv=None):
         sc["stream_ttt_base_lr"] = a.stream_ttt_base_lr
     if a.stream_ttt_half_life_s:
         sc["stream_ttt_half_life_s"] = a.stream_ttt_half_life_s
+    if a.stream_ttt_half_life_max_s:
+        sc["stream_ttt_half_life_max_s"] = a.stream_ttt_half_life_max_s
     if a.train_hours:
         sc["train_hours"] = a.train_hours
     if a.depth_layers >= 0:

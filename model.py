@@ -66,6 +66,9 @@ class Config:
     # frames after which what the fast weights wrote has faded halfway back to their learnt start
     # (ttt.py's decay, applied once a mini-batch); 0: they never forget, as the official layer
     ttt_half_life: float = 0.0
+    # above 0: learnt half-lives instead, per head and feature, starting log-spaced from ttt_half_life
+    # to this (ttt.py's learn_half_life)
+    ttt_half_life_max: float = 0.0
     ttt_gate_init: float = 0.1    # 0 leaves a pretrained backbone unchanged at the start
     ttt_checkpoint_group: int = 0  # mini-batches per gradient checkpoint segment, 0 = off
     # depth decoder: a small transformer inside each frame
@@ -103,6 +106,9 @@ class Config:
             raise ValueError(f"ttt_type must be 'linear' or 'mlp', got {self.ttt_type!r}")
         if not self.ttt_half_life >= 0:
             raise ValueError(f"ttt_half_life must be 0 (never forget) or a number of frames, got {self.ttt_half_life}")
+        if self.ttt_half_life_max and not (0 < self.ttt_half_life <= self.ttt_half_life_max < float("inf")):
+            raise ValueError(f"learnt half-lives start from ttt_half_life to ttt_half_life_max frames: need "
+                             f"0 < ttt_half_life <= ttt_half_life_max, got {self.ttt_half_life} and {self.ttt_half_life_max}")
         if self.n_text and not self.text_cardinality:
             raise ValueError("a text stream needs text_cardinality")
         if self.silence and (len(self.silence) != self.n_codebooks
@@ -111,8 +117,15 @@ class Config:
                              f"({self.n_codebooks}), got {self.silence}")
 
     def ttt_decay(self):
-        """ttt.py's decay per mini-batch for ttt_half_life: 0.5 ** (mini-batch / half-life), 1 for 0."""
+        """ttt.py's decay per mini-batch for ttt_half_life: 0.5 ** (mini-batch / half-life), 1 for 0
+        (and 1 with learnt half-lives: see ttt_half_life_range)."""
+        if self.ttt_half_life_max:
+            return 1.0
         return 0.5 ** (self.ttt_mini_batch / self.ttt_half_life) if self.ttt_half_life else 1.0
+
+    def ttt_half_life_range(self):
+        """Where learnt half-lives start, (lo, hi) frames, or None for one fixed decay."""
+        return (self.ttt_half_life, self.ttt_half_life_max) if self.ttt_half_life_max else None
 
     @property
     def n_audio(self):  # audio columns of a frame
@@ -504,7 +517,8 @@ class GatedTTT(nn.Module):
         cls = TTTLinear if cfg.ttt_type == "linear" else TTTMLP
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.layer = cls(cfg.dim, cfg.ttt_heads, mini_batch=cfg.ttt_mini_batch, base_lr=cfg.ttt_base_lr,
-                         checkpoint_group=cfg.ttt_checkpoint_group, decay=cfg.ttt_decay())
+                         checkpoint_group=cfg.ttt_checkpoint_group, decay=cfg.ttt_decay(),
+                         half_life_range=cfg.ttt_half_life_range())
         self.alpha = nn.Parameter(torch.full((cfg.dim,), float(cfg.ttt_gate_init)))
 
     def forward(self, x, state):
@@ -1197,15 +1211,21 @@ class SpeechLM(nn.Module):
             t.base_lr = float(lr)
         return self
 
-    def set_ttt_half_life(self, frames):
+    def set_ttt_half_life(self, frames, max_frames=0.0):
         """Let every TTT layer's fast weights fade toward their learnt start with this half-life in
-        frames (0: never, the official layer). No weight depends on it. Saved with the config."""
+        frames (0: never, the official layer). No weight depends on it. With max_frames, learnt
+        half-lives instead: new parameters, starting log-spaced from frames to max_frames (replaced
+        if the model had them; so is a learnt one by a fixed half-life). Saved with the config."""
         layers = self._ttt_layers(f"give a half-life of {frames} frames")
         if not frames >= 0:
             raise ValueError(f"the TTT half-life must be 0 (never forget) or a number of frames, not {frames}")
-        self.cfg.ttt_half_life = float(frames)
+        if max_frames and not 0 < frames <= max_frames < float("inf"):
+            raise ValueError(f"learnt TTT half-lives start in a range of frames 0 < {frames} <= {max_frames}")
+        self.cfg.ttt_half_life, self.cfg.ttt_half_life_max = float(frames), float(max_frames)
         for t in layers:
             t.set_decay(self.cfg.ttt_decay())
+            if max_frames:
+                t.learn_half_life(frames, max_frames)
         return self
 
     # --- state -----------------------------------------------------------------
@@ -1365,7 +1385,7 @@ class SpeechLM(nn.Module):
         cache; output projection + residual; RMSNorm + gate/up + SwiGLU; down projection + residual).
         A gated TTT-Linear branch is 3 more (RMSNorm + q/k/v/gate; the inner step, which updates the
         state's fast weights in place; post-norm, gate, output projection and the gated residual); other
-        TTT branches run in PyTorch (compile_ttt: torch.compile them). Capture the step as a CUDA graph.
+        TTT branches (and TTT-Linear with learnt half-lives) run in PyTorch (compile_ttt: torch.compile them). Capture the step as a CUDA graph.
         At batch 1 only: with more rows the compiled blocks' matrix products were as fast or faster
         (a 7B-shaped backbone at batch 8: 5.2x real time with these kernels, 5.8x without, H100).
         The step then updates the attention caches and TTT states of the state it is given in place.
@@ -1380,7 +1400,8 @@ class SpeechLM(nn.Module):
         self._step_ttt_kernel = [None] * len(self.layers)   # TTT-Linear branches as 3 kernels (batch 1)
         for i, l in enumerate(self.layers):
             t = l.ttt.layer if l.ttt is not None else None
-            if t is None or not isinstance(t, TTTLinear) or t.g_proj is None or t.head_dim & (t.head_dim - 1):
+            if (t is None or not isinstance(t, TTTLinear) or t.g_proj is None or t.head_dim & (t.head_dim - 1)
+                    or t.log_half_life is not None):   # (the kernel takes one decay for every head)
                 continue
             p = t.q_proj.weight
             with torch.no_grad():

@@ -185,10 +185,11 @@ def build_model(tc, overrides, data, device):
                 lr = differ.pop("ttt_base_lr")
                 if model.cfg.n_ttt:
                     model.set_ttt_base_lr(lr)
-            if "ttt_half_life" in differ:   # nor on this
-                frames = differ.pop("ttt_half_life")
+            if "ttt_half_life" in differ or "ttt_half_life_max" in differ:   # nor on this (learnt: new weights)
+                frames = differ.pop("ttt_half_life", model.cfg.ttt_half_life)
+                max_frames = differ.pop("ttt_half_life_max", model.cfg.ttt_half_life_max)
                 if model.cfg.n_ttt:
-                    model.set_ttt_half_life(frames)
+                    model.set_ttt_half_life(frames, max_frames)
             if differ:   # a checkpoint keeps its own shape: an override would be ignored, so say so
                 raise ValueError(f"--init_from {p!r} has " + ", ".join(f"{k}={getattr(model.cfg, k)!r}" for k in differ)
                                  + ", not " + ", ".join(f"{k}={v!r}" for k, v in differ.items())

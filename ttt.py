@@ -10,7 +10,8 @@ size b and position i = t mod b inside the mini-batch (DESIGN.md, "TTT layer"):
     out_i  = q_i + f(q_i; W_start - tau_i * sum_{j<=i} lr_j g_j)
     after a full mini-batch: W_start <- W_start - tau_{b-1} * sum_{j<b} lr_j g_j
     (option, not in the official layer: fast weights that forget, decay < 1, also
-     W_start <- ... - (1 - decay) (W_start - W_0), toward the learnt start W_0)
+     W_start <- ... - (1 - decay) (W_start - W_0), toward the learnt start W_0; the decay may be
+     one number or, learnt, one per head and output feature)
 
 The state carried between calls is (W_start, the running sum sum_j lr_j g_j, i), all float32, so
 a call may begin and end anywhere inside a mini-batch and any split of a sequence into calls gives
@@ -187,14 +188,24 @@ def _mlp_token(params, grads, tau_i, q, k, v, lr, ln_w, ln_b):
 # Driving the inner loop over a call: chunked (T > 1) and streaming (T = 1)
 
 
+def _forgets(decay):
+    """Whether the fast weights fade: a decay below 1, or decay tensors (one per fast weight)."""
+    return isinstance(decay, tuple) or decay != 1.0
+
+
+def _fade(new, params, decay, anchor):
+    """new - (1 - decay) (W_start - anchor) for each fast weight; decay a float or one tensor per
+    fast weight that broadcasts to it."""
+    ds = decay if isinstance(decay, tuple) else (decay,) * len(params)
+    return tuple(n - (1.0 - g) * (w - a) for n, w, a, g in zip(new, params, anchor, ds))
+
+
 def _next_start(params, grads, tau_last, decay, anchor):
     """The fast weights that start the next mini-batch: W_start - tau_{b-1} sum_j lr_j g_j (the
     official update); with decay < 1, what the memory held before this mini-batch also fades toward
     the anchor (the learnt start): - (1 - decay) (W_start - anchor)."""
     new = tuple(w - tau_last * g for w, g in zip(params, grads))
-    if decay != 1.0:
-        new = tuple(n - (1.0 - decay) * (w - a) for n, w, a in zip(new, params, anchor))
-    return new
+    return _fade(new, params, decay, anchor) if _forgets(decay) else new
 
 
 def _full_minibatch(minibatch, params, q, k, v, lr, tau, ln_w, ln_b, decay=1.0, anchor=()):
@@ -264,8 +275,8 @@ def _step(token, state, q, k, v, lr, tau, ln_w, ln_b, b, decay=1.0, anchor=()):
     a CUDA graph or compiled; the end of a mini-batch is a torch.where on i == b - 1."""
     tau_i = tau.index_select(0, state.i.view(1))  # [1] (indexing with a tensor would sync)
     out, grads, Wi = token(state.params, state.grads, tau_i, q, k, v, lr, ln_w, ln_b)
-    if decay != 1.0:  # W_i = W_start - tau_i G_i: at the last token, _next_start's update
-        Wi = tuple(w_i - (1.0 - decay) * (w - a) for w_i, w, a in zip(Wi, state.params, anchor))
+    if _forgets(decay):  # W_i = W_start - tau_i G_i: at the last token, _next_start's update
+        Wi = _fade(Wi, state.params, decay, anchor)
     last = state.i == b - 1  # [] bool: the token that completes a mini-batch makes W_i the new W_start
     params = tuple(torch.where(last, w_i, w) for w_i, w in zip(Wi, state.params))
     grads = tuple(torch.where(last, 0.0, g) for g in grads)
@@ -309,9 +320,26 @@ def _check_decay_value(name, decay):
 
 
 def _check_decay(name, decay, anchor, state):
-    _check_decay_value(name, decay)
-    if decay == 1.0:
-        return
+    if isinstance(decay, (tuple, list)):  # one tensor per fast weight (learnt half-lives)
+        if len(decay) != len(state.params):
+            raise ValueError(f"{name}: decay as tensors takes one per fast weight ({len(state.params)}), "
+                             f"got {len(decay)}")
+        for g, p in zip(decay, state.params):
+            if not torch.is_tensor(g) or not g.is_floating_point():
+                raise ValueError(f"{name}: decay tensors must be float tensors, got {type(g).__name__}"
+                                 + (f" of {g.dtype}" if torch.is_tensor(g) else ""))
+            try:
+                fits = torch.broadcast_shapes(g.shape, p.shape) == p.shape
+            except RuntimeError:
+                fits = False
+            if not fits:
+                raise ValueError(f"{name}: decay tensor of shape {tuple(g.shape)} does not broadcast to the "
+                                 f"fast weight {tuple(p.shape)}: give [H, ...] shapes such as "
+                                 f"{(p.shape[1], *[1] * (p.dim() - 3), p.shape[-1])}")
+    else:
+        _check_decay_value(name, decay)
+        if decay == 1.0:
+            return
     if anchor is None or len(anchor) != len(state.params):
         raise ValueError(f"{name}: decay < 1 fades the fast weights toward an anchor: give anchor, one "
                          f"tensor per fast weight ({len(state.params)}), e.g. the layer's fast_weights()")
@@ -327,9 +355,12 @@ def _run(name, minibatch, token, shapes, q, k, v, lr, tau, ln_w, ln_b, b, state,
     _check_decay(name, decay, anchor, state)
     if impl not in ("torch", "compile", "triton"):
         raise ValueError(f"{name}: impl must be 'torch', 'compile' or 'triton', got {impl!r}")
-    if impl == "triton" and decay != 1.0 and q.shape[2] > 1 and name == "ttt_mlp":
+    if impl == "triton" and _forgets(decay) and q.shape[2] > 1 and name == "ttt_mlp":
         raise NotImplementedError(f"{name}: TTT-MLP's Triton kernels have no decay (they run the official "
                                   "update); use impl='torch' or 'compile' with decay < 1")
+    if impl == "triton" and isinstance(decay, (tuple, list)) and q.shape[2] > 1:
+        raise NotImplementedError(f"{name}: the Triton kernels take one decay for every head, not decay "
+                                  "tensors (learnt half-lives); use impl='torch' or 'compile'")
     out_dtype = q.dtype
     # The inner loop runs in the state's dtype (float32 from init_state) whatever the autocast
     # dtype: bf16 fast weights drift over thousands of updates (DESIGN.md point 4).
@@ -337,7 +368,8 @@ def _run(name, minibatch, token, shapes, q, k, v, lr, tau, ln_w, ln_b, b, state,
         dt = state.params[0].dtype
         q, k, v, lr, tau = (t.to(dt) for t in (q, k, v, lr, tau))
         ln_w, ln_b = ln_w.to(dt)[:, None], ln_b.to(dt)[:, None]  # [H, 1, d]
-        anchor = tuple(a.to(dt) for a in anchor) if decay != 1.0 else ()
+        anchor = tuple(a.to(dt) for a in anchor) if _forgets(decay) else ()
+        decay = tuple(g.to(dt) for g in decay) if isinstance(decay, (tuple, list)) else decay
         if q.shape[2] == 1:
             out, state = _step(token, state, q, k, v, lr, tau, ln_w, ln_b, b, decay, anchor)
         elif impl == "triton":
@@ -369,7 +401,9 @@ def ttt_linear(q, k, v, lr, tau, ln_w, ln_b, b, state, *, impl="torch", checkpoi
     decay    float in (0, 1]   1: the official update. Below 1, fast weights that forget: at the end
              of each mini-batch the next W_start = W_start - tau_{b-1} G - (1 - decay) (W_start - anchor),
              so what was written k mini-batches ago has faded by decay^k toward the anchor (not in
-             the official layer; ttt_mlp's impl "triton" does not have it)
+             the official layer; ttt_mlp's impl "triton" does not have it). Or a tuple of tensors,
+             one per fast weight, each broadcasting to it ([H, 1, d] for W1 and b1: a decay per head
+             and output feature; values in (0, 1], not checked); impl "triton" does not take these
     anchor   tuple of tensors, one per fast weight, [H, ...] or [B, H, ...]: where the fast weights
              fade to (the layer passes its learnt start); needed when decay < 1
 
@@ -1740,7 +1774,7 @@ class _TTTLayer(nn.Module):
     """Shared body of TTTLinear and TTTMLP (upstream TTTBase); see their docstrings."""
 
     def __init__(self, dim, n_heads, mini_batch=16, base_lr=1.0, rope_theta=10000.0, gate=True,
-                 checkpoint_group=0, impl="auto", decay=1.0):
+                 checkpoint_group=0, impl="auto", decay=1.0, half_life_range=None):
         super().__init__()
         if dim % n_heads:
             raise ValueError(f"dim ({dim}) must be a multiple of n_heads ({n_heads})")
@@ -1753,6 +1787,7 @@ class _TTTLayer(nn.Module):
         self.dim, self.n_heads, self.head_dim = dim, n_heads, dim // n_heads
         self.mini_batch, self.base_lr, self.rope_theta = mini_batch, base_lr, rope_theta
         self.checkpoint_group, self.impl = checkpoint_group, impl
+        self.log_half_life = None   # learnt half-lives (learn_half_life), else one fixed decay
         self.set_decay(decay)
         H, d = n_heads, self.head_dim
         self.q_proj = nn.Linear(dim, dim, bias=False)
@@ -1771,6 +1806,8 @@ class _TTTLayer(nn.Module):
         # RoPE's cos and sin at the b positions of a mini-batch, [2, b, d/2]: a compiled layer reads them
         # rather than computing them again for every element of q and k
         self.register_buffer("rope_table", self.make_rope_table(), persistent=False)
+        if half_life_range is not None:
+            self.learn_half_life(*half_life_range)
 
     def make_rope_table(self, device=None):
         return torch.stack(_rope_cos_sin(torch.arange(self.mini_batch, device=device), self.head_dim,
@@ -1786,9 +1823,42 @@ class _TTTLayer(nn.Module):
 
     def set_decay(self, decay):
         """decay in (0, 1]: each mini-batch, what the fast weights hold beyond their learnt start fades by
-        this factor (ttt_linear's decay; 1, the default, is the official layer). No weight depends on it."""
+        this factor (ttt_linear's decay; 1, the default, is the official layer). No weight depends on it.
+        Replaces learnt half-lives, if the layer had them."""
         _check_decay_value(type(self).__name__, decay)
         self.decay = float(decay)
+        self.log_half_life = None
+
+    def learn_half_life(self, lo, hi):
+        """Fast weights that forget at learnt rates (not in the official layer): a half-life in tokens
+        per head and output feature of the inner model's last layer for TTT-Linear (W1's columns and
+        b1 fade together), per head for TTT-MLP, starting log-spaced from lo to hi over the features
+        (the same in every head; over the heads for TTT-MLP). A new parameter, log_half_life: decay = 0.5 ** (b / half-life)."""
+        if not 0 < lo <= hi < float("inf"):
+            raise ValueError(f"{type(self).__name__}: learnt half-lives start in a range 0 < lo <= hi, "
+                             f"got ({lo}, {hi})")
+        w = self.ttt_norm_weight   # (the fast weights are not made yet when __init__ calls this)
+        H, n = self.n_heads, self.head_dim if self.kind == "linear" else 1
+        init = torch.logspace(math.log10(lo), math.log10(hi), n if n > 1 else H, dtype=torch.float64)
+        init = init.repeat(H, 1) if n > 1 else init[:, None]   # [H, n]
+        self.decay = 1.0
+        self.log_half_life = nn.Parameter(init.log().to(device=w.device, dtype=w.dtype))
+
+    def half_lives(self):
+        """The learnt half-lives in tokens [H, n] (n = head width for TTT-Linear, 1 for TTT-MLP),
+        or None."""
+        return None if self.log_half_life is None else self.log_half_life.detach().float().exp()
+
+    def forgets(self):
+        return self.log_half_life is not None or self.decay != 1.0
+
+    def decays(self):
+        """What ttt_linear / ttt_mlp take as decay: the fixed float, or learnt tensors, one per fast
+        weight (float32, [H, 1, d] for TTT-Linear, [H, 1, 1] for TTT-MLP)."""
+        if self.log_half_life is None:
+            return self.decay
+        g = torch.exp(-math.log(2) * self.mini_batch * torch.exp(-self.log_half_life.float()))   # [H, n]
+        return (g[:, None, :],) * len(self.fast_weights())
 
     def init_state(self, batch_size: int, device=None) -> TTTState:
         """A fresh state: the initial fast weights broadcast to the batch (float32, or float64 for a
@@ -1804,16 +1874,18 @@ class _TTTLayer(nn.Module):
             return self.impl
         if not x.is_cuda:
             return "torch"
-        if triton_supported(self.kind, self.head_dim, self.mini_batch) and (self.decay == 1.0 or self.kind == "linear"):
+        if triton_supported(self.kind, self.head_dim, self.mini_batch) and self.log_half_life is None \
+                and (self.decay == 1.0 or self.kind == "linear"):
             return "triton"
         return "torch" if _COMPILE_FAILED else "compile"
 
     def _inner(self, q, k, v, lr, tau, state, impl):
         global _COMPILE_FAILED
-        anchor = self._full_fast_weights() if self.decay != 1.0 else None
+        anchor = self._full_fast_weights() if self.forgets() else None
+        decay = self.decays()
         run = lambda impl: self.inner(q, k, v, lr, tau, self.ttt_norm_weight, self.ttt_norm_bias,
                                       self.mini_batch, state, impl=impl,
-                                      checkpoint_group=self.checkpoint_group, decay=self.decay,
+                                      checkpoint_group=self.checkpoint_group, decay=decay,
                                       anchor=anchor)
         if impl != "compile" or self.impl != "auto" or q.shape[2] == 1:  # (T = 1 compiles nothing)
             return run(impl)
@@ -1871,13 +1943,15 @@ class TTTLinear(_TTTLayer):
     """TTT-Linear layer: per head a linear fast model f(x) = LN(x W1 + b1), trained while reading.
 
     TTTLinear(dim, n_heads, mini_batch=16, base_lr=1.0, rope_theta=10000.0, gate=True,
-              checkpoint_group=0, impl="auto", decay=1.0)
+              checkpoint_group=0, impl="auto", decay=1.0, half_life_range=None)
     forward(x [B, T, dim], state=None) -> (y [B, T, dim], TTTState)
     Parameter names follow ttt-lm-pytorch (q_proj, ..., W1, b1) so its checkpoints map by name.
     impl "auto": on CUDA the Triton kernels where they support the shape, else the compiled loop
     (falling back to eager if compiling fails); on the CPU the PyTorch reference.
     decay < 1 (not in the official layer): fast weights that fade toward their learnt start, see
     ttt_linear (TTT-MLP's takes the compiled loop on CUDA: its Triton kernels have no decay).
+    half_life_range (lo, hi) in tokens: learnt forgetting rates instead (learn_half_life), on the
+    compiled loop on CUDA.
     """
     kind = "linear"
     inner = staticmethod(ttt_linear)

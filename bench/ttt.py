@@ -5,6 +5,7 @@ per-token streaming step. Prints markdown tables.
     python bench/ttt.py                 # on a GPU (H100 figures in README), a few minutes
     python bench/ttt.py --quick         # tiny sizes on the CPU: checks that every row runs
     python bench/ttt.py --no-compile    # skip the torch.compile rows (each compile takes ~30 s)
+    python bench/ttt.py --only decay    # TTT-Linear with fast weights that forget, against without
 
 Chunked rows, each at 16 heads of 64, T in {2k, 8k, 32k} with batch 64k / T, b in {16, 64}:
   loop      the official dual form, one Python iteration per mini-batch (ttt-lm-pytorch
@@ -141,10 +142,16 @@ def inputs(kind, B, H, T, d, b, dev, grad):
     return xs
 
 
-def run_impl(impl, kind, xs, b, checkpoint_group=16, host_pos=False):
+def run_impl(impl, kind, xs, b, checkpoint_group=16, host_pos=False, decay=1.0):
     q, k, v, lr, tau, ln_w, ln_b, *W = xs
     B = q.shape[0]
     Wb = [w[None].expand(B, *w.shape) for w in W]               # broadcast to the batch
+    if impl.endswith(", decay 0.9"):  # fast weights that forget, toward the initial ones
+        return run_impl(impl[:-len(", decay 0.9")], kind, xs, b, checkpoint_group, host_pos, 0.9)
+    if impl.endswith(", learnt decays"):  # one decay per head and feature, a leaf as a learnt one would be
+        g = torch.linspace(0.5, 0.999, W[0].shape[-1], device=q.device).expand(W[0].shape[0], 1, -1)
+        g = g.clone().requires_grad_(q.requires_grad)
+        return run_impl(impl[:-len(", learnt decays")], kind, xs, b, checkpoint_group, host_pos, (g,) * len(W))
     if impl == "loop":
         return (loop_linear if kind == "linear" else loop_mlp)(q, k, v, lr, tau, ln_w, ln_b, b, *Wb)
     if impl == "triton, ckpt 1":  # fast weights kept at every mini-batch for backward, none recomputed
@@ -167,7 +174,8 @@ def run_impl(impl, kind, xs, b, checkpoint_group=16, host_pos=False):
     # host_pos: the position inside the mini-batch lives on the host, so the call never syncs (a CUDA graph)
     state = ttt.TTTState(tuple(w.contiguous() for w in Wb), tuple(torch.zeros_like(w) for w in Wb),
                          torch.zeros((), dtype=torch.int64, device="cpu" if host_pos else q.device))
-    return fn(q, k, v, lr, tau, ln_w, ln_b, b, state, impl=impl, checkpoint_group=checkpoint_group)[0]
+    forget = dict(decay=decay, anchor=W) if isinstance(decay, tuple) or decay != 1.0 else {}
+    return fn(q, k, v, lr, tau, ln_w, ln_b, b, state, impl=impl, checkpoint_group=checkpoint_group, **forget)[0]
 
 
 def graphed_row(kind, B, H, T, d, b, dev, impl="compile"):
@@ -229,7 +237,7 @@ def graph_table(tokens, H, d, Ts, bs, dev):
 
 
 def chunked_row(impl, kind, B, H, T, d, b, dev, fwd_only=False):
-    slow = impl in ("loop", "torch", "compile")
+    slow = impl.split(",")[0] in ("loop", "torch", "compile")
     res = {}
     for mode in ("fwd",) if fwd_only else ("fwd", "fwd+bwd"):
         grad = mode == "fwd+bwd"
@@ -423,10 +431,10 @@ def main():
     ap.add_argument("--quick", action="store_true", help="tiny sizes, runs on the CPU")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--only", choices=["streaming", "chunked", "tune", "tune_mlp", "graph"], default=None,
+    ap.add_argument("--only", choices=["streaming", "chunked", "tune", "tune_mlp", "graph", "decay"], default=None,
                     help="just the streaming-step table (every mode), just the chunked tables, a "
                          "sweep of the Triton kernels' launch settings (TTT-Linear, or TTT-MLP), or TTT-MLP's loop against "
-                         "the same call as CUDA graphs (CUDA)")
+                         "the same call as CUDA graphs (CUDA), or TTT-Linear with fast weights that forget")
     ap.add_argument("--T", type=int, nargs="+", default=None, help="sequence lengths (default 2048 8192 32768)")
     ap.add_argument("--kinds", nargs="+", choices=["linear", "mlp"], default=["linear", "mlp"],
                     help="inner models of the chunked table (default both)")
@@ -458,6 +466,9 @@ def main():
         return
     if args.only == "graph":
         graph_table(tokens, H, d, Ts, bs, dev)
+        return
+    if args.only == "decay":
+        decay_table(tokens, H, d, Ts, bs, dev, fast, not args.no_compile)
         return
     if args.only is None:
         streaming_table(modes, dim, H, batches, dev, steps)
@@ -518,6 +529,33 @@ def main():
         speedups(results, Ts, [("mlp", b) for b in bs])
         if args.only is None:
             streaming_table(["compile+graph"], dim, H, batches, dev, steps)
+
+
+def decay_table(tokens, H, d, Ts, bs, dev, fast, compile_rows):
+    """TTT-Linear with fast weights that forget (one decay: the Triton kernels' DECAY; learnt decays,
+    one per head and feature: the compiled loop) against the official update, side by side."""
+    print(f"\n## TTT-Linear, fast weights that forget: {tokens} tokens per batch, {H} heads of {d}; "
+          "Mtok/s (peak GiB)\n")
+    print("| b | impl | " + " | ".join(f"T={T} fwd | T={T} fwd+bwd" for T in Ts) + " |")
+    print("|---:|---|" + "---:|---:|" * len(Ts))
+    fmt = lambda r: f"{tokens / r[0] / 1e6:.3g} ({r[1] / 2 ** 30:.2f})"
+    for b in bs:
+        impls = ["torch", "torch, decay 0.9", "torch, learnt decays"]
+        if compile_rows and dev.type == "cuda":
+            impls = ["compile", "compile, decay 0.9", "compile, learnt decays"]
+        if fast and ttt.triton_supported("linear", d, b):
+            impls = ["triton", "triton, decay 0.9"] + impls
+        for impl in impls:
+            cells = []
+            for T in Ts:
+                try:
+                    r = chunked_row(impl, "linear", tokens // T, H, T, d, b, dev)
+                    cells += [fmt(r["fwd"]), fmt(r["fwd+bwd"])]
+                except Exception as e:  # report, and go on with the other rows
+                    cells += [f"failed: {e.__class__.__name__}: {str(e)[:80]}", ""]
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+            print(f"| {b} | {impl} | " + " | ".join(cells) + " |", flush=True)
 
 
 def speedups(results, Ts, rows):

@@ -698,6 +698,9 @@ def test_streaming_phase_inner_step(tmp_path, one_thread):
         assert json.load(fh)["ttt_half_life_s"] == 2.0
     with pytest.raises(SystemExit):
         experiment.parse_args(["--stream_ttt_half_life_s", "-3"])
+    for bad in (["--stream_ttt_half_life_max_s", "60"], ["--stream_ttt_half_life_s", "90", "--stream_ttt_half_life_max_s", "60"]):
+        with pytest.raises(SystemExit):
+            experiment.parse_args(bad)
     assert os.path.exists(os.path.join(out, "runs", "window", "eval.json"))
     m = SpeechLM.from_checkpoint(os.path.join(out, "runs", "window"))
     with pytest.raises(ValueError, match="no TTT layer"):

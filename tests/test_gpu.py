@@ -20,14 +20,21 @@ def _model(dev, **kw):
     return m
 
 
+def _forget(half_life):
+    """Model settings for fast weights that forget: a number of frames, or a range (learnt half-lives)."""
+    lo, hi = half_life if isinstance(half_life, tuple) else (half_life, 0)
+    return dict(ttt_half_life=lo, ttt_half_life_max=hi)
+
+
 def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-@pytest.mark.parametrize("ttt_type", ["linear", "mlp"])
-def test_cuda_split_invariance_and_cpu_parity(ttt_type):
+@pytest.mark.parametrize("ttt_type,half_life", [("linear", 0), ("mlp", 0), ("linear", 40), ("mlp", 40),
+                                                ("linear", (8, 800))])   # forgetting: Triton / compiled loop
+def test_cuda_split_invariance_and_cpu_parity(ttt_type, half_life):
     torch.backends.cuda.matmul.allow_tf32 = False
-    m = _model("cuda", ttt_type=ttt_type)
+    m = _model("cuda", ttt_type=ttt_type, **_forget(half_life))
     x = (torch.rand(2, 80, m.cfg.n_cols, device="cuda") * 128).long()
     with torch.no_grad():
         full, _ = m(x)
@@ -40,10 +47,11 @@ def test_cuda_split_invariance_and_cpu_parity(ttt_type):
     assert _rel(full.audio.cpu(), cpu.audio) < 1e-4
 
 
-@pytest.mark.parametrize("how,B", [(False, 2), ("kernels", 2), ("kernels", 1)])   # batch 1: the step kernels too
-def test_cuda_graph_generation_matches_teacher_forcing(how, B):
+@pytest.mark.parametrize("how,B,half_life", [(False, 2, 0), ("kernels", 2, 0), ("kernels", 1, 0),   # batch 1: the step kernels too
+                                             ("kernels", 1, 40), ("kernels", 1, (8, 800))])   # forgetting
+def test_cuda_graph_generation_matches_teacher_forcing(how, B, half_life):
     torch.backends.cuda.matmul.allow_tf32 = False
-    m = _model("cuda", delays=(0, 1, 1, 1))
+    m = _model("cuda", delays=(0, 1, 1, 1), **_forget(half_life))
     with torch.no_grad():  # weights large enough that attention is far from uniform: a wrong key shows
         for p in m.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -75,12 +83,14 @@ def test_depth_kernels_match_the_loop(B):
         assert (l0 - l1).abs().max() < 2e-5, kw
 
 
-@pytest.mark.parametrize("B", [1, 8])
-def test_step_kernels_match_the_backbone(B):
+@pytest.mark.parametrize("B,half_life", [(1, 0), (8, 0), (1, 40), (1, (8, 800))])
+def test_step_kernels_match_the_backbone(B, half_life):
     # the backbone's one-frame step as kernels (use_step_kernels) against backbone(), float32, rows at
-    # different positions, over more than two windows (the cache's ring wraps)
+    # different positions, over more than two windows (the cache's ring wraps); with fast weights that
+    # forget (the TTT kernel's DECAY; learnt half-lives take the PyTorch branch)
     torch.backends.cuda.matmul.allow_tf32 = False
-    m = _model("cuda", qkv_bias=True).use_step_kernels()
+    m = _model("cuda", qkv_bias=True, **_forget(half_life)).use_step_kernels()
+    assert (m._step_ttt_kernel[-1] is None) == isinstance(half_life, tuple)
     g = torch.Generator("cuda").manual_seed(0)
 
     def frame():

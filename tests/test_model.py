@@ -41,10 +41,14 @@ def _assert_close(a, b, rtol):
     assert err < rtol, err
 
 
-@pytest.mark.parametrize("ttt_type,half_life", [("linear", 0), ("mlp", 0), ("linear", 6)])
+@pytest.mark.parametrize("ttt_type,half_life", [("linear", 0), ("mlp", 0), ("linear", 6), ("linear", (3, 60)),
+                                                ("mlp", (3, 60))])
 def test_any_split_gives_one_pass(ttt_type, half_life):
-    # W not a multiple of b, T >= 3W: full pass, frame by frame, random chunks; with fast weights that forget too
-    m = _model(ttt_type=ttt_type, window=10, ttt_mini_batch=4, n_text=1, text_cardinality=20, ttt_half_life=half_life)
+    # W not a multiple of b, T >= 3W: full pass, frame by frame, random chunks; with fast weights that forget too,
+    # at one rate or at learnt ones
+    lo, hi = half_life if isinstance(half_life, tuple) else (half_life, 0)
+    m = _model(ttt_type=ttt_type, window=10, ttt_mini_batch=4, n_text=1, text_cardinality=20, ttt_half_life=lo,
+               ttt_half_life_max=hi)
     B, T = 2, 37
     codes = _codes(m, B, T)
     with torch.no_grad():
@@ -256,6 +260,39 @@ def test_ttt_half_life(tmp_path):
         _model(ttt_half_life=-2)
     with pytest.raises(ValueError, match="no TTT layer"):
         _model(n_ttt=0).set_ttt_half_life(10)
+
+
+def test_ttt_learnt_half_lives(tmp_path):
+    # learnt half-lives: made by set_ttt_half_life(lo, hi) on a model without (as train.py --init_from does),
+    # trained values kept by the checkpoint, replaced by a fixed half-life, and bad ranges refused
+    m = _model(ttt_mini_batch=4)
+    codes = _codes(m, 1, 30)
+    with torch.no_grad():
+        never = m(codes)[0].audio
+    m.set_ttt_half_life(4, 400)
+    layers = [b.ttt.layer for b in m.layers if b.ttt is not None]
+    assert all(t.log_half_life is not None and t.half_lives().min() > 3.99 and t.half_lives().max() < 400.01 for t in layers)
+    assert m.cfg.ttt_half_life_range() == (4, 400) and m.cfg.ttt_decay() == 1.0
+    assert any("log_half_life" in n for n, _ in m.named_parameters())
+    with torch.no_grad():
+        for t in layers:
+            t.log_half_life.add_(0.1)
+        learnt = m(codes)[0].audio
+    assert not torch.allclose(learnt, never) and torch.equal(learnt[:, :4], never[:, :4])
+    p = tmp_path / "m.safetensors"
+    m.save(p)
+    m2 = SpeechLM.from_checkpoint(p)
+    assert m2.cfg.ttt_half_life_max == 400
+    with torch.no_grad():
+        assert torch.equal(m2(codes)[0].audio, learnt)
+    m2.set_ttt_half_life(0)
+    assert all(b.ttt.layer.log_half_life is None for b in m2.layers if b.ttt is not None)
+    with torch.no_grad():
+        assert torch.equal(m2(codes)[0].audio, never)
+    with pytest.raises(ValueError, match="0 < 5 <= 2"):
+        m.set_ttt_half_life(5, 2)
+    with pytest.raises(ValueError, match="need 0 < ttt_half_life <= ttt_half_life_max"):
+        _model(ttt_half_life=0, ttt_half_life_max=10)
 
 
 def test_bad_checkpoints(tmp_path):

@@ -589,3 +589,20 @@ def test_grad_clip_zero_is_no_clipping(synth, tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
     assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_init_from_with_learnt_half_lives(synth, tmp_path):
+    # a model trained without forgetting goes on with learnt half-lives (experiment.py's streaming phase): the
+    # new parameters start log-spaced, train (no weight decay on them) and are kept; resuming keeps them too
+    train.main(_args(synth, tmp_path / "m", "streaming", max_steps=1))
+    kw = dict(max_steps=3, init_from=str(tmp_path / "m"), ttt_half_life=4, ttt_half_life_max=400)
+    train.main(_args(synth, tmp_path / "l", "streaming", **kw))
+    m = SpeechLM.from_checkpoint(tmp_path / "l" / "model.safetensors")
+    assert m.cfg.ttt_half_life_range() == (4, 400)
+    layers = [b.ttt.layer for b in m.layers if b.ttt is not None]
+    assert layers
+    fresh = SpeechLM.from_checkpoint(tmp_path / "m" / "model.safetensors").set_ttt_half_life(4, 400)
+    for t, f in zip(layers, (b.ttt.layer for b in fresh.layers if b.ttt is not None)):
+        moved = (t.log_half_life - f.log_half_life).abs()
+        assert moved.max() > 1e-4, "the learnt half-lives did not train"
+    assert train.main(_args(synth, tmp_path / "l", "streaming", **{**kw, "max_steps": 4}))   # resumes

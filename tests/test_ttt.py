@@ -1,6 +1,7 @@
 """TTT layers: the pure functions against DESIGN.md written as plainly as possible, chunking
 invariance (one call = token by token = random chunks), gradients, dtypes under autocast, the
 streaming step's freedom from host syncs, and the Triton fast path against the PyTorch one."""
+import math
 import os
 import subprocess
 import sys
@@ -45,7 +46,8 @@ def f_mlp(x, W, w, b):
 
 def reference(kind, q, k, v, lr, tau, ln_w, ln_b, b, W0, i0=0, G0=None, decay=1.0, anchor=None):
     """out_t = q_t + f(q_t; W_start - tau_i sum_{j<=i} lr_j g_j), g_j by autograd at W_start; with
-    decay < 1 the next W_start also moves (1 - decay) of the way from W_start back to the anchor."""
+    decay < 1 the next W_start also moves (1 - decay) of the way from W_start back to the anchor
+    (decay a number, or one tensor per fast weight)."""
     f = f_linear if kind == "linear" else f_mlp
     w, bb = ln_w[:, None], ln_b[:, None]
     W = list(W0)
@@ -60,8 +62,9 @@ def reference(kind, q, k, v, lr, tau, ln_w, ln_b, b, W0, i0=0, G0=None, decay=1.
         Wi = [p - tau[i] * Gp for p, Gp in zip(W, G)]
         outs.append(qt + f(qt, Wi, w, bb))
         if i == b - 1:
-            if decay != 1.0:
-                Wi = [p_i - (1 - decay) * (p - a) for p_i, p, a in zip(Wi, W, anchor)]
+            if isinstance(decay, list) or decay != 1.0:
+                ds = decay if isinstance(decay, list) else [decay] * len(W)
+                Wi = [p_i - (1 - g) * (p - a) for p_i, p, a, g in zip(Wi, W, anchor, ds)]
             W, G = Wi, [torch.zeros_like(Gp) for Gp in G]
     return torch.cat(outs, 2), W, G
 
@@ -163,14 +166,22 @@ def make_anchor(W0, seed=11):
     return [p[0] + 0.1 * torch.randn(p[0].shape, generator=g, dtype=p.dtype) for p in W0]  # [H, ...]
 
 
+def make_decays(W0, seed=12):
+    """One decay tensor per fast weight, per head and output feature ([H, 1, n]), in (0.4, 0.95)."""
+    g = torch.Generator().manual_seed(seed)
+    return [0.4 + 0.55 * torch.rand(p.shape[1], 1, p.shape[-1], generator=g, dtype=p.dtype) for p in W0]
+
+
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
 @pytest.mark.parametrize("b,T,i0", [(4, 23, 0), (16, 37, 5)])
-def test_decay_matches_per_token_loop(kind, b, T, i0):
-    """decay < 1, one call, token by token and random chunks, from the start or mid-mini-batch."""
+@pytest.mark.parametrize("per_feature", [False, True])
+def test_decay_matches_per_token_loop(kind, b, T, i0, per_feature):
+    """decay < 1 (one number, or a tensor per fast weight), one call, token by token and random
+    chunks, from the start or mid-mini-batch."""
     fn = KINDS[kind][0]
     q, k, v, lr, tau, ln_w, ln_b, *W0 = make_inputs(kind, T=T, b=b, seed=8)
     G0 = [0.01 * torch.randn_like(p) for p in W0] if i0 else None
-    anchor, decay = make_anchor(W0), 0.7
+    anchor, decay = make_anchor(W0), make_decays(W0) if per_feature else 0.7
     for p in W0:
         p.requires_grad_()
     ref, W, G = reference(kind, q, k, v, lr, tau, ln_w, ln_b, b, W0, i0, G0, decay, anchor)
@@ -179,7 +190,7 @@ def test_decay_matches_per_token_loop(kind, b, T, i0):
     with torch.no_grad():
         for sizes in ([T], [1] * T, random_sizes(T, 4)):
             out, st = run_chunks(fn, q, k, v, lr, tau, ln_w, ln_b, b, state_of(W0, G0, i0), sizes,
-                                 decay=decay, anchor=anchor)
+                                 decay=tuple(decay) if per_feature else decay, anchor=anchor)
             assert (out - ref).abs().max().item() < 1e-10, sizes
             for x, y in zip(st.params + st.grads, W + G):
                 assert (x - y).abs().max().item() < 1e-10, sizes
@@ -202,21 +213,25 @@ def test_decay_fades_toward_the_anchor(kind):
 
 
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
-def test_decay_gradients_match_per_token_loop(kind):
-    """Outer gradients with decay < 1, the anchor's included, chunked and checkpointed."""
+@pytest.mark.parametrize("per_feature", [False, True])
+def test_decay_gradients_match_per_token_loop(kind, per_feature):
+    """Outer gradients with decay < 1, the anchor's included (and the decay tensors'), chunked,
+    token by token and checkpointed."""
     fn = KINDS[kind][0]
     b, T = 4, 19
     xs = make_inputs(kind, T=T, b=b, d=4, grad=True, seed=6)
     q, k, v, lr, tau, ln_w, ln_b, *W0 = xs
     anchor = [a.requires_grad_() for a in make_anchor(W0)]
-    ref = grads_of(kind, reference(kind, q, k, v, lr, tau, ln_w, ln_b, b, W0, decay=0.6, anchor=anchor),
-                   xs + anchor)
-    for sizes, group in (([T], 0), ([3, 1, 9, 6], 2)):
+    decay = [g.requires_grad_() for g in make_decays(W0)] if per_feature else 0.6
+    extra = anchor + (decay if per_feature else [])
+    ref = grads_of(kind, reference(kind, q, k, v, lr, tau, ln_w, ln_b, b, W0, decay=decay, anchor=anchor),
+                   xs + extra)
+    for sizes, group in (([T], 0), ([1] * T, 0), ([3, 1, 9, 6], 2)):
         out, st = run_chunks(fn, q, k, v, lr, tau, ln_w, ln_b, b, state_of(W0), sizes, checkpoint_group=group,
-                             decay=0.6, anchor=anchor)
-        for a, r in zip(grads_of(kind, (out, st.params, st.grads), xs + anchor), ref):
+                             decay=tuple(decay) if per_feature else decay, anchor=anchor)
+        for a, r in zip(grads_of(kind, (out, st.params, st.grads), xs + extra), ref):
             assert (a - r).abs().max().item() < 1e-8 * (1 + r.abs().max().item()), sizes
-    assert all(r.abs().max() > 0 for r in ref[-len(anchor):])  # the anchor gets a gradient
+    assert all(r.abs().max() > 0 for r in ref[len(xs):])  # the anchor (and the decays) get a gradient
 
 
 @pytest.mark.parametrize("cls", [ttt.TTTLinear, ttt.TTTMLP])
@@ -254,6 +269,55 @@ def test_module_decay(cls):
         cls(16, 2, decay=2.0)
 
 
+@pytest.mark.parametrize("cls", [ttt.TTTLinear, ttt.TTTMLP])
+def test_module_learnt_half_lives(cls):
+    """A layer that learns its half-lives: they start log-spaced in the range given (per output
+    feature for TTT-Linear, per head for TTT-MLP), its decays equal the per-token loop's decay per
+    fast weight, chunks and one call agree, the log-half-lives get gradients, the state dict keeps
+    them, and set_decay drops them."""
+    torch.manual_seed(2)
+    b, T, D, H = 4, 23, 16, 2
+    layer = cls(D, H, mini_batch=b, half_life_range=(4.0, 400.0)).double()
+    h = layer.half_lives()
+    n = D // H if cls is ttt.TTTLinear else 1
+    assert h.shape == (H, n)
+    start = torch.logspace(math.log10(4), 2 + math.log10(4), n if n > 1 else H, dtype=torch.float64)
+    assert ((h / (start.repeat(H, 1) if n > 1 else start[:, None])) - 1).abs().max().item() < 1e-6   # (made float32)
+    with torch.no_grad():   # learnt: no longer all alike
+        layer.log_half_life.add_(0.3 * torch.randn_like(layer.log_half_life))
+    x = torch.randn(2, T, D, dtype=torch.float64)
+    y, state = layer(x)
+    ys, st, s = [], layer.init_state(2), 0
+    for m in random_sizes(T, 6):
+        yi, st = layer(x[:, s:s + m], st)
+        ys.append(yi)
+        s += m
+    assert (torch.cat(ys, 1) - y).abs().max().item() < 1e-10
+    assert_state_close(st, state, 1e-10)
+    # against the per-token loop with decay 0.5 ** (b / half-life) per (head, feature)
+    g = 0.5 ** (b / layer.half_lives())                                 # [H, n]
+    decays = [g[:, None, :].expand(H, 1, p.shape[-1]) for p in layer.fast_weights()]
+    q, k, v, lr, tau = layer.inner_inputs(x, torch.tensor(0))
+    W0 = [p.detach()[None].repeat(2, *[1] * p.dim()).requires_grad_() for p in layer.fast_weights()]
+    _, W, _ = reference(layer.kind, q, k, v, lr, tau, layer.ttt_norm_weight, layer.ttt_norm_bias, b, W0,
+                        decay=decays, anchor=[p.detach() for p in layer.fast_weights()])
+    for a, r in zip(state.params, W):
+        assert (a - r).abs().max().item() < 1e-10
+    (y.sum() + state.params[0].sum()).backward()
+    assert layer.log_half_life.grad is not None and layer.log_half_life.grad.abs().min() > 0
+    sd = layer.state_dict()
+    assert "log_half_life" in sd
+    other = cls(D, H, mini_batch=b, half_life_range=(1.0, 2.0)).double()
+    other.load_state_dict(sd)
+    assert (other(x)[0] - y).abs().max().item() == 0
+    layer.set_decay(1.0)   # a fixed decay replaces them
+    assert layer.log_half_life is None and "log_half_life" not in layer.state_dict()
+    assert (layer(x)[0] - y).abs().max().item() > 1e-6
+    for bad in ((0.0, 5.0), (5.0, 4.0), (1.0, float("inf"))):
+        with pytest.raises(ValueError, match="learnt half-lives start in a range"):
+            cls(D, H, mini_batch=b, half_life_range=bad)
+
+
 def test_decay_bad_inputs_and_mlp_triton_refuses_it():
     q, k, v, lr, tau, ln_w, ln_b, *W0 = make_inputs("linear", T=5, b=4, dtype=torch.float32)
     with pytest.raises(ValueError, match="give anchor"):
@@ -263,12 +327,24 @@ def test_decay_bad_inputs_and_mlp_triton_refuses_it():
                        anchor=[W0[0][0, 0], W0[1][0]])
     with pytest.raises(ValueError, match="decay must be a number in"):
         ttt.ttt_linear(q, k, v, lr, tau, ln_w, ln_b, 4, state_of(W0), decay=0.0, anchor=[w[0] for w in W0])
+    with pytest.raises(ValueError, match="one per fast weight"):
+        ttt.ttt_linear(q, k, v, lr, tau, ln_w, ln_b, 4, state_of(W0), decay=(torch.ones(2, 1, 8),),
+                       anchor=[w[0] for w in W0])
+    with pytest.raises(ValueError, match=r"does not broadcast to the fast weight .* \[H, \.\.\.\] shapes such as \(2, 1, 8\)"):
+        ttt.ttt_linear(q, k, v, lr, tau, ln_w, ln_b, 4, state_of(W0), decay=(torch.ones(3, 1, 8), torch.ones(2, 1, 8)),
+                       anchor=[w[0] for w in W0])
+    with pytest.raises(ValueError, match="must be float tensors"):
+        ttt.ttt_linear(q, k, v, lr, tau, ln_w, ln_b, 4, state_of(W0), decay=(0.9, 0.9), anchor=[w[0] for w in W0])
+    with pytest.raises(NotImplementedError, match="one decay for every head"):   # the kernels take one number
+        ttt.ttt_linear(q, k, v, lr, tau, ln_w, ln_b, 4, state_of(W0), impl="triton",
+                       decay=(torch.ones(2, 1, 8), torch.ones(2, 1, 8)), anchor=[w[0] for w in W0])
     q, k, v, lr, tau, ln_w, ln_b, *W0 = make_inputs("mlp", T=5, b=4, dtype=torch.float32)
     with pytest.raises(NotImplementedError, match="no decay"):   # TTT-MLP's kernels run the official update
         ttt.ttt_mlp(q, k, v, lr, tau, ln_w, ln_b, 4, state_of(W0), impl="triton", decay=0.9,
                     anchor=[w[0] for w in W0])
-    for cls, cuda in ((ttt.TTTLinear, "triton"), (ttt.TTTMLP, "compile")):
-        layer = cls(32, 2, mini_batch=16, decay=0.9)
+    for cls, cuda, kw in ((ttt.TTTLinear, "triton", dict(decay=0.9)), (ttt.TTTMLP, "compile", dict(decay=0.9)),
+                          (ttt.TTTLinear, "compile", dict(half_life_range=(16, 1600)))):
+        layer = cls(32, 2, mini_batch=16, **kw)
         assert layer._impl(torch.empty(1)) == "torch"   # the CPU
         if torch.cuda.is_available() and ttt.triton is not None:
             assert layer._impl(torch.empty(1, device="cuda")) == cuda
