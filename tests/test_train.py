@@ -592,9 +592,9 @@ def test_grad_clip_zero_is_no_clipping(synth, tmp_path):
 
 
 def test_init_from_with_learnt_half_lives(synth, tmp_path):
-    # a model trained without forgetting goes on with learnt half-lives (experiment.py's streaming phase): the
+    # a model trained with one half-life goes on with learnt ones (as experiment.py's streaming phase): the
     # new parameters start log-spaced, train (no weight decay on them) and are kept; resuming keeps them too
-    train.main(_args(synth, tmp_path / "m", "streaming", max_steps=1))
+    train.main(_args(synth, tmp_path / "m", "streaming", max_steps=1, ttt_half_life=4))
     kw = dict(max_steps=3, init_from=str(tmp_path / "m"), ttt_half_life=4, ttt_half_life_max=400)
     train.main(_args(synth, tmp_path / "l", "streaming", **kw))
     m = SpeechLM.from_checkpoint(tmp_path / "l" / "model.safetensors")
