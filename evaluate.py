@@ -625,6 +625,22 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
+def learnt_half_lives(model):
+    """Each TTT layer's learnt half-lives in seconds, float64 CPU tensors [heads, features]; [] if none."""
+    return [b.ttt.layer.half_lives().double().cpu() * 60 / FRAMES_PER_MINUTE
+            for b in model.layers if b.ttt is not None and b.ttt.layer.log_half_life is not None]
+
+
+def describe_half_lives(learnt):
+    """One line a TTT layer: the spread of its learnt half-lives."""
+    lines = []
+    for i, h in enumerate(learnt):
+        q = torch.quantile(h.flatten(), torch.tensor([0, .1, .5, .9, 1.], dtype=torch.float64))
+        lines.append(f"TTT layer {i + 1}: learnt half-lives, s: min {q[0]:.3g}, 10% {q[1]:.3g}, median {q[2]:.3g}, "
+                     f"90% {q[3]:.3g}, max {q[4]:.3g}")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     a = parse_args(argv)
     try:
@@ -670,14 +686,11 @@ def run(a):
     r["checkpoint"] = os.path.abspath(a.ckpt)
     r["ttt_lr_scale"] = a.ttt_lr_scale
     r["ttt_half_life_s"] = model.cfg.ttt_half_life * 60 / FRAMES_PER_MINUTE   # 0: never forget
-    learnt = [b.ttt.layer.half_lives() for b in model.layers if b.ttt is not None and b.ttt.layer.log_half_life is not None]
+    learnt = learnt_half_lives(model)
     if learnt:   # learnt half-lives, seconds, per TTT layer [heads][features]
         r["ttt_half_life_s"] = None
-        r["ttt_learnt_half_lives_s"] = [(h * 60 / FRAMES_PER_MINUTE).tolist() for h in learnt]
-        for i, h in enumerate(learnt):
-            q = torch.quantile(h.flatten().double() * 60 / FRAMES_PER_MINUTE, torch.tensor([0, .1, .5, .9, 1.], dtype=torch.float64))
-            print(f"TTT layer {i}: learnt half-lives, s: min {q[0]:.3g}, 10% {q[1]:.3g}, median {q[2]:.3g}, "
-                  f"90% {q[3]:.3g}, max {q[4]:.3g}")
+        r["ttt_learnt_half_lives_s"] = [h.tolist() for h in learnt]
+        print(describe_half_lives(learnt))
     tmp = out_path + ".tmp"
     with open(tmp, "w") as fh:
         json.dump(r, fh, indent=1)

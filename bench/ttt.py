@@ -243,6 +243,9 @@ def chunked_row(impl, kind, B, H, T, d, b, dev, fwd_only=False):
         grad = mode == "fwd+bwd"
         xs = inputs(kind, B, H, T, d, b, dev, grad)
         short = [x[:, :, :4 * b] for x in xs[:4]] + xs[4:]  # q, k, v, lr cut to 4 mini-batches
+        if impl.startswith("compile"):  # compile afresh in the warm-up: rows that share the compiled
+            torch._dynamo.reset()        # mini-batch (decays, grad modes, batch sizes) would run out of recompiles
+            ttt._COMPILED.clear()
 
         def call(xs=xs):
             with torch.set_grad_enabled(grad):

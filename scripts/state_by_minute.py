@@ -21,7 +21,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from codes import CodesFile  # noqa: E402
 from data import load_events  # noqa: E402
-from evaluate import FRAMES_PER_MINUTE, chunk, event_spans, minute_losses, speech_frames  # noqa: E402
+from evaluate import (FRAMES_PER_MINUTE, chunk, describe_half_lives, event_spans, learnt_half_lives,  # noqa: E402
+                      minute_losses, speech_frames)
 from model import SpeechLM  # noqa: E402
 
 
@@ -81,6 +82,8 @@ def main(argv=None):
         if name == "model":   # run/model.safetensors: the run's name
             name = os.path.basename(os.path.dirname(os.path.abspath(path)))
         out[name] = dict(loss=loss.tolist(), moved=moved.tolist())
+        if learnt_half_lives(model):
+            print(f"{name}:\n{describe_half_lives(learnt_half_lives(model))}\n")
         cols.append(f"{name}: speech loss")
         cols += [f"{name}: TTT layer {j + 1} moved" for j in range(len(moved))]
         for r, (lo, hi) in zip(rows, blocks):

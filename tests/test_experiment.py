@@ -652,6 +652,19 @@ def test_ttt_half_life_at_evaluation(tmp_path, capsys):
         evaluate.main(base + ["--out", str(tmp_path / "x.json"), "--ttt_half_life_s", "-1"])
     assert "--ttt_half_life_s must be 0" in capsys.readouterr().err
     _refused_without_ttt(tmp_path, p, capsys, ["--ttt_half_life_s", "5"])
+    # a model with learnt half-lives: the results hold them, one list a TTT layer [heads][features], in seconds
+    m = _tiny().set_ttt_half_life(2, 200)
+    m.save(ck)
+    out = str(tmp_path / "learnt.json")
+    capsys.readouterr()
+    evaluate.main(base + ["--out", out])
+    with open(out) as f:
+        r = json.load(f)
+    hl = [torch.tensor(h) for h in r["ttt_learnt_half_lives_s"]]
+    want = [b.ttt.layer.half_lives() * 60 / 750 for b in m.layers if b.ttt is not None]
+    assert r["ttt_half_life_s"] is None and len(hl) == len(want) >= 1
+    assert all(h.shape == w.shape and (h - w).abs().max() < 1e-4 for h, w in zip(hl, want))
+    assert "TTT layer 1: learnt half-lives, s: min 0.16, " in capsys.readouterr().out
 
 
 def test_gpu_assignment_mixes_variants():
