@@ -358,9 +358,12 @@ def _run(name, minibatch, token, shapes, q, k, v, lr, tau, ln_w, ln_b, b, state,
     if impl == "triton" and _forgets(decay) and q.shape[2] > 1 and name == "ttt_mlp":
         raise NotImplementedError(f"{name}: TTT-MLP's Triton kernels have no decay (they run the official "
                                   "update); use impl='torch' or 'compile' with decay < 1")
-    if impl == "triton" and isinstance(decay, (tuple, list)) and q.shape[2] > 1:
-        raise NotImplementedError(f"{name}: the Triton kernels take one decay for every head, not decay "
-                                  "tensors (learnt half-lives); use impl='torch' or 'compile'")
+    if impl == "triton" and isinstance(decay, (tuple, list)) and q.shape[2] > 1 and name == "ttt_linear":
+        H, d = q.shape[1], q.shape[3]
+        if any(g.dim() > 3 or torch.broadcast_shapes(g.shape, (H, 1, d)) != (H, 1, d) for g in decay):
+            raise NotImplementedError(f"{name}: the Triton kernels take a decay per head and feature, tensors "
+                                      f"that broadcast to [H, 1, d] = {(H, 1, d)}, got "
+                                      f"{[tuple(g.shape) for g in decay]}; use impl='torch' or 'compile'")
     out_dtype = q.dtype
     # The inner loop runs in the state's dtype (float32 from init_state) whatever the autocast
     # dtype: bf16 fast weights drift over thousands of updates (DESIGN.md point 4).
@@ -403,7 +406,8 @@ def ttt_linear(q, k, v, lr, tau, ln_w, ln_b, b, state, *, impl="torch", checkpoi
              so what was written k mini-batches ago has faded by decay^k toward the anchor (not in
              the official layer; ttt_mlp's impl "triton" does not have it). Or a tuple of tensors,
              one per fast weight, each broadcasting to it ([H, 1, d] for W1 and b1: a decay per head
-             and output feature; values in (0, 1], not checked); impl "triton" does not take these
+             and output feature; values in (0, 1], not checked); impl "triton" takes those that
+             broadcast to [H, 1, d] (ttt_linear)
     anchor   tuple of tensors, one per fast weight, [H, ...] or [B, H, ...]: where the fast weights
              fade to (the layer passes its learnt start); needed when decay < 1
 
@@ -556,19 +560,21 @@ if triton is not None:
         return out, Gn, Gcn
 
     @triton.jit
-    def _tl_decay(W, c, full, A_ptr, Ac_ptr, gam, pid, D: tl.constexpr):
+    def _tl_decay(W, c, full, A_ptr, Ac_ptr, gh_ptr, pid, D: tl.constexpr):
         """The part of the next W_start that fast weights that forget add: -(1 - decay) (W - anchor)
-        when the mini-batch is complete (the anchor of (row, head) pid read from memory: it would
-        hold as many registers as W through the walk)."""
+        when the mini-batch is complete, a decay per feature: W's column j and c_j fade by
+        gh_ptr[j] and gh_ptr[D + j] (this head's decays). The anchor of (row, head) pid is read from
+        memory: it would hold as many registers as W through the walk."""
         rd = tl.arange(0, D)
-        f = full * (1.0 - gam)
+        fw = full * (1.0 - tl.load(gh_ptr + rd))                                 # [D]
+        fc = full * (1.0 - tl.load(gh_ptr + D + rd))
         A = tl.load(A_ptr + pid * D * D + rd[:, None] * D + rd[None, :])
-        return -f * (W - A), -f * (c - tl.load(Ac_ptr + pid * D + rd))
+        return -fw[None, :] * (W - A), -fc * (c - tl.load(Ac_ptr + pid * D + rd))
 
     @triton.jit
     def _tl_fwd_step(m, W, c, GW, Gc, q_ptr, k_ptr, v_ptr, lr_ptr, out_ptr, GW_ptr, Gc_ptr,
                      Wck_ptr, cck_ptr, tau, tau_last, lnw, lnb, pid, T, i0, NM, NCS, last_full,
-                     A_ptr, Ac_ptr, gam, HAS_G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+                     A_ptr, Ac_ptr, gh_ptr, HAS_G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
                      SEG: tl.constexpr, SAVE: tl.constexpr, DOT: tl.constexpr, DECAY: tl.constexpr):
         """Mini-batch m: outputs, then W_start moves on (or, for an incomplete last one, the
         running sums are written out as the new state's)."""
@@ -589,7 +595,7 @@ if triton is not None:
         tl.store(Gc_ptr + pid * D + rd, Gcn * (1.0 - full), mask=last & (rd >= 0))
         Wn, cn = W - (full * tau_last) * Gn, c - (full * tau_last) * Gcn
         if DECAY:
-            xW, xc = _tl_decay(W, c, full, A_ptr, Ac_ptr, gam, pid, D)
+            xW, xc = _tl_decay(W, c, full, A_ptr, Ac_ptr, gh_ptr, pid, D)
             Wn, cn = Wn + xW, cn + xc
         return Wn, cn
 
@@ -600,13 +606,14 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=_RUNTIME)
     def _ttt_linear_fwd_kernel(q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr,
-                               W_ptr, c_ptr, GW_ptr, Gc_ptr, out_ptr, Wck_ptr, cck_ptr, A_ptr, Ac_ptr, gam,
+                               W_ptr, c_ptr, GW_ptr, Gc_ptr, out_ptr, Wck_ptr, cck_ptr, A_ptr, Ac_ptr, g_ptr,
                                T, i_ptr, NCS, H,
                                D: tl.constexpr, BS: tl.constexpr, SEG: tl.constexpr,
                                SAVE: tl.constexpr, DOT: tl.constexpr, STAGES: tl.constexpr,
                                DECAY: tl.constexpr):
         """W_ptr.. Gc_ptr hold the state; the kernel overwrites them with the new state. With
-        DECAY, fast weights that forget: A_ptr, Ac_ptr the anchor, gam the decay (ttt_linear)."""
+        DECAY, fast weights that forget: A_ptr, Ac_ptr the anchor, g_ptr the decays [H, 2, D] (of W's
+        columns, then of c; ttt_linear)."""
         pid = tl.program_id(0)          # one (batch row, head)
         i0, NM, NC, last_full = _tl_shape(i_ptr, T, BS, SEG)
         h = pid % H
@@ -623,17 +630,18 @@ if triton is not None:
         Gc = tl.load(Gc_ptr + pid * D + rd)
         W, c = _tl_fwd_step(0, W, c, GW, Gc, q_ptr, k_ptr, v_ptr, lr_ptr, out_ptr, GW_ptr, Gc_ptr,
                             Wck_ptr, cck_ptr, tau, tau_last, lnw, lnb, pid, T, i0, NM, NCS,
-                            last_full, A_ptr, Ac_ptr, gam, True, D, BS, SEG, SAVE, DOT, DECAY)
+                            last_full, A_ptr, Ac_ptr, g_ptr + h * 2 * D, True, D, BS, SEG, SAVE, DOT, DECAY)
         for m in tl.range(1, NM, num_stages=STAGES):  # later ones start from zero sums: their products are skipped
             W, c = _tl_fwd_step(m, W, c, W, c, q_ptr, k_ptr, v_ptr, lr_ptr, out_ptr, GW_ptr,
                                 Gc_ptr, Wck_ptr, cck_ptr, tau, tau_last, lnw, lnb, pid, T, i0, NM,
-                                NCS, last_full, A_ptr, Ac_ptr, gam, False, D, BS, SEG, SAVE, DOT, DECAY)
+                                NCS, last_full, A_ptr, Ac_ptr, g_ptr + h * 2 * D, False, D, BS, SEG, SAVE, DOT,
+                                DECAY)
         tl.store(W_ptr + pid * D * D + dd, W)
         tl.store(c_ptr + pid * D + rd, c)
 
     @triton.jit(do_not_specialize=_RUNTIME + ["M0", "M1"])
     def _ttt_linear_scan_kernel(k_ptr, v_ptr, lr_ptr, lnw_ptr, lnb_ptr, tau_ptr, W_ptr, c_ptr, GW_ptr, Gc_ptr,
-                                Wall_ptr, call_ptr, A_ptr, Ac_ptr, gam, T, i_ptr, NMS, H, M0, M1,
+                                Wall_ptr, call_ptr, A_ptr, Ac_ptr, g_ptr, T, i_ptr, NMS, H, M0, M1,
                                 D: tl.constexpr, BS: tl.constexpr, DOT: tl.constexpr, STAGES: tl.constexpr,
                                 DECAY: tl.constexpr):
         """The two-pass forward's walk: the fast weights of one (batch row, head) through its
@@ -666,7 +674,7 @@ if triton is not None:
                 tl.store(GW_ptr + pid * D * D + dd, Gn * (1.0 - full))
                 tl.store(Gc_ptr + pid * D + rd, Gcn * (1.0 - full))
             if DECAY:
-                xW, xc = _tl_decay(W, c, full, A_ptr, Ac_ptr, gam, pid, D)
+                xW, xc = _tl_decay(W, c, full, A_ptr, Ac_ptr, g_ptr + h * 2 * D, pid, D)
                 W += xW
                 c += xc
             W -= (full * tau_last) * Gn
@@ -716,14 +724,23 @@ if triton is not None:
         return dz, da, dr
 
     @triton.jit
+    def _tl_decay_grad(W, c, dW, dc, full, A_ptr, Ac_ptr, pid, D: tl.constexpr):
+        """What a mini-batch's update adds to the adjoints of its head's decays (W's columns, c):
+        W_next = ... - (1 - g) (W - A), so dg = full * sum over rows of dW_next (W - A)."""
+        rd = tl.arange(0, D)
+        A = tl.load(A_ptr + pid * D * D + rd[:, None] * D + rd[None, :])
+        return full * tl.sum(dW * (W - A), 0), full * dc * (c - tl.load(Ac_ptr + pid * D + rd))
+
+    @triton.jit
     def _tl_bwd_minibatch(W, c, GW, Gc, q, k, v, lr, tau, tau_last, full, lnw, lnb, dout,
-                          dW, dc, dG, dGc, gam, HAS_G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+                          dW, dc, dG, dGc, gw, gc, HAS_G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
                           DOT: tl.constexpr, DECAY: tl.constexpr):
         """Reverse of _tl_fwd_minibatch plus the end-of-mini-batch update, derived by hand.
 
         dW, dc: adjoints of W_start after this mini-batch; dG, dGc: of the sums it hands on.
-        Returns the adjoints of the inputs; dW, dc become those of W_start before it; with DECAY,
-        dA, dAc: what the anchor gets through this mini-batch's update (else zeros).
+        Returns the adjoints of the inputs; dW, dc become those of W_start before it; with DECAY
+        (decays gw of W's columns, gc of c, [D]), dA, dAc: what the anchor gets through this
+        mini-batch's update (else zeros); the decays' adjoints are the caller's (_tl_decay_grad).
         """
         r = tl.arange(0, BS)
         causal = r[:, None] >= r[None, :]
@@ -748,8 +765,8 @@ if triton is not None:
         dA = tl.zeros([D, D], dtype=tl.float32)
         dAc = tl.zeros([D], dtype=tl.float32)
         if DECAY:  # W_next = W - ... - f (W - A): the share f of W_next's adjoint goes to A, not W
-            dA = (full * (1.0 - gam)) * dW
-            dAc = (full * (1.0 - gam)) * dc
+            dA = (full * (1.0 - gw))[None, :] * dW
+            dAc = (full * (1.0 - gc)) * dc
             dW -= dA
             dc -= dAc
         # Gn = GW + k^T u, Gcn = Gc + sum_j u_j, u = lr * gz
@@ -798,11 +815,12 @@ if triton is not None:
                                GW_ptr, Gc_ptr, Wck_ptr, cck_ptr, Wbuf_ptr, cbuf_ptr, dout_ptr,
                                dW_ptr, dc_ptr, dGW_ptr, dGc_ptr,
                                dq_ptr, dk_ptr, dv_ptr, dlr_ptr, dtau_ptr, dlnw_ptr, dlnb_ptr,
-                               A_ptr, Ac_ptr, gam, dA_ptr, dAc_ptr, T, i_ptr, NCS, H,
+                               A_ptr, Ac_ptr, g_ptr, dA_ptr, dAc_ptr, dg_ptr, T, i_ptr, NCS, H,
                                D: tl.constexpr, BS: tl.constexpr, SEG: tl.constexpr,
                                DOT: tl.constexpr, DECAY: tl.constexpr):
         """dW_ptr.. dGc_ptr hold the adjoints of the final state on entry and those of the initial
-        state on exit; with DECAY, dA_ptr, dAc_ptr receive the anchor's."""
+        state on exit; with DECAY, dA_ptr, dAc_ptr receive the anchor's and dg_ptr [rows x H, 2, D]
+        the decays'."""
         pid = tl.program_id(0)
         i0, NM, NC, last_full = _tl_shape(i_ptr, T, BS, SEG)
         h = pid % H
@@ -823,6 +841,12 @@ if triton is not None:
         dlnb = tl.zeros([D], dtype=tl.float32)
         dA = tl.zeros([D, D], dtype=tl.float32)
         dAc = tl.zeros([D], dtype=tl.float32)
+        dgw = tl.zeros([D], dtype=tl.float32)
+        dgc = tl.zeros([D], dtype=tl.float32)
+        gh = g_ptr + h * 2 * D                 # this head's decays: of W's columns, then of c
+        gw, gc = lnw, lnw                      # (unused without DECAY)
+        if DECAY:
+            gw, gc = tl.load(gh + rd), tl.load(gh + D + rd)
         buf = Wbuf_ptr + pid * SEG * D * D
         cbuf = cbuf_ptr + pid * SEG * D
         for si in range(NC):
@@ -844,7 +868,7 @@ if triton is not None:
                 Gc0 = tl.load(Gc_ptr + pid * D + rd, mask=(m == 0) & (rd >= 0), other=0.0)
                 full = ((m < NM - 1) | (last_full != 0)).to(tl.float32)
                 if DECAY:
-                    xW, xc = _tl_decay(W, c, full, A_ptr, Ac_ptr, gam, pid, D)
+                    xW, xc = _tl_decay(W, c, full, A_ptr, Ac_ptr, gh, pid, D)
                     W += xW
                     c += xc
                 W -= (full * tau_last) * (tl.dot(tl.trans(k), u, input_precision=DOT) + GW0)
@@ -862,10 +886,14 @@ if triton is not None:
                 last = (m == NM - 1) & g_out
                 dG = tl.load(dGW_ptr + pid * D * D + dd, mask=last & (dd >= 0), other=0.0)
                 dGc = tl.load(dGc_ptr + pid * D + rd, mask=last & (rd >= 0), other=0.0)
+                if DECAY:  # (dW, dc: the adjoints of the W_start this mini-batch hands on)
+                    dgw_m, dgc_m = _tl_decay_grad(W, c, dW, dc, full, A_ptr, Ac_ptr, pid, D)
+                    dgw += dgw_m
+                    dgc += dgc_m
                 # (the sums entering this mini-batch are the constant 0: their adjoint is dropped)
                 dq, dk, dv, dlr, dtau_m, dtl, dlnw_m, dlnb_m, dW, dc, _, _, dA_m, dAc_m = _tl_bwd_minibatch(
                     W, c, dW, dc, q, k, v, lr, tau, tau_last, full, lnw, lnb, dout,
-                    dW, dc, dG, dGc, gam, False, D, BS, DOT, DECAY)
+                    dW, dc, dG, dGc, gw, gc, False, D, BS, DOT, DECAY)
                 if DECAY:
                     dA += dA_m
                     dAc += dAc_m
@@ -885,9 +913,13 @@ if triton is not None:
         Gc0 = tl.load(Gc_ptr + pid * D + rd)
         dG = tl.load(dGW_ptr + pid * D * D + dd, mask=(NM == 1) & g_out & (dd >= 0), other=0.0)
         dGc = tl.load(dGc_ptr + pid * D + rd, mask=(NM == 1) & g_out & (rd >= 0), other=0.0)
+        if DECAY:
+            dgw_m, dgc_m = _tl_decay_grad(W, c, dW, dc, full, A_ptr, Ac_ptr, pid, D)
+            tl.store(dg_ptr + pid * 2 * D + rd, dgw + dgw_m)
+            tl.store(dg_ptr + pid * 2 * D + D + rd, dgc + dgc_m)
         dq, dk, dv, dlr, dtau_m, dtl, dlnw_m, dlnb_m, dW, dc, dG, dGc, dA_m, dAc_m = _tl_bwd_minibatch(
             W, c, GW0, Gc0, q, k, v, lr, tau, tau_last, full, lnw, lnb, dout,
-            dW, dc, dG, dGc, gam, True, D, BS, DOT, DECAY)
+            dW, dc, dG, dGc, gw, gc, True, D, BS, DOT, DECAY)
         if DECAY:
             tl.store(dA_ptr + pid * D * D + dd, dA + dA_m)
             tl.store(dAc_ptr + pid * D + rd, dAc + dAc_m)
@@ -951,13 +983,14 @@ if triton is not None:
     @triton.jit(do_not_specialize=_RUNTIME + ["J0", "J1"])
     def _ttt_linear_bwd_walk_kernel(k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, Wall_ptr, call_ptr,
                                     Q_ptr, g0_ptr, s_ptr, dGW_ptr, dGc_ptr, dW_ptr, dc_ptr, dWall_ptr, dcall_ptr,
-                                    gam, dA_ptr, dAc_ptr, T, i_ptr, NMS, H, J0, J1, D: tl.constexpr,
+                                    A_ptr, Ac_ptr, g_ptr, dA_ptr, dAc_ptr, dg_ptr, T, i_ptr, NMS, H, J0, J1,
+                                    D: tl.constexpr,
                                     BS: tl.constexpr, DOT: tl.constexpr, STAGES: tl.constexpr,
                                     DECAY: tl.constexpr):
         """Pass (2), one program per (row, head): from the adjoint of W and c after mini-batch
         NM - 1 - J0 (dW_ptr, dc_ptr), back through J1 - J0 mini-batches, writing the adjoint each
         one receives from the next to dWall/dcall, and the last one's to dW_ptr, dc_ptr. With
-        DECAY, the anchor's share of each is added to dA_ptr, dAc_ptr."""
+        DECAY, the anchor's share of each is added to dA_ptr, dAc_ptr, and the decays' to dg_ptr."""
         pid = tl.program_id(0)
         i0, NM, nc, last_full = _tl_shape(i_ptr, T, BS, 1)
         h = pid % H
@@ -970,6 +1003,11 @@ if triton is not None:
         dc = tl.load(dc_ptr + pid * D + rd)
         dA = tl.zeros([D, D], dtype=tl.float32)
         dAc = tl.zeros([D], dtype=tl.float32)
+        dgw = tl.zeros([D], dtype=tl.float32)
+        dgc = tl.zeros([D], dtype=tl.float32)
+        gw, gc = lnw, lnw   # (unused without DECAY)
+        if DECAY:
+            gw, gc = tl.load(g_ptr + h * 2 * D + rd), tl.load(g_ptr + h * 2 * D + D + rd)
         for j in tl.range(J0, tl.minimum(J1, NM), num_stages=STAGES):
             m = NM - 1 - j
             at = pid * NMS + m
@@ -986,11 +1024,15 @@ if triton is not None:
                 dGn += tl.load(dGW_ptr + pid * D * D + dd)
                 dGcn += tl.load(dGc_ptr + pid * D + rd)
             if DECAY:  # as in _tl_bwd_minibatch
-                f = full * (1.0 - gam)
-                dA += f * dW
-                dAc += f * dc
-                dW -= f * dW
-                dc -= f * dc
+                dgw_m, dgc_m = _tl_decay_grad(W, c, dW, dc, full, A_ptr, Ac_ptr, pid, D)
+                dgw += dgw_m
+                dgc += dgc_m
+                fw = (full * (1.0 - gw))[None, :]
+                fc = full * (1.0 - gc)
+                dA += fw * dW
+                dAc += fc * dc
+                dW -= fw * dW
+                dc -= fc * dc
             gz, a, xh, rs = _tl_inner_grad(W, c, k, v, lnw, lnb, D, DOT)
             du = tl.dot(k, dGn, input_precision=DOT) + dGcn[None, :]
             dgz = lr[:, None] * du + tl.load(g0_ptr + at * BS * D + rb[:, None] * D + rd[None, :])
@@ -1002,6 +1044,8 @@ if triton is not None:
         if DECAY:  # the walk comes in pieces: add this one's share
             tl.store(dA_ptr + pid * D * D + dd, tl.load(dA_ptr + pid * D * D + dd) + dA)
             tl.store(dAc_ptr + pid * D + rd, tl.load(dAc_ptr + pid * D + rd) + dAc)
+            tl.store(dg_ptr + pid * 2 * D + rd, tl.load(dg_ptr + pid * 2 * D + rd) + dgw)
+            tl.store(dg_ptr + pid * 2 * D + D + rd, tl.load(dg_ptr + pid * 2 * D + D + rd) + dgc)
 
     @triton.jit(do_not_specialize=_RUNTIME + ["J0"])
     def _ttt_linear_bwd_par_kernel(q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, GW_ptr, Gc_ptr,
@@ -1040,7 +1084,7 @@ if triton is not None:
             # (the decay changes only the adjoint of W handed back, which pass (2) made)
             dq, dk, dv, dlr, dtau, dtl, dlnw, dlnb, _, _, dGW, dGc, _, _ = _tl_bwd_minibatch(
                 W, c, GW, Gc, q, k, v, lr, tl.load(tau_ptr + rb), tl.load(tau_ptr + BS - 1), full,
-                tl.load(lnw_ptr + h * D + rd), tl.load(lnb_ptr + h * D + rd), dout, dW, dc, dG, dGc, 1.0, HAS_G,
+                tl.load(lnw_ptr + h * D + rd), tl.load(lnb_ptr + h * D + rd), dout, dW, dc, dG, dGc, dc, dc, HAS_G,
                 D, BS, DOT, False)
             tl.store(dq_ptr + offs, dq, mask=ok[:, None])
             tl.store(dk_ptr + offs, dk, mask=ok[:, None])
@@ -1507,11 +1551,12 @@ Tensor = torch.Tensor
 # break), and autograd takes the backward kernel from register_autograd below.
 @torch.library.custom_op("ttt::linear_chunk", mutates_args=())
 def _linear_chunk(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, tau: Tensor, ln_w: Tensor, ln_b: Tensor,
-                  W: Tensor, c: Tensor, GW: Tensor, Gc: Tensor, A: Tensor, Ac: Tensor, i: Tensor, b: int, seg: int,
-                  save: bool, gam: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  W: Tensor, c: Tensor, GW: Tensor, Gc: Tensor, A: Tensor, Ac: Tensor, g: Tensor, i: Tensor, b: int,
+                  seg: int, save: bool, decay: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """ttt_linear's chunked path as Triton kernels (one pass, or two), on float32 contiguous
-    inputs; i: the state's position in its mini-batch (int64 []); gam < 1: fast weights that
-    forget toward the anchor A, Ac (shaped as W, c). Returns out, the new state (W, c, GW, Gc)
+    inputs; i: the state's position in its mini-batch (int64 []); decay: fast weights that forget
+    toward the anchor A, Ac (shaped as W, c), each head's W columns and c by the decays g [H, 2, d]
+    (W's, then c's). Returns out, the new state (W, c, GW, Gc)
     and, when save, the fast weights for backward: every seg mini-batches (one pass) or every
     mini-batch (two)."""
     B, H, T, d = q.shape
@@ -1527,8 +1572,8 @@ def _linear_chunk(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, tau: Tensor, ln_w
         side = _Side(q)
         for m0, n in _pieces(NMS):
             _ttt_linear_scan_kernel[(B * H,)](
-                k, v, lr, ln_w, ln_b, tau, W, c, GW, Gc, Wall, call, A, Ac, gam, T, i, NMS, H, m0, m0 + n,
-                D=d, BS=b, DOT=TRITON_DOT, STAGES=TRITON_FWD["stages"], DECAY=gam != 1.0,
+                k, v, lr, ln_w, ln_b, tau, W, c, GW, Gc, Wall, call, A, Ac, g, T, i, NMS, H, m0, m0 + n,
+                D=d, BS=b, DOT=TRITON_DOT, STAGES=TRITON_FWD["stages"], DECAY=decay,
                 num_warps=TRITON_FWD["num_warps"])
             with side:
                 _ttt_linear_readout_kernel[(B * H, n)](
@@ -1541,14 +1586,14 @@ def _linear_chunk(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, tau: Tensor, ln_w
     Wck = q.new_empty((B * H, NCS if save else 1, d, d))
     cck = q.new_empty((B * H, NCS if save else 1, d))
     _ttt_linear_fwd_kernel[(B * H,)](
-        q, k, v, lr, tau, ln_w, ln_b, W, c, GW, Gc, out, Wck, cck, A, Ac, gam, T, i, NCS, H,
-        D=d, BS=b, SEG=seg, SAVE=save, DOT=TRITON_DOT, STAGES=TRITON_FWD["stages"], DECAY=gam != 1.0,
+        q, k, v, lr, tau, ln_w, ln_b, W, c, GW, Gc, out, Wck, cck, A, Ac, g, T, i, NCS, H,
+        D=d, BS=b, SEG=seg, SAVE=save, DOT=TRITON_DOT, STAGES=TRITON_FWD["stages"], DECAY=decay,
         num_warps=TRITON_FWD["num_warps"])
     return out, W, c, GW, Gc, Wck, cck
 
 
 @_linear_chunk.register_fake
-def _(q, k, v, lr, tau, ln_w, ln_b, W, c, GW, Gc, A, Ac, i, b, seg, save, gam):
+def _(q, k, v, lr, tau, ln_w, ln_b, W, c, GW, Gc, A, Ac, g, i, b, seg, save, decay):
     B, H, T, d = q.shape
     NCS = 1 if not save else _room(T, b, 1)[0] if _two_pass(B * H, T, b, d) else _room(T, b, seg)[1]
     return (torch.empty_like(q), torch.empty_like(W), torch.empty_like(c), torch.empty_like(GW),
@@ -1558,16 +1603,18 @@ def _(q, k, v, lr, tau, ln_w, ln_b, W, c, GW, Gc, A, Ac, i, b, seg, save, gam):
 @torch.library.custom_op("ttt::linear_chunk_backward", mutates_args=())
 def _linear_chunk_backward(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, tau: Tensor, ln_w: Tensor,
                            ln_b: Tensor, GW: Tensor, Gc: Tensor, Wck: Tensor, cck: Tensor, A: Tensor, Ac: Tensor,
-                           i: Tensor, dout: Tensor, dW: Tensor, dc: Tensor, dGW: Tensor, dGc: Tensor, b: int,
-                           seg: int, gam: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-                                                          Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                           g: Tensor, i: Tensor, dout: Tensor, dW: Tensor, dc: Tensor, dGW: Tensor, dGc: Tensor,
+                           b: int, seg: int, decay: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                                   Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                                   Tensor, Tensor]:
     """The backward kernels (one walk, or three passes when the forward kept the fast weights of
     every mini-batch): from the adjoints of out and of the final state, those of q, k, v, lr, of
-    tau, ln_w, ln_b per (row, head), of the initial state and of the anchor (zero when gam = 1)."""
+    tau, ln_w, ln_b per (row, head), of the initial state, and of the anchor and the decays per
+    (row, head) (zero without decay)."""
     B, H, T, d = q.shape
-    dW, dc, dGW, dGc = (g.clone() for g in (dW, dc, dGW, dGc))  # the kernel updates these in place
+    dW, dc, dGW, dGc = (x.clone() for x in (dW, dc, dGW, dGc))  # the kernel updates these in place
     dq, dk, dv, dlr = (torch.empty_like(x) for x in (q, k, v, lr))
-    dA, dAc = torch.zeros_like(A), torch.zeros_like(Ac)
+    dA, dAc, dg = torch.zeros_like(A), torch.zeros_like(Ac), q.new_zeros(B * H, 2, d)
     NMS = _room(T, b, 1)[0]
     if Wck.shape[1] == NMS and _two_pass(B * H, T, b, d):  # the forward kept every mini-batch's W
         args = (T, i, NMS, H)
@@ -1584,51 +1631,52 @@ def _linear_chunk_backward(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, tau: Ten
             num_warps=TRITON_BWD3["par_warps"] or (8 if b * d <= 1024 else 4))
         for j0, n in _pieces(NMS):   # j: mini-batches from the last one back
             _ttt_linear_bwd_walk_kernel[(B * H,)](k, v, lr, tau, ln_w, ln_b, Wck, cck, Q, g0, s, dGW, dGc, dW,
-                                                  dc, dWall, dcall, gam, dA, dAc, *args, j0, j0 + n, D=d, BS=b,
-                                                  DOT=TRITON_DOT, STAGES=TRITON_BWD3["walk_stages"],
-                                                  DECAY=gam != 1.0, num_warps=TRITON_BWD3["walk_warps"])
+                                                  dc, dWall, dcall, A, Ac, g, dA, dAc, dg, *args, j0, j0 + n, D=d,
+                                                  BS=b, DOT=TRITON_DOT, STAGES=TRITON_BWD3["walk_stages"],
+                                                  DECAY=decay, num_warps=TRITON_BWD3["walk_warps"])
             with side:
                 par(j0, n, False)
         with side:
             par(0, 1, True)   # mini-batch 0, last: it writes the adjoint of the sums carried in over dGW, dGc
         side.join()
-        return dq, dk, dv, dlr, dtau.sum(1), dlnw.sum(1), dlnb.sum(1), dW, dc, dGW, dGc, dA, dAc
+        return dq, dk, dv, dlr, dtau.sum(1), dlnw.sum(1), dlnb.sum(1), dW, dc, dGW, dGc, dA, dAc, dg
     dtau, dlnw, dlnb = q.new_empty(B * H, b), q.new_empty(B * H, d), q.new_empty(B * H, d)
     Wbuf, cbuf = q.new_empty(B * H, seg, d, d), q.new_empty(B * H, seg, d)
     _ttt_linear_bwd_kernel[(B * H,)](
         q, k, v, lr, tau, ln_w, ln_b, GW, Gc, Wck, cck, Wbuf, cbuf, dout, dW, dc, dGW, dGc,
-        dq, dk, dv, dlr, dtau, dlnw, dlnb, A, Ac, gam, dA, dAc, T, i, Wck.shape[1], H,
-        D=d, BS=b, SEG=seg, DOT=TRITON_DOT, DECAY=gam != 1.0,
+        dq, dk, dv, dlr, dtau, dlnw, dlnb, A, Ac, g, dA, dAc, dg, T, i, Wck.shape[1], H,
+        D=d, BS=b, SEG=seg, DOT=TRITON_DOT, DECAY=decay,
         num_stages=TRITON_BWD["num_stages"] or (3 if b * d <= 1024 else 1),
         num_warps=TRITON_BWD["num_warps"] or (8 if b * d <= 1024 else 4))
-    return dq, dk, dv, dlr, dtau, dlnw, dlnb, dW, dc, dGW, dGc, dA, dAc
+    return dq, dk, dv, dlr, dtau, dlnw, dlnb, dW, dc, dGW, dGc, dA, dAc, dg
 
 
 @_linear_chunk_backward.register_fake
-def _(q, k, v, lr, tau, ln_w, ln_b, GW, Gc, Wck, cck, A, Ac, i, dout, dW, dc, dGW, dGc, b, seg, gam):
+def _(q, k, v, lr, tau, ln_w, ln_b, GW, Gc, Wck, cck, A, Ac, g, i, dout, dW, dc, dGW, dGc, b, seg, decay):
     B, H, T, d = q.shape
     return (*(torch.empty_like(x) for x in (q, k, v, lr)), q.new_empty(B * H, b), q.new_empty(B * H, d),
-            q.new_empty(B * H, d), *(torch.empty_like(x) for x in (dW, dc, dGW, dGc, A, Ac)))
+            q.new_empty(B * H, d), *(torch.empty_like(x) for x in (dW, dc, dGW, dGc, A, Ac)),
+            q.new_empty(B * H, 2, d))
 
 
 def _linear_chunk_setup(ctx, inputs, output):
-    q, k, v, lr, tau, ln_w, ln_b, W, c, GW, Gc, A, Ac, i, b, seg, save, gam = inputs
-    ctx.save_for_backward(q, k, v, lr, tau, ln_w, ln_b, GW, Gc, output[5], output[6], A, Ac, i)
-    ctx.meta = (b, seg, gam)
+    q, k, v, lr, tau, ln_w, ln_b, W, c, GW, Gc, A, Ac, g, i, b, seg, save, decay = inputs
+    ctx.save_for_backward(q, k, v, lr, tau, ln_w, ln_b, GW, Gc, output[5], output[6], A, Ac, g, i)
+    ctx.meta = (b, seg, decay)
 
 
 def _linear_chunk_grad(ctx, dout, dW, dc, dGW, dGc, _dWck, _dcck):
-    q, k, v, lr, tau, ln_w, ln_b, GW, Gc, Wck, cck, A, Ac, i = ctx.saved_tensors
-    b, seg, gam = ctx.meta
+    q, k, v, lr, tau, ln_w, ln_b, GW, Gc, Wck, cck, A, Ac, g, i = ctx.saved_tensors
+    b, seg, decay = ctx.meta
     B, H, T, d = q.shape
     # adjoints of the final state (None: that state was unused)
-    adj = lambda g, like: torch.zeros_like(like) if g is None else g.contiguous()
-    dq, dk, dv, dlr, dtau, dlnw, dlnb, dW, dc, dGW, dGc, dA, dAc = _linear_chunk_backward(
-        q, k, v, lr, tau, ln_w, ln_b, GW, Gc, Wck, cck, A, Ac, i, adj(dout, q), adj(dW, GW), adj(dc, Gc),
-        adj(dGW, GW), adj(dGc, Gc), b, seg, gam)
+    adj = lambda x, like: torch.zeros_like(like) if x is None else x.contiguous()
+    dq, dk, dv, dlr, dtau, dlnw, dlnb, dW, dc, dGW, dGc, dA, dAc, dg = _linear_chunk_backward(
+        q, k, v, lr, tau, ln_w, ln_b, GW, Gc, Wck, cck, A, Ac, g, i, adj(dout, q), adj(dW, GW), adj(dc, Gc),
+        adj(dGW, GW), adj(dGc, Gc), b, seg, decay)
     return (dq, dk, dv, dlr, dtau.sum(0), dlnw.view(B, H, d).sum(0), dlnb.view(B, H, d).sum(0),
-            dW, dc, dGW, dGc, dA if gam != 1.0 else None, dAc if gam != 1.0 else None, None, None, None, None,
-            None)
+            dW, dc, dGW, dGc, dA if decay else None, dAc if decay else None,
+            dg.view(B, H, 2, d).sum(0) if decay else None, None, None, None, None, None)
 
 
 _linear_chunk.register_autograd(_linear_chunk_grad, setup_context=_linear_chunk_setup)
@@ -1740,11 +1788,17 @@ def _triton_scan(name, state, q, k, v, lr, tau, ln_w, ln_b, b, checkpoint_group,
         return out, TTTState(unflat(P), unflat(G), (state.i + T) % b)
     W, c = state.params
     GW, Gc = state.grads
-    # the anchor, one copy a (row, head) as the kernels read it (W itself, unread, without decay)
-    A, Ac = (a.expand_as(p) for a, p in zip(anchor, (W, c))) if decay != 1.0 else (W, c)
-    args += [x.contiguous() for x in (W, c, GW, Gc, A, Ac)]
+    # the anchor, one copy a (row, head) as the kernels read it (W itself, unread, without decay),
+    # and the decays of each head's W columns and c, [H, 2, d] (one number: the same everywhere)
+    forget = _forgets(decay)
+    A, Ac = (a.expand_as(p) for a, p in zip(anchor, (W, c))) if forget else (W, c)
+    if isinstance(decay, tuple):
+        g = torch.stack([x.expand(H, 1, d)[:, 0] for x in decay], 1)
+    else:
+        g = q.new_full((H, 2, d), float(decay))
+    args += [x.contiguous() for x in (W, c, GW, Gc, A, Ac, g)]
     save = torch.is_grad_enabled() and any(x.requires_grad for x in args)  # keep W for backward?
-    out, W, c, GW, Gc, _, _ = _linear_chunk(*args, i, b, seg, save, float(decay))
+    out, W, c, GW, Gc, _, _ = _linear_chunk(*args, i, b, seg, save, forget)
     return out, TTTState((W, c), (GW, Gc), (state.i + T) % b)
 
 
@@ -1874,8 +1928,7 @@ class _TTTLayer(nn.Module):
             return self.impl
         if not x.is_cuda:
             return "torch"
-        if triton_supported(self.kind, self.head_dim, self.mini_batch) and self.log_half_life is None \
-                and (self.decay == 1.0 or self.kind == "linear"):
+        if triton_supported(self.kind, self.head_dim, self.mini_batch) and (not self.forgets() or self.kind == "linear"):
             return "triton"
         return "torch" if _COMPILE_FAILED else "compile"
 
@@ -1950,8 +2003,7 @@ class TTTLinear(_TTTLayer):
     (falling back to eager if compiling fails); on the CPU the PyTorch reference.
     decay < 1 (not in the official layer): fast weights that fade toward their learnt start, see
     ttt_linear (TTT-MLP's takes the compiled loop on CUDA: its Triton kernels have no decay).
-    half_life_range (lo, hi) in tokens: learnt forgetting rates instead (learn_half_life), on the
-    compiled loop on CUDA.
+    half_life_range (lo, hi) in tokens: learnt forgetting rates instead (learn_half_life).
     """
     kind = "linear"
     inner = staticmethod(ttt_linear)

@@ -535,8 +535,8 @@ def main():
 
 
 def decay_table(tokens, H, d, Ts, bs, dev, fast, compile_rows):
-    """TTT-Linear with fast weights that forget (one decay: the Triton kernels' DECAY; learnt decays,
-    one per head and feature: the compiled loop) against the official update, side by side."""
+    """TTT-Linear with fast weights that forget (one decay, or learnt decays, one per head and
+    feature, with their gradients) against the official update, side by side."""
     print(f"\n## TTT-Linear, fast weights that forget: {tokens} tokens per batch, {H} heads of {d}; "
           "Mtok/s (peak GiB)\n")
     print("| b | impl | " + " | ".join(f"T={T} fwd | T={T} fwd+bwd" for T in Ts) + " |")
@@ -547,7 +547,7 @@ def decay_table(tokens, H, d, Ts, bs, dev, fast, compile_rows):
         if compile_rows and dev.type == "cuda":
             impls = ["compile", "compile, decay 0.9", "compile, learnt decays"]
         if fast and ttt.triton_supported("linear", d, b):
-            impls = ["triton", "triton, decay 0.9"] + impls
+            impls = ["triton", "triton, decay 0.9", "triton, learnt decays"] + impls
         for impl in impls:
             cells = []
             for T in Ts:

@@ -335,15 +335,16 @@ def test_decay_bad_inputs_and_mlp_triton_refuses_it():
                        anchor=[w[0] for w in W0])
     with pytest.raises(ValueError, match="must be float tensors"):
         ttt.ttt_linear(q, k, v, lr, tau, ln_w, ln_b, 4, state_of(W0), decay=(0.9, 0.9), anchor=[w[0] for w in W0])
-    with pytest.raises(NotImplementedError, match="one decay for every head"):   # the kernels take one number
-        ttt.ttt_linear(q, k, v, lr, tau, ln_w, ln_b, 4, state_of(W0), impl="triton",
-                       decay=(torch.ones(2, 1, 8), torch.ones(2, 1, 8)), anchor=[w[0] for w in W0])
+    with pytest.raises(NotImplementedError, match=r"a decay per head and feature, .* got \[\(2, 8, 8\), \(2, 1, 8\)\]"):
+        ttt.ttt_linear(q, k, v, lr, tau, ln_w, ln_b, 4, state_of(W0), impl="triton",   # the kernels' shapes
+                       decay=(torch.ones(2, 8, 8), torch.ones(2, 1, 8)), anchor=[w[0] for w in W0])
     q, k, v, lr, tau, ln_w, ln_b, *W0 = make_inputs("mlp", T=5, b=4, dtype=torch.float32)
     with pytest.raises(NotImplementedError, match="no decay"):   # TTT-MLP's kernels run the official update
         ttt.ttt_mlp(q, k, v, lr, tau, ln_w, ln_b, 4, state_of(W0), impl="triton", decay=0.9,
                     anchor=[w[0] for w in W0])
     for cls, cuda, kw in ((ttt.TTTLinear, "triton", dict(decay=0.9)), (ttt.TTTMLP, "compile", dict(decay=0.9)),
-                          (ttt.TTTLinear, "compile", dict(half_life_range=(16, 1600)))):
+                          (ttt.TTTLinear, "triton", dict(half_life_range=(16, 1600))),
+                          (ttt.TTTMLP, "compile", dict(half_life_range=(16, 1600)))):
         layer = cls(32, 2, mini_batch=16, **kw)
         assert layer._impl(torch.empty(1)) == "torch"   # the CPU
         if torch.cuda.is_available() and ttt.triton is not None:
@@ -567,9 +568,11 @@ cases = [(16, 16, 40, 0, 1, 0), (16, 16, 37, 5, 2, 1), (16, 16, 10, 3, 16, 1), (
          (16, 16, 11, 5, 1, 1), (32, 32, 70, 9, 3, 1)]
 # each case through the one-pass forward and the two-pass one (walk, then outputs per mini-batch)
 # (the two-pass forward and three-pass backward in pieces of one mini-batch or more, as many as 8),
-# with the official update and with fast weights that forget (decay 0.7, toward an anchor per head)
+# with the official update and with fast weights that forget (decay 0.7, toward an anchor per head;
+# and a decay per head and feature, for W's columns and for c, whose gradients are checked too)
 ttt.TRITON_TWO_PASS["piece_min"] = 1
-for (d, b, T, i0, seg, full_G), rows, decay in [(c, r, g) for g in (1.0, 0.7) for r in (0, 1 << 20) for c in cases]:
+for (d, b, T, i0, seg, full_G), rows, decay in [(c, r, g) for g in (1.0, 0.7, "feature") for r in (0, 1 << 20)
+                                                for c in cases]:
     ttt.TRITON_TWO_PASS["rows"] = rows
     q, k, v = (torch.randn(B, H, T, d, dtype=torch.float64) for _ in range(3))
     lr = torch.rand(B, H, T, dtype=torch.float64) / d
@@ -578,26 +581,29 @@ for (d, b, T, i0, seg, full_G), rows, decay in [(c, r, g) for g in (1.0, 0.7) fo
     W, c = 0.3 * torch.randn(B, H, d, d).double(), 0.1 * torch.randn(B, H, 1, d).double()
     GW, Gc = 0.01 * full_G * torch.randn_like(W), 0.01 * full_G * torch.randn_like(c)
     A, Ac = 0.3 * torch.randn(H, d, d).double(), 0.1 * torch.randn(H, 1, d).double()
-    xs = [q, k, v, lr, tau, lnw, lnb, W, c, GW, Gc] + ([A, Ac] if decay != 1.0 else [])
+    gW, gc = (0.4 + 0.55 * torch.rand(H, 1, d).double() for _ in range(2))
+    xs = [q, k, v, lr, tau, lnw, lnb, W, c, GW, Gc] + ([A, Ac] if decay != 1.0 else []) + ([gW, gc] if decay == "feature" else [])
     res = []
     for impl, dt in (("torch", torch.float64), ("triton", torch.float32)):
         xx = [x.to(dt).requires_grad_() for x in xs]
         st = ttt.TTTState((xx[7], xx[8]), (xx[9], xx[10]), torch.tensor(i0))
-        out, st = ttt.ttt_linear(*xx[:7], b, st, impl=impl, checkpoint_group=seg, decay=decay, anchor=xx[11:])
+        out, st = ttt.ttt_linear(*xx[:7], b, st, impl=impl, checkpoint_group=seg,
+                                 decay=tuple(xx[13:]) if decay == "feature" else decay, anchor=xx[11:13])
         g = torch.Generator().manual_seed(1)
         loss = (out * torch.randn(out.shape, generator=g, dtype=torch.float64).to(dt)).sum()
         for p in st.params + st.grads:
             loss = loss + (p * torch.randn(p.shape, generator=g, dtype=torch.float64).to(dt)).sum()
         grads = torch.autograd.grad(loss, xx, allow_unused=True)  # (no mini-batch complete: no anchor)
         res.append([out, *st.params, *st.grads, *(torch.zeros_like(x) if g is None else g for g, x in zip(grads, xx))])
-    for name, a, r in zip("out W c GW Gc dq dk dv dlr dtau dlnw dlnb dW dc dGW dGc dA dAc".split(), *res):
+    for name, a, r in zip("out W c GW Gc dq dk dv dlr dtau dlnw dlnb dW dc dGW dGc dA dAc dgW dgc".split(), *res):
         err = ((a.double() - r.double()).abs().max() / (1 + r.abs().max())).item()
         worst = max(worst, err)
         assert err < 1e-5, (T, i0, seg, rows, decay, name, err)
     with torch.no_grad():  # inference: no checkpoints kept
         st = ttt.TTTState((W.float(), c.float()), (GW.float(), Gc.float()), torch.tensor(i0))
-        out, _ = ttt.ttt_linear(*[x.float() for x in xs[:7]], b, st, impl="triton", decay=decay,
-                                anchor=[x.float() for x in xs[11:]])
+        out, _ = ttt.ttt_linear(*[x.float() for x in xs[:7]], b, st, impl="triton",
+                                decay=tuple(x.float() for x in xs[13:]) if decay == "feature" else decay,
+                                anchor=[x.float() for x in xs[11:13]])
     assert (out.double() - res[0][0]).abs().max() < 1e-5
 print("worst relative error", worst)
 '''
@@ -795,17 +801,20 @@ def test_triton_mlp_matches_torch_on_cuda(b, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cls,decay", [(ttt.TTTLinear, 1.0), (ttt.TTTMLP, 1.0), (ttt.TTTLinear, 0.9)])
+@pytest.mark.parametrize("cls,decay", [(ttt.TTTLinear, 1.0), (ttt.TTTMLP, 1.0), (ttt.TTTLinear, 0.9),
+                                       (ttt.TTTLinear, "learnt")])
 def test_module_on_cuda_takes_triton_and_agrees_with_torch(cls, decay):
     torch.manual_seed(0)
-    layer = cls(256, 4, mini_batch=16, decay=decay).cuda()
+    kw = dict(half_life_range=(8.0, 800.0)) if decay == "learnt" else dict(decay=decay)
+    layer = cls(256, 4, mini_batch=16, **kw).cuda()
     x = torch.randn(2, 100, 256, device="cuda", requires_grad=True)
     assert layer._impl(x) == "triton"
+    wrt = [x, layer.W1] + ([layer.log_half_life] if decay == "learnt" else [])
     res = []
     for impl in ("triton", "torch"):
         layer.impl = impl
         y, st = layer(x)
-        res.append((y, st, torch.autograd.grad(y.square().sum() + st.params[0].sum(), [x, layer.W1])))
+        res.append((y, st, torch.autograd.grad(y.square().sum() + st.params[0].sum(), wrt)))
     (y, st, g), (y2, st2, g2) = res
     assert (y - y2).abs().max() < 1e-4 * y2.abs().max()
     assert_state_close(st, st2, 1e-4)
@@ -1017,7 +1026,7 @@ def test_triton_kernels_compile_for_h100(b):
         for decay in ((False, True) if "DECAY" in names else (None,)):   # the official update, and forgetting
             kc = consts if decay is None else {**consts, "DECAY": decay}
             sig = {n: "constexpr" if n in kc else "i32" if n in ints else "*i64" if n == "i_ptr"
-                   else "fp32" if n == "gam" else "*fp32" for n in names}
+                   else "*fp32" for n in names}
             src = ASTSource(fn=kern, signature=sig,
                             constexprs={(names.index(n),): v for n, v in kc.items()})
             stages = 3 if kern is not ttt._ttt_linear_bwd_kernel or b * 64 <= 1024 else 1   # as launched
