@@ -961,14 +961,15 @@ if triton is not None:
 
     @triton.jit
     def _ttt_step_kernel(buf_ptr, x_ptr, nw_ptr, eps, wlr_ptr, blr_ptr, base_lr, tau_ptr, i_ptr, cos_ptr, sin_ptr,
-                         lnw_ptr, lnb_ptr, W_ptr, c_ptr, GW_ptr, Gc_ptr, out_ptr, A_ptr, Ac_ptr, gam, D, MB,
+                         lnw_ptr, lnb_ptr, W_ptr, c_ptr, GW_ptr, Gc_ptr, out_ptr, A_ptr, Ac_ptr, g_ptr, D, MB,
                          H: tl.constexpr, HD: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr,
                          DECAY: tl.constexpr):
         # The TTT-Linear streaming step (ttt._linear_token and ttt._step) of head h = program_id(0), row
         # bi = program_id(1): buf holds the row's q, k, v (before RoPE) and gate; x the branch's input,
         # whose RMSNorm (weight nw) feeds the learning-rate gate. Fast weights W [HD, HD], c [HD] and the
         # running sums GW, Gc are updated in place; out = q + LN(q W_i + c_i) in out's dtype. DECAY: fast
-        # weights that forget (ttt.py's decay gam), toward the layer's learnt start A [H, HD, HD], Ac [H, HD].
+        # weights that forget (ttt.py's decay), toward the layer's learnt start A [H, HD, HD], Ac [H, HD], by
+        # the decays g [H, 2, HD] of each head's W columns and of c.
         h, bi = tl.program_id(0), tl.program_id(1)
         rd = tl.arange(0, HD)
         if PDL:
@@ -1020,8 +1021,10 @@ if triton is not None:
         if i == MB - 1:  # the mini-batch is complete: W_i is the next start, the sums start again
             if DECAY:   # ... and what W held fades toward the learnt start
                 A = tl.load(A_ptr + h * HD * HD + rd[:, None] * HD + rd[None, :]).to(tl.float32)
-                Wi -= (1.0 - gam) * (W - A)
-                ci -= (1.0 - gam) * (c - tl.load(Ac_ptr + h * HD + rd).to(tl.float32))
+                gw = tl.load(g_ptr + h * 2 * HD + rd)
+                gc = tl.load(g_ptr + h * 2 * HD + HD + rd)
+                Wi -= (1.0 - gw)[None, :] * (W - A)
+                ci -= (1.0 - gc) * (c - tl.load(Ac_ptr + h * HD + rd).to(tl.float32))
             tl.store(W_ptr + at, Wi)
             tl.store(c_ptr + st + rd, ci)
             tl.store(GW_ptr + at, tl.zeros([HD, HD], tl.float32))
@@ -1385,7 +1388,7 @@ class SpeechLM(nn.Module):
         cache; output projection + residual; RMSNorm + gate/up + SwiGLU; down projection + residual).
         A gated TTT-Linear branch is 3 more (RMSNorm + q/k/v/gate; the inner step, which updates the
         state's fast weights in place; post-norm, gate, output projection and the gated residual); other
-        TTT branches (and TTT-Linear with learnt half-lives) run in PyTorch (compile_ttt: torch.compile them). Capture the step as a CUDA graph.
+        TTT branches run in PyTorch (compile_ttt: torch.compile them). Capture the step as a CUDA graph.
         At batch 1 only: with more rows the compiled blocks' matrix products were as fast or faster
         (a 7B-shaped backbone at batch 8: 5.2x real time with these kernels, 5.8x without, H100).
         The step then updates the attention caches and TTT states of the state it is given in place.
@@ -1400,8 +1403,7 @@ class SpeechLM(nn.Module):
         self._step_ttt_kernel = [None] * len(self.layers)   # TTT-Linear branches as 3 kernels (batch 1)
         for i, l in enumerate(self.layers):
             t = l.ttt.layer if l.ttt is not None else None
-            if (t is None or not isinstance(t, TTTLinear) or t.g_proj is None or t.head_dim & (t.head_dim - 1)
-                    or t.log_half_life is not None):   # (the kernel takes one decay for every head)
+            if t is None or not isinstance(t, TTTLinear) or t.g_proj is None or t.head_dim & (t.head_dim - 1):
                 continue
             p = t.q_proj.weight
             with torch.no_grad():
@@ -1419,14 +1421,25 @@ class SpeechLM(nn.Module):
         projection, x + tanh(alpha) * that. Returns the state with its position moved on."""
         g, t, D = self._step_ttt_kernel[i], self.layers[i].ttt.layer, x.shape[1]
         buf, out = x.new_empty(1, 4 * D), x.new_empty(1, D)
+        # the decays of each head's W columns and c [H, 2, HD], kept while the layer's half-lives stay
+        # (made here, not in use_step_kernels: a half-life may be set after it)
+        lhl = t.log_half_life
+        key = (t.decay, None if lhl is None else (lhl.data_ptr(), lhl._version))
+        if t.forgets() and g.get("decay_key") != key:
+            with torch.no_grad():
+                dec = t.decays()
+                g["decay"] = (torch.stack([a.expand(t.n_heads, 1, t.head_dim)[:, 0] for a in dec], 1).float().contiguous()
+                              if isinstance(dec, tuple) else torch.full((t.n_heads, 2, t.head_dim), dec, device=x.device))
+            g["decay_key"] = key
         _rows_linear(x, g["qkvg"], buf, norm=self.layers[i].ttt.norm, launch=STEP_LAUNCH)
         W, c, GW, Gc = (a.contiguous() for a in (*ts.params, *ts.grads))   # (no copy when they are already)
         pdl = _pdl(x)
         _ttt_step_kernel[(t.n_heads, 1)](
             buf, x, self.layers[i].ttt.norm.weight, self.layers[i].ttt.norm.eps, t.learnable_ttt_lr_weight,
             t.learnable_ttt_lr_bias, float(t.base_lr), g["tau"], ts.i, g["cos"], g["sin"], t.ttt_norm_weight,
-            t.ttt_norm_bias, W, c, GW, Gc, out, t.W1, t.b1, t.decay, D, t.mini_batch, H=t.n_heads, HD=t.head_dim,
-            BD=triton.next_power_of_2(D), PDL=bool(pdl), DECAY=t.decay != 1.0, num_warps=4, **pdl)
+            t.ttt_norm_bias, W, c, GW, Gc, out, t.W1, t.b1, g["decay"] if t.forgets() else W, D, t.mini_batch,
+            H=t.n_heads, HD=t.head_dim, BD=triton.next_power_of_2(D), PDL=bool(pdl), DECAY=t.forgets(), num_warps=4,
+            **pdl)
         _rows_linear(out, t.o_proj.weight, x, norm=t.post_norm, gate=buf[:, 3 * D:], scale=g["alpha"], residual=True,
                      launch=STEP_LAUNCH)
         return TTTState((W, c), (GW, Gc), (ts.i + 1) % t.mini_batch)

@@ -567,11 +567,13 @@ with torch.no_grad():
 m.use_step_kernels()
 worst = 0.0
 # 3 rows (matrix products), the window in 4 splits; 1 row (products and sums), several reduction
-# blocks, one split; and 1 row from a fresh state; one row again with fast weights that forget
+# blocks, one split; and 1 row from a fresh state; one row again with fast weights that forget, at one
+# rate and at learnt ones (a half-life per head and feature, set after use_step_kernels as this one)
 for B, bk, bn, programs, fresh, half_life in ((3, 1024, 0, 24, False, 0), (1, 32, 16, 1, False, 0),
-                                              (1, 1024, 0, 128, True, 0), (1, 32, 16, 1, False, 6)):
+                                              (1, 1024, 0, 128, True, 0), (1, 32, 16, 1, False, 6),
+                                              (1, 32, 16, 1, False, (3, 60))):
     M.STEP_LAUNCH.update(BK=bk, BN=bn, programs=programs)
-    m.set_ttt_half_life(half_life)
+    m.set_ttt_half_life(*half_life) if isinstance(half_life, tuple) else m.set_ttt_half_life(half_life)
     g = torch.Generator().manual_seed(B)
     frame = lambda: (torch.rand(B, cfg.n_cols, generator=g) * torch.tensor(cfg.col_cards())).long()
     with torch.no_grad():
@@ -648,7 +650,7 @@ def test_ttt_step_kernel_compiles_for_h100():
     for decay in (False, True):
         consts = dict(H=16, HD=64, BD=1024, PDL=False, DECAY=decay)
         sig = {n: "constexpr" if n in consts else "i32" if n in ("D", "MB") else "*i64" if n == "i_ptr"
-               else "fp32" if n in ("eps", "base_lr", "gam") else "*bf16" if n in ("buf_ptr", "x_ptr", "out_ptr")
+               else "fp32" if n in ("eps", "base_lr") else "*bf16" if n in ("buf_ptr", "x_ptr", "out_ptr")
                else "*fp32" for n in names}
         src = ASTSource(fn=kern, signature=sig, constexprs={(names.index(n),): v for n, v in consts.items()})
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
