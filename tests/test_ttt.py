@@ -111,6 +111,20 @@ def random_sizes(T, seed, hi=9):
     return sizes
 
 
+def layer_one_call_and_chunks(layer, x, seed):
+    """A layer over x [B, T, D] in one call and in random chunks: the two agree (float64, 1e-10).
+    Returns the one call's output and state."""
+    y, state = layer(x)
+    ys, st, s = [], layer.init_state(x.shape[0]), 0
+    for n in random_sizes(x.shape[1], seed):
+        yi, st = layer(x[:, s:s + n], st)
+        ys.append(yi)
+        s += n
+    assert (torch.cat(ys, 1) - y).abs().max().item() < 1e-10
+    assert_state_close(st, state, 1e-10)
+    return y, state
+
+
 def assert_state_close(s1, s2, tol):
     assert int(s1.i) == int(s2.i)
     for x, y in zip(s1.params + s1.grads, s2.params + s2.grads):
@@ -242,14 +256,7 @@ def test_module_decay(cls):
     b, T = 4, 21
     layer = cls(16, 2, mini_batch=b, decay=0.5).double()
     x = torch.randn(2, T, 16, dtype=torch.float64)
-    y, state = layer(x)
-    ys, st, s = [], layer.init_state(2), 0
-    for n in random_sizes(T, 5):
-        yi, st = layer(x[:, s:s + n], st)
-        ys.append(yi)
-        s += n
-    assert (torch.cat(ys, 1) - y).abs().max().item() < 1e-10
-    assert_state_close(st, state, 1e-10)
+    y, state = layer_one_call_and_chunks(layer, x, 5)
     # the anchor is W1 itself: the state's W1 = start + sum of decayed writes, against the reference
     q, k, v, lr, tau = layer.inner_inputs(x, torch.tensor(0))
     ref, W, _ = reference(layer.kind, q, k, v, lr, tau, layer.ttt_norm_weight, layer.ttt_norm_bias, b,
@@ -286,14 +293,7 @@ def test_module_learnt_half_lives(cls):
     with torch.no_grad():   # learnt: no longer all alike
         layer.log_half_life.add_(0.3 * torch.randn_like(layer.log_half_life))
     x = torch.randn(2, T, D, dtype=torch.float64)
-    y, state = layer(x)
-    ys, st, s = [], layer.init_state(2), 0
-    for m in random_sizes(T, 6):
-        yi, st = layer(x[:, s:s + m], st)
-        ys.append(yi)
-        s += m
-    assert (torch.cat(ys, 1) - y).abs().max().item() < 1e-10
-    assert_state_close(st, state, 1e-10)
+    y, state = layer_one_call_and_chunks(layer, x, 6)
     # against the per-token loop with decay 0.5 ** (b / half-life) per (head, feature)
     g = 0.5 ** (b / layer.half_lives())                                 # [H, n]
     decays = [g[:, None, :].expand(H, 1, p.shape[-1]) for p in layer.fast_weights()]
