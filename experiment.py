@@ -16,6 +16,9 @@ long-term memory is a TTT layer instead of an ever-growing KV cache?
     python experiment.py --scale gpu-reach --out runs/grf600 --dtype float32 --variants ttt_linear \
         --seeds 7,11 --train_hours 400 --steps 2000 --stream_ttt_half_life_s 600 --gen_minutes 0
                                                   # the streaming phase with fast weights that forget
+    python experiment.py --scale gpu-reach --out runs/gll --dtype float32 --variants ttt_linear \
+        --seeds 7,11 --train_hours 400 --steps 2000 --stream_ttt_half_life_s 20 --stream_ttt_half_life_max_s 1200
+                                                  # ... at learnt rates, a half-life per head and feature
 
 The models, trained in streaming mode with the same budget (steps, batch, seq_len, learning-rate
 schedule, seed) on the same synthetic conversations:
@@ -57,6 +60,8 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
 
 from evaluate import FRAMES_PER_MINUTE, fmt_seconds
 
@@ -529,6 +534,14 @@ def summary(a, results, losses):
         out.append("| data | | | " + " | ".join(cells) + " | " + (
             "spread ({}-{}% of minutes): ".format(*ref["spread_percentiles"])
             + ", ".join(f"{k} {spread[k][0]:.3g}-{spread[k][1]:.3g}" for k in spread) if spread else "") + " |")
+    learnt = {n: r["ttt_learnt_half_lives_s"] for n, r in results.items() if r.get("ttt_learnt_half_lives_s")}
+    if learnt:
+        out += ["", "Learnt half-lives of the fast weights, seconds (each TTT layer's, over its heads and features):", "",
+                "| model | TTT layer | min | 10% | median | 90% | max |", "|---|---|---|---|---|---|---|"]
+        for name, layers in learnt.items():
+            for i, h in enumerate(layers):
+                qs = np.percentile(np.asarray(h, dtype=np.float64).ravel(), [0, 10, 50, 90, 100])
+                out.append(f"| {name} | {i + 1} | " + " | ".join(f"{v:.3g}" for v in qs) + " |")
     figures = "loss_by_minute.png, recall_by_distance.png" + (", generation.png" if gens else "")
     out += ["", f"Figures: {figures}. Every number: results.json.", ""]
     return "\n".join(out)

@@ -693,6 +693,24 @@ def test_scale_overrides_reach_the_runs(tmp_path, one_thread):
             experiment.parse_args(bad)
 
 
+def test_learnt_half_lives_in_the_streaming_phase(tmp_path, one_thread):
+    # --stream_ttt_half_life_max_s: the warm-up without forgetting, the streaming phase with learnt half-lives
+    # (new weights, made from the warm-up's model), evaluated with them; the summary shows them
+    out = str(tmp_path / "exp")
+    experiment.main(["--scale", "cpu-test", "--out", out, "--variants", "ttt_linear", "--warmup_drills", "2",
+                     "--stream_ttt_half_life_s", "2", "--stream_ttt_half_life_max_s", "60", "--gen_minutes", "0"])
+    run = os.path.join(out, "runs", "ttt_linear")
+    warm, final = (SpeechLM.from_checkpoint(p) for p in (os.path.join(run, "warmup"), run))
+    assert warm.cfg.ttt_half_life_max == 0 and final.cfg.ttt_half_life_range() == (25, 750)
+    assert all(b.ttt.layer.log_half_life is None for b in warm.layers if b.ttt is not None)
+    with open(os.path.join(run, "eval.json")) as fh:
+        hl = json.load(fh)["ttt_learnt_half_lives_s"]
+    assert len(hl) == final.cfg.n_ttt and 1.5 < min(min(min(h) for h in layer) for layer in hl) < 2.5
+    with open(os.path.join(out, "summary.md")) as fh:
+        text = fh.read()
+    assert "Learnt half-lives of the fast weights" in text and "| ttt_linear | 1 |" in text
+
+
 def test_streaming_phase_inner_step(tmp_path, one_thread):
     # --stream_ttt_base_lr: the drills warm-up at the model's inner step, the streaming phase (and so the
     # evaluated model) at another; a model without TTT trains as before
