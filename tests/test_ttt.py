@@ -1048,3 +1048,19 @@ def test_memory_probe():
     assert first == last >= 0.95 and never <= 0.1
     first, last, never = ttt_memory.probe("linear", 1.0, 63, 1.0, trials=64)
     assert first >= 0.9 and never <= 0.1
+
+
+@pytest.mark.slow
+def test_kernel_sizes_script(capsys):
+    """scripts/kernel_sizes.py (README's PTX figures): a row for each kernel, with DECAY off and on,
+    and forgetting never makes a kernel smaller."""
+    pytest.importorskip("triton")
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import kernel_sizes
+    kernel_sizes.main([])
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| _ttt")]
+    got = {(r[0].strip(), r[1].strip()): int(r[2]) for r in rows}
+    assert len(got) == 9
+    for name in ("fwd", "bwd", "scan", "bwd_walk"):
+        k = f"_ttt_linear_{name}_kernel"
+        assert 0 < got[k, "off"] < got[k, "on"], (k, got)
