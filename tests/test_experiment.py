@@ -693,14 +693,21 @@ def test_scale_overrides_reach_the_runs(tmp_path, one_thread):
             experiment.parse_args(bad)
 
 
+def _warm_up_then_stream(tmp_path, variants, *flags):
+    """cpu-test with the drills warm-up and the given streaming-phase flags: the output folder, the TTT
+    run's folder, and its warm-up's and final models."""
+    out = str(tmp_path / "exp")
+    experiment.main(["--scale", "cpu-test", "--out", out, "--variants", variants, "--warmup_drills", "2",
+                     *flags, "--gen_minutes", "0"])
+    run = os.path.join(out, "runs", "ttt_linear")
+    return out, run, *(SpeechLM.from_checkpoint(p) for p in (os.path.join(run, "warmup"), run))
+
+
 def test_learnt_half_lives_in_the_streaming_phase(tmp_path, one_thread):
     # --stream_ttt_half_life_max_s: the warm-up without forgetting, the streaming phase with learnt half-lives
     # (new weights, made from the warm-up's model), evaluated with them; the summary shows them
-    out = str(tmp_path / "exp")
-    experiment.main(["--scale", "cpu-test", "--out", out, "--variants", "ttt_linear", "--warmup_drills", "2",
-                     "--stream_ttt_half_life_s", "2", "--stream_ttt_half_life_max_s", "60", "--gen_minutes", "0"])
-    run = os.path.join(out, "runs", "ttt_linear")
-    warm, final = (SpeechLM.from_checkpoint(p) for p in (os.path.join(run, "warmup"), run))
+    out, run, warm, final = _warm_up_then_stream(tmp_path, "ttt_linear", "--stream_ttt_half_life_s", "2",
+                                                 "--stream_ttt_half_life_max_s", "60")
     assert warm.cfg.ttt_half_life_max == 0 and final.cfg.ttt_half_life_range() == (25, 750)
     assert all(b.ttt.layer.log_half_life is None for b in warm.layers if b.ttt is not None)
     with open(os.path.join(run, "eval.json")) as fh:
@@ -714,11 +721,8 @@ def test_learnt_half_lives_in_the_streaming_phase(tmp_path, one_thread):
 def test_streaming_phase_inner_step(tmp_path, one_thread):
     # --stream_ttt_base_lr: the drills warm-up at the model's inner step, the streaming phase (and so the
     # evaluated model) at another; a model without TTT trains as before
-    out = str(tmp_path / "exp")
-    experiment.main(["--scale", "cpu-test", "--out", out, "--variants", "window,ttt_linear", "--warmup_drills", "2",
-                     "--stream_ttt_base_lr", "0.3", "--stream_ttt_half_life_s", "2", "--gen_minutes", "0"])
-    run = os.path.join(out, "runs", "ttt_linear")
-    warm, final = (SpeechLM.from_checkpoint(p) for p in (os.path.join(run, "warmup"), run))
+    out, run, warm, final = _warm_up_then_stream(tmp_path, "window,ttt_linear", "--stream_ttt_base_lr", "0.3",
+                                                 "--stream_ttt_half_life_s", "2")
     assert warm.cfg.ttt_base_lr == 1.0 and final.cfg.ttt_base_lr == 0.3
     assert all(b.ttt.layer.base_lr == 0.3 for b in final.layers if b.ttt is not None)
     # --stream_ttt_half_life_s: forgetting in the streaming phase alone, 2 s = 25 frames
