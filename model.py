@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ttt import LN_EPS as TTT_LN_EPS, TTTLinear, TTTMLP, TTTState, _rope_cos_sin
+from ttt import LN_EPS as TTT_LN_EPS, TTTLinear, TTTMLP, TTTState, _kernel_decays, _rope_cos_sin
 
 try:  # optional: the generation kernels (SpeechLM.use_depth_kernels, SpeechLM.use_step_kernels)
     import triton
@@ -1427,9 +1427,7 @@ class SpeechLM(nn.Module):
         key = (t.decay, None if lhl is None else (lhl.data_ptr(), lhl._version))
         if t.forgets() and g.get("decay_key") != key:
             with torch.no_grad():
-                dec = t.decays()
-                g["decay"] = (torch.stack([a.expand(t.n_heads, 1, t.head_dim)[:, 0] for a in dec], 1).float().contiguous()
-                              if isinstance(dec, tuple) else torch.full((t.n_heads, 2, t.head_dim), dec, device=x.device))
+                g["decay"] = _kernel_decays(t.decays(), t.n_heads, t.head_dim, x.device)
             g["decay_key"] = key
         _rows_linear(x, g["qkvg"], buf, norm=self.layers[i].ttt.norm, launch=STEP_LAUNCH)
         W, c, GW, Gc = (a.contiguous() for a in (*ts.params, *ts.grads))   # (no copy when they are already)

@@ -1762,6 +1762,14 @@ def _mlp_chunk_grad(ctx, dout, dP, dGo, _dCk):
 _mlp_chunk.register_autograd(_mlp_chunk_grad, setup_context=_mlp_chunk_setup)
 
 
+def _kernel_decays(decay, H, d, device):
+    """TTT-Linear's decays as its kernels read them: [H, 2, d] float32, each head's decays of W's
+    columns, then of c; decay one number, or a tensor each for W and c that broadcasts to [H, 1, d]."""
+    if isinstance(decay, tuple):
+        return torch.stack([g.expand(H, 1, d)[:, 0] for g in decay], 1).float().contiguous()
+    return torch.full((H, 2, d), float(decay), device=device)
+
+
 def _triton_scan(name, state, q, k, v, lr, tau, ln_w, ln_b, b, checkpoint_group, decay=1.0, anchor=()):
     """Chunked path of ttt_linear / ttt_mlp on the Triton kernels (same contract as _scan). Where
     the call starts inside its mini-batch is read by the kernels on the device: no host sync."""
@@ -1792,11 +1800,7 @@ def _triton_scan(name, state, q, k, v, lr, tau, ln_w, ln_b, b, checkpoint_group,
     # and the decays of each head's W columns and c, [H, 2, d] (one number: the same everywhere)
     forget = _forgets(decay)
     A, Ac = (a.expand_as(p) for a, p in zip(anchor, (W, c))) if forget else (W, c)
-    if isinstance(decay, tuple):
-        g = torch.stack([x.expand(H, 1, d)[:, 0] for x in decay], 1)
-    else:
-        g = q.new_full((H, 2, d), float(decay))
-    args += [x.contiguous() for x in (W, c, GW, Gc, A, Ac, g)]
+    args += [x.contiguous() for x in (W, c, GW, Gc, A, Ac, _kernel_decays(decay, H, d, q.device))]
     save = torch.is_grad_enabled() and any(x.requires_grad for x in args)  # keep W for backward?
     out, W, c, GW, Gc, _, _ = _linear_chunk(*args, i, b, seg, save, forget)
     return out, TTTState((W, c), (GW, Gc), (state.i + T) % b)
