@@ -137,39 +137,70 @@ def stream_eval(model, f, events, convs, chunk_len=256, device="cpu", autocast=N
     say_ce, say_hit, say_n = (np.zeros(2 * len(events)) for _ in range(3))
     state = model.init_state(len(convs), device)
     t0 = time.time()
-    for start in range(0, max(lengths), chunk_len):
-        T = min(chunk_len, max(lengths) - start)
-        x, live = chunk(f, convs, start, T, cfg.col_delays(), cfg.col_cards())
-        speech = torch.from_numpy(speech_frames(spans, live, start)).to(device)
-        x, live = torch.from_numpy(x).to(device), torch.from_numpy(live).to(device)
-        with autocast:
-            logits, state = model(x, state)
-        logits = logits.audio.float()                                           # [B, T, A, V]
-        target = x[..., nt:]                                                    # [B, T, A]
-        ce = F.cross_entropy(logits.flatten(0, 2), target.flatten(), reduction="none",
-                             ignore_index=cfg.cardinality).view(target.shape)   # [B, T, A]
-        valid = ((target != cfg.cardinality) & live[..., None]).float()
-        minute = (start + np.arange(T)) // FRAMES_PER_MINUTE
-        np.add.at(ce_min, minute, (ce * valid).sum(0).cpu().numpy())           # rows share positions
-        np.add.at(n_min_cnt, minute, valid.sum(0).cpu().numpy())
-        valid = valid * speech[..., None]
-        np.add.at(ce_sp, minute, (ce * valid).sum(0).cpu().numpy())
-        np.add.at(n_sp, minute, valid.sum(0).cpu().numpy())
-        lo, hi = np.searchsorted(entries[:, 1], [start, start + T])
-        if hi > lo:                                                             # recall codes in this chunk
-            r, p, a, say = (torch.from_numpy(v).to(device) for v in entries[lo:hi].T)
-            hit = logits[r, p - start, a].argmax(-1) == target[r, p - start, a]
-            np.add.at(say_ce, entries[lo:hi, 3], ce[r, p - start, a].cpu().numpy())
-            np.add.at(say_hit, entries[lo:hi, 3], hit.float().cpu().numpy())
-            np.add.at(say_n, entries[lo:hi, 3], 1)
-        del logits, ce
-        if not quiet and (start // chunk_len) % 50 == 0:
-            print(f"\r  loss pass: minute {start / FRAMES_PER_MINUTE:.0f} of {n_min}, {time.time() - t0:.0f}s",
-                  end="", file=sys.stderr, flush=True)
+    # forget gates (ttt.py's add_forget_gate): the exponent s each gated layer gives the mini-batches' ends
+    gated = [b.ttt.layer for b in model.layers if b.ttt is not None and b.ttt.layer.gates()]
+    seen, gates = {}, [[] for _ in gated]   # gates[j]: per chunk, (s [rows, H, ends], live, speech [rows, ends])
+    hooks = [t.register_forward_pre_hook(lambda mod, args, j=j: seen.__setitem__(j, mod.forget_gate(args[0])))
+             for j, t in enumerate(gated)]
+    try:
+        for start in range(0, max(lengths), chunk_len):
+            T = min(chunk_len, max(lengths) - start)
+            x, live = chunk(f, convs, start, T, cfg.col_delays(), cfg.col_cards())
+            speech = torch.from_numpy(speech_frames(spans, live, start)).to(device)
+            x, live = torch.from_numpy(x).to(device), torch.from_numpy(live).to(device)
+            with autocast:
+                logits, state = model(x, state)
+            for j, t in enumerate(gated):   # the gate at the tokens that end a mini-batch, and where they are
+                ends = torch.nonzero((start + torch.arange(T, device=device)) % t.mini_batch == t.mini_batch - 1)[:, 0]
+                ok = live[:, ends]
+                gates[j].append((seen[j][:, :, ends].float().cpu(), ok.cpu(), ((speech[:, ends] > 0) & ok).cpu()))
+            logits = logits.audio.float()                                           # [B, T, A, V]
+            target = x[..., nt:]                                                    # [B, T, A]
+            ce = F.cross_entropy(logits.flatten(0, 2), target.flatten(), reduction="none",
+                                 ignore_index=cfg.cardinality).view(target.shape)   # [B, T, A]
+            valid = ((target != cfg.cardinality) & live[..., None]).float()
+            minute = (start + np.arange(T)) // FRAMES_PER_MINUTE
+            np.add.at(ce_min, minute, (ce * valid).sum(0).cpu().numpy())           # rows share positions
+            np.add.at(n_min_cnt, minute, valid.sum(0).cpu().numpy())
+            valid = valid * speech[..., None]
+            np.add.at(ce_sp, minute, (ce * valid).sum(0).cpu().numpy())
+            np.add.at(n_sp, minute, valid.sum(0).cpu().numpy())
+            lo, hi = np.searchsorted(entries[:, 1], [start, start + T])
+            if hi > lo:                                                             # recall codes in this chunk
+                r, p, a, say = (torch.from_numpy(v).to(device) for v in entries[lo:hi].T)
+                hit = logits[r, p - start, a].argmax(-1) == target[r, p - start, a]
+                np.add.at(say_ce, entries[lo:hi, 3], ce[r, p - start, a].cpu().numpy())
+                np.add.at(say_hit, entries[lo:hi, 3], hit.float().cpu().numpy())
+                np.add.at(say_n, entries[lo:hi, 3], 1)
+            del logits, ce
+            if not quiet and (start // chunk_len) % 50 == 0:
+                print(f"\r  loss pass: minute {start / FRAMES_PER_MINUTE:.0f} of {n_min}, {time.time() - t0:.0f}s",
+                      end="", file=sys.stderr, flush=True)
+    finally:
+        for h in hooks:
+            h.remove()
     if not quiet:
         print(file=sys.stderr)
     return dict(ce_min=ce_min, n_min=n_min_cnt, ce_speech=ce_sp, n_speech=n_sp, say_ce=say_ce, say_hit=say_hit,
-                say_n=say_n, state_bytes=state_bytes(state))
+                say_n=say_n, state_bytes=state_bytes(state), forget_gates=gates)
+
+
+def gate_stats(gated, gates):
+    """gates: per gated TTT layer, stream_eval's forget_gates (of all its calls, concatenated).
+    Per gated TTT layer: the forget gate's exponent s at the ends of mini-batches of live frames, its
+    quantiles (all heads), its mean where the frame is speech and where it is not (recall events), and the
+    half-lives it makes of the layer's (fixed or median learnt) half-life, seconds."""
+    out = []
+    for t, chunks in zip(gated, gates):
+        s = torch.cat([c[0].permute(0, 2, 1)[c[1]] for c in chunks])              # [ends, H]
+        sp = torch.cat([c[2][c[1]] for c in chunks])                               # [ends]
+        hl = t.half_lives()
+        hl = float(hl.median()) if hl is not None else t.mini_batch / -math.log2(t.decay)
+        q = torch.quantile(s.flatten().double(), torch.tensor([.01, .1, .5, .9, .99], dtype=torch.float64)).tolist()
+        out.append(dict(quantiles=[.01, .1, .5, .9, .99], s=q, mean_speech=float(s[sp].mean()) if sp.any() else None,
+                        mean_other=float(s[~sp].mean()) if (~sp).any() else None, half_life_s=hl * 60 / FRAMES_PER_MINUTE,
+                        note="decay ** s each mini-batch: the half-life divided by s"))
+    return out
 
 
 def minute_losses(ce_min, n_min, cfg):
@@ -399,6 +430,8 @@ def evaluate(model, data_path, conversations=0, chunk_len=256, batch=16, gen_min
     ce_min, n_min = np.zeros((0, cfg.n_audio)), np.zeros((0, cfg.n_audio))
     ce_sp, n_sp = ce_min, n_min
     say = {k: np.zeros(2 * len(events)) for k in ("say_ce", "say_hit", "say_n")}
+    gated = [b.ttt.layer for b in model.layers if b.ttt is not None and b.ttt.layer.gates()]
+    gates = [[] for _ in gated]
     for i in range(0, len(convs), batch):
         group = convs[i:i + batch]
         mine = np.isin(events[:, 0], group) if len(events) else np.zeros(0, bool)
@@ -408,6 +441,8 @@ def evaluate(model, data_path, conversations=0, chunk_len=256, batch=16, gen_min
         ce_sp, n_sp = _pad_add(ce_sp, r["ce_speech"]), _pad_add(n_sp, r["n_speech"])
         for k in say:
             say[k][np.repeat(mine, 2)] = r[k]
+        for g, more in zip(gates, r["forget_gates"]):
+            g.extend(more)
         state_b = r["state_bytes"]
     t_loss = time.time() - t0
     mem_loss = peak_memory_mb(device)
@@ -432,6 +467,8 @@ def evaluate(model, data_path, conversations=0, chunk_len=256, batch=16, gen_min
         reference=dict(silence_frame=silence.tolist(), **reference_stats(f, convs, silence)),
         timing=dict(loss_pass_s=t_loss),
     )
+    if gated:
+        out["forget_gates"] = gate_stats(gated, gates)
     if gen_minutes > 0:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -476,6 +513,8 @@ def print_table(name, r):
         loss = f"{b['loss']:.3f}" if b["loss"] is not None else "-"
         acc = f"{b['accuracy']:.4f}" if b["accuracy"] is not None else "-"
         print(f"    {label:<12}{where:<10}{b['events']:>7}{loss:>8}{acc:>10}")
+    for line in describe_gates(r.get("forget_gates", [])):
+        print("  " + line)
     g = r.get("generation")
     if g and g["minute"]:
         ref = r["reference"]
@@ -629,6 +668,18 @@ def learnt_half_lives(model):
     """Each TTT layer's learnt half-lives in seconds, float64 CPU tensors [heads, features]; [] if none."""
     return [b.ttt.layer.half_lives().double().cpu() * 60 / FRAMES_PER_MINUTE
             for b in model.layers if b.ttt is not None and b.ttt.layer.log_half_life is not None]
+
+
+def describe_gates(stats):
+    """One line a gated TTT layer: the forget gate's s and the half-lives it makes (evaluate's forget_gates)."""
+    out = []
+    for i, g in enumerate(stats):
+        s, hl = g["s"], g["half_life_s"]
+        mean = lambda v: f"{v:.3g}" if v is not None else "-"
+        out.append(f"TTT layer {i + 1}: forget gate s 1% {s[0]:.3g}, 10% {s[1]:.3g}, median {s[2]:.3g}, 90% {s[3]:.3g}, "
+                   f"99% {s[4]:.3g} (half-life {hl:.3g} s / s: {hl / s[3]:.3g}-{hl / s[1]:.3g} s for 10-90%); "
+                   f"mean on speech {mean(g['mean_speech'])}, elsewhere {mean(g['mean_other'])}")
+    return out
 
 
 def describe_half_lives(learnt):

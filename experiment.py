@@ -19,6 +19,9 @@ long-term memory is a TTT layer instead of an ever-growing KV cache?
     python experiment.py --scale gpu-reach --out runs/gll --dtype float32 --variants ttt_linear \
         --seeds 7,11 --train_hours 400 --steps 2000 --stream_ttt_half_life_s 20 --stream_ttt_half_life_max_s 1200
                                                   # ... at learnt rates, a half-life per head and feature
+    python experiment.py --scale gpu-reach --out runs/glg --dtype float32 --variants ttt_linear \
+        --seeds 7,11 --train_hours 400 --steps 2000 --stream_ttt_half_life_s 20 --stream_ttt_half_life_max_s 1200 \
+        --stream_ttt_forget_gate                  # ... and a forget gate from the input
 
 The models, trained in streaming mode with the same budget (steps, batch, seq_len, learning-rate
 schedule, seed) on the same synthetic conversations:
@@ -285,6 +288,8 @@ def train_argv(sc, name, train_path, run_dir, seed=None):
         a["ttt_half_life"] = sc["stream_ttt_half_life_s"] * FRAMES_PER_MINUTE / 60
         if sc.get("stream_ttt_half_life_max_s"):   # learnt half-lives, starting log-spaced in this range
             a["ttt_half_life_max"] = sc["stream_ttt_half_life_max_s"] * FRAMES_PER_MINUTE / 60
+        if sc.get("stream_ttt_forget_gate"):   # the input scales each mini-batch's decay
+            a["ttt_forget_gate"] = True
     return [f"--{k}={v}" for k, v in a.items()]
 
 
@@ -534,6 +539,17 @@ def summary(a, results, losses):
         out.append("| data | | | " + " | ".join(cells) + " | " + (
             "spread ({}-{}% of minutes): ".format(*ref["spread_percentiles"])
             + ", ".join(f"{k} {spread[k][0]:.3g}-{spread[k][1]:.3g}" for k in spread) if spread else "") + " |")
+    gates = {n: r["forget_gates"] for n, r in results.items() if r.get("forget_gates")}
+    if gates:
+        out += ["", "Forget gates (decay ** s each mini-batch, s at the mini-batches' ends of the held-out "
+                "conversations; the half-life is the fixed one or the median learnt one, divided by s):", "",
+                "| model | TTT layer | s: 1% | 10% | median | 90% | 99% | mean on speech | elsewhere | half-life, s |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+        fmt = lambda v: f"{v:.3g}" if v is not None else "-"
+        for name, layers in gates.items():
+            for i, g in enumerate(layers):
+                out.append(f"| {name} | {i + 1} | " + " | ".join(fmt(v) for v in g["s"])
+                           + f" | {fmt(g['mean_speech'])} | {fmt(g['mean_other'])} | {g['half_life_s']:.3g} |")
     learnt = {n: r["ttt_learnt_half_lives_s"] for n, r in results.items() if r.get("ttt_learnt_half_lives_s")}
     if learnt:
         out += ["", "Learnt half-lives of the fast weights, seconds (each TTT layer's, over its heads and features):", "",
@@ -644,6 +660,9 @@ def parse_args(argv=None):
     ap.add_argument("--stream_ttt_half_life_max_s", type=float, default=0,
                     help="with --stream_ttt_half_life_s: learnt half-lives instead (model.py's ttt_half_life_max), "
                          "one per head and feature, starting log-spaced from --stream_ttt_half_life_s to this, seconds")
+    ap.add_argument("--stream_ttt_forget_gate", action="store_true",
+                    help="with --stream_ttt_half_life_s: a forget gate from the input scales each mini-batch's decay "
+                         "(model.py's ttt_forget_gate; new weights that start as no gate)")
     ap.add_argument("--depth_layers", type=int, default=-1,
                     help="override the scale's depth decoder blocks (0: each codebook from a projection of the "
                          "backbone output and the previous codebook's embedding)")
@@ -690,6 +709,8 @@ def parse_args(argv=None):
     if a.stream_ttt_half_life_max_s and not 0 < a.stream_ttt_half_life_s <= a.stream_ttt_half_life_max_s < float("inf"):
         ap.error("--stream_ttt_half_life_max_s needs 0 < --stream_ttt_half_life_s <= --stream_ttt_half_life_max_s, "
                  f"not {a.stream_ttt_half_life_s} and {a.stream_ttt_half_life_max_s}")
+    if a.stream_ttt_forget_gate and not a.stream_ttt_half_life_s:
+        ap.error("--stream_ttt_forget_gate scales how fast the fast weights forget: give --stream_ttt_half_life_s too")
     if a.train_hours < 0:
         ap.error(f"--train_hours must be > 0, not {a.train_hours}")
     if bad or not a.variants:
@@ -717,6 +738,8 @@ def main(argv=None):
         sc["stream_ttt_half_life_s"] = a.stream_ttt_half_life_s
     if a.stream_ttt_half_life_max_s:
         sc["stream_ttt_half_life_max_s"] = a.stream_ttt_half_life_max_s
+    if a.stream_ttt_forget_gate:
+        sc["stream_ttt_forget_gate"] = True
     if a.train_hours:
         sc["train_hours"] = a.train_hours
     if a.depth_layers >= 0:

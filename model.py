@@ -69,6 +69,8 @@ class Config:
     # above 0: learnt half-lives instead, per head and feature, starting log-spaced from ttt_half_life
     # to this (ttt.py's learn_half_life)
     ttt_half_life_max: float = 0.0
+    # with forgetting (either above): the input scales each mini-batch's decay (ttt.py's add_forget_gate)
+    ttt_forget_gate: bool = False
     ttt_gate_init: float = 0.1    # 0 leaves a pretrained backbone unchanged at the start
     ttt_checkpoint_group: int = 0  # mini-batches per gradient checkpoint segment, 0 = off
     # depth decoder: a small transformer inside each frame
@@ -109,6 +111,9 @@ class Config:
         if self.ttt_half_life_max and not (0 < self.ttt_half_life <= self.ttt_half_life_max < float("inf")):
             raise ValueError(f"learnt half-lives start from ttt_half_life to ttt_half_life_max frames: need "
                              f"0 < ttt_half_life <= ttt_half_life_max, got {self.ttt_half_life} and {self.ttt_half_life_max}")
+        if self.ttt_forget_gate and not self.ttt_half_life:
+            raise ValueError("ttt_forget_gate scales how fast the fast weights forget: it needs ttt_half_life "
+                             "(and ttt_half_life_max, for learnt half-lives)")
         if self.n_text and not self.text_cardinality:
             raise ValueError("a text stream needs text_cardinality")
         if self.silence and (len(self.silence) != self.n_codebooks
@@ -518,7 +523,7 @@ class GatedTTT(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.layer = cls(cfg.dim, cfg.ttt_heads, mini_batch=cfg.ttt_mini_batch, base_lr=cfg.ttt_base_lr,
                          checkpoint_group=cfg.ttt_checkpoint_group, decay=cfg.ttt_decay(),
-                         half_life_range=cfg.ttt_half_life_range())
+                         half_life_range=cfg.ttt_half_life_range(), forget_gate=cfg.ttt_forget_gate)
         self.alpha = nn.Parameter(torch.full((cfg.dim,), float(cfg.ttt_gate_init)))
 
     def forward(self, x, state):
@@ -1231,6 +1236,18 @@ class SpeechLM(nn.Module):
                 t.learn_half_life(frames, max_frames)
         return self
 
+    def add_ttt_forget_gate(self):
+        """Give every TTT layer a forget gate from its input (ttt.py's add_forget_gate: new weights, which
+        start where the model computes what it did without them). Needs a half-life. Saved with the config."""
+        layers = self._ttt_layers("add a forget gate")
+        if not self.cfg.ttt_half_life:
+            raise ValueError("a forget gate scales how fast the fast weights forget: set a half-life first "
+                             "(set_ttt_half_life)")
+        self.cfg.ttt_forget_gate = True
+        for t in layers:
+            t.add_forget_gate()
+        return self
+
     # --- state -----------------------------------------------------------------
 
     def init_state(self, batch_size, device=None, dtype=None, cache=True) -> State:
@@ -1403,7 +1420,8 @@ class SpeechLM(nn.Module):
         self._step_ttt_kernel = [None] * len(self.layers)   # TTT-Linear branches as 3 kernels (batch 1)
         for i, l in enumerate(self.layers):
             t = l.ttt.layer if l.ttt is not None else None
-            if t is None or not isinstance(t, TTTLinear) or t.g_proj is None or t.head_dim & (t.head_dim - 1):
+            if (t is None or not isinstance(t, TTTLinear) or t.g_proj is None or t.head_dim & (t.head_dim - 1)
+                    or t.forget_weight is not None):   # (a forget gate: the layer's own step, compiled or not)
                 continue
             p = t.q_proj.weight
             with torch.no_grad():

@@ -190,6 +190,9 @@ def build_model(tc, overrides, data, device):
                 max_frames = differ.pop("ttt_half_life_max", model.cfg.ttt_half_life_max)
                 if model.cfg.n_ttt:
                     model.set_ttt_half_life(frames, max_frames)
+            if differ.get("ttt_forget_gate") and model.cfg.n_ttt:   # new weights that start as no gate
+                differ.pop("ttt_forget_gate")
+                model.add_ttt_forget_gate()
             if differ:   # a checkpoint keeps its own shape: an override would be ignored, so say so
                 raise ValueError(f"--init_from {p!r} has " + ", ".join(f"{k}={getattr(model.cfg, k)!r}" for k in differ)
                                  + ", not " + ", ".join(f"{k}={v!r}" for k, v in differ.items())

@@ -11,7 +11,8 @@ size b and position i = t mod b inside the mini-batch (DESIGN.md, "TTT layer"):
     after a full mini-batch: W_start <- W_start - tau_{b-1} * sum_{j<b} lr_j g_j
     (option, not in the official layer: fast weights that forget, decay < 1, also
      W_start <- ... - (1 - decay) (W_start - W_0), toward the learnt start W_0; the decay may be
-     one number or, learnt, one per head and output feature)
+     one number or, learnt, one per head and output feature; and a forget gate may scale it per
+     mini-batch from the input: decay ** s_t)
 
 The state carried between calls is (W_start, the running sum sum_j lr_j g_j, i), all float32, so
 a call may begin and end anywhere inside a mini-batch and any split of a sequence into calls gives
@@ -200,6 +201,15 @@ def _fade(new, params, decay, anchor):
     return tuple(n - (1.0 - g) * (w - a) for n, w, a, g in zip(new, params, anchor, ds))
 
 
+def _gated(decay, gate, n):
+    """The decays of one mini-batch under a forget gate: decay ** gate, gate [B, H] the exponent given
+    by the mini-batch's last token (0: nothing fades, 1: decay itself); one tensor per fast weight,
+    [B, H, 1, 1] for a float decay, [B, H, ...] for decay tensors [H, ...]."""
+    s = gate[:, :, None, None]
+    ds = decay if isinstance(decay, tuple) else (decay,) * n
+    return tuple(torch.pow(g, s) if torch.is_tensor(g) else torch.exp(s * math.log(g)) for g in ds)
+
+
 def _next_start(params, grads, tau_last, decay, anchor):
     """The fast weights that start the next mini-batch: W_start - tau_{b-1} sum_j lr_j g_j (the
     official update); with decay < 1, what the memory held before this mini-batch also fades toward
@@ -229,9 +239,10 @@ def _compiled_full_minibatch(minibatch):
 
 
 def _scan(minibatch, state, q, k, v, lr, tau, ln_w, ln_b, b, checkpoint_group, compiled=False, decay=1.0,
-          anchor=()):
+          anchor=(), gate=None):
     """Chunked path: cut the call at mini-batch boundaries, run the dual form on each piece, and
-    apply the W_start update whenever a piece completes its mini-batch. Reads state.i once."""
+    apply the W_start update whenever a piece completes its mini-batch. Reads state.i once.
+    gate [B, H, T] (optional): the forget gate, decay ** gate[:, :, t] at the mini-batch ending at t."""
     T = q.shape[2]
     i0 = int(state.i)  # the one host read of a chunked call
     edges = [0, *range(b - i0, T, b), T]
@@ -245,13 +256,14 @@ def _scan(minibatch, state, q, k, v, lr, tau, ln_w, ln_b, b, checkpoint_group, c
             p = (i0 + s) % b  # position of token s inside its mini-batch
             args = (q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], lr[:, :, s:e], tau[p:p + e - s],
                     ln_w, ln_b)
+            dec = decay if gate is None or p + e - s < b else _gated(decay, gate[:, :, e - 1], len(params))
             if s > 0 and e - s == b:  # past the first piece, a whole mini-batch from zero sums
-                out, params = full(params, *args, decay, anchor)
+                out, params = full(params, *args, dec, anchor)
                 grads = None
             else:  # the first piece carries the state's sums; the last may stop mid-mini-batch
                 out, grads = minibatch(params, grads, *args)
                 if p + e - s == b:  # complete: W_start <- W_start - tau_{b-1} sum lr_j g_j
-                    params, grads = _next_start(params, grads, tau[b - 1], decay, anchor), None
+                    params, grads = _next_start(params, grads, tau[b - 1], dec, anchor), None
             outs.append(out)
         grads = grads if grads is not None else tuple(torch.zeros_like(w) for w in params)
         return torch.cat(outs, 2), params, grads
@@ -270,11 +282,13 @@ def _scan(minibatch, state, q, k, v, lr, tau, ln_w, ln_b, b, checkpoint_group, c
     return out, TTTState(params, grads, (state.i + T) % b)
 
 
-def _step(token, state, q, k, v, lr, tau, ln_w, ln_b, b, decay=1.0, anchor=()):
+def _step(token, state, q, k, v, lr, tau, ln_w, ln_b, b, decay=1.0, anchor=(), gate=None):
     """Streaming path, T = 1: no host sync and no branch on tensor values, so it can be captured in
     a CUDA graph or compiled; the end of a mini-batch is a torch.where on i == b - 1."""
     tau_i = tau.index_select(0, state.i.view(1))  # [1] (indexing with a tensor would sync)
     out, grads, Wi = token(state.params, state.grads, tau_i, q, k, v, lr, ln_w, ln_b)
+    if gate is not None:  # (used only where this token completes its mini-batch)
+        decay = _gated(decay, gate[:, :, 0], len(Wi))
     if _forgets(decay):  # W_i = W_start - tau_i G_i: at the last token, _next_start's update
         Wi = _fade(Wi, state.params, decay, anchor)
     last = state.i == b - 1  # [] bool: the token that completes a mini-batch makes W_i the new W_start
@@ -349,12 +363,26 @@ def _check_decay(name, decay, anchor, state):
                              f"{tuple(p.shape)}: expected {tuple(p.shape[1:])} or {tuple(p.shape)}")
 
 
+def _check_gate(name, gate, decay, q):
+    if gate is None:
+        return
+    if not _forgets(decay):
+        raise ValueError(f"{name}: a forget gate scales how fast the fast weights forget: give decay < 1 or "
+                         "decay tensors with it (decay 1 never forgets, whatever the gate)")
+    if not torch.is_tensor(gate) or not gate.is_floating_point() or gate.shape != q.shape[:3]:
+        raise ValueError(f"{name}: forget_gate must be a float tensor [B, H, T] = {tuple(q.shape[:3])}, got "
+                         + (f"{gate.dtype} {tuple(gate.shape)}" if torch.is_tensor(gate) else type(gate).__name__))
+
+
 def _run(name, minibatch, token, shapes, q, k, v, lr, tau, ln_w, ln_b, b, state, impl,
-         checkpoint_group, decay=1.0, anchor=None):
+         checkpoint_group, decay=1.0, anchor=None, gate=None):
     _check_inputs(name, q, k, v, lr, tau, ln_w, ln_b, b, state, shapes)
     _check_decay(name, decay, anchor, state)
+    _check_gate(name, gate, decay, q)
     if impl not in ("torch", "compile", "triton"):
         raise ValueError(f"{name}: impl must be 'torch', 'compile' or 'triton', got {impl!r}")
+    if impl == "triton" and gate is not None and q.shape[2] > 1:
+        raise NotImplementedError(f"{name}: the Triton kernels have no forget gate; use impl='torch' or 'compile'")
     if impl == "triton" and _forgets(decay) and q.shape[2] > 1 and name == "ttt_mlp":
         raise NotImplementedError(f"{name}: TTT-MLP's Triton kernels have no decay (they run the official "
                                   "update); use impl='torch' or 'compile' with decay < 1")
@@ -373,19 +401,20 @@ def _run(name, minibatch, token, shapes, q, k, v, lr, tau, ln_w, ln_b, b, state,
         ln_w, ln_b = ln_w.to(dt)[:, None], ln_b.to(dt)[:, None]  # [H, 1, d]
         anchor = tuple(a.to(dt) for a in anchor) if _forgets(decay) else ()
         decay = tuple(g.to(dt) for g in decay) if isinstance(decay, (tuple, list)) else decay
+        gate = gate.to(dt) if gate is not None else None
         if q.shape[2] == 1:
-            out, state = _step(token, state, q, k, v, lr, tau, ln_w, ln_b, b, decay, anchor)
+            out, state = _step(token, state, q, k, v, lr, tau, ln_w, ln_b, b, decay, anchor, gate)
         elif impl == "triton":
             out, state = _triton_scan(name, state, q, k, v, lr, tau, ln_w[:, 0], ln_b[:, 0], b,
                                       checkpoint_group, decay, anchor)
         else:
             out, state = _scan(minibatch, state, q, k, v, lr, tau, ln_w, ln_b, b, checkpoint_group,
-                               compiled=impl == "compile", decay=decay, anchor=anchor)
+                               compiled=impl == "compile", decay=decay, anchor=anchor, gate=gate)
     return out.to(out_dtype), state
 
 
 def ttt_linear(q, k, v, lr, tau, ln_w, ln_b, b, state, *, impl="torch", checkpoint_group=0, decay=1.0,
-               anchor=None):
+               anchor=None, forget_gate=None):
     """The TTT-Linear inner loop, f(x; W) = LN_h(x W1 + b1), over one call of T >= 1 tokens.
 
     q, k, v  [B, H, T, d]  any float dtype (bf16 under autocast is fine)
@@ -410,6 +439,10 @@ def ttt_linear(q, k, v, lr, tau, ln_w, ln_b, b, state, *, impl="torch", checkpoi
              broadcast to [H, 1, d] (ttt_linear)
     anchor   tuple of tensors, one per fast weight, [H, ...] or [B, H, ...]: where the fast weights
              fade to (the layer passes its learnt start); needed when decay < 1
+    forget_gate  [B, H, T] or None: with decay < 1 (or decay tensors), how fast each mini-batch
+             forgets, from the input: the mini-batch that ends at token t fades by decay ** forget_gate[t]
+             (0: keeps everything, 1: decay, larger: faster); the values at other tokens are not used.
+             Not in impl "triton" (T > 1)
 
     Returns out = q + f(q; W_i) [B, H, T, d] in q's dtype and the new state. The inner math runs in
     the state's dtype (float32) with autocast off. T = 1 takes the primal path, which never syncs
@@ -419,11 +452,11 @@ def ttt_linear(q, k, v, lr, tau, ln_w, ln_b, b, state, *, impl="torch", checkpoi
     """
     d = q.shape[-1]
     return _run("ttt_linear", _linear_minibatch, _linear_token, [(d, d), (1, d)], q, k, v, lr,
-                tau, ln_w, ln_b, b, state, impl, checkpoint_group, decay, anchor)
+                tau, ln_w, ln_b, b, state, impl, checkpoint_group, decay, anchor, forget_gate)
 
 
 def ttt_mlp(q, k, v, lr, tau, ln_w, ln_b, b, state, *, impl="torch", checkpoint_group=0, decay=1.0,
-            anchor=None):
+            anchor=None, forget_gate=None):
     """The TTT-MLP inner loop, f(x; W) = LN_h(gelu(x W1 + b1) W2 + b2) with hidden width m = 4d.
 
     Arguments and result as ttt_linear, with state params (W1 [B,H,d,m], b1 [B,H,1,m],
@@ -433,7 +466,7 @@ def ttt_mlp(q, k, v, lr, tau, ln_w, ln_b, b, state, *, impl="torch", checkpoint_
     d = q.shape[-1]
     m = state.params[0].shape[-1] if isinstance(state, TTTState) and state.params else 4 * d
     return _run("ttt_mlp", _mlp_minibatch, _mlp_token, [(d, m), (1, m), (m, d), (1, d)], q, k, v,
-                lr, tau, ln_w, ln_b, b, state, impl, checkpoint_group, decay, anchor)
+                lr, tau, ln_w, ln_b, b, state, impl, checkpoint_group, decay, anchor, forget_gate)
 
 
 # -----------------------------------------------------------------------------
@@ -1832,7 +1865,7 @@ class _TTTLayer(nn.Module):
     """Shared body of TTTLinear and TTTMLP (upstream TTTBase); see their docstrings."""
 
     def __init__(self, dim, n_heads, mini_batch=16, base_lr=1.0, rope_theta=10000.0, gate=True,
-                 checkpoint_group=0, impl="auto", decay=1.0, half_life_range=None):
+                 checkpoint_group=0, impl="auto", decay=1.0, half_life_range=None, forget_gate=False):
         super().__init__()
         if dim % n_heads:
             raise ValueError(f"dim ({dim}) must be a multiple of n_heads ({n_heads})")
@@ -1846,6 +1879,7 @@ class _TTTLayer(nn.Module):
         self.mini_batch, self.base_lr, self.rope_theta = mini_batch, base_lr, rope_theta
         self.checkpoint_group, self.impl = checkpoint_group, impl
         self.log_half_life = None   # learnt half-lives (learn_half_life), else one fixed decay
+        self.forget_weight = self.forget_bias = None   # the forget gate (add_forget_gate)
         self.set_decay(decay)
         H, d = n_heads, self.head_dim
         self.q_proj = nn.Linear(dim, dim, bias=False)
@@ -1866,6 +1900,8 @@ class _TTTLayer(nn.Module):
         self.register_buffer("rope_table", self.make_rope_table(), persistent=False)
         if half_life_range is not None:
             self.learn_half_life(*half_life_range)
+        if forget_gate:
+            self.add_forget_gate()
 
     def make_rope_table(self, device=None):
         return torch.stack(_rope_cos_sin(torch.arange(self.mini_batch, device=device), self.head_dim,
@@ -1902,6 +1938,30 @@ class _TTTLayer(nn.Module):
         self.decay = 1.0
         self.log_half_life = nn.Parameter(init.log().to(device=w.device, dtype=w.dtype))
 
+    def add_forget_gate(self):
+        """A forget gate from the input (not in the official layer; as Mamba's step size scales its
+        decay): each mini-batch fades by decay ** s, s = softplus(w_h . x + c_h) / ln 2 per head from the
+        mini-batch's last token, so a layer can hold on (s -> 0) or let go (s large) as the input asks.
+        w and c start at 0, s = 1: the layer computes what it did without the gate. It acts only with
+        fast weights that forget (a decay < 1 or learnt half-lives)."""
+        w = self.ttt_norm_weight
+        self.forget_weight = nn.Parameter(torch.zeros(self.n_heads, self.dim, device=w.device, dtype=w.dtype))
+        self.forget_bias = nn.Parameter(torch.zeros(self.n_heads, device=w.device, dtype=w.dtype))
+
+    def gates(self):
+        """Whether the forget gate acts: the layer has one and its fast weights forget."""
+        return self.forget_weight is not None and self.forgets()
+
+    def forget_gate(self, x):
+        """The forget gate's exponents s [B, H, T] for x [B, T, dim] (float32), or None without a gate
+        or without forgetting."""
+        if not self.gates():
+            return None
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            xf = x.to(torch.promote_types(x.dtype, torch.float32))
+            z = torch.einsum("btc,hc->bht", xf, self.forget_weight.to(xf.dtype)) + self.forget_bias.to(xf.dtype)[:, None]
+            return F.softplus(z) / math.log(2.0)
+
     def half_lives(self):
         """The learnt half-lives in tokens [H, n] (n = head width for TTT-Linear, 1 for TTT-MLP),
         or None."""
@@ -1932,18 +1992,19 @@ class _TTTLayer(nn.Module):
             return self.impl
         if not x.is_cuda:
             return "torch"
-        if triton_supported(self.kind, self.head_dim, self.mini_batch) and (not self.forgets() or self.kind == "linear"):
+        if (triton_supported(self.kind, self.head_dim, self.mini_batch) and (not self.forgets() or self.kind == "linear")
+                and not self.gates()):
             return "triton"
         return "torch" if _COMPILE_FAILED else "compile"
 
-    def _inner(self, q, k, v, lr, tau, state, impl):
+    def _inner(self, q, k, v, lr, tau, state, impl, gate=None):
         global _COMPILE_FAILED
         anchor = self._full_fast_weights() if self.forgets() else None
         decay = self.decays()
         run = lambda impl: self.inner(q, k, v, lr, tau, self.ttt_norm_weight, self.ttt_norm_bias,
                                       self.mini_batch, state, impl=impl,
                                       checkpoint_group=self.checkpoint_group, decay=decay,
-                                      anchor=anchor)
+                                      anchor=anchor, forget_gate=gate)
         if impl != "compile" or self.impl != "auto" or q.shape[2] == 1:  # (T = 1 compiles nothing)
             return run(impl)
         try:
@@ -1989,7 +2050,7 @@ class _TTTLayer(nn.Module):
         if state is None:
             state = self.init_state(B, device=x.device)
         q, k, v, lr, tau = self.inner_inputs(x, state.i)
-        out, state = self._inner(q, k, v, lr, tau, state, self._impl(x))
+        out, state = self._inner(q, k, v, lr, tau, state, self._impl(x), self.forget_gate(x))
         y = self.post_norm(out.to(x.dtype).transpose(1, 2).reshape(B, T, D))  # [B,T,D]
         if self.g_proj is not None:  # output gate as upstream apply_gate
             y = F.gelu(self.g_proj(x), approximate="tanh") * y
@@ -2000,7 +2061,7 @@ class TTTLinear(_TTTLayer):
     """TTT-Linear layer: per head a linear fast model f(x) = LN(x W1 + b1), trained while reading.
 
     TTTLinear(dim, n_heads, mini_batch=16, base_lr=1.0, rope_theta=10000.0, gate=True,
-              checkpoint_group=0, impl="auto", decay=1.0, half_life_range=None)
+              checkpoint_group=0, impl="auto", decay=1.0, half_life_range=None, forget_gate=False)
     forward(x [B, T, dim], state=None) -> (y [B, T, dim], TTTState)
     Parameter names follow ttt-lm-pytorch (q_proj, ..., W1, b1) so its checkpoints map by name.
     impl "auto": on CUDA the Triton kernels where they support the shape, else the compiled loop
@@ -2008,6 +2069,8 @@ class TTTLinear(_TTTLayer):
     decay < 1 (not in the official layer): fast weights that fade toward their learnt start, see
     ttt_linear (TTT-MLP's takes the compiled loop on CUDA: its Triton kernels have no decay).
     half_life_range (lo, hi) in tokens: learnt forgetting rates instead (learn_half_life).
+    forget_gate: the input scales how fast each mini-batch forgets (add_forget_gate; the compiled
+    loop on CUDA: the Triton kernels have no gate).
     """
     kind = "linear"
     inner = staticmethod(ttt_linear)

@@ -507,6 +507,41 @@ def test_speech_frames_leave_out_every_event(tmp_path, one_thread):
     assert (r["ce_speech"] <= r["ce_min"] + 1e-9).all()
 
 
+def test_forget_gate_statistics(tmp_path, one_thread):
+    # evaluate's forget-gate report: the exponents at the mini-batches' ends, chunked as the loss pass goes,
+    # equal those of one pass over the whole conversation, split by speech and elsewhere as speech_frames does
+    p = str(tmp_path / "h.bin")
+    synthetic(p, hours=2 / 60, min_minutes=2, max_minutes=2, n_codebooks=2, seed=6, quiet=True, events_per_min=4.0)
+    m = _tiny(ttt_half_life=40, ttt_forget_gate=True)
+    with torch.no_grad():
+        for b in m.layers:
+            if b.ttt is not None:
+                b.ttt.layer.forget_weight.normal_(0, 1.0)
+    f, events = CodesFile(p), load_events(p)
+    L = int(f.lengths[0])
+    r = evaluate.stream_eval(m, f, events, [0], chunk_len=40)   # chunks that start mid-mini-batch
+    got = evaluate.gate_stats([b.ttt.layer for b in m.layers if b.ttt is not None], r["forget_gates"])
+    assert len(got) == m.cfg.n_ttt
+    seen = {}
+    hooks = [b.ttt.layer.register_forward_pre_hook(lambda mod, a, j=j: seen.__setitem__(j, mod.forget_gate(a[0])))
+             for j, b in enumerate(blk for blk in m.layers if blk.ttt is not None)]
+    x, live = evaluate.chunk(f, [0], 0, L, m.cfg.col_delays(), m.cfg.col_cards())
+    with torch.no_grad():
+        m(torch.from_numpy(x), m.init_state(1))
+    for h in hooks:
+        h.remove()
+    speech = evaluate.speech_frames(evaluate.event_spans(events, [0], max(m.cfg.col_delays())), live, 0)[0]
+    ends = np.arange(15, L, 16)
+    for j, g in enumerate(got):
+        s = seen[j][0][:, ends].numpy()                                  # [H, ends]
+        want = np.quantile(s.ravel(), [.01, .1, .5, .9, .99])
+        np.testing.assert_allclose(g["s"], want, rtol=1e-5)
+        np.testing.assert_allclose(g["mean_speech"], s[:, speech[ends]].mean(), rtol=1e-5)
+        np.testing.assert_allclose(g["mean_other"], s[:, ~speech[ends]].mean(), rtol=1e-5)
+        assert want[0] < 0.5 < 2 < want[-1]   # the gate depends on the input here
+        assert abs(g["half_life_s"] - 40 / 12.5) < 1e-9
+
+
 def test_state_by_minute_script(tmp_path, one_thread, capsys):
     # scripts/state_by_minute.py: its speech loss by minute is evaluate.py's, and it sees the fast
     # weights move (a model without TTT has none to report)
@@ -705,17 +740,29 @@ def _warm_up_then_stream(tmp_path, variants, *flags):
 
 def test_learnt_half_lives_in_the_streaming_phase(tmp_path, one_thread):
     # --stream_ttt_half_life_max_s: the warm-up without forgetting, the streaming phase with learnt half-lives
-    # (new weights, made from the warm-up's model), evaluated with them; the summary shows them
+    # (new weights, made from the warm-up's model), evaluated with them; the summary shows them. With
+    # --stream_ttt_forget_gate, a forget gate too, whose exponents the evaluation reports
     out, run, warm, final = _warm_up_then_stream(tmp_path, "ttt_linear", "--stream_ttt_half_life_s", "2",
-                                                 "--stream_ttt_half_life_max_s", "60")
+                                                 "--stream_ttt_half_life_max_s", "60", "--stream_ttt_forget_gate")
     assert warm.cfg.ttt_half_life_max == 0 and final.cfg.ttt_half_life_range() == (25, 750)
-    assert all(b.ttt.layer.log_half_life is None for b in warm.layers if b.ttt is not None)
+    assert all(b.ttt.layer.log_half_life is None and b.ttt.layer.forget_weight is None
+               for b in warm.layers if b.ttt is not None)
+    assert final.cfg.ttt_forget_gate and all(b.ttt.layer.gates() for b in final.layers if b.ttt is not None)
     with open(os.path.join(run, "eval.json")) as fh:
-        hl = json.load(fh)["ttt_learnt_half_lives_s"]
+        r = json.load(fh)
+    hl = r["ttt_learnt_half_lives_s"]
     assert len(hl) == final.cfg.n_ttt and 1.5 < min(min(min(h) for h in layer) for layer in hl) < 2.5
+    gates = r["forget_gates"]   # a new gate starts at s = 1 (cpu-test's one mini-batch a step gives it no gradient)
+    assert len(gates) == final.cfg.n_ttt
+    for g, blk in zip(gates, [b for b in final.layers if b.ttt is not None]):
+        assert g["s"] == [1.0] * 5 and g["mean_speech"] == 1.0
+        assert abs(g["half_life_s"] - float(blk.ttt.layer.half_lives().median()) / 12.5) < 1e-6   # the median learnt one
     with open(os.path.join(out, "summary.md")) as fh:
         text = fh.read()
     assert "Learnt half-lives of the fast weights" in text and "| ttt_linear | 1 |" in text
+    assert "Forget gates" in text
+    with pytest.raises(SystemExit):
+        experiment.parse_args(["--stream_ttt_forget_gate"])
 
 
 def test_streaming_phase_inner_step(tmp_path, one_thread):

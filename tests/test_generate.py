@@ -61,13 +61,18 @@ def test_same_seed_same_codes_and_modes_agree():
     assert a.shape == (2, 45, 7)  # 1 text + 2 streams x 3 codebooks
 
 
-@pytest.mark.parametrize("half_life", [0, 6, (3, 300)])
+@pytest.mark.parametrize("half_life", [0, 6, (3, 300), (3, 300, "gate")])
 def test_logprobs_match_a_full_forward(half_life):
     # several attention windows long (W = 8), with delays: the log-probabilities accumulated while
     # sampling equal those of one teacher-forced pass over the generated sequence (fast weights that
-    # forget too, at one rate or at learnt ones)
-    lo, hi = half_life if isinstance(half_life, tuple) else (half_life, 0)
-    m = _model(delays=(0, 1, 2), n_text=1, text_cardinality=30, ttt_half_life=lo, ttt_half_life_max=hi)
+    # forget too, at one rate or at learnt ones, and with a forget gate)
+    lo, hi, *gate = half_life if isinstance(half_life, tuple) else (half_life, 0)
+    m = _model(delays=(0, 1, 2), n_text=1, text_cardinality=30, ttt_half_life=lo, ttt_half_life_max=hi,
+               ttt_forget_gate=bool(gate))
+    with torch.no_grad():
+        for blk in m.layers if gate else ():
+            if blk.ttt is not None:
+                blk.ttt.layer.forget_weight.normal_(0, 1.0)
     n = 40
     out, logps = _run(m, n, temp=1.0, top_k=0, text_temp=1.0, text_top_k=0)
     d = delay(out, m.cfg)

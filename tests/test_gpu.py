@@ -22,8 +22,8 @@ def _model(dev, **kw):
 
 def _forget(half_life):
     """Model settings for fast weights that forget: a number of frames, or a range (learnt half-lives)."""
-    lo, hi = half_life if isinstance(half_life, tuple) else (half_life, 0)
-    return dict(ttt_half_life=lo, ttt_half_life_max=hi)
+    lo, hi, *gate = half_life if isinstance(half_life, tuple) else (half_life, 0)
+    return dict(ttt_half_life=lo, ttt_half_life_max=hi, ttt_forget_gate=bool(gate))
 
 
 def _rel(a, b):
@@ -31,12 +31,14 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize("ttt_type,half_life", [("linear", 0), ("mlp", 0), ("linear", 40), ("mlp", 40),
-                                                ("linear", (8, 800))])   # forgetting: Triton / compiled loop
+                                                ("linear", (8, 800)), ("linear", (8, 800, "gate"))])   # forgetting: Triton / compiled loop
 def test_cuda_split_invariance_and_cpu_parity(ttt_type, half_life):
     torch.backends.cuda.matmul.allow_tf32 = False
     m = _model("cuda", ttt_type=ttt_type, **_forget(half_life))
     x = (torch.rand(2, 80, m.cfg.n_cols, device="cuda") * 128).long()
     with torch.no_grad():
+        for p in (p for n, p in m.named_parameters() if "forget_weight" in n):   # a gate that depends on x
+            p.normal_(0, 1.0)
         full, _ = m(x)
         s, outs = m.init_state(2), []
         for t in range(0, 80, 7):
@@ -48,7 +50,8 @@ def test_cuda_split_invariance_and_cpu_parity(ttt_type, half_life):
 
 
 @pytest.mark.parametrize("how,B,half_life", [(False, 2, 0), ("kernels", 2, 0), ("kernels", 1, 0),   # batch 1: the step kernels too
-                                             ("kernels", 1, 40), ("kernels", 1, (8, 800))])   # forgetting
+                                             ("kernels", 1, 40), ("kernels", 1, (8, 800)),   # forgetting
+                                             ("kernels", 1, (8, 800, "gate"))])   # (the gated layer's own step)
 def test_cuda_graph_generation_matches_teacher_forcing(how, B, half_life):
     torch.backends.cuda.matmul.allow_tf32 = False
     m = _model("cuda", delays=(0, 1, 1, 1), **_forget(half_life))

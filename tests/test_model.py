@@ -42,13 +42,18 @@ def _assert_close(a, b, rtol):
 
 
 @pytest.mark.parametrize("ttt_type,half_life", [("linear", 0), ("mlp", 0), ("linear", 6), ("linear", (3, 60)),
-                                                ("mlp", (3, 60))])
+                                                ("mlp", (3, 60)), ("linear", (3, 60, "gate")), ("mlp", (6, 0, "gate"))])
 def test_any_split_gives_one_pass(ttt_type, half_life):
     # W not a multiple of b, T >= 3W: full pass, frame by frame, random chunks; with fast weights that forget too,
-    # at one rate or at learnt ones
-    lo, hi = half_life if isinstance(half_life, tuple) else (half_life, 0)
+    # at one rate or at learnt ones, and with a forget gate
+    lo, hi, *gate = half_life if isinstance(half_life, tuple) else (half_life, 0)
     m = _model(ttt_type=ttt_type, window=10, ttt_mini_batch=4, n_text=1, text_cardinality=20, ttt_half_life=lo,
-               ttt_half_life_max=hi)
+               ttt_half_life_max=hi, ttt_forget_gate=bool(gate))
+    if gate:   # (a new gate computes what no gate does)
+        with torch.no_grad():
+            for b in m.layers:
+                if b.ttt is not None:
+                    b.ttt.layer.forget_weight.normal_(0, 1.0)
     B, T = 2, 37
     codes = _codes(m, B, T)
     with torch.no_grad():
@@ -293,6 +298,32 @@ def test_ttt_learnt_half_lives(tmp_path):
         m.set_ttt_half_life(5, 2)
     with pytest.raises(ValueError, match="need 0 < ttt_half_life <= ttt_half_life_max"):
         _model(ttt_half_life=0, ttt_half_life_max=10)
+
+
+def test_ttt_forget_gate(tmp_path):
+    # a forget gate: added to a model with a half-life (as train.py --init_from does) it changes nothing until
+    # its weights move; the checkpoint keeps it; without a half-life it is refused
+    m = _model(ttt_mini_batch=4, ttt_half_life=8)
+    codes = _codes(m, 1, 30)
+    with torch.no_grad():
+        before = m(codes)[0].audio
+        m.add_ttt_forget_gate()
+        assert m.cfg.ttt_forget_gate and torch.equal(m(codes)[0].audio, before)
+        for b in m.layers:
+            if b.ttt is not None:
+                b.ttt.layer.forget_bias.fill_(2.0)   # forget faster than the half-life everywhere
+        gated = m(codes)[0].audio
+    assert not torch.allclose(gated, before) and torch.equal(gated[:, :4], before[:, :4])
+    p = tmp_path / "m.safetensors"
+    m.save(p)
+    m2 = SpeechLM.from_checkpoint(p)
+    assert m2.cfg.ttt_forget_gate
+    with torch.no_grad():
+        assert torch.equal(m2(codes)[0].audio, gated)
+    with pytest.raises(ValueError, match="set a half-life first"):
+        _model(ttt_mini_batch=4).add_ttt_forget_gate()
+    with pytest.raises(ValueError, match="ttt_forget_gate scales how fast .* needs ttt_half_life"):
+        _model(ttt_forget_gate=True)
 
 
 def test_bad_checkpoints(tmp_path):

@@ -606,3 +606,9 @@ def test_init_from_with_learnt_half_lives(synth, tmp_path):
         moved = (t.log_half_life - f.log_half_life).abs()
         assert moved.max() > 1e-4, "the learnt half-lives did not train"
     assert train.main(_args(synth, tmp_path / "l", "streaming", **{**kw, "max_steps": 4}))   # resumes
+    # and with a forget gate: its new weights train too
+    train.main(_args(synth, tmp_path / "g", "streaming", **kw, ttt_forget_gate=True))
+    g = SpeechLM.from_checkpoint(tmp_path / "g" / "model.safetensors")
+    assert g.cfg.ttt_forget_gate
+    for t in (b.ttt.layer for b in g.layers if b.ttt is not None):
+        assert t.forget_weight.abs().max() > 1e-6, "the forget gate did not train"

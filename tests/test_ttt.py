@@ -44,10 +44,11 @@ def f_mlp(x, W, w, b):
     return ln(F.gelu(x @ W1 + b1, approximate="tanh") @ W2 + b2, w, b)
 
 
-def reference(kind, q, k, v, lr, tau, ln_w, ln_b, b, W0, i0=0, G0=None, decay=1.0, anchor=None):
+def reference(kind, q, k, v, lr, tau, ln_w, ln_b, b, W0, i0=0, G0=None, decay=1.0, anchor=None, gate=None):
     """out_t = q_t + f(q_t; W_start - tau_i sum_{j<=i} lr_j g_j), g_j by autograd at W_start; with
     decay < 1 the next W_start also moves (1 - decay) of the way from W_start back to the anchor
-    (decay a number, or one tensor per fast weight)."""
+    (decay a number, or one tensor per fast weight; with a forget gate [B, H, T], decay ** gate[t]
+    at the mini-batch that ends at t)."""
     f = f_linear if kind == "linear" else f_mlp
     w, bb = ln_w[:, None], ln_b[:, None]
     W = list(W0)
@@ -64,6 +65,8 @@ def reference(kind, q, k, v, lr, tau, ln_w, ln_b, b, W0, i0=0, G0=None, decay=1.
         if i == b - 1:
             if isinstance(decay, list) or decay != 1.0:
                 ds = decay if isinstance(decay, list) else [decay] * len(W)
+                if gate is not None:
+                    ds = [g ** gate[:, :, t, None, None] for g in ds]
                 Wi = [p_i - (1 - g) * (p - a) for p_i, p, a, g in zip(Wi, W, anchor, ds)]
             W, G = Wi, [torch.zeros_like(Gp) for Gp in G]
     return torch.cat(outs, 2), W, G
@@ -94,7 +97,10 @@ def state_of(W, G=None, i=0):
 def run_chunks(fn, q, k, v, lr, tau, ln_w, ln_b, b, state, sizes, **kw):
     """Call fn over consecutive chunks of the given sizes; return outputs and the final state."""
     outs, s = [], 0
+    gate = kw.pop("forget_gate", None)
     for n in sizes:
+        if gate is not None:   # per token, as q
+            kw["forget_gate"] = gate[:, :, s:s + n]
         out, state = fn(q[:, :, s:s + n], k[:, :, s:s + n], v[:, :, s:s + n], lr[:, :, s:s + n],
                         tau, ln_w, ln_b, b, state, **kw)
         outs.append(out)
@@ -246,6 +252,118 @@ def test_decay_gradients_match_per_token_loop(kind, per_feature):
         for a, r in zip(grads_of(kind, (out, st.params, st.grads), xs + extra), ref):
             assert (a - r).abs().max().item() < 1e-8 * (1 + r.abs().max().item()), sizes
     assert all(r.abs().max() > 0 for r in ref[len(xs):])  # the anchor (and the decays) get a gradient
+
+
+def make_gate(q, seed=13):
+    """Forget-gate exponents [B, H, T] in (0, 3): some mini-batches keep nearly all, some forget fast."""
+    g = torch.Generator().manual_seed(seed)
+    return 3.0 * torch.rand(q.shape[:3], generator=g, dtype=q.dtype)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+@pytest.mark.parametrize("b,T,i0", [(4, 23, 0), (16, 37, 5)])
+@pytest.mark.parametrize("per_feature", [False, True])
+def test_forget_gate_matches_per_token_loop(kind, b, T, i0, per_feature):
+    """A forget gate (decay ** gate at each mini-batch's last token): one call, token by token and
+    random chunks, from the start or mid-mini-batch, equal the per-token loop."""
+    fn = KINDS[kind][0]
+    q, k, v, lr, tau, ln_w, ln_b, *W0 = make_inputs(kind, T=T, b=b, seed=18)
+    G0 = [0.01 * torch.randn_like(p) for p in W0] if i0 else None
+    anchor, decay = make_anchor(W0), make_decays(W0) if per_feature else 0.7
+    gate = make_gate(q)
+    for p in W0:
+        p.requires_grad_()
+    ref, W, G = reference(kind, q, k, v, lr, tau, ln_w, ln_b, b, W0, i0, G0, decay, anchor, gate)
+    ungated, _, _ = reference(kind, q, k, v, lr, tau, ln_w, ln_b, b, W0, i0, G0, decay, anchor)
+    assert (ungated - ref).abs().max().item() > 1e-3  # the gate changes the outputs
+    with torch.no_grad():
+        for sizes in ([T], [1] * T, random_sizes(T, 4)):
+            out, st = run_chunks(fn, q, k, v, lr, tau, ln_w, ln_b, b, state_of(W0, G0, i0), sizes,
+                                 decay=tuple(decay) if per_feature else decay, anchor=anchor, forget_gate=gate)
+            assert (out - ref).abs().max().item() < 1e-10, sizes
+            for x, y in zip(st.params + st.grads, W + G):
+                assert (x - y).abs().max().item() < 1e-10, sizes
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_forget_gate_gradients_match_per_token_loop(kind):
+    """Outer gradients through a forget gate, the gate's own included, chunked, token by token and
+    checkpointed."""
+    fn = KINDS[kind][0]
+    b, T = 4, 19
+    xs = make_inputs(kind, T=T, b=b, d=4, grad=True, seed=16)
+    q, k, v, lr, tau, ln_w, ln_b, *W0 = xs
+    anchor = [a.requires_grad_() for a in make_anchor(W0)]
+    decay = [g.requires_grad_() for g in make_decays(W0)]
+    gate = make_gate(q).requires_grad_()
+    extra = anchor + decay + [gate]
+    ref = grads_of(kind, reference(kind, q, k, v, lr, tau, ln_w, ln_b, b, W0, decay=decay, anchor=anchor,
+                                   gate=gate), xs + extra)
+    for sizes, group in (([T], 0), ([1] * T, 0), ([3, 1, 9, 6], 2)):
+        out, st = run_chunks(fn, q, k, v, lr, tau, ln_w, ln_b, b, state_of(W0), sizes, checkpoint_group=group,
+                             decay=tuple(decay), anchor=anchor, forget_gate=gate)
+        for a, r in zip(grads_of(kind, (out, st.params, st.grads), xs + extra), ref):
+            assert (a - r).abs().max().item() < 1e-8 * (1 + r.abs().max().item()), sizes
+    gg = ref[-1]   # the gate's gradient: at the tokens that end a mini-batch, and only there
+    ends = torch.zeros(T, dtype=torch.bool)
+    ends[b - 1::b] = True
+    assert gg[:, :, ends].abs().min() > 0 and gg[:, :, ~ends].abs().max() == 0
+
+
+@pytest.mark.parametrize("cls", [ttt.TTTLinear, ttt.TTTMLP])
+def test_module_forget_gate(cls):
+    """A layer with a forget gate: it starts as the same layer without one (s = 1), then a gate that
+    depends on the input changes the outputs; one call and random chunks agree; the gate's weights get
+    gradients and travel in the state dict; without forgetting it does nothing."""
+    torch.manual_seed(3)
+    b, T, D, H = 4, 23, 16, 2
+    layer = cls(D, H, mini_batch=b, half_life_range=(4.0, 40.0), forget_gate=True).double()
+    plain = cls(D, H, mini_batch=b, half_life_range=(4.0, 40.0)).double()
+    plain.load_state_dict({k: v for k, v in layer.state_dict().items() if not k.startswith("forget_")})
+    x = torch.randn(2, T, D, dtype=torch.float64)
+    assert (layer(x)[0] - plain(x)[0]).abs().max().item() < 1e-12
+    with torch.no_grad():
+        layer.forget_weight.normal_(0, 0.5)
+        layer.forget_bias.fill_(0.3)
+    y, state = layer_one_call_and_chunks(layer, x, 7)
+    assert (y - plain(x)[0]).abs().max().item() > 1e-4
+    s = layer.forget_gate(x)
+    assert s.shape == (2, H, T) and s.min() > 0
+    # against the per-token loop with the layer's decays and gate
+    q, k, v, lr, tau = layer.inner_inputs(x, torch.tensor(0))
+    W0 = [p.detach()[None].repeat(2, *[1] * p.dim()).requires_grad_() for p in layer.fast_weights()]
+    _, W, _ = reference(layer.kind, q, k, v, lr, tau, layer.ttt_norm_weight, layer.ttt_norm_bias, b, W0,
+                        decay=[g.detach() for g in layer.decays()], anchor=[p.detach() for p in layer.fast_weights()],
+                        gate=s.detach())
+    for a, r in zip(state.params, W):
+        assert (a - r).abs().max().item() < 1e-10
+    (y.sum() + state.params[0].sum()).backward()
+    assert layer.forget_weight.grad.abs().max() > 0 and layer.forget_bias.grad.abs().min() > 0
+    other = cls(D, H, mini_batch=b, half_life_range=(1.0, 2.0), forget_gate=True).double()
+    other.load_state_dict(layer.state_dict())
+    assert (other(x)[0] - y).abs().max().item() == 0
+    layer.set_decay(1.0)   # nothing forgets: the gate has nothing to scale
+    assert not layer.gates() and layer.forget_gate(x) is None
+    plain.set_decay(1.0)
+    assert (layer(x)[0] - plain(x)[0]).abs().max().item() < 1e-12
+
+
+def test_forget_gate_bad_inputs():
+    q, k, v, lr, tau, ln_w, ln_b, *W0 = make_inputs("linear", T=5, b=4, dtype=torch.float32)
+    anchor = [w[0] for w in W0]
+    with pytest.raises(ValueError, match="give decay < 1 or decay tensors with it"):
+        ttt.ttt_linear(q, k, v, lr, tau, ln_w, ln_b, 4, state_of(W0), forget_gate=torch.ones(2, 2, 5))
+    for bad in (torch.ones(2, 2, 4), torch.ones(2, 2, 5, dtype=torch.int64), 1.0):
+        with pytest.raises(ValueError, match=r"forget_gate must be a float tensor \[B, H, T\] = \(2, 2, 5\)"):
+            ttt.ttt_linear(q, k, v, lr, tau, ln_w, ln_b, 4, state_of(W0), decay=0.9, anchor=anchor, forget_gate=bad)
+    with pytest.raises(NotImplementedError, match="no forget gate"):
+        ttt.ttt_linear(q, k, v, lr, tau, ln_w, ln_b, 4, state_of(W0), decay=0.9, anchor=anchor, impl="triton",
+                       forget_gate=torch.ones(2, 2, 5))
+    for cls in (ttt.TTTLinear, ttt.TTTMLP):   # the compiled loop on CUDA: the kernels have no gate
+        layer = cls(32, 2, mini_batch=16, decay=0.9, forget_gate=True)
+        assert layer._impl(torch.empty(1)) == "torch"
+        if torch.cuda.is_available() and ttt.triton is not None:
+            assert layer._impl(torch.empty(1, device="cuda")) == "compile"
 
 
 @pytest.mark.parametrize("cls", [ttt.TTTLinear, ttt.TTTMLP])
@@ -857,7 +975,7 @@ def test_streaming_step_in_a_cuda_graph(cls):
 
 
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
-@pytest.mark.parametrize("decay", [1.0, 0.7])
+@pytest.mark.parametrize("decay", [1.0, 0.7, "gate"])
 def test_compile_impl_matches_torch(kind, decay, monkeypatch):
     """impl="compile" runs the same math with each whole mini-batch under torch.compile; traced
     here with the aot_eager backend (dynamo + AOTAutograd, no code generation) to stay fast."""
@@ -871,11 +989,12 @@ def test_compile_impl_matches_torch(kind, decay, monkeypatch):
     xs = make_inputs(kind, T=19, b=b, d=4, grad=True, seed=4)
     q, k, v, lr, tau, ln_w, ln_b, *W0 = xs
     res = []
+    gate = make_gate(q).requires_grad_() if decay == "gate" else None   # (a forget gate on a decay of 0.7)
+    kw = dict(decay=0.7, forget_gate=gate) if gate is not None else dict(decay=decay)
     for impl in ("torch", "compile"):
         out, st = run_chunks(fn, q, k, v, lr, tau, ln_w, ln_b, b, state_of(W0), [2, 13, 4],
-                             impl=impl, checkpoint_group=2, decay=decay,
-                             anchor=[w[0] for w in W0] if decay != 1.0 else None)
-        res.append([out, *st.params, *grads_of(kind, (out, st.params, st.grads), xs)])
+                             impl=impl, checkpoint_group=2, anchor=[w[0] for w in W0] if decay != 1.0 else None, **kw)
+        res.append([out, *st.params, *grads_of(kind, (out, st.params, st.grads), xs + ([gate] if gate is not None else []))])
     for a, r in zip(*res):
         assert (a - r).abs().max().item() < 1e-10
 
