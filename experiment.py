@@ -508,6 +508,7 @@ def summary(a, results, losses):
                     else "-") + f" | {_num(rc['first_mention']['loss'])} | " +
                    (" / ".join(_acc(r["drills_recall"][k]) for k in ("within_window", "beyond_window", "beyond_reach")
                                if k in r["drills_recall"]) if "drills_recall" in r else "-") + " |")
+    out += paired_speech(results)
     labels = [b["label"] for b in any_r["recall"]["buckets"]]
     out += ["", "Recall accuracy by distance since the pattern was first heard (events; * = within the "
             "model's window):", "",
@@ -592,6 +593,47 @@ def seeds_summary(results, runs, seeds):
             cells.append(f"{_mean(have):.3f} ({min(have):.3f} - {max(have):.3f}); {each}" if have else "-")
         out.append(f"| {variant} ({len(mine)} seeds) | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
+
+
+def window_partner(name, results):
+    """The window model trained with the same seed as run `name` (same held-out frames), or None."""
+    if name.startswith("window"):
+        return None
+    variant = max((v for v in VARIANTS if name.startswith(v)), key=len, default=None)
+    partner = "window" + name[len(variant):] if variant else None
+    return partner if partner in results else None
+
+
+def paired_speech(results):
+    """Markdown lines: the speech-frame loss at minutes 4 and 90 (or the last) and over the first and last
+    five minutes, and each model's difference from the window model of its seed, which cancels the held-out
+    data's own changes from minute to minute; [] without a window model or speech losses."""
+    rows = [(n, window_partner(n, results)) for n in results]
+    rows = [(n, w) for n, w in rows if w and results[n]["loss_by_minute"].get("speech")]
+    if not rows:
+        return []
+    sp = {n: np.asarray(r["loss_by_minute"]["speech"], dtype=np.float64) for n, r in results.items()
+          if r["loss_by_minute"].get("speech")}
+    n_min = min(len(v) for v in sp.values())
+    m4, last = min(3, n_min - 1), n_min - 1
+    pick = lambda x: (x[m4], x[last], x[:5].mean(), x[n_min - 5:n_min].mean() if n_min >= 5 else x[-1:].mean())
+    out = ["", f"Speech-frame loss along the conversation, and each model's difference from the window model of its "
+           "seed on the same frames (negative: lower). The window model remembers nothing past its window, so its "
+           "own changes from minute to minute are the held-out data's; `blocks` is the spread of its 5-minute means "
+           "(highest - lowest). The difference cancels them:", "",
+           f"| model | minute {m4 + 1} | minute {last + 1} | min 1-5 | last 5 | - window: minute {m4 + 1} | "
+           f"minute {last + 1} | min 1-5 | last 5 | last 5 - min 1-5 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for w in dict.fromkeys(w for _, w in rows):
+        x = sp[w][:n_min]
+        blocks = [x[i:i + 5].mean() for i in range(0, n_min - 4, 5)]
+        out.append(f"| {w} | " + " | ".join(f"{v:.3f}" for v in pick(x))
+                   + (f" | blocks: {max(blocks) - min(blocks):.3f}" if blocks else " | -") + " | | | | |")
+        for n in (n for n, ww in rows if ww == w):
+            y = sp[n][:n_min]
+            d = pick(y - x)
+            out.append(f"| {n} | " + " | ".join(f"{v:.3f}" for v in pick(y)) + " | "
+                       + " | ".join(f"{v:+.3f}" for v in d) + f" | {d[3] - d[2]:+.3f} |")
+    return out
 
 
 def _speech(lm):

@@ -789,3 +789,25 @@ def test_streaming_phase_inner_step(tmp_path, one_thread):
         m.set_ttt_base_lr(0.5)
     with pytest.raises(ValueError, match="0 or more"):
         final.set_ttt_base_lr(-1)
+
+
+def test_paired_speech_cancels_the_data(tmp_path):
+    # each model against the window model of its seed: the held-out data's minute-to-minute changes (shared by
+    # both) cancel, a model's own drift stays; models without a window partner are left out
+    rng = np.random.default_rng(0)
+    data = 3.7 + 0.05 * rng.standard_normal(90)               # the data's difficulty by minute
+    drift = np.linspace(0, 0.3, 90)                            # a model whose loss rises over 90 minutes
+    mk = lambda sp: {"loss_by_minute": {"speech": list(sp)}}
+    results = {"window_seed7": mk(data), "ttt_linear_seed7": mk(data - 0.1 + drift), "ttt_mlp_seed7": mk(data - 0.2),
+               "ttt_linear_seed11": mk(data)}   # (no window model of seed 11)
+    lines = experiment.paired_speech(results)
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in lines if line.startswith("| ") and "seed" in line}
+    assert set(rows) == {"window_seed7", "ttt_linear_seed7", "ttt_mlp_seed7"}
+    lin = [float(c.strip(" |")) for c in rows["ttt_linear_seed7"]]
+    np.testing.assert_allclose(lin[4:8], [-0.1 + drift[3], -0.1 + 0.3, -0.1 + drift[:5].mean(), -0.1 + drift[85:].mean()],
+                               atol=6e-4)
+    np.testing.assert_allclose(lin[8], drift[85:].mean() - drift[:5].mean(), atol=1e-3)
+    np.testing.assert_allclose([float(c.strip(" |")) for c in rows["ttt_mlp_seed7"]][4:9], [-0.2] * 4 + [0.0], atol=6e-4)
+    blocks = [data[i:i + 5].mean() for i in range(0, 90, 5)]
+    assert rows["window_seed7"][4] == f"blocks: {max(blocks) - min(blocks):.3f}"
+    assert experiment.paired_speech({"window": mk(data)}) == [] and experiment.window_partner("window", results) is None
