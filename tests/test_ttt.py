@@ -1096,20 +1096,25 @@ def test_ttt_linear_final_state_matches_fla(impl):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cls,decay", [(ttt.TTTMLP, 1.0), (ttt.TTTMLP, 0.9)])
+@pytest.mark.parametrize("cls,decay", [(ttt.TTTMLP, 1.0), (ttt.TTTMLP, 0.9), (ttt.TTTLinear, "gate")])
 def test_compile_impl_on_cuda_matches_torch(cls, decay):
     torch.manual_seed(0)
-    layer = cls(256, 4, mini_batch=16, checkpoint_group=2, decay=decay).cuda()
+    kw = dict(half_life_range=(16.0, 1600.0), forget_gate=True) if decay == "gate" else dict(decay=decay)
+    layer = cls(256, 4, mini_batch=16, checkpoint_group=2, **kw).cuda()
+    if decay == "gate":   # a gate that depends on the input
+        with torch.no_grad():
+            layer.forget_weight.normal_(0, 0.5)
     x = torch.randn(2, 70, 256, device="cuda", requires_grad=True)
     if decay != 1.0:
-        assert layer._impl(x) == "compile"   # auto: TTT-MLP's Triton kernels have no decay
+        assert layer._impl(x) == "compile"   # auto: TTT-MLP's Triton kernels have no decay, none have the gate
     res = []
     for impl in ("torch", "compile"):
         layer.impl = impl
         y, st = layer(x[:, :9])
         y2, st = layer(x[:, 9:], st)
         y = torch.cat([y, y2], 1)
-        g = torch.autograd.grad(y.square().sum(), [x, layer.W1])
+        wrt = [x, layer.W1] + ([layer.forget_weight, layer.log_half_life] if decay == "gate" else [])
+        g = torch.autograd.grad(y.square().sum(), wrt)
         res.append([y, *st.params, *g])
     for a, r in zip(*res):
         assert (a - r).abs().max() < 1e-4 * (1 + r.abs().max())
