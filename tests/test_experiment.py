@@ -811,3 +811,34 @@ def test_paired_speech_cancels_the_data(tmp_path):
     blocks = [data[i:i + 5].mean() for i in range(0, 90, 5)]
     assert rows["window_seed7"][4] == f"blocks: {max(blocks) - min(blocks):.3f}"
     assert experiment.paired_speech({"window": mk(data)}) == [] and experiment.window_partner("window", results) is None
+
+
+def test_generation_temps_script(tmp_path, one_thread, capsys):
+    # scripts/generation_temps.py: a generation per temperature, read against the held-out data's spread
+    # (evaluate.py's), and what lies outside it in the first and last minutes
+    import importlib.util
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("gt", os.path.join(root, "scripts", "generation_temps.py"))
+    gt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gt)
+    p = str(tmp_path / "h.bin")
+    synthetic(p, hours=2 / 60, min_minutes=2, max_minutes=2, n_codebooks=2, seed=5, quiet=True)
+    m = _tiny()
+    m.save(str(tmp_path / "m.safetensors"))
+    out = str(tmp_path / "g.json")
+    runs = gt.main(["--ckpt", str(tmp_path / "m.safetensors"), "--data", p, "--temps", "0.5,1", "--minutes", "2",
+                    "--first", "1", "--out", out])
+    text = capsys.readouterr().out
+    assert set(runs) == {"0.5", "1.0"} and all(len(g["minute"]) == 2 for g in runs.values())
+    assert "| 0.5 | off | 2 |" in text and "| 1 | off | 2 |" in text
+    with open(out) as fh:
+        saved = json.load(fh)
+    f = CodesFile(p)
+    ref = evaluate.reference_stats(f, [0], evaluate.most_common_frame(f, 0))
+    assert saved["reference"]["spread"] == ref["spread"]
+    g = {k: [0.0, 1.0] for k in evaluate.STATS}          # the mean of minutes lo..hi-1 against the spread
+    spread = {k: [0.4, 0.6] for k in evaluate.STATS}
+    assert gt.outside(g, spread, 0, 2) == [] and gt.outside(g, spread, 0, 1) == list(evaluate.STATS)
+    for bad in (["--temps", "a,b"], ["--minutes", "0"], ["--temps", "-1"]):
+        with pytest.raises(SystemExit):
+            gt.parse_args(["--ckpt", "x", "--data", "y", *bad])
