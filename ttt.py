@@ -381,8 +381,6 @@ def _run(name, minibatch, token, shapes, q, k, v, lr, tau, ln_w, ln_b, b, state,
     _check_gate(name, gate, decay, q)
     if impl not in ("torch", "compile", "triton"):
         raise ValueError(f"{name}: impl must be 'torch', 'compile' or 'triton', got {impl!r}")
-    if impl == "triton" and gate is not None and q.shape[2] > 1:
-        raise NotImplementedError(f"{name}: the Triton kernels have no forget gate; use impl='torch' or 'compile'")
     if impl == "triton" and _forgets(decay) and q.shape[2] > 1 and name == "ttt_mlp":
         raise NotImplementedError(f"{name}: TTT-MLP's Triton kernels have no decay (they run the official "
                                   "update); use impl='torch' or 'compile' with decay < 1")
@@ -406,7 +404,7 @@ def _run(name, minibatch, token, shapes, q, k, v, lr, tau, ln_w, ln_b, b, state,
             out, state = _step(token, state, q, k, v, lr, tau, ln_w, ln_b, b, decay, anchor, gate)
         elif impl == "triton":
             out, state = _triton_scan(name, state, q, k, v, lr, tau, ln_w[:, 0], ln_b[:, 0], b,
-                                      checkpoint_group, decay, anchor)
+                                      checkpoint_group, decay, anchor, gate)
         else:
             out, state = _scan(minibatch, state, q, k, v, lr, tau, ln_w, ln_b, b, checkpoint_group,
                                compiled=impl == "compile", decay=decay, anchor=anchor, gate=gate)
@@ -442,7 +440,7 @@ def ttt_linear(q, k, v, lr, tau, ln_w, ln_b, b, state, *, impl="torch", checkpoi
     forget_gate  [B, H, T] or None: with decay < 1 (or decay tensors), how fast each mini-batch
              forgets, from the input: the mini-batch that ends at token t fades by decay ** forget_gate[t]
              (0: keeps everything, 1: decay, larger: faster); the values at other tokens are not used.
-             Not in impl "triton" (T > 1)
+             impl "triton" takes it for ttt_linear (each mini-batch's decays as a table)
 
     Returns out = q + f(q; W_i) [B, H, T, d] in q's dtype and the new state. The inner math runs in
     the state's dtype (float32) with autocast off. T = 1 takes the primal path, which never syncs
@@ -593,6 +591,14 @@ if triton is not None:
         return out, Gn, Gcn
 
     @triton.jit
+    def _tl_decays_at(g_ptr, pid, h, m, NMS, D: tl.constexpr, PER_MB: tl.constexpr):
+        """Where the decays of (row, head) pid's mini-batch m start: its head's [2, D] (of W's columns,
+        then of c), or with PER_MB (a forget gate) its own, g [rows x H, NMS, 2, D]."""
+        if PER_MB:
+            return g_ptr + (pid * NMS + m) * 2 * D
+        return g_ptr + h * 2 * D
+
+    @triton.jit
     def _tl_decay(W, c, full, A_ptr, Ac_ptr, gh_ptr, pid, D: tl.constexpr):
         """The part of the next W_start that fast weights that forget add: -(1 - decay) (W - anchor)
         when the mini-batch is complete, a decay per feature: W's column j and c_j fade by
@@ -640,13 +646,14 @@ if triton is not None:
     @triton.jit(do_not_specialize=_RUNTIME)
     def _ttt_linear_fwd_kernel(q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr,
                                W_ptr, c_ptr, GW_ptr, Gc_ptr, out_ptr, Wck_ptr, cck_ptr, A_ptr, Ac_ptr, g_ptr,
-                               T, i_ptr, NCS, H,
+                               T, i_ptr, NCS, H, NMS,
                                D: tl.constexpr, BS: tl.constexpr, SEG: tl.constexpr,
                                SAVE: tl.constexpr, DOT: tl.constexpr, STAGES: tl.constexpr,
-                               DECAY: tl.constexpr):
+                               DECAY: tl.constexpr, PER_MB: tl.constexpr):
         """W_ptr.. Gc_ptr hold the state; the kernel overwrites them with the new state. With
         DECAY, fast weights that forget: A_ptr, Ac_ptr the anchor, g_ptr the decays [H, 2, D] (of W's
-        columns, then of c; ttt_linear)."""
+        columns, then of c; ttt_linear), or with PER_MB one table a (row, head) and mini-batch,
+        [rows x H, NMS, 2, D] (a forget gate)."""
         pid = tl.program_id(0)          # one (batch row, head)
         i0, NM, NC, last_full = _tl_shape(i_ptr, T, BS, SEG)
         h = pid % H
@@ -663,12 +670,13 @@ if triton is not None:
         Gc = tl.load(Gc_ptr + pid * D + rd)
         W, c = _tl_fwd_step(0, W, c, GW, Gc, q_ptr, k_ptr, v_ptr, lr_ptr, out_ptr, GW_ptr, Gc_ptr,
                             Wck_ptr, cck_ptr, tau, tau_last, lnw, lnb, pid, T, i0, NM, NCS,
-                            last_full, A_ptr, Ac_ptr, g_ptr + h * 2 * D, True, D, BS, SEG, SAVE, DOT, DECAY)
+                            last_full, A_ptr, Ac_ptr, _tl_decays_at(g_ptr, pid, h, 0, NMS, D, PER_MB), True, D,
+                            BS, SEG, SAVE, DOT, DECAY)
         for m in tl.range(1, NM, num_stages=STAGES):  # later ones start from zero sums: their products are skipped
             W, c = _tl_fwd_step(m, W, c, W, c, q_ptr, k_ptr, v_ptr, lr_ptr, out_ptr, GW_ptr,
                                 Gc_ptr, Wck_ptr, cck_ptr, tau, tau_last, lnw, lnb, pid, T, i0, NM,
-                                NCS, last_full, A_ptr, Ac_ptr, g_ptr + h * 2 * D, False, D, BS, SEG, SAVE, DOT,
-                                DECAY)
+                                NCS, last_full, A_ptr, Ac_ptr, _tl_decays_at(g_ptr, pid, h, m, NMS, D, PER_MB),
+                                False, D, BS, SEG, SAVE, DOT, DECAY)
         tl.store(W_ptr + pid * D * D + dd, W)
         tl.store(c_ptr + pid * D + rd, c)
 
@@ -676,7 +684,7 @@ if triton is not None:
     def _ttt_linear_scan_kernel(k_ptr, v_ptr, lr_ptr, lnw_ptr, lnb_ptr, tau_ptr, W_ptr, c_ptr, GW_ptr, Gc_ptr,
                                 Wall_ptr, call_ptr, A_ptr, Ac_ptr, g_ptr, T, i_ptr, NMS, H, M0, M1,
                                 D: tl.constexpr, BS: tl.constexpr, DOT: tl.constexpr, STAGES: tl.constexpr,
-                                DECAY: tl.constexpr):
+                                DECAY: tl.constexpr, PER_MB: tl.constexpr):
         """The two-pass forward's walk: the fast weights of one (batch row, head) through its
         mini-batches M0 to M1 - 1, each one's start written to Wall/call [NMS, D, D] / [NMS, D];
         W_ptr.. Gc_ptr hold the state in and the new state out, as in _ttt_linear_fwd_kernel."""
@@ -707,7 +715,8 @@ if triton is not None:
                 tl.store(GW_ptr + pid * D * D + dd, Gn * (1.0 - full))
                 tl.store(Gc_ptr + pid * D + rd, Gcn * (1.0 - full))
             if DECAY:
-                xW, xc = _tl_decay(W, c, full, A_ptr, Ac_ptr, g_ptr + h * 2 * D, pid, D)
+                xW, xc = _tl_decay(W, c, full, A_ptr, Ac_ptr, _tl_decays_at(g_ptr, pid, h, m, NMS, D, PER_MB),
+                                   pid, D)
                 W += xW
                 c += xc
             W -= (full * tau_last) * Gn
@@ -848,12 +857,12 @@ if triton is not None:
                                GW_ptr, Gc_ptr, Wck_ptr, cck_ptr, Wbuf_ptr, cbuf_ptr, dout_ptr,
                                dW_ptr, dc_ptr, dGW_ptr, dGc_ptr,
                                dq_ptr, dk_ptr, dv_ptr, dlr_ptr, dtau_ptr, dlnw_ptr, dlnb_ptr,
-                               A_ptr, Ac_ptr, g_ptr, dA_ptr, dAc_ptr, dg_ptr, T, i_ptr, NCS, H,
+                               A_ptr, Ac_ptr, g_ptr, dA_ptr, dAc_ptr, dg_ptr, T, i_ptr, NCS, H, NMS,
                                D: tl.constexpr, BS: tl.constexpr, SEG: tl.constexpr,
-                               DOT: tl.constexpr, DECAY: tl.constexpr):
+                               DOT: tl.constexpr, DECAY: tl.constexpr, PER_MB: tl.constexpr):
         """dW_ptr.. dGc_ptr hold the adjoints of the final state on entry and those of the initial
         state on exit; with DECAY, dA_ptr, dAc_ptr receive the anchor's and dg_ptr [rows x H, 2, D]
-        the decays'."""
+        the decays' (with PER_MB, [rows x H, NMS, 2, D]: each mini-batch's)."""
         pid = tl.program_id(0)
         i0, NM, NC, last_full = _tl_shape(i_ptr, T, BS, SEG)
         h = pid % H
@@ -877,8 +886,8 @@ if triton is not None:
         dgw = tl.zeros([D], dtype=tl.float32)
         dgc = tl.zeros([D], dtype=tl.float32)
         gh = g_ptr + h * 2 * D                 # this head's decays: of W's columns, then of c
-        gw, gc = lnw, lnw                      # (unused without DECAY)
-        if DECAY:
+        gw, gc = lnw, lnw                      # (unused without DECAY; with PER_MB, loaded a mini-batch at a time)
+        if DECAY and not PER_MB:
             gw, gc = tl.load(gh + rd), tl.load(gh + D + rd)
         buf = Wbuf_ptr + pid * SEG * D * D
         cbuf = cbuf_ptr + pid * SEG * D
@@ -901,7 +910,8 @@ if triton is not None:
                 Gc0 = tl.load(Gc_ptr + pid * D + rd, mask=(m == 0) & (rd >= 0), other=0.0)
                 full = ((m < NM - 1) | (last_full != 0)).to(tl.float32)
                 if DECAY:
-                    xW, xc = _tl_decay(W, c, full, A_ptr, Ac_ptr, gh, pid, D)
+                    xW, xc = _tl_decay(W, c, full, A_ptr, Ac_ptr, _tl_decays_at(g_ptr, pid, h, m, NMS, D, PER_MB),
+                                       pid, D)
                     W += xW
                     c += xc
                 W -= (full * tau_last) * (tl.dot(tl.trans(k), u, input_precision=DOT) + GW0)
@@ -921,8 +931,14 @@ if triton is not None:
                 dGc = tl.load(dGc_ptr + pid * D + rd, mask=last & (rd >= 0), other=0.0)
                 if DECAY:  # (dW, dc: the adjoints of the W_start this mini-batch hands on)
                     dgw_m, dgc_m = _tl_decay_grad(W, c, dW, dc, full, A_ptr, Ac_ptr, pid, D)
-                    dgw += dgw_m
-                    dgc += dgc_m
+                    if PER_MB:   # this mini-batch's own decays
+                        gm = _tl_decays_at(g_ptr, pid, h, m, NMS, D, PER_MB)
+                        gw, gc = tl.load(gm + rd), tl.load(gm + D + rd)
+                        tl.store(dg_ptr + (pid * NMS + m) * 2 * D + rd, dgw_m)
+                        tl.store(dg_ptr + (pid * NMS + m) * 2 * D + D + rd, dgc_m)
+                    else:
+                        dgw += dgw_m
+                        dgc += dgc_m
                 # (the sums entering this mini-batch are the constant 0: their adjoint is dropped)
                 dq, dk, dv, dlr, dtau_m, dtl, dlnw_m, dlnb_m, dW, dc, _, _, dA_m, dAc_m = _tl_bwd_minibatch(
                     W, c, dW, dc, q, k, v, lr, tau, tau_last, full, lnw, lnb, dout,
@@ -948,8 +964,13 @@ if triton is not None:
         dGc = tl.load(dGc_ptr + pid * D + rd, mask=(NM == 1) & g_out & (rd >= 0), other=0.0)
         if DECAY:
             dgw_m, dgc_m = _tl_decay_grad(W, c, dW, dc, full, A_ptr, Ac_ptr, pid, D)
-            tl.store(dg_ptr + pid * 2 * D + rd, dgw + dgw_m)
-            tl.store(dg_ptr + pid * 2 * D + D + rd, dgc + dgc_m)
+            if PER_MB:
+                gw, gc = tl.load(g_ptr + pid * NMS * 2 * D + rd), tl.load(g_ptr + pid * NMS * 2 * D + D + rd)
+                tl.store(dg_ptr + pid * NMS * 2 * D + rd, dgw_m)
+                tl.store(dg_ptr + pid * NMS * 2 * D + D + rd, dgc_m)
+            else:
+                tl.store(dg_ptr + pid * 2 * D + rd, dgw + dgw_m)
+                tl.store(dg_ptr + pid * 2 * D + D + rd, dgc + dgc_m)
         dq, dk, dv, dlr, dtau_m, dtl, dlnw_m, dlnb_m, dW, dc, dG, dGc, dA_m, dAc_m = _tl_bwd_minibatch(
             W, c, GW0, Gc0, q, k, v, lr, tau, tau_last, full, lnw, lnb, dout,
             dW, dc, dG, dGc, gw, gc, True, D, BS, DOT, DECAY)
@@ -1019,7 +1040,7 @@ if triton is not None:
                                     A_ptr, Ac_ptr, g_ptr, dA_ptr, dAc_ptr, dg_ptr, T, i_ptr, NMS, H, J0, J1,
                                     D: tl.constexpr,
                                     BS: tl.constexpr, DOT: tl.constexpr, STAGES: tl.constexpr,
-                                    DECAY: tl.constexpr):
+                                    DECAY: tl.constexpr, PER_MB: tl.constexpr):
         """Pass (2), one program per (row, head): from the adjoint of W and c after mini-batch
         NM - 1 - J0 (dW_ptr, dc_ptr), back through J1 - J0 mini-batches, writing the adjoint each
         one receives from the next to dWall/dcall, and the last one's to dW_ptr, dc_ptr. With
@@ -1039,7 +1060,7 @@ if triton is not None:
         dgw = tl.zeros([D], dtype=tl.float32)
         dgc = tl.zeros([D], dtype=tl.float32)
         gw, gc = lnw, lnw   # (unused without DECAY)
-        if DECAY:
+        if DECAY and not PER_MB:
             gw, gc = tl.load(g_ptr + h * 2 * D + rd), tl.load(g_ptr + h * 2 * D + D + rd)
         for j in tl.range(J0, tl.minimum(J1, NM), num_stages=STAGES):
             m = NM - 1 - j
@@ -1058,8 +1079,14 @@ if triton is not None:
                 dGcn += tl.load(dGc_ptr + pid * D + rd)
             if DECAY:  # as in _tl_bwd_minibatch
                 dgw_m, dgc_m = _tl_decay_grad(W, c, dW, dc, full, A_ptr, Ac_ptr, pid, D)
-                dgw += dgw_m
-                dgc += dgc_m
+                if PER_MB:   # this mini-batch's own decays
+                    gm = _tl_decays_at(g_ptr, pid, h, m, NMS, D, PER_MB)
+                    gw, gc = tl.load(gm + rd), tl.load(gm + D + rd)
+                    tl.store(dg_ptr + at * 2 * D + rd, dgw_m)
+                    tl.store(dg_ptr + at * 2 * D + D + rd, dgc_m)
+                else:
+                    dgw += dgw_m
+                    dgc += dgc_m
                 fw = (full * (1.0 - gw))[None, :]
                 fc = full * (1.0 - gc)
                 dA += fw * dW
@@ -1077,8 +1104,9 @@ if triton is not None:
         if DECAY:  # the walk comes in pieces: add this one's share
             tl.store(dA_ptr + pid * D * D + dd, tl.load(dA_ptr + pid * D * D + dd) + dA)
             tl.store(dAc_ptr + pid * D + rd, tl.load(dAc_ptr + pid * D + rd) + dAc)
-            tl.store(dg_ptr + pid * 2 * D + rd, tl.load(dg_ptr + pid * 2 * D + rd) + dgw)
-            tl.store(dg_ptr + pid * 2 * D + D + rd, tl.load(dg_ptr + pid * 2 * D + D + rd) + dgc)
+            if not PER_MB:   # (with PER_MB each mini-batch's went out as the walk passed it)
+                tl.store(dg_ptr + pid * 2 * D + rd, tl.load(dg_ptr + pid * 2 * D + rd) + dgw)
+                tl.store(dg_ptr + pid * 2 * D + D + rd, tl.load(dg_ptr + pid * 2 * D + D + rd) + dgc)
 
     @triton.jit(do_not_specialize=_RUNTIME + ["J0"])
     def _ttt_linear_bwd_par_kernel(q_ptr, k_ptr, v_ptr, lr_ptr, tau_ptr, lnw_ptr, lnb_ptr, GW_ptr, Gc_ptr,
@@ -1589,7 +1617,8 @@ def _linear_chunk(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, tau: Tensor, ln_w
     """ttt_linear's chunked path as Triton kernels (one pass, or two), on float32 contiguous
     inputs; i: the state's position in its mini-batch (int64 []); decay: fast weights that forget
     toward the anchor A, Ac (shaped as W, c), each head's W columns and c by the decays g [H, 2, d]
-    (W's, then c's). Returns out, the new state (W, c, GW, Gc)
+    (W's, then c's), or, with a forget gate, each (row, head)'s by its own a mini-batch, g [B x H, NMS,
+    2, d] (_room's NMS). Returns out, the new state (W, c, GW, Gc)
     and, when save, the fast weights for backward: every seg mini-batches (one pass) or every
     mini-batch (two)."""
     B, H, T, d = q.shape
@@ -1606,7 +1635,7 @@ def _linear_chunk(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, tau: Tensor, ln_w
         for m0, n in _pieces(NMS):
             _ttt_linear_scan_kernel[(B * H,)](
                 k, v, lr, ln_w, ln_b, tau, W, c, GW, Gc, Wall, call, A, Ac, g, T, i, NMS, H, m0, m0 + n,
-                D=d, BS=b, DOT=TRITON_DOT, STAGES=TRITON_FWD["stages"], DECAY=decay,
+                D=d, BS=b, DOT=TRITON_DOT, STAGES=TRITON_FWD["stages"], DECAY=decay, PER_MB=g.dim() == 4,
                 num_warps=TRITON_FWD["num_warps"])
             with side:
                 _ttt_linear_readout_kernel[(B * H, n)](
@@ -1619,9 +1648,9 @@ def _linear_chunk(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, tau: Tensor, ln_w
     Wck = q.new_empty((B * H, NCS if save else 1, d, d))
     cck = q.new_empty((B * H, NCS if save else 1, d))
     _ttt_linear_fwd_kernel[(B * H,)](
-        q, k, v, lr, tau, ln_w, ln_b, W, c, GW, Gc, out, Wck, cck, A, Ac, g, T, i, NCS, H,
+        q, k, v, lr, tau, ln_w, ln_b, W, c, GW, Gc, out, Wck, cck, A, Ac, g, T, i, NCS, H, NMS,
         D=d, BS=b, SEG=seg, SAVE=save, DOT=TRITON_DOT, STAGES=TRITON_FWD["stages"], DECAY=decay,
-        num_warps=TRITON_FWD["num_warps"])
+        PER_MB=g.dim() == 4, num_warps=TRITON_FWD["num_warps"])
     return out, W, c, GW, Gc, Wck, cck
 
 
@@ -1643,11 +1672,12 @@ def _linear_chunk_backward(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, tau: Ten
     """The backward kernels (one walk, or three passes when the forward kept the fast weights of
     every mini-batch): from the adjoints of out and of the final state, those of q, k, v, lr, of
     tau, ln_w, ln_b per (row, head), of the initial state, and of the anchor and the decays per
-    (row, head) (zero without decay)."""
+    (row, head) (zero without decay; with a forget gate's table g, its own shape)."""
     B, H, T, d = q.shape
     dW, dc, dGW, dGc = (x.clone() for x in (dW, dc, dGW, dGc))  # the kernel updates these in place
     dq, dk, dv, dlr = (torch.empty_like(x) for x in (q, k, v, lr))
-    dA, dAc, dg = torch.zeros_like(A), torch.zeros_like(Ac), q.new_zeros(B * H, 2, d)
+    per_mb = g.dim() == 4
+    dA, dAc, dg = torch.zeros_like(A), torch.zeros_like(Ac), torch.zeros_like(g) if per_mb else q.new_zeros(B * H, 2, d)
     NMS = _room(T, b, 1)[0]
     if Wck.shape[1] == NMS and _two_pass(B * H, T, b, d):  # the forward kept every mini-batch's W
         args = (T, i, NMS, H)
@@ -1666,7 +1696,7 @@ def _linear_chunk_backward(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, tau: Ten
             _ttt_linear_bwd_walk_kernel[(B * H,)](k, v, lr, tau, ln_w, ln_b, Wck, cck, Q, g0, s, dGW, dGc, dW,
                                                   dc, dWall, dcall, A, Ac, g, dA, dAc, dg, *args, j0, j0 + n, D=d,
                                                   BS=b, DOT=TRITON_DOT, STAGES=TRITON_BWD3["walk_stages"],
-                                                  DECAY=decay, num_warps=TRITON_BWD3["walk_warps"])
+                                                  DECAY=decay, PER_MB=per_mb, num_warps=TRITON_BWD3["walk_warps"])
             with side:
                 par(j0, n, False)
         with side:
@@ -1677,8 +1707,8 @@ def _linear_chunk_backward(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, tau: Ten
     Wbuf, cbuf = q.new_empty(B * H, seg, d, d), q.new_empty(B * H, seg, d)
     _ttt_linear_bwd_kernel[(B * H,)](
         q, k, v, lr, tau, ln_w, ln_b, GW, Gc, Wck, cck, Wbuf, cbuf, dout, dW, dc, dGW, dGc,
-        dq, dk, dv, dlr, dtau, dlnw, dlnb, A, Ac, g, dA, dAc, dg, T, i, Wck.shape[1], H,
-        D=d, BS=b, SEG=seg, DOT=TRITON_DOT, DECAY=decay,
+        dq, dk, dv, dlr, dtau, dlnw, dlnb, A, Ac, g, dA, dAc, dg, T, i, Wck.shape[1], H, NMS,
+        D=d, BS=b, SEG=seg, DOT=TRITON_DOT, DECAY=decay, PER_MB=per_mb,
         num_stages=TRITON_BWD["num_stages"] or (3 if b * d <= 1024 else 1),
         num_warps=TRITON_BWD["num_warps"] or (8 if b * d <= 1024 else 4))
     return dq, dk, dv, dlr, dtau, dlnw, dlnb, dW, dc, dGW, dGc, dA, dAc, dg
@@ -1689,7 +1719,7 @@ def _(q, k, v, lr, tau, ln_w, ln_b, GW, Gc, Wck, cck, A, Ac, g, i, dout, dW, dc,
     B, H, T, d = q.shape
     return (*(torch.empty_like(x) for x in (q, k, v, lr)), q.new_empty(B * H, b), q.new_empty(B * H, d),
             q.new_empty(B * H, d), *(torch.empty_like(x) for x in (dW, dc, dGW, dGc, A, Ac)),
-            q.new_empty(B * H, 2, d))
+            torch.empty_like(g) if g.dim() == 4 else q.new_empty(B * H, 2, d))
 
 
 def _linear_chunk_setup(ctx, inputs, output):
@@ -1709,7 +1739,7 @@ def _linear_chunk_grad(ctx, dout, dW, dc, dGW, dGc, _dWck, _dcck):
         adj(dGW, GW), adj(dGc, Gc), b, seg, decay)
     return (dq, dk, dv, dlr, dtau.sum(0), dlnw.view(B, H, d).sum(0), dlnb.view(B, H, d).sum(0),
             dW, dc, dGW, dGc, dA if decay else None, dAc if decay else None,
-            dg.view(B, H, 2, d).sum(0) if decay else None, None, None, None, None, None)
+            (dg if g.dim() == 4 else dg.view(B, H, 2, d).sum(0)) if decay else None, None, None, None, None, None)
 
 
 _linear_chunk.register_autograd(_linear_chunk_grad, setup_context=_linear_chunk_setup)
@@ -1803,7 +1833,21 @@ def _kernel_decays(decay, H, d, device):
     return torch.full((H, 2, d), float(decay), device=device)
 
 
-def _triton_scan(name, state, q, k, v, lr, tau, ln_w, ln_b, b, checkpoint_group, decay=1.0, anchor=()):
+def _gated_kernel_decays(decay, gate, i, H, d, b):
+    """With a forget gate, the decays each (row, head) takes at the end of each mini-batch the call
+    touches, [B x H, NMS, 2, d]: decay ** gate at the mini-batch's last token (found on the device from
+    the state's position i: no host sync; the table's rows for mini-batches the call does not complete
+    are never read). Differentiable in decay and gate: the kernels give back this table's adjoint."""
+    B, _, T = gate.shape
+    NMS = _room(T, b, 1)[0]
+    end = (torch.arange(NMS, device=gate.device) * b + b - 1 - i).clamp(0, T - 1)   # [NMS] token indices
+    s = gate.index_select(2, end)                                                     # [B, H, NMS]
+    g = _kernel_decays(decay, H, d, gate.device)                                      # [H, 2, d]
+    return torch.pow(g[None, :, None], s[..., None, None]).reshape(B * H, NMS, 2, d).contiguous()
+
+
+def _triton_scan(name, state, q, k, v, lr, tau, ln_w, ln_b, b, checkpoint_group, decay=1.0, anchor=(),
+                 gate=None):
     """Chunked path of ttt_linear / ttt_mlp on the Triton kernels (same contract as _scan). Where
     the call starts inside its mini-batch is read by the kernels on the device: no host sync."""
     B, H, T, d = q.shape
@@ -1833,7 +1877,8 @@ def _triton_scan(name, state, q, k, v, lr, tau, ln_w, ln_b, b, checkpoint_group,
     # and the decays of each head's W columns and c, [H, 2, d] (one number: the same everywhere)
     forget = _forgets(decay)
     A, Ac = (a.expand_as(p) for a, p in zip(anchor, (W, c))) if forget else (W, c)
-    args += [x.contiguous() for x in (W, c, GW, Gc, A, Ac, _kernel_decays(decay, H, d, q.device))]
+    g = _kernel_decays(decay, H, d, q.device) if gate is None else _gated_kernel_decays(decay, gate, i, H, d, b)
+    args += [x.contiguous() for x in (W, c, GW, Gc, A, Ac, g)]
     save = torch.is_grad_enabled() and any(x.requires_grad for x in args)  # keep W for backward?
     out, W, c, GW, Gc, _, _ = _linear_chunk(*args, i, b, seg, save, forget)
     return out, TTTState((W, c), (GW, Gc), (state.i + T) % b)
@@ -1959,8 +2004,9 @@ class _TTTLayer(nn.Module):
             return None
         with torch.autocast(device_type=x.device.type, enabled=False):
             xf = x.to(torch.promote_types(x.dtype, torch.float32))
-            z = torch.einsum("btc,hc->bht", xf, self.forget_weight.to(xf.dtype)) + self.forget_bias.to(xf.dtype)[:, None]
-            return F.softplus(z) / math.log(2.0)
+            # (contiguous: with a transposed z, torch.compile's softplus backward assumed strides it did not get)
+            z = (xf @ self.forget_weight.to(xf.dtype).t()).transpose(1, 2).contiguous() + self.forget_bias.to(xf.dtype)[:, None]
+            return F.softplus(z) / math.log(2.0)                                       # [B, H, T]
 
     def half_lives(self):
         """The learnt half-lives in tokens [H, n] (n = head width for TTT-Linear, 1 for TTT-MLP),
@@ -1992,8 +2038,7 @@ class _TTTLayer(nn.Module):
             return self.impl
         if not x.is_cuda:
             return "torch"
-        if (triton_supported(self.kind, self.head_dim, self.mini_batch) and (not self.forgets() or self.kind == "linear")
-                and not self.gates()):
+        if triton_supported(self.kind, self.head_dim, self.mini_batch) and (not self.forgets() or self.kind == "linear"):
             return "triton"
         return "torch" if _COMPILE_FAILED else "compile"
 
@@ -2069,8 +2114,8 @@ class TTTLinear(_TTTLayer):
     decay < 1 (not in the official layer): fast weights that fade toward their learnt start, see
     ttt_linear (TTT-MLP's takes the compiled loop on CUDA: its Triton kernels have no decay).
     half_life_range (lo, hi) in tokens: learnt forgetting rates instead (learn_half_life).
-    forget_gate: the input scales how fast each mini-batch forgets (add_forget_gate; the compiled
-    loop on CUDA: the Triton kernels have no gate).
+    forget_gate: the input scales how fast each mini-batch forgets (add_forget_gate; TTT-MLP's
+    takes the compiled loop on CUDA).
     """
     kind = "linear"
     inner = staticmethod(ttt_linear)

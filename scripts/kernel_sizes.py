@@ -1,7 +1,8 @@
 """
 How big TTT-Linear's Triton kernels compile for an H100 (sm_90), without a GPU (Triton ships ptxas):
 PTX instructions and shared memory of each kernel, with the official update (DECAY off) and with
-fast weights that forget (DECAY on). Run it in two checkouts to see what a change did to the
+fast weights that forget (DECAY on), and with a forget gate (gate: each mini-batch's decays read
+from a table of its own). Run it in two checkouts to see what a change did to the
 compiled code.
 
     python scripts/kernel_sizes.py            # b = 16
@@ -20,13 +21,17 @@ INTS = ("T", "NMS", "NCS", "H", "M0", "M1", "J0", "J1")
 
 
 def sizes(kern, consts, warps):
-    """[(DECAY, PTX instructions, shared bytes)] of one kernel, as the layer launches it."""
+    """[(DECAY, PTX instructions, shared bytes)] of one kernel, as the layer launches it; DECAY None
+    (the kernel has no decay), False, True, or "gate" (with a forget gate: each mini-batch's decays)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     names, out = kern.arg_names, []
-    for decay in ((False, True) if "DECAY" in names else (None,)):
-        kc = consts if decay is None else {**consts, "DECAY": decay}
+    decays = (None,) if "DECAY" not in names else (False, True, "gate") if "PER_MB" in names else (False, True)
+    for decay in decays:
+        kc = consts if decay is None else {**consts, "DECAY": bool(decay)}
+        if "PER_MB" in names:
+            kc["PER_MB"] = decay == "gate"
         sig = {n: "constexpr" if n in kc else "i32" if n in INTS else "*i64" if n == "i_ptr"
                else "fp32" if n == "gam" else "*fp32" for n in names}   # (gam: the scalar decay of older code)
         src = ASTSource(fn=kern, signature=sig, constexprs={(names.index(n),): v for n, v in kc.items()})
@@ -53,7 +58,8 @@ def main(argv=None):
     print("| kernel | DECAY | PTX instructions | shared memory, bytes |\n|---|---|---:|---:|")
     for name, extra, warps in kernels:
         for decay, n, shared in sizes(getattr(ttt, name), dict(D=64, BS=b, DOT=ttt.TRITON_DOT, **extra), warps):
-            print(f"| {name} | {'-' if decay is None else 'on' if decay else 'off'} | {n} | {shared} |", flush=True)
+            label = "-" if decay is None else decay if decay == "gate" else "on" if decay else "off"
+            print(f"| {name} | {label} | {n} | {shared} |", flush=True)
 
 
 if __name__ == "__main__":

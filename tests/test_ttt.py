@@ -356,14 +356,15 @@ def test_forget_gate_bad_inputs():
     for bad in (torch.ones(2, 2, 4), torch.ones(2, 2, 5, dtype=torch.int64), 1.0):
         with pytest.raises(ValueError, match=r"forget_gate must be a float tensor \[B, H, T\] = \(2, 2, 5\)"):
             ttt.ttt_linear(q, k, v, lr, tau, ln_w, ln_b, 4, state_of(W0), decay=0.9, anchor=anchor, forget_gate=bad)
-    with pytest.raises(NotImplementedError, match="no forget gate"):
-        ttt.ttt_linear(q, k, v, lr, tau, ln_w, ln_b, 4, state_of(W0), decay=0.9, anchor=anchor, impl="triton",
-                       forget_gate=torch.ones(2, 2, 5))
-    for cls in (ttt.TTTLinear, ttt.TTTMLP):   # the compiled loop on CUDA: the kernels have no gate
+    q, k, v, lr, tau, ln_w, ln_b, *W0 = make_inputs("mlp", T=5, b=4, dtype=torch.float32)
+    with pytest.raises(NotImplementedError, match="no decay"):   # TTT-MLP's kernels: the official update only
+        ttt.ttt_mlp(q, k, v, lr, tau, ln_w, ln_b, 4, state_of(W0), decay=0.9, anchor=[w[0] for w in W0],
+                    impl="triton", forget_gate=torch.ones(2, 2, 5))
+    for cls, cuda in ((ttt.TTTLinear, "triton"), (ttt.TTTMLP, "compile")):   # what a gated layer runs on CUDA
         layer = cls(32, 2, mini_batch=16, decay=0.9, forget_gate=True)
         assert layer._impl(torch.empty(1)) == "torch"
         if torch.cuda.is_available() and ttt.triton is not None:
-            assert layer._impl(torch.empty(1, device="cuda")) == "compile"
+            assert layer._impl(torch.empty(1, device="cuda")) == cuda
 
 
 @pytest.mark.parametrize("cls", [ttt.TTTLinear, ttt.TTTMLP])
@@ -687,9 +688,10 @@ cases = [(16, 16, 40, 0, 1, 0), (16, 16, 37, 5, 2, 1), (16, 16, 10, 3, 16, 1), (
 # each case through the one-pass forward and the two-pass one (walk, then outputs per mini-batch)
 # (the two-pass forward and three-pass backward in pieces of one mini-batch or more, as many as 8),
 # with the official update and with fast weights that forget (decay 0.7, toward an anchor per head;
-# and a decay per head and feature, for W's columns and for c, whose gradients are checked too)
+# and a decay per head and feature, for W's columns and for c, whose gradients are checked too; and
+# those with a forget gate, each mini-batch's decays a table of its own, the gate's gradient checked)
 ttt.TRITON_TWO_PASS["piece_min"] = 1
-for (d, b, T, i0, seg, full_G), rows, decay in [(c, r, g) for g in (1.0, 0.7, "feature") for r in (0, 1 << 20)
+for (d, b, T, i0, seg, full_G), rows, decay in [(c, r, g) for g in (1.0, 0.7, "feature", "gate") for r in (0, 1 << 20)
                                                 for c in cases]:
     ttt.TRITON_TWO_PASS["rows"] = rows
     q, k, v = (torch.randn(B, H, T, d, dtype=torch.float64) for _ in range(3))
@@ -700,28 +702,33 @@ for (d, b, T, i0, seg, full_G), rows, decay in [(c, r, g) for g in (1.0, 0.7, "f
     GW, Gc = 0.01 * full_G * torch.randn_like(W), 0.01 * full_G * torch.randn_like(c)
     A, Ac = 0.3 * torch.randn(H, d, d).double(), 0.1 * torch.randn(H, 1, d).double()
     gW, gc = (0.4 + 0.55 * torch.rand(H, 1, d).double() for _ in range(2))
-    xs = [q, k, v, lr, tau, lnw, lnb, W, c, GW, Gc] + ([A, Ac] if decay != 1.0 else []) + ([gW, gc] if decay == "feature" else [])
+    s = 3 * torch.rand(B, H, T).double()
+    per = decay in ("feature", "gate")
+    xs = ([q, k, v, lr, tau, lnw, lnb, W, c, GW, Gc] + ([A, Ac] if decay != 1.0 else []) + ([gW, gc] if per else [])
+          + ([s] if decay == "gate" else []))
     res = []
     for impl, dt in (("torch", torch.float64), ("triton", torch.float32)):
         xx = [x.to(dt).requires_grad_() for x in xs]
         st = ttt.TTTState((xx[7], xx[8]), (xx[9], xx[10]), torch.tensor(i0))
         out, st = ttt.ttt_linear(*xx[:7], b, st, impl=impl, checkpoint_group=seg,
-                                 decay=tuple(xx[13:]) if decay == "feature" else decay, anchor=xx[11:13])
+                                 decay=tuple(xx[13:15]) if per else decay, anchor=xx[11:13],
+                                 forget_gate=xx[15] if decay == "gate" else None)
         g = torch.Generator().manual_seed(1)
         loss = (out * torch.randn(out.shape, generator=g, dtype=torch.float64).to(dt)).sum()
         for p in st.params + st.grads:
             loss = loss + (p * torch.randn(p.shape, generator=g, dtype=torch.float64).to(dt)).sum()
         grads = torch.autograd.grad(loss, xx, allow_unused=True)  # (no mini-batch complete: no anchor)
         res.append([out, *st.params, *st.grads, *(torch.zeros_like(x) if g is None else g for g, x in zip(grads, xx))])
-    for name, a, r in zip("out W c GW Gc dq dk dv dlr dtau dlnw dlnb dW dc dGW dGc dA dAc dgW dgc".split(), *res):
+    for name, a, r in zip("out W c GW Gc dq dk dv dlr dtau dlnw dlnb dW dc dGW dGc dA dAc dgW dgc dgate".split(), *res):
         err = ((a.double() - r.double()).abs().max() / (1 + r.abs().max())).item()
         worst = max(worst, err)
         assert err < 1e-5, (T, i0, seg, rows, decay, name, err)
     with torch.no_grad():  # inference: no checkpoints kept
         st = ttt.TTTState((W.float(), c.float()), (GW.float(), Gc.float()), torch.tensor(i0))
         out, _ = ttt.ttt_linear(*[x.float() for x in xs[:7]], b, st, impl="triton",
-                                decay=tuple(x.float() for x in xs[13:]) if decay == "feature" else decay,
-                                anchor=[x.float() for x in xs[11:13]])
+                                decay=tuple(x.float() for x in xs[13:15]) if per else decay,
+                                anchor=[x.float() for x in xs[11:13]],
+                                forget_gate=xs[15].float() if decay == "gate" else None)
     assert (out.double() - res[0][0]).abs().max() < 1e-5
 print("worst relative error", worst)
 '''
@@ -781,7 +788,13 @@ sys.path[:0] = [sys.argv[1], os.path.join(sys.argv[1], "tests")]
 import interpreted  # Triton's CPU interpreter: before anything defines a kernel
 import torch, ttt
 torch.manual_seed(0)
-layer = getattr(ttt, sys.argv[2])(32, 2, mini_batch=16, impl="triton")
+name, _, extra = sys.argv[2].partition(":")   # "TTTLinear:gate": learnt half-lives and a forget gate
+kw = dict(half_life_range=(16.0, 1600.0), forget_gate=True) if extra == "gate" else {}
+layer = getattr(ttt, name)(32, 2, mini_batch=16, impl="triton", **kw)
+if extra == "gate":
+    with torch.no_grad():
+        layer.forget_weight.normal_(0, 0.5)
+wrt = [layer.W1, layer.ttt_norm_weight] + ([layer.forget_weight, layer.log_half_life] if extra == "gate" else [])
 x = torch.randn(2, 40, 32, requires_grad=True)
 _, st0 = layer(torch.randn(2, 5, 32))   # the call below starts at position 5 of a mini-batch
 
@@ -792,8 +805,7 @@ def f(x, st):
 res = []
 for fn in (f, torch.compile(f, fullgraph=True, backend="aot_eager")):  # fullgraph: a graph break raises
     y, W, i = fn(x, st0)
-    res.append([y, W, i, *torch.autograd.grad((y.square().sum() + W.sum()), [x, layer.W1, layer.ttt_norm_weight],
-                                     retain_graph=True)])
+    res.append([y, W, i, *torch.autograd.grad((y.square().sum() + W.sum()), [x, *wrt], retain_graph=True)])
 for a, r in zip(*res):
     assert (a.double() - r.double()).abs().max() <= 1e-5 * (1 + r.abs().max()), (a, r)
 assert int(res[0][2]) == 45 % 16
@@ -808,7 +820,7 @@ print("compiled whole")
 '''
 
 
-@pytest.mark.parametrize("cls", ["TTTLinear", "TTTMLP"])
+@pytest.mark.parametrize("cls", ["TTTLinear", "TTTMLP", "TTTLinear:gate"])
 def test_triton_path_compiles_without_graph_breaks(cls):
     """torch.compile traces a TTT layer on the Triton path as one graph (the kernels are
     registered operators with their backward), the compiled layer gives the eager outputs, state
@@ -920,14 +932,19 @@ def test_triton_mlp_matches_torch_on_cuda(b, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("cls,decay", [(ttt.TTTLinear, 1.0), (ttt.TTTMLP, 1.0), (ttt.TTTLinear, 0.9),
-                                       (ttt.TTTLinear, "learnt")])
+                                       (ttt.TTTLinear, "learnt"), (ttt.TTTLinear, "gate")])
 def test_module_on_cuda_takes_triton_and_agrees_with_torch(cls, decay):
     torch.manual_seed(0)
-    kw = dict(half_life_range=(8.0, 800.0)) if decay == "learnt" else dict(decay=decay)
+    kw = (dict(half_life_range=(8.0, 800.0), forget_gate=decay == "gate") if decay in ("learnt", "gate")
+          else dict(decay=decay))
     layer = cls(256, 4, mini_batch=16, **kw).cuda()
+    if decay == "gate":   # a gate that depends on the input
+        with torch.no_grad():
+            layer.forget_weight.normal_(0, 0.5)
     x = torch.randn(2, 100, 256, device="cuda", requires_grad=True)
     assert layer._impl(x) == "triton"
-    wrt = [x, layer.W1] + ([layer.log_half_life] if decay == "learnt" else [])
+    wrt = [x, layer.W1] + ([layer.log_half_life] if decay in ("learnt", "gate") else [])
+    wrt += [layer.forget_weight, layer.forget_bias] if decay == "gate" else []
     res = []
     for impl in ("triton", "torch"):
         layer.impl = impl
@@ -1106,7 +1123,7 @@ def test_compile_impl_on_cuda_matches_torch(cls, decay):
             layer.forget_weight.normal_(0, 0.5)
     x = torch.randn(2, 70, 256, device="cuda", requires_grad=True)
     if decay != 1.0:
-        assert layer._impl(x) == "compile"   # auto: TTT-MLP's Triton kernels have no decay, none have the gate
+        assert layer._impl(x) == ("compile" if cls is ttt.TTTMLP else "triton")   # TTT-MLP's kernels have no decay
     res = []
     for impl in ("torch", "compile"):
         layer.impl = impl
@@ -1147,8 +1164,12 @@ def test_triton_kernels_compile_for_h100(b):
             (ttt._ttt_mlp_bwd_kernel, dict(D=64, M=256, HC=ttt.TRITON_MLP["hc"], BS=b, SEG=16,
                                            DOT=ttt.TRITON_MLP["dot"]), ttt.TRITON_MLP["bwd_warps"])):
         names = kern.arg_names
-        for decay in ((False, True) if "DECAY" in names else (None,)):   # the official update, and forgetting
-            kc = consts if decay is None else {**consts, "DECAY": decay}
+        # the official update, forgetting, and forgetting under a forget gate (each mini-batch's decays)
+        variants = [{}] if "DECAY" not in names else [{"DECAY": False}, {"DECAY": True}] if "PER_MB" not in names \
+            else [{"DECAY": False, "PER_MB": False}, {"DECAY": True, "PER_MB": False}, {"DECAY": True, "PER_MB": True}]
+        for var in variants:
+            decay = var.get("DECAY"), var.get("PER_MB")
+            kc = {**consts, **var}
             sig = {n: "constexpr" if n in kc else "i32" if n in ints else "*i64" if n == "i_ptr"
                    else "*fp32" for n in names}
             src = ASTSource(fn=kern, signature=sig,
@@ -1176,15 +1197,15 @@ def test_memory_probe():
 
 @pytest.mark.slow
 def test_kernel_sizes_script(capsys):
-    """scripts/kernel_sizes.py (README's PTX figures): a row for each kernel, with DECAY off and on,
-    and forgetting never makes a kernel smaller."""
+    """scripts/kernel_sizes.py (README's PTX figures): a row for each kernel, with DECAY off and on
+    (and on with a forget gate's table), and forgetting never makes a kernel smaller."""
     pytest.importorskip("triton")
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
     import kernel_sizes
     kernel_sizes.main([])
     rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| _ttt")]
     got = {(r[0].strip(), r[1].strip()): int(r[2]) for r in rows}
-    assert len(got) == 9
+    assert len(got) == 13
     for name in ("fwd", "bwd", "scan", "bwd_walk"):
         k = f"_ttt_linear_{name}_kernel"
-        assert 0 < got[k, "off"] < got[k, "on"], (k, got)
+        assert 0 < got[k, "off"] < got[k, "on"] and 0 < got[k, "off"] < got[k, "gate"], (k, got)
