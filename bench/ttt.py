@@ -142,16 +142,20 @@ def inputs(kind, B, H, T, d, b, dev, grad):
     return xs
 
 
-def run_impl(impl, kind, xs, b, checkpoint_group=16, host_pos=False, decay=1.0):
+def run_impl(impl, kind, xs, b, checkpoint_group=16, host_pos=False, decay=1.0, gate=None):
     q, k, v, lr, tau, ln_w, ln_b, *W = xs
     B = q.shape[0]
     Wb = [w[None].expand(B, *w.shape) for w in W]               # broadcast to the batch
+    if impl.endswith(" + gate"):  # a forget gate, a leaf [B, H, T] as one computed from the input would be
+        s = (2 * torch.rand(q.shape[:3], device=q.device, generator=torch.Generator(q.device).manual_seed(3)))
+        return run_impl(impl[:-len(" + gate")], kind, xs, b, checkpoint_group, host_pos, decay,
+                        s.requires_grad_(q.requires_grad))
     if impl.endswith(", decay 0.9"):  # fast weights that forget, toward the initial ones
-        return run_impl(impl[:-len(", decay 0.9")], kind, xs, b, checkpoint_group, host_pos, 0.9)
+        return run_impl(impl[:-len(", decay 0.9")], kind, xs, b, checkpoint_group, host_pos, 0.9, gate)
     if impl.endswith(", learnt decays"):  # one decay per head and feature, a leaf as a learnt one would be
         g = torch.linspace(0.5, 0.999, W[0].shape[-1], device=q.device).expand(W[0].shape[0], 1, -1)
         g = g.clone().requires_grad_(q.requires_grad)
-        return run_impl(impl[:-len(", learnt decays")], kind, xs, b, checkpoint_group, host_pos, (g,) * len(W))
+        return run_impl(impl[:-len(", learnt decays")], kind, xs, b, checkpoint_group, host_pos, (g,) * len(W), gate)
     if impl == "loop":
         return (loop_linear if kind == "linear" else loop_mlp)(q, k, v, lr, tau, ln_w, ln_b, b, *Wb)
     if impl == "triton, ckpt 1":  # fast weights kept at every mini-batch for backward, none recomputed
@@ -174,7 +178,7 @@ def run_impl(impl, kind, xs, b, checkpoint_group=16, host_pos=False, decay=1.0):
     # host_pos: the position inside the mini-batch lives on the host, so the call never syncs (a CUDA graph)
     state = ttt.TTTState(tuple(w.contiguous() for w in Wb), tuple(torch.zeros_like(w) for w in Wb),
                          torch.zeros((), dtype=torch.int64, device="cpu" if host_pos else q.device))
-    forget = dict(decay=decay, anchor=W) if isinstance(decay, tuple) or decay != 1.0 else {}
+    forget = dict(decay=decay, anchor=W, forget_gate=gate) if isinstance(decay, tuple) or decay != 1.0 else {}
     return fn(q, k, v, lr, tau, ln_w, ln_b, b, state, impl=impl, checkpoint_group=checkpoint_group, **forget)[0]
 
 
@@ -471,7 +475,7 @@ def main():
         graph_table(tokens, H, d, Ts, bs, dev)
         return
     if args.only == "decay":
-        decay_table(tokens, H, d, Ts, bs, dev, fast, not args.no_compile)
+        decay_table(tokens, H, d, Ts, bs, dev, fast, not args.no_compile, args.skip)
         return
     if args.only is None:
         streaming_table(modes, dim, H, batches, dev, steps)
@@ -534,7 +538,7 @@ def main():
             streaming_table(["compile+graph"], dim, H, batches, dev, steps)
 
 
-def decay_table(tokens, H, d, Ts, bs, dev, fast, compile_rows):
+def decay_table(tokens, H, d, Ts, bs, dev, fast, compile_rows, skip=()):
     """TTT-Linear with fast weights that forget (one decay, or learnt decays, one per head and
     feature, with their gradients) against the official update, side by side."""
     print(f"\n## TTT-Linear, fast weights that forget: {tokens} tokens per batch, {H} heads of {d}; "
@@ -543,12 +547,12 @@ def decay_table(tokens, H, d, Ts, bs, dev, fast, compile_rows):
     print("|---:|---|" + "---:|---:|" * len(Ts))
     fmt = lambda r: f"{tokens / r[0] / 1e6:.3g} ({r[1] / 2 ** 30:.2f})"
     for b in bs:
-        impls = ["torch", "torch, decay 0.9", "torch, learnt decays"]
+        impls = ["torch", "torch, decay 0.9", "torch, learnt decays", "torch, learnt decays + gate"]
         if compile_rows and dev.type == "cuda":
             impls = ["compile", "compile, decay 0.9", "compile, learnt decays"]
         if fast and ttt.triton_supported("linear", d, b):
-            impls = ["triton", "triton, decay 0.9", "triton, learnt decays"] + impls
-        for impl in impls:
+            impls = ["triton", "triton, decay 0.9", "triton, learnt decays", "triton, learnt decays + gate"] + impls
+        for impl in [i for i in impls if i.split(",")[0] not in skip]:   # (--skip torch: no eager rows)
             cells = []
             for T in Ts:
                 try:
