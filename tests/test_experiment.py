@@ -542,14 +542,20 @@ def test_forget_gate_statistics(tmp_path, one_thread):
         assert abs(g["half_life_s"] - 40 / 12.5) < 1e-9
 
 
+def _script(name):
+    """A module of scripts/ (they are not a package)."""
+    import importlib.util
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(root, "scripts", name + ".py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def test_state_by_minute_script(tmp_path, one_thread, capsys):
     # scripts/state_by_minute.py: its speech loss by minute is evaluate.py's, and it sees the fast
     # weights move (a model without TTT has none to report)
-    import importlib.util
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location("sbm", os.path.join(root, "scripts", "state_by_minute.py"))
-    sbm = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sbm)
+    sbm = _script("state_by_minute")
     p = str(tmp_path / "h.bin")
     synthetic(p, hours=2 / 60, min_minutes=2, max_minutes=2, n_codebooks=2, seed=5, quiet=True, events_per_min=4.0)
     ttt, window = _tiny(ttt_base_lr=10.0), _tiny(n_ttt=0)
@@ -816,11 +822,7 @@ def test_paired_speech_cancels_the_data(tmp_path):
 def test_generation_temps_script(tmp_path, one_thread, capsys):
     # scripts/generation_temps.py: a generation per temperature, read against the held-out data's spread
     # (evaluate.py's), and what lies outside it in the first and last minutes
-    import importlib.util
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location("gt", os.path.join(root, "scripts", "generation_temps.py"))
-    gt = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gt)
+    gt = _script("generation_temps")
     p = str(tmp_path / "h.bin")
     synthetic(p, hours=2 / 60, min_minutes=2, max_minutes=2, n_codebooks=2, seed=5, quiet=True)
     m = _tiny()
