@@ -343,7 +343,7 @@ class _OutOfTime(Exception):
 
 @torch.inference_mode()
 def generation_stats(model, minutes, silence, device="cpu", seed=0, temp=0.8, top_k=250, budget_s=0.0,
-                     cuda_graph=False, quiet=True):
+                     cuda_graph=False, quiet=True, top_p=1.0):
     """Generate `minutes` of conversation with generate.generate (from nothing, batch 1) and return
     its per-minute FrameStats, stopping early, at the last whole minute, if budget_s seconds pass.
     Only the current minute's frames are kept."""
@@ -373,7 +373,7 @@ def generation_stats(model, minutes, silence, device="cpu", seed=0, temp=0.8, to
     def run(graph):
         torch.manual_seed(seed)
         g = None if graph else torch.Generator(device).manual_seed(seed)   # graphs use the default generator
-        sampler = Sampler(cfg, temp=temp, top_k=top_k, generator=g)
+        sampler = Sampler(cfg, temp=temp, top_k=top_k, top_p=top_p, generator=g)
         step = FrameStep(model, sampler, 1, device, cuda_graph=graph)
         try:
             generate(model, n_frames, sampler, 1, on_frame=on_frame, device=device, step=step)
@@ -398,7 +398,7 @@ def generation_stats(model, minutes, silence, device="cpu", seed=0, temp=0.8, to
     el = time.time() - t0
     out = stats.close()
     return dict(minutes_requested=minutes, minutes_done=made[0] / FRAMES_PER_MINUTE, frames=made[0],
-                frames_per_s=made[0] / max(el, 1e-9), seconds=el, temp=temp, top_k=top_k, seed=seed,
+                frames_per_s=made[0] / max(el, 1e-9), seconds=el, temp=temp, top_k=top_k, top_p=top_p, seed=seed,
                 cuda_graph=cuda_graph, note=note, minute=list(range(1, len(out["entropy"]) + 1)), **out)
 
 # -----------------------------------------------------------------------------

@@ -10,7 +10,8 @@ overlap, turns a minute).
 
 A temperature at which the first minutes lie inside the data's spread separates the two questions of
 the experiment's generation goal: is the sampler right from the start, and does the model drift away
-over 90 minutes. No top-k unless --top_k. Prints a table (markdown) and writes --out (JSON) if given.
+over 90 minutes. No top-k unless --top_k; --top_ps tries top-p values too, each with each temperature.
+Prints a table (markdown) and writes --out (JSON) if given.
 """
 import argparse
 import json
@@ -32,6 +33,7 @@ def parse_args(argv=None):
     ap.add_argument("--data", required=True, help="held-out codes file: the spread to read the generations against")
     ap.add_argument("--temps", default="0.8,0.9,1.0", help="temperatures, comma-separated")
     ap.add_argument("--top_k", type=int, default=0, help="0: off")
+    ap.add_argument("--top_ps", default="1", help="top-p values, comma-separated (1: off); each with each temperature")
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--first", type=int, default=5, help="minutes averaged at the start (and at the end)")
@@ -40,10 +42,12 @@ def parse_args(argv=None):
     a = ap.parse_args(argv)
     try:
         a.temps = [float(t) for t in a.temps.split(",") if t.strip()]
+        a.top_ps = [float(t) for t in a.top_ps.split(",") if t.strip()]
     except ValueError:
-        ap.error(f"--temps takes numbers separated by commas, not {a.temps!r}")
-    if not a.temps or min(a.temps) < 0 or not a.minutes > 0 or a.top_k < 0 or a.first < 1:
-        ap.error("need temperatures >= 0, --minutes > 0, --top_k >= 0 and --first >= 1")
+        ap.error(f"--temps and --top_ps take numbers separated by commas, not {a.temps!r} and {a.top_ps!r}")
+    if (not a.temps or min(a.temps) < 0 or not a.top_ps or not all(0 < p <= 1 for p in a.top_ps)
+            or not a.minutes > 0 or a.top_k < 0 or a.first < 1):
+        ap.error("need temperatures >= 0, top-p in (0, 1], --minutes > 0, --top_k >= 0 and --first >= 1")
     return a
 
 
@@ -65,17 +69,19 @@ def main(argv=None):
     print(f"{os.path.normpath(a.ckpt)}; {a.data}: {len(convs)} conversations, spread ({ref['spread_percentiles'][0]}-"
           f"{ref['spread_percentiles'][1]}% of minutes): " + ", ".join(f"{k} {spread[k][0]:.3g}-{spread[k][1]:.3g}"
                                                                       for k in STATS) + "\n")
-    print(f"| temperature | top-k | minutes | " + " | ".join(f"{k}: first {n} / last {n}" for k in STATS)
+    print(f"| temperature | top-k | top-p | minutes | " + " | ".join(f"{k}: first {n} / last {n}" for k in STATS)
           + f" | outside the spread, first {n} / last {n} minutes |")
-    print("|---|---|---|" + "---|" * (len(STATS) + 1))
+    print("|---|---|---|---|" + "---|" * (len(STATS) + 1))
     runs = {}
-    for t in a.temps:
-        g = generation_stats(model, a.minutes, silence, device, a.seed, t, a.top_k)
-        m = len(g["minute"])
-        runs[str(t)] = g
-        cells = [f"{np.mean(g[k][:n]):.3g} / {np.mean(g[k][max(0, m - n):]):.3g}" for k in STATS]
-        off = [", ".join(outside(g, spread, lo, hi)) or "none" for lo, hi in ((0, n), (max(0, m - n), m))]
-        print(f"| {t:g} | {a.top_k or 'off'} | {m} | " + " | ".join(cells) + f" | {off[0]} / {off[1]} |", flush=True)
+    for p in a.top_ps:
+        for t in a.temps:
+            g = generation_stats(model, a.minutes, silence, device, a.seed, t, a.top_k, top_p=p)
+            m = len(g["minute"])
+            runs[str(t) if len(a.top_ps) == 1 else f"{t}, top-p {p}"] = g
+            cells = [f"{np.mean(g[k][:n]):.3g} / {np.mean(g[k][max(0, m - n):]):.3g}" for k in STATS]
+            off = [", ".join(outside(g, spread, lo, hi)) or "none" for lo, hi in ((0, n), (max(0, m - n), m))]
+            print(f"| {t:g} | {a.top_k or 'off'} | {p:g} | {m} | " + " | ".join(cells) + f" | {off[0]} / {off[1]} |",
+                  flush=True)
     if a.out:
         with open(a.out, "w") as fh:
             json.dump({"ckpt": a.ckpt, "data": a.data, "top_k": a.top_k, "seed": a.seed, "reference": ref,

@@ -832,7 +832,7 @@ def test_generation_temps_script(tmp_path, one_thread, capsys):
                     "--first", "1", "--out", out])
     text = capsys.readouterr().out
     assert set(runs) == {"0.5", "1.0"} and all(len(g["minute"]) == 2 for g in runs.values())
-    assert "| 0.5 | off | 2 |" in text and "| 1 | off | 2 |" in text
+    assert "| 0.5 | off | 1 | 2 |" in text and "| 1 | off | 1 | 2 |" in text
     with open(out) as fh:
         saved = json.load(fh)
     f = CodesFile(p)
@@ -841,6 +841,10 @@ def test_generation_temps_script(tmp_path, one_thread, capsys):
     g = {k: [0.0, 1.0] for k in evaluate.STATS}          # the mean of minutes lo..hi-1 against the spread
     spread = {k: [0.4, 0.6] for k in evaluate.STATS}
     assert gt.outside(g, spread, 0, 2) == [] and gt.outside(g, spread, 0, 1) == list(evaluate.STATS)
-    for bad in (["--temps", "a,b"], ["--minutes", "0"], ["--temps", "-1"]):
+    runs = gt.main(["--ckpt", str(tmp_path / "m.safetensors"), "--data", p, "--temps", "1", "--top_ps", "0.5,1",
+                    "--minutes", "1"])   # top-p, each with each temperature: a narrower sampler, lower entropy
+    assert set(runs) == {"1.0, top-p 0.5", "1.0, top-p 1.0"}
+    assert runs["1.0, top-p 0.5"]["entropy"][0] < runs["1.0, top-p 1.0"]["entropy"][0]
+    for bad in (["--temps", "a,b"], ["--minutes", "0"], ["--temps", "-1"], ["--top_ps", "0"], ["--top_ps", "1.5"]):
         with pytest.raises(SystemExit):
             gt.parse_args(["--ckpt", "x", "--data", "y", *bad])
