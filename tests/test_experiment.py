@@ -14,8 +14,8 @@ from torch.utils._pytree import tree_flatten
 import evaluate
 import experiment
 from codes import CodesFile
-from data import load_events, synthetic
-from model import Config, SpeechLM
+from data import StreamSampler, load_events, synthetic
+from model import Config, SpeechLM, detach_state, loss_fn
 
 
 @pytest.fixture
@@ -848,3 +848,32 @@ def test_generation_temps_script(tmp_path, one_thread, capsys):
     for bad in (["--temps", "a,b"], ["--minutes", "0"], ["--temps", "-1"], ["--top_ps", "0"], ["--top_ps", "1.5"]):
         with pytest.raises(SystemExit):
             gt.parse_args(["--ckpt", "x", "--data", "y", *bad])
+
+
+def test_half_life_gradients_script(tmp_path, one_thread, capsys):
+    # scripts/half_life_gradients.py: each chunk's gradient with respect to the log-half-lives, the state
+    # carried between chunks and not differentiated through; a model without learnt half-lives is refused
+    hg = _script("half_life_gradients")
+    p = str(tmp_path / "h.bin")
+    synthetic(p, hours=2 / 60, min_minutes=1, max_minutes=1, n_codebooks=2, seed=5, quiet=True)
+    m = _tiny(ttt_half_life=8, ttt_half_life_max=80)
+    f = CodesFile(p)
+    g, hl = hg.chunk_gradients(m, f, 40, 3, 2, "cpu")
+    assert g.shape == (3, m.cfg.n_ttt, *hl[0].shape) and torch.isfinite(g).all() and g.abs().max() > 0
+    layers = [b.ttt.layer for b in m.layers if b.ttt is not None]
+    sampler = StreamSampler(f, list(range(len(f))), 40, 2, m.cfg.col_delays(), m.cfg.col_cards(), seed=0)
+    x0, _ = sampler.next()
+    x1, _ = sampler.next()
+    _, st = m(torch.from_numpy(x0), m.init_state(2))        # chunk 2 by hand: from chunk 1's state, detached
+    x1 = torch.from_numpy(x1)
+    loss, _ = loss_fn(m(x1, detach_state(st))[0], x1, m.cfg)
+    want = torch.autograd.grad(loss, [t.log_half_life for t in layers])
+    for got, w in zip(g[1], want):
+        torch.testing.assert_close(got, w.double(), rtol=1e-5, atol=1e-9)
+    m.save(str(tmp_path / "m.safetensors"))
+    rows = hg.main(["--ckpt", str(tmp_path / "m.safetensors"), "--data", p, "--chunk", "40", "--chunks", "3",
+                    "--batch", "2", "--groups", "2"])
+    assert len(rows) == 2 * m.cfg.n_ttt and all(r["n"] > 0 for r in rows)
+    _tiny().save(str(tmp_path / "plain.safetensors"))
+    with pytest.raises(ValueError, match="no learnt half-lives"):
+        hg.main(["--ckpt", str(tmp_path / "plain.safetensors"), "--data", p, "--chunk", "16", "--chunks", "2"])
