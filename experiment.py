@@ -726,6 +726,9 @@ def parse_args(argv=None):
     ap.add_argument("--quiz_max_s", type=float, default=-1,
                     help="override the scale's drill gaps: every drill event comes back 2 s to this many seconds "
                          "later (longer than the window: only a memory beyond it can answer some)")
+    ap.add_argument("--quiz_share", type=float, default=-1,
+                    help="override the share of the training conversations that are recall drills (the rest are "
+                         "ordinary conversations like the held-out ones; the warm-up's drills stay)")
     ap.add_argument("--seed", type=int, default=SEED, help=f"train.py's seed (initial weights, batches; default {SEED}): "
                     "the data stay the same")
     ap.add_argument("--seeds", default="",
@@ -753,6 +756,8 @@ def parse_args(argv=None):
                  f"not {a.stream_ttt_half_life_s} and {a.stream_ttt_half_life_max_s}")
     if a.stream_ttt_forget_gate and not a.stream_ttt_half_life_s:
         ap.error("--stream_ttt_forget_gate scales how fast the fast weights forget: give --stream_ttt_half_life_s too")
+    if a.quiz_share != -1 and not 0 <= a.quiz_share <= 1:
+        ap.error(f"--quiz_share is a share of the training conversations, from 0 to 1, not {a.quiz_share}")
     if a.train_hours < 0:
         ap.error(f"--train_hours must be > 0, not {a.train_hours}")
     if bad or not a.variants:
@@ -799,6 +804,8 @@ def main(argv=None):
         sc["train"]["min_lr"] = a.min_lr
     if a.quiz_max_s >= 0:
         sc["train_quiz"]["quiz_max_s"] = a.quiz_max_s
+    if a.quiz_share >= 0:
+        sc["train_quiz"]["quiz_share"] = a.quiz_share
     sc["seed"] = a.seeds[0]
     if a.gen_minutes >= 0:
         sc["eval"]["gen_minutes"] = a.gen_minutes

@@ -724,12 +724,17 @@ def test_scale_overrides_reach_the_runs(tmp_path, one_thread):
     # --train_hours and --ttt_base_lr: the training data's size and the model's inner learning rate
     out = str(tmp_path / "exp")
     experiment.main(["--scale", "cpu-test", "--out", out, "--variants", "ttt_linear", "--train_hours", "0.1",
-                     "--ttt_base_lr", "0.25", "--gen_minutes", "0"])
+                     "--ttt_base_lr", "0.25", "--gen_minutes", "0", "--quiz_share", "0"])
     f = CodesFile(os.path.join(out, "data", "train.bin"))
     hours = f.lengths.sum() / 12.5 / 3600
     assert 0.09 < hours < 0.12, hours      # the scale's own is 0.25
+    # --quiz_share 0: no drills (events back to back) among the training conversations, only the
+    # scale's 6 events a minute; the held-out drills stay drills
+    per_min = np.bincount(load_events(os.path.join(out, "data", "train.bin"))[:, 0], minlength=len(f)) / (f.lengths / 750)
+    assert per_min.max() < 12, per_min
+    assert len(load_events(experiment.drills_path(out))) / (CodesFile(experiment.drills_path(out)).lengths.sum() / 750) > 12
     assert SpeechLM.from_checkpoint(os.path.join(out, "runs", "ttt_linear")).cfg.ttt_base_lr == 0.25
-    for bad in (["--train_hours", "-1"], ["--ttt_base_lr", "-0.5"]):
+    for bad in (["--train_hours", "-1"], ["--ttt_base_lr", "-0.5"], ["--quiz_share", "1.5"], ["--quiz_share", "-0.2"]):
         with pytest.raises(SystemExit):
             experiment.parse_args(bad)
 
