@@ -882,3 +882,59 @@ def test_half_life_gradients_script(tmp_path, one_thread, capsys):
     _tiny().save(str(tmp_path / "plain.safetensors"))
     with pytest.raises(ValueError, match="no learnt half-lives"):
         hg.main(["--ckpt", str(tmp_path / "plain.safetensors"), "--data", p, "--chunk", "16", "--chunks", "2"])
+
+
+def test_write_rates_script(tmp_path, one_thread, capsys):
+    # scripts/write_rates.py: the learning-rate gate and the forget gate's s, averaged by kind of frame,
+    # chunked with the state carried over two conversations of different lengths, equal a pass over
+    # each whole conversation read with masks made here from the events file
+    wr = _script("write_rates")
+    p = str(tmp_path / "h.bin")
+    synthetic(p, hours=3 / 60, min_minutes=1, max_minutes=2, n_codebooks=2, seed=10, quiet=True, events_per_min=6.0,
+              value_frames=3)
+    m = _tiny(ttt_half_life=40, ttt_forget_gate=True, ttt_base_lr=0.5)
+    with torch.no_grad():
+        for b in m.layers:
+            if b.ttt is not None:
+                b.ttt.layer.forget_weight.normal_(0, 1.0)
+                b.ttt.layer.learnable_ttt_lr_weight.normal_(0, 0.5)
+    f, events = CodesFile(p), load_events(p)
+    assert len(f) == 2 and f.lengths[1] < 1.5 * 750 < f.lengths[0]
+    rates, counts = wr.write_rates(m, f, [0, 1], events, minutes=1.5, chunk_len=40)   # chunks that start mid-mini-batch
+    n = round(1.5 * 750)
+    layers = [b.ttt.layer for b in m.layers if b.ttt is not None]
+    kinds, xs = [], [[] for _ in layers]
+    for c in (0, 1):
+        L = min(int(f.lengths[c]), n)
+        seen = {}
+        hooks = [t.register_forward_pre_hook(lambda mod, a, j=j: seen.__setitem__(j, a[0])) for j, t in enumerate(layers)]
+        x, _ = evaluate.chunk(f, [c], 0, L, m.cfg.col_delays(), m.cfg.col_cards())
+        with torch.no_grad():
+            m(torch.from_numpy(x), m.init_state(1))
+        for h in hooks:
+            h.remove()
+        for j in range(len(layers)):
+            xs[j].append(seen[j][0].double())
+        kind = np.full(int(f.lengths[c]), 6)
+        for _, _, first, recall, vlen in events[events[:, 0] == c]:   # cue, key, value frames of each mention
+            for base, v in ((0, first), (3, recall)):
+                kind[v - 4:v - 2], kind[v - 2:v], kind[v:v + vlen] = base, base + 1, base + 2
+        kinds.append(kind[:L])
+    kind = np.concatenate(kinds)
+    np.testing.assert_array_equal(counts, [(kind == k).sum() for k in range(7)])
+    assert counts[2] > 0 and counts[5] > 0
+    for j, t in enumerate(layers):
+        x = torch.cat(xs[j])
+        with torch.no_grad():
+            lr = torch.sigmoid(x @ t.learnable_ttt_lr_weight[:, 0].double().t() + t.learnable_ttt_lr_bias.double().view(-1))
+            s = torch.nn.functional.softplus(x @ t.forget_weight.double().t() + t.forget_bias.double()) / np.log(2)
+        for k in range(7):   # [H] each
+            np.testing.assert_allclose(rates[j]["lr"][k], lr[kind == k].mean(0).numpy(), rtol=1e-5)
+            np.testing.assert_allclose(rates[j]["forget"][k], s[kind == k].mean(0).numpy(), rtol=1e-5)
+        assert np.ptp(rates[j]["lr"][:, 0]) > 0.01   # the kinds differ here
+    m.save(str(tmp_path / "gated.safetensors"))
+    out = wr.main(["--data", p, "--ckpt", str(tmp_path / "gated.safetensors"), "--minutes", "1"])
+    text = capsys.readouterr().out
+    assert "| 1 | learning rate |" in text and "| 1 | forget s |" in text and len(out) == 1
+    with pytest.raises(SystemExit):
+        wr.main(["--data", p, "--ckpt", "x", "--minutes", "0"])
