@@ -938,3 +938,59 @@ def test_write_rates_script(tmp_path, one_thread, capsys):
     assert "| 1 | learning rate |" in text and "| 1 | forget s |" in text and len(out) == 1
     with pytest.raises(SystemExit):
         wr.main(["--data", p, "--ckpt", "x", "--minutes", "0"])
+
+
+def test_oracle_writes_script(tmp_path, one_thread, capsys):
+    # scripts/oracle_writes.py: the loss pass with the TTT learning rates scaled outside the recall events,
+    # chunked mid-mini-batch over two conversations of different lengths, equals one pass over each whole
+    # conversation with the learning rates scaled by a mask made here; scale 1 is the evaluation itself
+    ow = _script("oracle_writes")
+    p = str(tmp_path / "h.bin")
+    synthetic(p, hours=3 / 60, min_minutes=1, max_minutes=2, n_codebooks=2, seed=10, quiet=True, events_per_min=6.0,
+              value_frames=3)
+    m = _tiny(ttt_base_lr=3.0)
+    f, events = CodesFile(p), load_events(p)
+    cfg, nt = m.cfg, m.cfg.n_text
+    plain = evaluate.stream_eval(m, f, events, [0, 1], chunk_len=40)
+    same = ow.scaled_writes(m, f, events, [0, 1], 1.0, chunk_len=40)
+    for k in ("ce_min", "say_ce", "say_hit"):
+        np.testing.assert_array_equal(same[k], plain[k])
+    got = ow.scaled_writes(m, f, events, [0, 1], 0.25, chunk_len=40)
+    assert all("inner_inputs" not in vars(b.ttt.layer) for b in m.layers if b.ttt is not None)   # left as it was
+    pad = max(cfg.col_delays())
+    want = np.zeros_like(got["ce_min"])
+    for c in (0, 1):
+        L = int(f.lengths[c])
+        mask = torch.full((1, L), 0.25)
+        for _, _, first, recall, vlen in events[events[:, 0] == c]:
+            for v in (first, recall):   # cue (2), key (2), value, and the delayed columns after it
+                mask[0, v - 4:v + vlen + pad] = 1.0
+        def masked(orig, mask=mask):
+            def inner_inputs(x, i):
+                q, k, v, lr, tau = orig(x, i)
+                return q, k, v, lr * mask[:, None, :x.shape[1]], tau
+            return inner_inputs
+        for b in m.layers:
+            if b.ttt is not None:
+                b.ttt.layer.inner_inputs = masked(b.ttt.layer.inner_inputs)
+        x, _ = evaluate.chunk(f, [c], 0, L, cfg.col_delays(), cfg.col_cards())
+        x = torch.from_numpy(x)
+        with torch.no_grad():
+            logits, _ = m(x, m.init_state(1))
+        for b in m.layers:
+            if b.ttt is not None:
+                del b.ttt.layer.inner_inputs
+        target = x[0, :, nt:]
+        ce = torch.nn.functional.cross_entropy(logits.audio[0].float().flatten(0, 1), target.flatten(), reduction="none",
+                                               ignore_index=cfg.cardinality).view(target.shape)
+        ce = ce * (target != cfg.cardinality)
+        np.add.at(want, np.arange(L) // 750, ce.numpy())
+    np.testing.assert_allclose(got["ce_min"], want, rtol=1e-5)
+    assert np.abs(got["ce_min"] - plain["ce_min"]).max() > 1e-3   # the scale changes the losses here
+    m.save(str(tmp_path / "ttt.safetensors"))
+    out = ow.main(["--data", p, "--ckpt", str(tmp_path / "ttt.safetensors"), "--scale", "1,0"])
+    rows = out[str(tmp_path / "ttt.safetensors")]
+    assert [r["scale"] for r in rows] == [1.0, 0.0] and "| 0 |" in capsys.readouterr().out
+    for bad in (["--scale", "-1"], ["--scale", "a"]):
+        with pytest.raises(SystemExit):
+            ow.main(["--data", p, "--ckpt", "x", *bad])
