@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 from codes import CodesFile  # noqa: E402
 from data import load_events  # noqa: E402
-from evaluate import event_spans, minute_losses, recall_table, stream_eval  # noqa: E402
+from evaluate import FRAMES_PER_MINUTE, event_spans, minute_losses, recall_table, stream_eval  # noqa: E402
 from model import SpeechLM  # noqa: E402
 
 
@@ -67,8 +67,13 @@ def main(argv=None):
     ap.add_argument("--ckpt", action="append", required=True, help="a checkpoint with TTT layers; repeat")
     ap.add_argument("--scale", default="1,0.3,0.1,0",
                     help="comma-separated multipliers of the learning rate outside the events (1: as trained)")
+    ap.add_argument("--ttt_half_life_s", type=float, default=None,
+                    help="evaluate with this half-life of the fast weights, seconds, in place of the model's own "
+                         "(as evaluate.py --ttt_half_life_s; 0: never forget)")
     ap.add_argument("--conversations", type=int, default=0, help="the first N conversations (0: all)")
     a = ap.parse_args(argv)
+    if a.ttt_half_life_s is not None and not a.ttt_half_life_s >= 0:
+        ap.error(f"--ttt_half_life_s must be 0 (never forget) or a number of seconds, not {a.ttt_half_life_s}")
     try:
         scales = [float(s) for s in a.scale.split(",") if s.strip()]
     except ValueError:
@@ -85,6 +90,8 @@ def main(argv=None):
     out = {}
     for path in a.ckpt:
         model = SpeechLM.from_checkpoint(path).eval()
+        if a.ttt_half_life_s is not None:   # (replaces learnt half-lives, if the model has them)
+            model.set_ttt_half_life(a.ttt_half_life_s * FRAMES_PER_MINUTE / 60)
         cfg = model.cfg
         want = {k: getattr(cfg, k) for k in ("n_streams", "n_codebooks", "cardinality", "n_text")}
         if want != {k: getattr(f, k) for k in want}:
@@ -100,8 +107,9 @@ def main(argv=None):
                              speech_first5=float(np.mean(speech[:5])), speech_last5=float(np.mean(speech[-5:]))))
         out[path] = rows
         labels = [lab for lab, _ in rows[0]["buckets"]]
-        print(f"{path}: {len(convs)} conversations; recall accuracy by distance, learning rate outside the events "
-              "times the scale")
+        hl = "" if a.ttt_half_life_s is None else f", a half-life of {a.ttt_half_life_s:g} s"
+        print(f"{path}{hl}: {len(convs)} conversations; recall accuracy by distance, learning rate outside the "
+              "events times the scale")
         print("| scale | " + " | ".join(labels) + " | beyond reach | speech loss min 1-5 / last 5 |")
         print("|---:|" + "---:|" * (len(labels) + 2))
         for row in rows:

@@ -991,6 +991,8 @@ def test_oracle_writes_script(tmp_path, one_thread, capsys):
     out = ow.main(["--data", p, "--ckpt", str(tmp_path / "ttt.safetensors"), "--scale", "1,0"])
     rows = out[str(tmp_path / "ttt.safetensors")]
     assert [r["scale"] for r in rows] == [1.0, 0.0] and "| 0 |" in capsys.readouterr().out
-    for bad in (["--scale", "-1"], ["--scale", "a"]):
+    out = ow.main(["--data", p, "--ckpt", str(tmp_path / "ttt.safetensors"), "--scale", "1", "--ttt_half_life_s", "3"])
+    assert out[str(tmp_path / "ttt.safetensors")][0] != rows[0] and "a half-life of 3 s" in capsys.readouterr().out
+    for bad in (["--scale", "-1"], ["--scale", "a"], ["--ttt_half_life_s", "-2"]):
         with pytest.raises(SystemExit):
             ow.main(["--data", p, "--ckpt", "x", *bad])
