@@ -290,6 +290,8 @@ def train_argv(sc, name, train_path, run_dir, seed=None):
             a["ttt_half_life_max"] = sc["stream_ttt_half_life_max_s"] * FRAMES_PER_MINUTE / 60
         if sc.get("stream_ttt_forget_gate"):   # the input scales each mini-batch's decay
             a["ttt_forget_gate"] = True
+    if sc.get("stream_ttt_write_penalty") and a.get("n_ttt"):   # a push to write fewer frames, this phase alone
+        a["ttt_write_penalty"] = sc["stream_ttt_write_penalty"]
     return [f"--{k}={v}" for k, v in a.items()]
 
 
@@ -705,6 +707,9 @@ def parse_args(argv=None):
     ap.add_argument("--stream_ttt_forget_gate", action="store_true",
                     help="with --stream_ttt_half_life_s: a forget gate from the input scales each mini-batch's decay "
                          "(model.py's ttt_forget_gate; new weights that start as no gate)")
+    ap.add_argument("--stream_ttt_write_penalty", type=float, default=0,
+                    help="the streaming phase's train.py --ttt_write_penalty: loss weight of the TTT layers' mean "
+                         "learning-rate gate, a push to write fewer frames into the fast weights (0: none)")
     ap.add_argument("--depth_layers", type=int, default=-1,
                     help="override the scale's depth decoder blocks (0: each codebook from a projection of the "
                          "backbone output and the previous codebook's embedding)")
@@ -758,6 +763,8 @@ def parse_args(argv=None):
         ap.error("--stream_ttt_forget_gate scales how fast the fast weights forget: give --stream_ttt_half_life_s too")
     if a.quiz_share != -1 and not 0 <= a.quiz_share <= 1:
         ap.error(f"--quiz_share is a share of the training conversations, from 0 to 1, not {a.quiz_share}")
+    if not a.stream_ttt_write_penalty >= 0:
+        ap.error(f"--stream_ttt_write_penalty must be 0 (none) or more, not {a.stream_ttt_write_penalty}")
     if a.train_hours < 0:
         ap.error(f"--train_hours must be > 0, not {a.train_hours}")
     if bad or not a.variants:
@@ -787,6 +794,8 @@ def main(argv=None):
         sc["stream_ttt_half_life_max_s"] = a.stream_ttt_half_life_max_s
     if a.stream_ttt_forget_gate:
         sc["stream_ttt_forget_gate"] = True
+    if a.stream_ttt_write_penalty:
+        sc["stream_ttt_write_penalty"] = a.stream_ttt_write_penalty
     if a.train_hours:
         sc["train_hours"] = a.train_hours
     if a.depth_layers >= 0:

@@ -60,6 +60,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0          # largest gradient norm (0: no clipping)
     recall_weight: float = 1.0     # loss weight of the recalled values' frames (DATA.events.json of data.py synthetic) against 1
+    ttt_write_penalty: float = 0.0  # loss weight of the TTT layers' mean learning-rate gate: a push to write fewer frames
     eval_interval: int = 250       # steps between evaluations and checkpoints (0: only at the end)
     eval_batches: int = 8
     log_interval: int = 10
@@ -316,6 +317,14 @@ def train(tc, overrides):
         if not tc.recall_weight > 0:
             raise ValueError(f"--recall_weight must be > 0, not {tc.recall_weight}")
         recall = RecallFrames(tc.data, data)
+    if tc.ttt_write_penalty and not (tc.ttt_write_penalty > 0 and cfg.n_ttt):
+        raise ValueError(f"--ttt_write_penalty weighs the TTT layers' learning-rate gate: it needs a weight > 0 "
+                         f"(not {tc.ttt_write_penalty}) and a model with TTT layers (--n_ttt {cfg.n_ttt})")
+    writes = []   # --ttt_write_penalty: each TTT layer's mean learning-rate gate of this forward
+    if tc.ttt_write_penalty:
+        for b in model.layers:
+            if b.ttt is not None:
+                b.ttt.layer.register_forward_pre_hook(lambda mod, args: writes.append(mod.lr_gate(args[0]).mean()))
     val_sampler = WindowSampler(val, val_ids, min(tc.seq_len, int(val.lengths[val_ids].max())), B, delays,
                                 initial, 0)
 
@@ -425,9 +434,14 @@ def train(tc, overrides):
                 m = np.stack([recall.mask(c, s, tc.seq_len, delays) for c, s in samplers[i].last])[..., cfg.n_text:]
                 wt = torch.from_numpy(np.where(m, np.float32(tc.recall_weight), np.float32(1))).to(device)
             sync = nullcontext() if not ddp or tc.fsdp or i == A - 1 else model.no_sync()
+            writes.clear()
             with sync, autocast:
                 logits, new = model(x, st, keep_state=st is not None)  # mini-batch: no state to keep
                 loss, parts = lossf(logits, x, cfg, weight=wt)
+                if tc.ttt_write_penalty:   # the logged loss includes it; "writ": the mean gate
+                    gate = torch.stack(writes).mean()
+                    loss = loss + tc.ttt_write_penalty * gate
+                    parts["write"] = gate.detach()
             (loss / A).backward()
             if tc.mode == "streaming":
                 states[i] = detach_state(new)

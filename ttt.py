@@ -2060,6 +2060,14 @@ class _TTTLayer(nn.Module):
             _COMPILE_FAILED = True
             return run("torch")
 
+    def lr_gate(self, x):
+        """The per-token learning-rate gate sigmoid(w_h . x + c_h) [B, H, T] (float32) for x [B, T, dim]:
+        how much of the full inner step each token takes (inner_inputs' lr is base_lr * this / d)."""
+        with torch.autocast(device_type=x.device.type, enabled=False):  # lr is inner math: float32
+            xf = x.to(torch.promote_types(x.dtype, torch.float32))
+            w = self.learnable_ttt_lr_weight[:, 0].to(xf.dtype)          # [H, D]
+            return torch.sigmoid(torch.einsum("btc,hc->bht", xf, w) + self.learnable_ttt_lr_bias.to(xf.dtype))
+
     def inner_inputs(self, x, i):
         """The inner loop's inputs for x [B, T, dim] whose first token sits at position i (int64
         tensor []) of its mini-batch: q, k, v [B,H,T,d] (RoPE applied, float32), lr [B,H,T], tau [b].
@@ -2075,11 +2083,7 @@ class _TTTLayer(nn.Module):
             tab = self.make_rope_table(x.device)
         pos = (i + torch.arange(T, device=x.device)) % b
         q, k = _rope(q, tab[0, pos], tab[1, pos]), _rope(k, tab[0, pos], tab[1, pos])
-        with torch.autocast(device_type=x.device.type, enabled=False):  # lr is inner math: float32
-            xf = x.to(torch.promote_types(x.dtype, torch.float32))
-            w = self.learnable_ttt_lr_weight[:, 0].to(xf.dtype)          # [H, D]
-            logit = torch.einsum("btc,hc->bht", xf, w) + self.learnable_ttt_lr_bias.to(xf.dtype)
-            lr = self.base_lr * torch.sigmoid(logit) / d                 # [B,H,T]
+        lr = self.base_lr * self.lr_gate(x) / d                          # [B,H,T]
         offset = self.learnable_token_idx.to(torch.promote_types(x.dtype, torch.float32))
         tau = torch.clamp_min(1.0 / torch.arange(1, b + 1, device=x.device, dtype=offset.dtype)
                               + offset, 0.0)                              # [b]

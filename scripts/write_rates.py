@@ -1,6 +1,6 @@
 """
 How much each TTT layer writes into its fast weights, by the kind of frame: the per-token inner
-learning-rate gate sigmoid(w . x + c) (ttt.py's lr without base_lr / d; 1 writes at the full step,
+learning-rate gate sigmoid(w . x + c) (ttt.py's lr_gate, the lr without base_lr / d; 1 writes at the full step,
 0 writes nothing), and where the layer has one the forget gate's exponent s, averaged per head over
 the frames of each kind of the held-out conversations:
 
@@ -72,8 +72,7 @@ def write_rates(model, f, convs, events, minutes, chunk_len=750):
             counts += onehot.sum((1, 2)).numpy()
             for j, t in enumerate(layers):
                 xs = seen[j]
-                _, _, _, lr, _ = t.inner_inputs(xs, torch.zeros((), dtype=torch.int64))
-                gate = lr.double() * t.head_dim / t.base_lr                       # [B, H, T]
+                gate = t.lr_gate(xs).double()                                       # [B, H, T]
                 sums[j]["lr"] += torch.einsum("kbt,bht->kh", onehot, gate).numpy()
                 if "forget" in sums[j]:
                     sums[j]["forget"] += torch.einsum("kbt,bht->kh", onehot, t.forget_gate(xs).double()).numpy()

@@ -449,6 +449,35 @@ def test_recall_weight_weighs_the_recalled_frames(tmp_path, monkeypatch, capsys)
     assert "no recall events" in _err(capsys, _args(q, tmp_path / "d", "minibatch", recall_weight=5))
 
 
+def test_ttt_write_penalty(synth, tmp_path, monkeypatch, capsys):
+    # --ttt_write_penalty P: the loss gains P x the TTT layers' mean learning-rate gate of the step's forward,
+    # and training with it lowers the gate
+    import ttt
+    seen = []
+    orig = ttt._TTTLayer.lr_gate
+
+    def spy(self, x):
+        g = orig(self, x)
+        seen.append(g.detach().mean().item())
+        return g
+    monkeypatch.setattr(ttt._TTTLayer, "lr_gate", spy)
+    plain = train.main(_args(synth, tmp_path / "a", "streaming", max_steps=1))
+    first, n_plain = seen[0], len(seen)   # the step's forward (inner_inputs' call), then the validation's
+    seen.clear()
+    pen = train.main(_args(synth, tmp_path / "b", "streaming", max_steps=1, ttt_write_penalty=2.0))
+    assert len(seen) == 2 * n_plain and seen[0] == seen[1] == first   # each forward: the penalty's call, then inner_inputs'
+    assert pen[0] - plain[0] == pytest.approx(2.0 * first, rel=1e-4)
+    monkeypatch.setattr(ttt._TTTLayer, "lr_gate", orig)
+    bias = {}
+    for name, p in (("plain", 0.0), ("pen", 5.0)):
+        train.main(_args(synth, tmp_path / name, "streaming", max_steps=8, lr=0.03, ttt_write_penalty=p))
+        m = SpeechLM.from_checkpoint(tmp_path / name / "model.safetensors")
+        bias[name] = float(m.layers[-1].ttt.layer.learnable_ttt_lr_bias.detach().mean())
+    assert bias["pen"] < bias["plain"] - 0.05, bias
+    assert "needs a weight > 0" in _err(capsys, _args(synth, tmp_path / "c", "streaming", ttt_write_penalty=-1))
+    assert "with TTT layers" in _err(capsys, _args(synth, tmp_path / "d", "streaming", n_ttt=0, ttt_write_penalty=1))
+
+
 def test_mqar_codes_file(tmp_path):
     # scripts/mqar_codes.py: each listed recall is its key's value, after the same key, past `start`
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
