@@ -23,7 +23,7 @@ from codes import CodesFile  # noqa: E402
 from data import load_events  # noqa: E402
 from evaluate import (FRAMES_PER_MINUTE, chunk, describe_half_lives, event_spans, learnt_half_lives,  # noqa: E402
                       minute_losses, speech_frames)
-from model import SpeechLM  # noqa: E402
+from model import SpeechLM, default_device  # noqa: E402
 
 
 @torch.no_grad()
@@ -34,21 +34,22 @@ def by_minute(model, f, convs, events):
     n = int(f.lengths[convs].max())
     minutes = -(-n // FRAMES_PER_MINUTE)
     ce, cnt = np.zeros((minutes, cfg.n_audio)), np.zeros((minutes, cfg.n_audio))
-    state = model.init_state(len(convs))
+    device = next(model.parameters()).device
+    state = model.init_state(len(convs), device)
     start_w = [s.params[0].clone() for s in state.ttt]
     moved = np.zeros((len(start_w), minutes))
     spans = event_spans(events[np.isin(events[:, 0], convs)], list(convs), max(cfg.col_delays()))
     for m in range(minutes):
         start, T = m * FRAMES_PER_MINUTE, min(FRAMES_PER_MINUTE, n - m * FRAMES_PER_MINUTE)
         x, live = chunk(f, convs, start, T, cfg.col_delays(), cfg.col_cards())
-        speech = torch.from_numpy(speech_frames(spans, live, start))
-        x = torch.from_numpy(x)
+        speech = torch.from_numpy(speech_frames(spans, live, start)).to(device)
+        x = torch.from_numpy(x).to(device)
         logits, state = model(x, state)
         target = x[..., cfg.n_text:]
         loss = F.cross_entropy(logits.audio.float().flatten(0, 2), target.flatten(), reduction="none",
                                ignore_index=cfg.cardinality).view(target.shape)
         valid = ((target != cfg.cardinality) & speech[..., None]).float()
-        ce[m], cnt[m] = (loss * valid).sum((0, 1)).numpy(), valid.sum((0, 1)).numpy()
+        ce[m], cnt[m] = (loss * valid).sum((0, 1)).cpu().numpy(), valid.sum((0, 1)).cpu().numpy()
         for j, (s, w0) in enumerate(zip(state.ttt, start_w)):
             d = (s.params[0] - w0).flatten(1).norm(dim=1) / w0.flatten(1).norm(dim=1)
             moved[j, m] = d.mean().item()
@@ -60,9 +61,16 @@ def main(argv=None):
     ap.add_argument("--data", required=True, help="held-out codes file (data.py synthetic)")
     ap.add_argument("--ckpt", action="append", required=True, help="a checkpoint (run folder or .safetensors); repeat")
     ap.add_argument("--conversations", type=int, default=0, help="the first N conversations (0: all)")
+    ap.add_argument("--device", default="", help="cpu, cuda, ... (default: cuda where there is one)")
     ap.add_argument("--blocks", default="1-5,6-20,21-45,46-85,86-90",
                     help="minute ranges to average over, comma-separated (1-based, inclusive)")
     a = ap.parse_args(argv)
+    try:
+        device = default_device(a.device)
+    except ValueError as e:
+        ap.error(str(e))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
     torch.set_num_threads(min(8, os.cpu_count() or 1))
     f = CodesFile(a.data)
     convs = list(range(len(f)))[:a.conversations or None]
@@ -71,7 +79,7 @@ def main(argv=None):
     cols, rows = ["minutes"], [[f"{lo}-{hi}"] for lo, hi in blocks]
     out = {}
     for path in a.ckpt:
-        model = SpeechLM.from_checkpoint(path).eval()
+        model = SpeechLM.from_checkpoint(path, device=device).eval()
         want = {k: getattr(model.cfg, k) for k in ("n_streams", "n_codebooks", "cardinality", "n_text")}
         if want != {k: getattr(f, k) for k in want}:
             sys.exit(f"{a.data}: its frames do not fit {path} ({want})")

@@ -571,6 +571,8 @@ def test_state_by_minute_script(tmp_path, one_thread, capsys):
     moved = np.array(out["ttt"]["moved"])
     assert moved.shape == (ttt.cfg.n_ttt, 2) and (moved > 0).all() and (moved[:, 1] > moved[:, 0]).all()
     assert out["window"]["moved"] == []
+    with pytest.raises(SystemExit):
+        sbm.main(["--data", p, "--ckpt", str(tmp_path / "ttt.safetensors"), "--device", "nodevice"])
 
 
 def test_reference_spread_and_within_spread(tmp_path):
