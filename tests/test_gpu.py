@@ -157,3 +157,27 @@ def test_compiled_blocks_match_eager_in_training():
     assert max(_rel(b, a) for a, b in zip(g0, g1) if a is not None and a.norm() > 0) < 1e-4
     for a, b in zip(s0, s1):   # (some are all zeros: the TTT sums after a completed mini-batch)
         assert torch.equal(a, b) if not a.is_floating_point() else (b - a).norm() <= 1e-5 * a.norm()
+
+
+DEVICES = ("cpu", "cuda")
+
+
+def test_state_by_minute_on_the_gpu(tmp_path):
+    # scripts/state_by_minute.py --device cuda: the speech loss by minute and the fast weights' distance
+    # from their start, as on the CPU
+    import importlib.util
+    import os
+    from data import synthetic
+    spec = importlib.util.spec_from_file_location("sbm", os.path.join(os.path.dirname(__file__), "..", "scripts",
+                                                                      "state_by_minute.py"))
+    sbm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sbm)
+    p = str(tmp_path / "h.bin")
+    synthetic(p, hours=2 / 60, min_minutes=2, max_minutes=2, n_codebooks=4, seed=5, quiet=True, events_per_min=4.0)
+    torch.manual_seed(0)
+    SpeechLM(Config.preset("tiny", n_codebooks=4, ttt_mini_batch=16, ttt_half_life=40)).save(str(tmp_path / "ttt.safetensors"))
+    got = {d: sbm.main(["--data", p, "--ckpt", str(tmp_path / "ttt.safetensors"), "--device", d, "--blocks", "1-2"])
+           for d in DEVICES}
+    a, b = (got[d]["ttt"] for d in DEVICES)
+    assert len(a["loss"]) == 2 and max(abs(x / y - 1) for x, y in zip(a["loss"], b["loss"])) < 2e-3   # TF32 on the GPU
+    assert max(abs(x / y - 1) for r, s in zip(a["moved"], b["moved"]) for x, y in zip(r, s)) < 2e-3
