@@ -288,6 +288,8 @@ def train_argv(sc, name, train_path, run_dir, seed=None):
         a["ttt_half_life"] = sc["stream_ttt_half_life_s"] * FRAMES_PER_MINUTE / 60
         if sc.get("stream_ttt_half_life_max_s"):   # learnt half-lives, starting log-spaced in this range
             a["ttt_half_life_max"] = sc["stream_ttt_half_life_max_s"] * FRAMES_PER_MINUTE / 60
+            if sc.get("stream_ttt_half_life_lr_mult", 1) != 1:   # and their own step size
+                a["ttt_half_life_lr_mult"] = sc["stream_ttt_half_life_lr_mult"]
         if sc.get("stream_ttt_forget_gate"):   # the input scales each mini-batch's decay
             a["ttt_forget_gate"] = True
     if sc.get("stream_ttt_write_penalty") and a.get("n_ttt"):   # a push to write fewer frames, this phase alone
@@ -704,6 +706,9 @@ def parse_args(argv=None):
     ap.add_argument("--stream_ttt_half_life_max_s", type=float, default=0,
                     help="with --stream_ttt_half_life_s: learnt half-lives instead (model.py's ttt_half_life_max), "
                          "one per head and feature, starting log-spaced from --stream_ttt_half_life_s to this, seconds")
+    ap.add_argument("--stream_ttt_half_life_lr_mult", type=float, default=1,
+                    help="with --stream_ttt_half_life_max_s: the learnt half-lives' learning rate over the other "
+                         "weights' (train.py --ttt_half_life_lr_mult; default 1)")
     ap.add_argument("--stream_ttt_forget_gate", action="store_true",
                     help="with --stream_ttt_half_life_s: a forget gate from the input scales each mini-batch's decay "
                          "(model.py's ttt_forget_gate; new weights that start as no gate)")
@@ -759,6 +764,9 @@ def parse_args(argv=None):
     if a.stream_ttt_half_life_max_s and not 0 < a.stream_ttt_half_life_s <= a.stream_ttt_half_life_max_s < float("inf"):
         ap.error("--stream_ttt_half_life_max_s needs 0 < --stream_ttt_half_life_s <= --stream_ttt_half_life_max_s, "
                  f"not {a.stream_ttt_half_life_s} and {a.stream_ttt_half_life_max_s}")
+    if a.stream_ttt_half_life_lr_mult != 1 and not (a.stream_ttt_half_life_lr_mult > 0 and a.stream_ttt_half_life_max_s):
+        ap.error("--stream_ttt_half_life_lr_mult is the learnt half-lives' step size: it needs a number > 0 and "
+                 f"--stream_ttt_half_life_max_s, not {a.stream_ttt_half_life_lr_mult} and {a.stream_ttt_half_life_max_s}")
     if a.stream_ttt_forget_gate and not a.stream_ttt_half_life_s:
         ap.error("--stream_ttt_forget_gate scales how fast the fast weights forget: give --stream_ttt_half_life_s too")
     if a.quiz_share != -1 and not 0 <= a.quiz_share <= 1:
@@ -794,6 +802,8 @@ def main(argv=None):
         sc["stream_ttt_half_life_max_s"] = a.stream_ttt_half_life_max_s
     if a.stream_ttt_forget_gate:
         sc["stream_ttt_forget_gate"] = True
+    if a.stream_ttt_half_life_lr_mult != 1:
+        sc["stream_ttt_half_life_lr_mult"] = a.stream_ttt_half_life_lr_mult
     if a.stream_ttt_write_penalty:
         sc["stream_ttt_write_penalty"] = a.stream_ttt_write_penalty
     if a.train_hours:

@@ -61,6 +61,7 @@ class TrainConfig:
     grad_clip: float = 1.0          # largest gradient norm (0: no clipping)
     recall_weight: float = 1.0     # loss weight of the recalled values' frames (DATA.events.json of data.py synthetic) against 1
     ttt_write_penalty: float = 0.0  # loss weight of the TTT layers' mean learning-rate gate: a push to write fewer frames
+    ttt_half_life_lr_mult: float = 1.0  # learning rate of the learnt half-lives (ttt_half_life_max) over the others'
     eval_interval: int = 250       # steps between evaluations and checkpoints (0: only at the end)
     eval_batches: int = 8
     log_interval: int = 10
@@ -217,10 +218,16 @@ def lr_at(tc, step):
 
 
 def make_optimizer(model, tc, device):
-    decay, no_decay = [], []
+    decay, no_decay, half_lives = [], [], []
+    mult = tc.ttt_half_life_lr_mult
     for n, p in model.named_parameters():
-        (decay if p.dim() >= 2 and "ttt.layer" not in n else no_decay).append(p)
+        if mult != 1 and n.endswith("log_half_life"):
+            half_lives.append(p)
+        else:
+            (decay if p.dim() >= 2 and "ttt.layer" not in n else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if half_lives:   # (a group of their own only then: checkpoints without it resume as before)
+        groups.append({"params": half_lives, "weight_decay": 0.0, "lr_mult": mult})
     fused = device.type == "cuda" and not tc.fsdp
     return torch.optim.AdamW(groups, lr=tc.lr, betas=(0.9, tc.beta2), fused=fused or None)
 
@@ -317,6 +324,9 @@ def train(tc, overrides):
         if not tc.recall_weight > 0:
             raise ValueError(f"--recall_weight must be > 0, not {tc.recall_weight}")
         recall = RecallFrames(tc.data, data)
+    if tc.ttt_half_life_lr_mult != 1 and not (tc.ttt_half_life_lr_mult > 0 and cfg.n_ttt and cfg.ttt_half_life_max):
+        raise ValueError(f"--ttt_half_life_lr_mult scales the learnt half-lives' learning rate: it needs a number > 0 "
+                         f"(not {tc.ttt_half_life_lr_mult}) and a model with learnt half-lives (--ttt_half_life_max)")
     if tc.ttt_write_penalty and not (tc.ttt_write_penalty > 0 and cfg.n_ttt):
         raise ValueError(f"--ttt_write_penalty weighs the TTT layers' learning-rate gate: it needs a weight > 0 "
                          f"(not {tc.ttt_write_penalty}) and a model with TTT layers (--n_ttt {cfg.n_ttt})")
@@ -418,7 +428,7 @@ def train(tc, overrides):
     while step < tc.max_steps:
         lr = lr_at(tc, step)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_mult", 1.0)
         total = torch.zeros((), device=device)
         parts_sum = {}
         for i in range(A):

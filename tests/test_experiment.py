@@ -756,7 +756,12 @@ def test_learnt_half_lives_in_the_streaming_phase(tmp_path, one_thread):
     # (new weights, made from the warm-up's model), evaluated with them; the summary shows them. With
     # --stream_ttt_forget_gate, a forget gate too, whose exponents the evaluation reports
     out, run, warm, final = _warm_up_then_stream(tmp_path, "ttt_linear", "--stream_ttt_half_life_s", "2",
-                                                 "--stream_ttt_half_life_max_s", "60", "--stream_ttt_forget_gate")
+                                                 "--stream_ttt_half_life_max_s", "60", "--stream_ttt_forget_gate",
+                                                 "--stream_ttt_half_life_lr_mult", "4")
+    with open(os.path.join(run, "train.log")) as fh:   # their own step size, in this phase alone
+        assert "--ttt_half_life_lr_mult=4.0" in fh.readline()
+    with open(os.path.join(run, "warmup", "train.log")) as fh:
+        assert "lr_mult" not in fh.readline()
     assert warm.cfg.ttt_half_life_max == 0 and final.cfg.ttt_half_life_range() == (25, 750)
     assert all(b.ttt.layer.log_half_life is None and b.ttt.layer.forget_weight is None
                for b in warm.layers if b.ttt is not None)
@@ -774,8 +779,10 @@ def test_learnt_half_lives_in_the_streaming_phase(tmp_path, one_thread):
         text = fh.read()
     assert "Learnt half-lives of the fast weights" in text and "| ttt_linear | 1 |" in text
     assert "Forget gates" in text
-    with pytest.raises(SystemExit):
-        experiment.parse_args(["--stream_ttt_forget_gate"])
+    for bad in (["--stream_ttt_forget_gate"], ["--stream_ttt_half_life_s", "2", "--stream_ttt_half_life_lr_mult", "3"],
+                ["--stream_ttt_half_life_s", "2", "--stream_ttt_half_life_max_s", "60", "--stream_ttt_half_life_lr_mult", "-1"]):
+        with pytest.raises(SystemExit):
+            experiment.parse_args(bad)
 
 
 def test_streaming_phase_inner_step(tmp_path, one_thread):

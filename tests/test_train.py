@@ -478,6 +478,28 @@ def test_ttt_write_penalty(synth, tmp_path, monkeypatch, capsys):
     assert "with TTT layers" in _err(capsys, _args(synth, tmp_path / "d", "streaming", n_ttt=0, ttt_write_penalty=1))
 
 
+def test_half_life_lr_mult(synth, tmp_path, capsys):
+    # --ttt_half_life_lr_mult M: the learnt half-lives take steps M times the others' learning rate; the
+    # other weights' first step is unchanged
+    base = dict(max_steps=1, warmup=1, ttt_half_life=8, ttt_half_life_max=200)
+    models = {}
+    for mult, lr in ((1, 1e-30), (1, 3e-3), (10, 3e-3)):   # lr 1e-30: the initial weights
+        train.main(_args(synth, tmp_path / f"{mult}_{lr}", "streaming", ttt_half_life_lr_mult=mult, lr=lr, min_lr=0, **base))
+        models[mult, lr] = SpeechLM.from_checkpoint(tmp_path / f"{mult}_{lr}" / "model.safetensors").state_dict()
+    start, models = models[1, 1e-30], {1: models[1, 3e-3], 10: models[10, 3e-3]}
+    names = [n for n in start if n.endswith("log_half_life")]
+    assert names
+    for n in start:
+        if n in names:
+            d1, d10 = models[1][n] - start[n], models[10][n] - start[n]
+            assert d1.abs().max() > 0
+            torch.testing.assert_close(d10, 10 * d1, rtol=1e-4, atol=1e-7)
+        else:
+            torch.testing.assert_close(models[10][n], models[1][n], rtol=0, atol=0)
+    assert "learnt half-lives" in _err(capsys, _args(synth, tmp_path / "c", "streaming", ttt_half_life_lr_mult=5))
+    assert "number > 0" in _err(capsys, _args(synth, tmp_path / "d", "streaming", ttt_half_life_lr_mult=0, **base))
+
+
 def test_mqar_codes_file(tmp_path):
     # scripts/mqar_codes.py: each listed recall is its key's value, after the same key, past `start`
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
