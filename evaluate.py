@@ -405,16 +405,32 @@ def generation_stats(model, minutes, silence, device="cpu", seed=0, temp=0.8, to
 # The whole evaluation of one checkpoint
 
 
+def recall_data(data_path, conversations=0):
+    """A held-out codes file with recall events: (CodesFile, the first `conversations` conversations'
+    indices (0: all), their events); ValueError when the file has no events."""
+    f, events = CodesFile(data_path), load_events(data_path)
+    if not len(events):
+        raise ValueError(f"{data_path} has no recall events (no {data_path}.events.json): give a file data.py "
+                         "synthetic wrote with events")
+    convs = list(range(len(f)))[:conversations or None]
+    return f, convs, events[np.isin(events[:, 0], convs)]
+
+
+def check_fits(cfg, f, data_path):
+    """ValueError unless codes file f (read from data_path) holds frames the model of config cfg takes."""
+    want = {k: getattr(cfg, k) for k in ("n_streams", "n_codebooks", "cardinality", "n_text")}
+    have = {k: getattr(f, k) for k in want}
+    if want != have:
+        raise ValueError(f"{data_path!r} holds frames of {have}; the model takes {want}")
+
+
 def evaluate(model, data_path, conversations=0, chunk_len=256, batch=16, gen_minutes=90.0, gen_budget_s=0.0,
              temp=0.8, top_k=250, seed=0, device="cpu", dtype="float32", cuda_graph=False, quiet=True):
     """Every number of this file for one model on one held-out codes file (and its .events.json),
     as a JSON-ready dict."""
     cfg, device = model.cfg, torch.device(device)
     f = CodesFile(data_path)
-    want = {k: getattr(cfg, k) for k in ("n_streams", "n_codebooks", "cardinality", "n_text")}
-    have = {k: getattr(f, k) for k in want}
-    if want != have:
-        raise ValueError(f"{data_path!r} holds frames of {have}; the model takes {want}")
+    check_fits(cfg, f, data_path)
     convs = list(range(len(f)))[:conversations or None]
     events = load_events(data_path)
     n_codes = min(pattern_codes(data_path) or cfg.cardinality, cfg.cardinality)

@@ -19,9 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from codes import CodesFile  # noqa: E402
-from data import load_events  # noqa: E402
-from evaluate import FRAMES_PER_MINUTE, event_spans, minute_losses, recall_table, stream_eval  # noqa: E402
+from evaluate import (FRAMES_PER_MINUTE, check_fits, event_spans, minute_losses, recall_data, recall_table,  # noqa: E402
+                      stream_eval)
 from model import SpeechLM  # noqa: E402
 
 
@@ -81,21 +80,20 @@ def main(argv=None):
     if not scales or not all(s >= 0 for s in scales):
         ap.error(f"--scale needs multipliers of 0 or more, not {a.scale!r}")
     torch.set_num_threads(min(8, os.cpu_count() or 1))
-    f = CodesFile(a.data)
-    events = load_events(a.data)
-    if not len(events):
-        sys.exit(f"{a.data} has no recall events (no {a.data}.events.json): give a file data.py wrote with events")
-    convs = list(range(len(f)))[:a.conversations or None]
-    events = events[np.isin(events[:, 0], convs)]
+    try:
+        f, convs, events = recall_data(a.data, a.conversations)
+    except ValueError as e:
+        sys.exit(str(e))
     out = {}
     for path in a.ckpt:
         model = SpeechLM.from_checkpoint(path).eval()
         if a.ttt_half_life_s is not None:   # (replaces learnt half-lives, if the model has them)
             model.set_ttt_half_life(a.ttt_half_life_s * FRAMES_PER_MINUTE / 60)
         cfg = model.cfg
-        want = {k: getattr(cfg, k) for k in ("n_streams", "n_codebooks", "cardinality", "n_text")}
-        if want != {k: getattr(f, k) for k in want}:
-            sys.exit(f"{a.data}: its frames do not fit {path} ({want})")
+        try:
+            check_fits(cfg, f, a.data)
+        except ValueError as e:
+            sys.exit(f"{path}: {e}")
         reach = cfg.n_layers * (cfg.window - 1) + 1
         rows = []
         for s in scales:

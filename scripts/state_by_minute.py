@@ -21,7 +21,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from codes import CodesFile  # noqa: E402
 from data import load_events  # noqa: E402
-from evaluate import (FRAMES_PER_MINUTE, chunk, describe_half_lives, event_spans, learnt_half_lives,  # noqa: E402
+from evaluate import (FRAMES_PER_MINUTE, check_fits, chunk, describe_half_lives, event_spans, learnt_half_lives,  # noqa: E402
                       minute_losses, speech_frames)
 from model import SpeechLM, default_device  # noqa: E402
 
@@ -80,9 +80,10 @@ def main(argv=None):
     out = {}
     for path in a.ckpt:
         model = SpeechLM.from_checkpoint(path, device=device).eval()
-        want = {k: getattr(model.cfg, k) for k in ("n_streams", "n_codebooks", "cardinality", "n_text")}
-        if want != {k: getattr(f, k) for k in want}:
-            sys.exit(f"{a.data}: its frames do not fit {path} ({want})")
+        try:
+            check_fits(model.cfg, f, a.data)
+        except ValueError as e:
+            sys.exit(f"{path}: {e}")
         loss, moved = by_minute(model, f, convs, events)
         if len(loss) < blocks[-1][1]:
             sys.exit(f"{a.data}: {len(loss)} minutes, fewer than --blocks asks for")

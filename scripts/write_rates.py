@@ -22,9 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from codes import CodesFile  # noqa: E402
-from data import CUE_LEN, KEY_LEN, load_events  # noqa: E402
-from evaluate import FRAMES_PER_MINUTE, chunk  # noqa: E402
+from data import CUE_LEN, KEY_LEN  # noqa: E402
+from evaluate import FRAMES_PER_MINUTE, check_fits, chunk, recall_data  # noqa: E402
 from model import SpeechLM  # noqa: E402
 
 KINDS = ("cue", "key", "value", "recall cue", "recall key", "recall value", "other")
@@ -93,17 +92,17 @@ def main(argv=None):
     if not a.minutes > 0:
         ap.error(f"--minutes must be more than 0, not {a.minutes}")
     torch.set_num_threads(min(8, os.cpu_count() or 1))
-    f = CodesFile(a.data)
-    events = load_events(a.data)
-    if not len(events):
-        sys.exit(f"{a.data} has no recall events (no {a.data}.events.json): give a file data.py wrote with events")
-    convs = list(range(len(f)))[:a.conversations or None]
+    try:
+        f, convs, events = recall_data(a.data, a.conversations)
+    except ValueError as e:
+        sys.exit(str(e))
     out = {}
     for path in a.ckpt:
         model = SpeechLM.from_checkpoint(path).eval()
-        want = {k: getattr(model.cfg, k) for k in ("n_streams", "n_codebooks", "cardinality", "n_text")}
-        if want != {k: getattr(f, k) for k in want}:
-            sys.exit(f"{a.data}: its frames do not fit {path} ({want})")
+        try:
+            check_fits(model.cfg, f, a.data)
+        except ValueError as e:
+            sys.exit(f"{path}: {e}")
         rates, counts = write_rates(model, f, convs, events, a.minutes)
         out[path] = dict(rates=[{g: v.tolist() for g, v in d.items()} for d in rates], counts=counts.tolist())
         print(f"{path}: {len(convs)} conversations, their first {a.minutes:g} minutes; mean over the frames of "

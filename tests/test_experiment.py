@@ -3,6 +3,7 @@ evaluation memory that does not grow with the conversation, and the measurements
 import json
 import math
 import os
+import shutil
 import weakref
 
 import numpy as np
@@ -953,6 +954,13 @@ def test_write_rates_script(tmp_path, one_thread, capsys):
     assert "| 1 | learning rate |" in text and "| 1 | forget s |" in text and len(out) == 1
     with pytest.raises(SystemExit):
         wr.main(["--data", p, "--ckpt", "x", "--minutes", "0"])
+    q = str(tmp_path / "plain.bin")   # the same frames without their events file: nothing to sort them by
+    shutil.copy(p, q)
+    with pytest.raises(SystemExit, match="no recall events"):
+        wr.main(["--data", q, "--ckpt", str(tmp_path / "gated.safetensors")])
+    with pytest.raises(SystemExit, match="holds frames of"):   # a model of other frames
+        _tiny(n_codebooks=4, delays=(0, 1, 1, 1)).save(str(tmp_path / "k4.safetensors"))
+        wr.main(["--data", p, "--ckpt", str(tmp_path / "k4.safetensors")])
 
 
 def test_oracle_writes_script(tmp_path, one_thread, capsys):
