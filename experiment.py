@@ -292,7 +292,7 @@ def train_argv(sc, name, train_path, run_dir, seed=None):
                 a["ttt_half_life_lr_mult"] = sc["stream_ttt_half_life_lr_mult"]
         if sc.get("stream_ttt_forget_gate"):   # the input scales each mini-batch's decay
             a["ttt_forget_gate"] = True
-    if sc.get("stream_ttt_write_penalty") and a.get("n_ttt"):   # a push to write fewer frames, this phase alone
+    if sc.get("stream_ttt_write_penalty") and a.get("n_ttt"):   # smaller learning-rate gates, this phase alone
         a["ttt_write_penalty"] = sc["stream_ttt_write_penalty"]
     return [f"--{k}={v}" for k, v in a.items()]
 
@@ -714,7 +714,8 @@ def parse_args(argv=None):
                          "(model.py's ttt_forget_gate; new weights that start as no gate)")
     ap.add_argument("--stream_ttt_write_penalty", type=float, default=0,
                     help="the streaming phase's train.py --ttt_write_penalty: loss weight of the TTT layers' mean "
-                         "learning-rate gate, a push to write fewer frames into the fast weights (0: none)")
+                         "learning-rate gate (0: none; docs/experiment/reach/forget/writes.md: it lowers the gate "
+                         "more than what the fast weights take in)")
     ap.add_argument("--depth_layers", type=int, default=-1,
                     help="override the scale's depth decoder blocks (0: each codebook from a projection of the "
                          "backbone output and the previous codebook's embedding)")

@@ -60,7 +60,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0          # largest gradient norm (0: no clipping)
     recall_weight: float = 1.0     # loss weight of the recalled values' frames (DATA.events.json of data.py synthetic) against 1
-    ttt_write_penalty: float = 0.0  # loss weight of the TTT layers' mean learning-rate gate: a push to write fewer frames
+    ttt_write_penalty: float = 0.0  # loss weight of the TTT layers' mean learning-rate gate (it lowers the gate more than the writes)
     ttt_half_life_lr_mult: float = 1.0  # learning rate of the learnt half-lives (ttt_half_life_max) over the others'
     eval_interval: int = 250       # steps between evaluations and checkpoints (0: only at the end)
     eval_batches: int = 8
