@@ -87,6 +87,8 @@ def main(argv=None):
     out = {}
     for path in a.ckpt:
         model = SpeechLM.from_checkpoint(path).eval()
+        if not any(b.ttt is not None for b in model.layers):
+            sys.exit(f"{path} has no TTT layer: no fast weights to write into")
         if a.ttt_half_life_s is not None:   # (replaces learnt half-lives, if the model has them)
             model.set_ttt_half_life(a.ttt_half_life_s * FRAMES_PER_MINUTE / 60)
         cfg = model.cfg

@@ -99,6 +99,8 @@ def main(argv=None):
     out = {}
     for path in a.ckpt:
         model = SpeechLM.from_checkpoint(path).eval()
+        if not any(b.ttt is not None for b in model.layers):
+            sys.exit(f"{path} has no TTT layer: no fast weights to write into")
         try:
             check_fits(model.cfg, f, a.data)
         except ValueError as e:

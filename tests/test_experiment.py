@@ -961,6 +961,9 @@ def test_write_rates_script(tmp_path, one_thread, capsys):
     with pytest.raises(SystemExit, match="holds frames of"):   # a model of other frames
         _tiny(n_codebooks=4, delays=(0, 1, 1, 1)).save(str(tmp_path / "k4.safetensors"))
         wr.main(["--data", p, "--ckpt", str(tmp_path / "k4.safetensors")])
+    _tiny(n_ttt=0).save(str(tmp_path / "window.safetensors"))
+    with pytest.raises(SystemExit, match="no TTT layer"):
+        wr.main(["--data", p, "--ckpt", str(tmp_path / "window.safetensors")])
 
 
 def test_oracle_writes_script(tmp_path, one_thread, capsys):
@@ -1019,3 +1022,6 @@ def test_oracle_writes_script(tmp_path, one_thread, capsys):
     for bad in (["--scale", "-1"], ["--scale", "a"], ["--ttt_half_life_s", "-2"]):
         with pytest.raises(SystemExit):
             ow.main(["--data", p, "--ckpt", "x", *bad])
+    _tiny(n_ttt=0).save(str(tmp_path / "window.safetensors"))
+    with pytest.raises(SystemExit, match="no TTT layer"):
+        ow.main(["--data", p, "--ckpt", str(tmp_path / "window.safetensors")])
