@@ -294,6 +294,8 @@ def train_argv(sc, name, train_path, run_dir, seed=None):
             a["ttt_forget_gate"] = True
     if sc.get("stream_ttt_write_penalty") and a.get("n_ttt"):   # smaller learning-rate gates, this phase alone
         a["ttt_write_penalty"] = sc["stream_ttt_write_penalty"]
+    if sc.get("stream_ttt_update_penalty") and a.get("n_ttt"):   # smaller moves of the fast weights, this phase alone
+        a["ttt_update_penalty"] = sc["stream_ttt_update_penalty"]
     return [f"--{k}={v}" for k, v in a.items()]
 
 
@@ -716,6 +718,9 @@ def parse_args(argv=None):
                     help="the streaming phase's train.py --ttt_write_penalty: loss weight of the TTT layers' mean "
                          "learning-rate gate (0: none; docs/experiment/reach/forget/writes.md: it lowers the gate "
                          "more than what the fast weights take in)")
+    ap.add_argument("--stream_ttt_update_penalty", type=float, default=0,
+                    help="the streaming phase's train.py --ttt_update_penalty: loss weight of how far each training "
+                         "window moves the TTT fast weights beyond forgetting, over their learnt start's size (0: none)")
     ap.add_argument("--depth_layers", type=int, default=-1,
                     help="override the scale's depth decoder blocks (0: each codebook from a projection of the "
                          "backbone output and the previous codebook's embedding)")
@@ -774,6 +779,8 @@ def parse_args(argv=None):
         ap.error(f"--quiz_share is a share of the training conversations, from 0 to 1, not {a.quiz_share}")
     if not a.stream_ttt_write_penalty >= 0:
         ap.error(f"--stream_ttt_write_penalty must be 0 (none) or more, not {a.stream_ttt_write_penalty}")
+    if not a.stream_ttt_update_penalty >= 0:
+        ap.error(f"--stream_ttt_update_penalty must be 0 (none) or more, not {a.stream_ttt_update_penalty}")
     if a.train_hours < 0:
         ap.error(f"--train_hours must be > 0, not {a.train_hours}")
     if bad or not a.variants:
@@ -807,6 +814,8 @@ def main(argv=None):
         sc["stream_ttt_half_life_lr_mult"] = a.stream_ttt_half_life_lr_mult
     if a.stream_ttt_write_penalty:
         sc["stream_ttt_write_penalty"] = a.stream_ttt_write_penalty
+    if a.stream_ttt_update_penalty:
+        sc["stream_ttt_update_penalty"] = a.stream_ttt_update_penalty
     if a.train_hours:
         sc["train_hours"] = a.train_hours
     if a.depth_layers >= 0:

@@ -61,6 +61,7 @@ class TrainConfig:
     grad_clip: float = 1.0          # largest gradient norm (0: no clipping)
     recall_weight: float = 1.0     # loss weight of the recalled values' frames (DATA.events.json of data.py synthetic) against 1
     ttt_write_penalty: float = 0.0  # loss weight of the TTT layers' mean learning-rate gate (it lowers the gate more than the writes)
+    ttt_update_penalty: float = 0.0  # loss weight of how far each window moves the TTT fast weights beyond forgetting (ttt.py written), relative to their start
     ttt_half_life_lr_mult: float = 1.0  # learning rate of the learnt half-lives (ttt_half_life_max) over the others'
     eval_interval: int = 250       # steps between evaluations and checkpoints (0: only at the end)
     eval_batches: int = 8
@@ -330,11 +331,16 @@ def train(tc, overrides):
     if tc.ttt_write_penalty and not (tc.ttt_write_penalty > 0 and cfg.n_ttt):
         raise ValueError(f"--ttt_write_penalty weighs the TTT layers' learning-rate gate: it needs a weight > 0 "
                          f"(not {tc.ttt_write_penalty}) and a model with TTT layers (--n_ttt {cfg.n_ttt})")
-    writes = []   # --ttt_write_penalty: each TTT layer's mean learning-rate gate of this forward
-    if tc.ttt_write_penalty:
-        for b in model.layers:
-            if b.ttt is not None:
-                b.ttt.layer.register_forward_pre_hook(lambda mod, args: writes.append(mod.lr_gate(args[0]).mean()))
+    if tc.ttt_update_penalty and not (tc.ttt_update_penalty > 0 and cfg.n_ttt):
+        raise ValueError(f"--ttt_update_penalty weighs how far the TTT fast weights move: it needs a weight > 0 "
+                         f"(not {tc.ttt_update_penalty}) and a model with TTT layers (--n_ttt {cfg.n_ttt})")
+    writes, updates = [], []   # each TTT layer's mean learning-rate gate / mean move of this forward
+    for b in model.layers:
+        if b.ttt is not None and tc.ttt_write_penalty:
+            b.ttt.layer.register_forward_pre_hook(lambda mod, args: writes.append(mod.lr_gate(args[0]).mean()))
+        if b.ttt is not None and tc.ttt_update_penalty:   # (x, state) in, (y, new state) out
+            b.ttt.layer.register_forward_hook(
+                lambda mod, args, out: updates.append(mod.written(args[0], args[1], out[1]).mean()))
     val_sampler = WindowSampler(val, val_ids, min(tc.seq_len, int(val.lengths[val_ids].max())), B, delays,
                                 initial, 0)
 
@@ -445,6 +451,7 @@ def train(tc, overrides):
                 wt = torch.from_numpy(np.where(m, np.float32(tc.recall_weight), np.float32(1))).to(device)
             sync = nullcontext() if not ddp or tc.fsdp or i == A - 1 else model.no_sync()
             writes.clear()
+            updates.clear()
             with sync, autocast:
                 logits, new = model(x, st, keep_state=st is not None)  # mini-batch: no state to keep
                 loss, parts = lossf(logits, x, cfg, weight=wt)
@@ -452,6 +459,10 @@ def train(tc, overrides):
                     gate = torch.stack(writes).mean()
                     loss = loss + tc.ttt_write_penalty * gate
                     parts["write"] = gate.detach()
+                if tc.ttt_update_penalty:   # "upd": how far the fast weights moved, over their start's size
+                    moved = torch.stack(updates).mean()
+                    loss = loss + tc.ttt_update_penalty * moved
+                    parts["update"] = moved.detach()
             (loss / A).backward()
             if tc.mode == "streaming":
                 states[i] = detach_state(new)

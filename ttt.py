@@ -2060,6 +2060,33 @@ class _TTTLayer(nn.Module):
             _COMPILE_FAILED = True
             return run("torch")
 
+    def written(self, x, before, after):
+        """How far a call over x [B, T, dim] moved the fast weights beyond what forgetting alone does:
+        ||W_after - fade(W_before)|| / ||W_0|| per row and head [B, H] (float32; all fast weights
+        together), where W are the fast weights at mini-batch starts (state.params), W_0 the learnt
+        start and fade(W) = W_0 + decay^n (W - W_0) over the n mini-batch ends inside the call (under
+        the forget gate, decay^(sum of their exponents)). Differentiable (the size of W_0 is not), for
+        a penalty on what the layer takes in: train.py --ttt_update_penalty. before None: a fresh state."""
+        B, T, _ = x.shape
+        b = self.mini_batch
+        if before is None:
+            before = self.init_state(B, device=x.device)
+        ends = (before.i + torch.arange(T, device=x.device)) % b == b - 1       # [T] the mini-batches' last tokens
+        dt = after.params[0].dtype
+        if self.gates():
+            n = self.forget_gate(x).to(dt)[:, :, ends].sum(-1)[:, :, None, None]   # [B,H,1,1] exponents summed
+        else:
+            n = ends.sum().to(dt)
+        decay = self.decays()
+        ds = decay if isinstance(decay, tuple) else (decay,) * len(after.params)
+        num = den = 0.0
+        for w0, w1, a, g in zip(before.params, after.params, self._full_fast_weights(), ds):
+            a = a.to(dt)[None]
+            kept = torch.pow(torch.as_tensor(g, dtype=dt, device=x.device), n)   # fade over the call
+            num = num + (w1 - a - kept * (w0 - a)).square().sum((-2, -1))
+            den = den + a.detach().square().sum((-2, -1))
+        return torch.sqrt(num / den + 1e-12)
+
     def lr_gate(self, x):
         """The per-token learning-rate gate sigmoid(w_h . x + c_h) [B, H, T] (float32) for x [B, T, dim]:
         how much of the full inner step each token takes (inner_inputs' lr is base_lr * this / d)."""

@@ -790,12 +790,15 @@ def test_streaming_phase_inner_step(tmp_path, one_thread):
     # --stream_ttt_base_lr: the drills warm-up at the model's inner step, the streaming phase (and so the
     # evaluated model) at another; a model without TTT trains as before
     out, run, warm, final = _warm_up_then_stream(tmp_path, "window,ttt_linear", "--stream_ttt_base_lr", "0.3",
-                                                 "--stream_ttt_half_life_s", "2", "--stream_ttt_write_penalty", "0.5")
+                                                 "--stream_ttt_half_life_s", "2", "--stream_ttt_write_penalty", "0.5",
+                                                 "--stream_ttt_update_penalty", "0.2")
     # --stream_ttt_write_penalty: the streaming phase of the TTT model alone
     logs = {k: open(os.path.join(out, "runs", *k.split("/"), "train.log")).read()
             for k in ("ttt_linear", "ttt_linear/warmup", "window")}
     assert "--ttt_write_penalty=0.5" in logs["ttt_linear"] and " writ " in logs["ttt_linear"]
     assert "ttt_write_penalty" not in logs["ttt_linear/warmup"] + logs["window"]
+    assert "--ttt_update_penalty=0.2" in logs["ttt_linear"] and " upda " in logs["ttt_linear"]   # and --stream_ttt_update_penalty
+    assert "ttt_update_penalty" not in logs["ttt_linear/warmup"] + logs["window"]
     assert warm.cfg.ttt_base_lr == 1.0 and final.cfg.ttt_base_lr == 0.3
     assert all(b.ttt.layer.base_lr == 0.3 for b in final.layers if b.ttt is not None)
     # --stream_ttt_half_life_s: forgetting in the streaming phase alone, 2 s = 25 frames
@@ -804,7 +807,7 @@ def test_streaming_phase_inner_step(tmp_path, one_thread):
     assert all(abs(b.ttt.layer.decay - 0.5 ** (16 / 25)) < 1e-12 for b in final.layers if b.ttt is not None)
     with open(os.path.join(run, "eval.json")) as fh:
         assert json.load(fh)["ttt_half_life_s"] == 2.0
-    for bad in (["--stream_ttt_half_life_s", "-3"], ["--stream_ttt_write_penalty", "-1"]):
+    for bad in (["--stream_ttt_half_life_s", "-3"], ["--stream_ttt_write_penalty", "-1"], ["--stream_ttt_update_penalty", "-1"]):
         with pytest.raises(SystemExit):
             experiment.parse_args(bad)
     for bad in (["--stream_ttt_half_life_max_s", "60"], ["--stream_ttt_half_life_s", "90", "--stream_ttt_half_life_max_s", "60"]):

@@ -478,6 +478,42 @@ def test_ttt_write_penalty(synth, tmp_path, monkeypatch, capsys):
     assert "with TTT layers" in _err(capsys, _args(synth, tmp_path / "d", "streaming", n_ttt=0, ttt_write_penalty=1))
 
 
+def test_ttt_update_penalty(synth, tmp_path, monkeypatch, capsys):
+    # --ttt_update_penalty U: the loss gains U x the TTT layers' mean move of the fast weights in the step's
+    # forward (ttt.py written), and training with it makes the moves smaller
+    import ttt
+    seen = []
+    orig = ttt._TTTLayer.written
+
+    carried = []
+
+    def spy(self, x, before, after):
+        w = orig(self, x, before, after)
+        seen.append(w.detach().mean().item())
+        carried.append(before is not None and bool((before.params[0] != self.W1).any()))
+        return w
+    monkeypatch.setattr(ttt._TTTLayer, "written", spy)
+    plain = train.main(_args(synth, tmp_path / "a", "streaming", max_steps=1))
+    assert not seen   # no penalty, no hook
+    pen = train.main(_args(synth, tmp_path / "b", "streaming", max_steps=2, ttt_update_penalty=2.0))
+    n_ttt = sum(b.ttt is not None for b in SpeechLM.from_checkpoint(tmp_path / "b" / "model.safetensors").layers)
+    first = sum(seen[:n_ttt]) / n_ttt   # the step's forward, then the validation's
+    assert first > 0.01 and pen[0] - plain[0] == pytest.approx(2.0 * first, rel=1e-4)
+    assert not any(carried[:n_ttt]) and all(carried[n_ttt:2 * n_ttt])   # the second step: from the carried state
+    moves = {}
+    for name, u in (("plain", 0.0), ("pen", 3.0)):
+        train.main(_args(synth, tmp_path / name, "streaming", max_steps=8, lr=0.03, ttt_update_penalty=u))
+        m = SpeechLM.from_checkpoint(tmp_path / name / "model.safetensors").eval()
+        seen.clear()
+        t = [b.ttt.layer for b in m.layers if b.ttt is not None]
+        x = torch.randn(2, 32, m.cfg.dim)
+        with torch.no_grad():
+            moves[name] = float(sum(layer.written(x, None, layer(x)[1]).mean() for layer in t))
+    assert moves["pen"] < 0.7 * moves["plain"], moves
+    assert "needs a weight > 0" in _err(capsys, _args(synth, tmp_path / "c", "streaming", ttt_update_penalty=-1))
+    assert "with TTT layers" in _err(capsys, _args(synth, tmp_path / "d", "streaming", n_ttt=0, ttt_update_penalty=1))
+
+
 def test_half_life_lr_mult(synth, tmp_path, capsys):
     # --ttt_half_life_lr_mult M: the learnt half-lives take steps M times the others' learning rate; the
     # other weights' first step is unchanged

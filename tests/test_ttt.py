@@ -949,7 +949,8 @@ def test_module_on_cuda_takes_triton_and_agrees_with_torch(cls, decay):
     for impl in ("triton", "torch"):
         layer.impl = impl
         y, st = layer(x)
-        res.append((y, st, torch.autograd.grad(y.square().sum() + st.params[0].sum(), wrt)))
+        # (written: how far the call moved the fast weights, train.py --ttt_update_penalty's term)
+        res.append((y, st, torch.autograd.grad(y.square().sum() + st.params[0].sum() + layer.written(x, None, st).sum(), wrt)))
     (y, st, g), (y2, st2, g2) = res
     assert (y - y2).abs().max() < 1e-4 * y2.abs().max()
     assert_state_close(st, st2, 1e-4)
@@ -1209,3 +1210,34 @@ def test_kernel_sizes_script(capsys):
     for name in ("fwd", "bwd", "scan", "bwd_walk"):
         k = f"_ttt_linear_{name}_kernel"
         assert 0 < got[k, "off"] < got[k, "on"] and 0 < got[k, "off"] < got[k, "gate"], (k, got)
+
+
+@pytest.mark.parametrize("cls", [ttt.TTTLinear, ttt.TTTMLP])
+@pytest.mark.parametrize("kw", [{}, {"decay": 0.9}, {"half_life_range": (4.0, 40.0)},
+                                {"decay": 0.9, "forget_gate": True}])
+def test_written_is_the_move_beyond_forgetting(cls, kw):
+    """written(x, before, after): with a base learning rate of 0 the layer only forgets, and what it wrote
+    is 0; with learning, it is the distance from where forgetting alone leads (that lr-0 state), over the
+    learnt start's size; a fresh state counts from the start; the penalty's gradient reaches the weights."""
+    torch.manual_seed(3)
+    b, D, H = 4, 16, 2
+    layer = cls(D, H, mini_batch=b, **kw).double()
+    if kw.get("forget_gate"):   # a gate that depends on the input
+        with torch.no_grad():
+            layer.forget_weight.normal_(0, 0.3)
+    x = torch.randn(2, 15, D, dtype=torch.float64)
+    _, s1 = layer(x[:, :4])   # at a mini-batch start
+    layer.base_lr = 0.0
+    _, faded = layer(x[:, 4:], s1)
+    assert layer.written(x[:, 4:], s1, faded).max().item() < 1e-5
+    assert all((a - w).abs().max() > 1e-4 for a, w in zip(faded.params, s1.params)) == ("decay" in kw or "half_life_range" in kw)
+    layer.base_lr = 1.0
+    _, s2 = layer(x[:, 4:], s1)
+    size = sum(w.detach().square().sum((-2, -1)) for w in layer.fast_weights())      # [H]
+    want = torch.sqrt(sum((a - f).square().sum((-2, -1)) for a, f in zip(s2.params, faded.params)) / size)
+    got = layer.written(x[:, 4:], s1, s2)
+    assert got.shape == (2, H) and got.min() > 1e-3 and (got - want).abs().max().item() < 1e-9
+    fresh = layer.init_state(2)
+    assert (layer.written(x[:, :4], None, s1) - layer.written(x[:, :4], fresh, s1)).abs().max().item() == 0
+    layer.written(x[:, 4:], s1, s2).sum().backward()
+    assert layer.learnable_ttt_lr_bias.grad.abs().max() > 0 and layer.k_proj.weight.grad.abs().max() > 0
