@@ -296,6 +296,8 @@ def train_argv(sc, name, train_path, run_dir, seed=None):
         a["ttt_write_penalty"] = sc["stream_ttt_write_penalty"]
     if sc.get("stream_ttt_update_penalty") and a.get("n_ttt"):   # smaller moves of the fast weights, this phase alone
         a["ttt_update_penalty"] = sc["stream_ttt_update_penalty"]
+        if sc.get("stream_ttt_update_penalty_power", 1) != 1:
+            a["ttt_update_penalty_power"] = sc["stream_ttt_update_penalty_power"]
     return [f"--{k}={v}" for k, v in a.items()]
 
 
@@ -721,6 +723,9 @@ def parse_args(argv=None):
     ap.add_argument("--stream_ttt_update_penalty", type=float, default=0,
                     help="the streaming phase's train.py --ttt_update_penalty: loss weight of how far each training "
                          "window moves the TTT fast weights beyond forgetting, over their learnt start's size (0: none)")
+    ap.add_argument("--stream_ttt_update_penalty_power", type=float, default=1,
+                    help="with --stream_ttt_update_penalty: the move to this power (train.py --ttt_update_penalty_power; "
+                         "default 1; 2 does not pull a layer that writes little all the way to nothing)")
     ap.add_argument("--depth_layers", type=int, default=-1,
                     help="override the scale's depth decoder blocks (0: each codebook from a projection of the "
                          "backbone output and the previous codebook's embedding)")
@@ -781,6 +786,8 @@ def parse_args(argv=None):
         ap.error(f"--stream_ttt_write_penalty must be 0 (none) or more, not {a.stream_ttt_write_penalty}")
     if not a.stream_ttt_update_penalty >= 0:
         ap.error(f"--stream_ttt_update_penalty must be 0 (none) or more, not {a.stream_ttt_update_penalty}")
+    if a.stream_ttt_update_penalty_power != 1 and not (a.stream_ttt_update_penalty_power > 0 and a.stream_ttt_update_penalty):
+        ap.error("--stream_ttt_update_penalty_power needs a power > 0 and --stream_ttt_update_penalty")
     if a.train_hours < 0:
         ap.error(f"--train_hours must be > 0, not {a.train_hours}")
     if bad or not a.variants:
@@ -816,6 +823,8 @@ def main(argv=None):
         sc["stream_ttt_write_penalty"] = a.stream_ttt_write_penalty
     if a.stream_ttt_update_penalty:
         sc["stream_ttt_update_penalty"] = a.stream_ttt_update_penalty
+    if a.stream_ttt_update_penalty_power != 1:
+        sc["stream_ttt_update_penalty_power"] = a.stream_ttt_update_penalty_power
     if a.train_hours:
         sc["train_hours"] = a.train_hours
     if a.depth_layers >= 0:

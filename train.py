@@ -62,6 +62,7 @@ class TrainConfig:
     recall_weight: float = 1.0     # loss weight of the recalled values' frames (DATA.events.json of data.py synthetic) against 1
     ttt_write_penalty: float = 0.0  # loss weight of the TTT layers' mean learning-rate gate (it lowers the gate more than the writes)
     ttt_update_penalty: float = 0.0  # loss weight of how far each window moves the TTT fast weights beyond forgetting (ttt.py written), relative to their start
+    ttt_update_penalty_power: float = 1.0  # the penalty weighs that move to this power (2: small moves cost little, none is not pulled to 0)
     ttt_half_life_lr_mult: float = 1.0  # learning rate of the learnt half-lives (ttt_half_life_max) over the others'
     eval_interval: int = 250       # steps between evaluations and checkpoints (0: only at the end)
     eval_batches: int = 8
@@ -334,13 +335,15 @@ def train(tc, overrides):
     if tc.ttt_update_penalty and not (tc.ttt_update_penalty > 0 and cfg.n_ttt):
         raise ValueError(f"--ttt_update_penalty weighs how far the TTT fast weights move: it needs a weight > 0 "
                          f"(not {tc.ttt_update_penalty}) and a model with TTT layers (--n_ttt {cfg.n_ttt})")
+    if not tc.ttt_update_penalty_power > 0:
+        raise ValueError(f"--ttt_update_penalty_power must be > 0, not {tc.ttt_update_penalty_power}")
     writes, updates = [], []   # each TTT layer's mean learning-rate gate / mean move of this forward
     for b in model.layers:
         if b.ttt is not None and tc.ttt_write_penalty:
             b.ttt.layer.register_forward_pre_hook(lambda mod, args: writes.append(mod.lr_gate(args[0]).mean()))
         if b.ttt is not None and tc.ttt_update_penalty:   # (x, state) in, (y, new state) out
             b.ttt.layer.register_forward_hook(
-                lambda mod, args, out: updates.append(mod.written(args[0], args[1], out[1]).mean()))
+                lambda mod, args, out: updates.append(mod.written(args[0], args[1], out[1]).pow(tc.ttt_update_penalty_power).mean()))
     val_sampler = WindowSampler(val, val_ids, min(tc.seq_len, int(val.lengths[val_ids].max())), B, delays,
                                 initial, 0)
 
@@ -459,7 +462,7 @@ def train(tc, overrides):
                     gate = torch.stack(writes).mean()
                     loss = loss + tc.ttt_write_penalty * gate
                     parts["write"] = gate.detach()
-                if tc.ttt_update_penalty:   # "upd": how far the fast weights moved, over their start's size
+                if tc.ttt_update_penalty:   # "upda": how far the fast weights moved, over their start's size (to the power)
                     moved = torch.stack(updates).mean()
                     loss = loss + tc.ttt_update_penalty * moved
                     parts["update"] = moved.detach()

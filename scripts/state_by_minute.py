@@ -69,8 +69,16 @@ def main(argv=None):
         device = default_device(a.device)
     except ValueError as e:
         ap.error(str(e))
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32 or device.type == "cuda"
+    try:
+        return tables(a, device)
+    finally:   # a caller's later work (a test suite's) keeps its own setting
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def tables(a, device):
+    """main's work, for its parsed arguments: print the tables, return {name: dict(loss, moved)}."""
     torch.set_num_threads(min(8, os.cpu_count() or 1))
     f = CodesFile(a.data)
     convs = list(range(len(f)))[:a.conversations or None]
@@ -90,6 +98,8 @@ def main(argv=None):
         name = os.path.basename(os.path.normpath(path)).removesuffix(".safetensors")
         if name == "model":   # run/model.safetensors: the run's name
             name = os.path.basename(os.path.dirname(os.path.abspath(path)))
+        if name in out:   # runs of the same name from different experiments: the path as given
+            name = path
         out[name] = dict(loss=loss.tolist(), moved=moved.tolist())
         if learnt_half_lives(model):
             print(f"{name}:\n{describe_half_lives(learnt_half_lives(model))}\n")

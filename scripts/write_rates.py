@@ -10,6 +10,10 @@ the frames of each kind of the held-out conversations:
 
 A layer that stores patterns selectively writes more on the first mentions' values than elsewhere;
 one that writes every frame alike fills its fast weights with speech between a pattern and its recall.
+A gate says how large a step a frame may take, not how far it moves the fast weights: a frame the fast
+weights already predict has a small inner gradient. For TTT-Linear the script also reports each frame's
+step, ||tau_last lr_t g_t|| / ||W_0||: the size of its term in the update at its mini-batch's end (g_t the
+inner gradient at the mini-batch's starting weights, W_0 the learnt start, W1 and b1 together).
 
     python scripts/write_rates.py --data heldout.bin --ckpt runs/ttt_linear --minutes 10
 """
@@ -25,6 +29,7 @@ import torch  # noqa: E402
 from data import CUE_LEN, KEY_LEN  # noqa: E402
 from evaluate import FRAMES_PER_MINUTE, check_fits, chunk, recall_data  # noqa: E402
 from model import SpeechLM  # noqa: E402
+from ttt import _ln_l2_grad  # noqa: E402
 
 KINDS = ("cue", "key", "value", "recall cue", "recall key", "recall value", "other")
 
@@ -45,19 +50,50 @@ def frame_kinds(events, convs, start, T):
 
 
 @torch.no_grad()
+def token_steps(layer, x, state):
+    """Each token's step [B, H, T] for a TTT-Linear layer's call over x [B, T, dim] from state (None:
+    fresh): ||tau_last lr_t g_t|| / ||W_0||, g_t = (k_t^T dz_t, dz_t) the inner gradient at the weights its
+    mini-batch starts from, its norm ||dz_t|| sqrt(||k_t||^2 + 1). The layer is run again piece by piece
+    (up to each mini-batch's end) on the PyTorch path to know those weights."""
+    if layer.kind != "linear":
+        raise ValueError("token steps are written out for TTT-Linear only")
+    B, T, _ = x.shape
+    b = layer.mini_batch
+    state = layer.init_state(B, device=x.device) if state is None else state
+    q, k, v, lr, tau = layer.inner_inputs(x, state.i)
+    gate = layer.forget_gate(x)
+    dt = state.params[0].dtype
+    q, k, v, lr, tau = (t.to(dt) for t in (q, k, v, lr, tau))
+    ln_w, ln_b = (w.to(dt)[:, None] for w in (layer.ttt_norm_weight, layer.ttt_norm_bias))   # [H, 1, d]
+    size = torch.sqrt(sum(w.to(dt).square().sum((-2, -1)) for w in layer.fast_weights()))  # [H]
+    steps, t = [], 0
+    while t < T:
+        n = min(b - int(state.i), T - t)
+        W1, b1 = state.params
+        piece = slice(t, t + n)
+        dz = _ln_l2_grad(k[:, :, piece] @ W1 + b1, v[:, :, piece] - k[:, :, piece], ln_w, ln_b)   # [B,H,n,d]
+        g = dz.norm(dim=-1) * torch.sqrt(k[:, :, piece].square().sum(-1) + 1)                      # [B,H,n]
+        steps.append(tau[-1] * lr[:, :, piece] * g / size[:, None])
+        _, state = layer._inner(q[:, :, piece], k[:, :, piece], v[:, :, piece], lr[:, :, piece], tau, state,
+                                "torch", None if gate is None else gate[:, :, piece])
+        t += n
+    return torch.cat(steps, -1)
+
+
+@torch.no_grad()
 def write_rates(model, f, convs, events, minutes, chunk_len=750):
     """Per TTT layer: dict gate -> [len(KINDS), H] mean over frames of each kind (NaN where none), for
-    gate in "lr" (the learning-rate gate) and, for a gated layer, "forget" (its exponent s); and the
-    frame count of each kind."""
+    gate in "lr" (the learning-rate gate), for a gated layer "forget" (its exponent s), and for TTT-Linear
+    "step" (token_steps); and the frame count of each kind."""
     cfg = model.cfg
     layers = [b.ttt.layer for b in model.layers if b.ttt is not None]
     if not layers:
         raise ValueError("the model has no TTT layer")
     seen = {}
-    hooks = [t.register_forward_pre_hook(lambda mod, args, j=j: seen.__setitem__(j, args[0]))
+    hooks = [t.register_forward_pre_hook(lambda mod, args, j=j: seen.__setitem__(j, args))
              for j, t in enumerate(layers)]
-    sums = [{g: np.zeros((len(KINDS), t.n_heads)) for g in (("lr", "forget") if t.gates() else ("lr",))}
-            for t in layers]
+    gates = lambda t: ("lr",) + (("forget",) if t.gates() else ()) + (("step",) if t.kind == "linear" else ())
+    sums = [{g: np.zeros((len(KINDS), t.n_heads)) for g in gates(t)} for t in layers]
     counts = np.zeros(len(KINDS))
     state = model.init_state(len(convs))
     n = min(int(f.lengths[convs].max()), round(minutes * FRAMES_PER_MINUTE))
@@ -70,11 +106,13 @@ def write_rates(model, f, convs, events, minutes, chunk_len=750):
             onehot = torch.from_numpy(np.stack([kinds == k for k in range(len(KINDS))]).astype(np.float64))  # [K, B, T]
             counts += onehot.sum((1, 2)).numpy()
             for j, t in enumerate(layers):
-                xs = seen[j]
+                xs, before = seen[j]
                 gate = t.lr_gate(xs).double()                                       # [B, H, T]
                 sums[j]["lr"] += torch.einsum("kbt,bht->kh", onehot, gate).numpy()
                 if "forget" in sums[j]:
                     sums[j]["forget"] += torch.einsum("kbt,bht->kh", onehot, t.forget_gate(xs).double()).numpy()
+                if "step" in sums[j]:
+                    sums[j]["step"] += torch.einsum("kbt,bht->kh", onehot, token_steps(t, xs, before).double()).numpy()
     finally:
         for h in hooks:
             h.remove()
@@ -113,8 +151,8 @@ def main(argv=None):
         print("|---|---|" + "---:|" * len(KINDS))
         for j, d in enumerate(rates):
             for g, v in d.items():
-                print(f"| {j + 1} | {'learning rate' if g == 'lr' else 'forget s'} | "
-                      + " | ".join(" / ".join(f"{x:.3f}" for x in row) for row in v) + " |")
+                print(f"| {j + 1} | {dict(lr='learning rate', forget='forget s', step='step')[g]} | "
+                      + " | ".join(" / ".join(f"{x:.3g}" if g == "step" else f"{x:.3f}" for x in row) for row in v) + " |")
         print()
     return out
 

@@ -14,6 +14,7 @@ from torch.utils._pytree import tree_flatten
 
 import evaluate
 import experiment
+import ttt
 from codes import CodesFile
 from data import StreamSampler, load_events, synthetic
 from model import Config, SpeechLM, detach_state, loss_fn
@@ -572,6 +573,9 @@ def test_state_by_minute_script(tmp_path, one_thread, capsys):
     moved = np.array(out["ttt"]["moved"])
     assert moved.shape == (ttt.cfg.n_ttt, 2) and (moved > 0).all() and (moved[:, 1] > moved[:, 0]).all()
     assert out["window"]["moved"] == []
+    twice = sbm.main(["--data", p, "--ckpt", str(tmp_path / "ttt.safetensors"), "--ckpt", str(tmp_path / "ttt.safetensors"),
+                      "--blocks", "1-1"])   # two checkpoints of one name: the second under its path
+    assert list(twice) == ["ttt", str(tmp_path / "ttt.safetensors")] and twice["ttt"] == twice[str(tmp_path / "ttt.safetensors")]
     with pytest.raises(SystemExit):
         sbm.main(["--data", p, "--ckpt", str(tmp_path / "ttt.safetensors"), "--device", "nodevice"])
 
@@ -791,13 +795,14 @@ def test_streaming_phase_inner_step(tmp_path, one_thread):
     # evaluated model) at another; a model without TTT trains as before
     out, run, warm, final = _warm_up_then_stream(tmp_path, "window,ttt_linear", "--stream_ttt_base_lr", "0.3",
                                                  "--stream_ttt_half_life_s", "2", "--stream_ttt_write_penalty", "0.5",
-                                                 "--stream_ttt_update_penalty", "0.2")
+                                                 "--stream_ttt_update_penalty", "0.2", "--stream_ttt_update_penalty_power", "2")
     # --stream_ttt_write_penalty: the streaming phase of the TTT model alone
     logs = {k: open(os.path.join(out, "runs", *k.split("/"), "train.log")).read()
             for k in ("ttt_linear", "ttt_linear/warmup", "window")}
     assert "--ttt_write_penalty=0.5" in logs["ttt_linear"] and " writ " in logs["ttt_linear"]
     assert "ttt_write_penalty" not in logs["ttt_linear/warmup"] + logs["window"]
     assert "--ttt_update_penalty=0.2" in logs["ttt_linear"] and " upda " in logs["ttt_linear"]   # and --stream_ttt_update_penalty
+    assert "--ttt_update_penalty_power=2.0" in logs["ttt_linear"]
     assert "ttt_update_penalty" not in logs["ttt_linear/warmup"] + logs["window"]
     assert warm.cfg.ttt_base_lr == 1.0 and final.cfg.ttt_base_lr == 0.3
     assert all(b.ttt.layer.base_lr == 0.3 for b in final.layers if b.ttt is not None)
@@ -807,7 +812,8 @@ def test_streaming_phase_inner_step(tmp_path, one_thread):
     assert all(abs(b.ttt.layer.decay - 0.5 ** (16 / 25)) < 1e-12 for b in final.layers if b.ttt is not None)
     with open(os.path.join(run, "eval.json")) as fh:
         assert json.load(fh)["ttt_half_life_s"] == 2.0
-    for bad in (["--stream_ttt_half_life_s", "-3"], ["--stream_ttt_write_penalty", "-1"], ["--stream_ttt_update_penalty", "-1"]):
+    for bad in (["--stream_ttt_half_life_s", "-3"], ["--stream_ttt_write_penalty", "-1"], ["--stream_ttt_update_penalty", "-1"],
+                ["--stream_ttt_update_penalty_power", "2"], ["--stream_ttt_update_penalty", "1", "--stream_ttt_update_penalty_power", "0"]):
         with pytest.raises(SystemExit):
             experiment.parse_args(bad)
     for bad in (["--stream_ttt_half_life_max_s", "60"], ["--stream_ttt_half_life_s", "90", "--stream_ttt_half_life_max_s", "60"]):
@@ -903,6 +909,43 @@ def test_half_life_gradients_script(tmp_path, one_thread, capsys):
         hg.main(["--ckpt", str(tmp_path / "plain.safetensors"), "--data", p, "--chunk", "16", "--chunks", "2"])
 
 
+@pytest.mark.parametrize("gate", [False, True])
+def test_token_steps_are_the_inner_gradients(gate):
+    # write_rates.token_steps: ||tau_last lr_t g_t|| / ||W_0|| with g_t the inner gradient (autograd here) at
+    # the weights its mini-batch starts from, for a call that starts mid-mini-batch; TTT-MLP refused
+    wr = _script("write_rates")
+    torch.manual_seed(4)
+    b, D, H = 4, 16, 2
+    layer = ttt.TTTLinear(D, H, mini_batch=b, decay=0.8, forget_gate=gate).double()
+    with torch.no_grad():
+        layer.learnable_token_idx.normal_(0, 0.1)
+        layer.b1.normal_(0, 0.1)   # (0 at the start: its share of the size would go unchecked)
+        if gate:
+            layer.forget_weight.normal_(0, 0.5)
+    x = torch.randn(2, 13, D, dtype=torch.float64)
+    _, st = layer(x[:, :2])   # position 2 of a mini-batch
+    got = wr.token_steps(layer, x[:, 2:], st)
+    q, k, v, lr, tau = layer.inner_inputs(x[:, 2:], st.i)
+    size = torch.sqrt(layer.W1.square().sum((-2, -1)) + layer.b1.square().sum((-2, -1)))
+    want, state, t = torch.zeros_like(got), st, 0
+    for n in (2, 4, 4, 1):   # up to each mini-batch's end
+        W1, b1 = state.params
+        for i in range(t, t + n):
+            for r in range(2):
+                for h in range(H):
+                    w, c = W1[r, h].clone().requires_grad_(), b1[r, h].clone().requires_grad_()
+                    z = k[r, h, i] @ w + c[0]
+                    loss = 0.5 * (torch.nn.functional.layer_norm(z, (D // H,), eps=ttt.LN_EPS) * layer.ttt_norm_weight[h]
+                                  + layer.ttt_norm_bias[h] - (v[r, h, i] - k[r, h, i])).square().sum()
+                    gw, gc = torch.autograd.grad(loss, (w, c))
+                    want[r, h, i] = tau[-1] * lr[r, h, i] * torch.sqrt(gw.square().sum() + gc.square().sum()) / size[h]
+        _, state = layer(x[:, 2 + t:2 + t + n], state)
+        t += n
+    assert (got - want).abs().max().item() < 1e-10 and got.min() > 0
+    with pytest.raises(ValueError, match="TTT-Linear only"):
+        wr.token_steps(ttt.TTTMLP(D, H, mini_batch=b), x.float(), None)
+
+
 def test_write_rates_script(tmp_path, one_thread, capsys):
     # scripts/write_rates.py: the learning-rate gate and the forget gate's s, averaged by kind of frame,
     # chunked with the state carried over two conversations of different lengths, equal a pass over
@@ -922,7 +965,7 @@ def test_write_rates_script(tmp_path, one_thread, capsys):
     rates, counts = wr.write_rates(m, f, [0, 1], events, minutes=1.5, chunk_len=40)   # chunks that start mid-mini-batch
     n = round(1.5 * 750)
     layers = [b.ttt.layer for b in m.layers if b.ttt is not None]
-    kinds, xs = [], [[] for _ in layers]
+    kinds, xs, steps = [], [[] for _ in layers], [[] for _ in layers]
     for c in (0, 1):
         L = min(int(f.lengths[c]), n)
         seen = {}
@@ -932,8 +975,9 @@ def test_write_rates_script(tmp_path, one_thread, capsys):
             m(torch.from_numpy(x), m.init_state(1))
         for h in hooks:
             h.remove()
-        for j in range(len(layers)):
+        for j, t in enumerate(layers):
             xs[j].append(seen[j][0].double())
+            steps[j].append(wr.token_steps(t, seen[j], None)[0].t().double())   # the whole conversation from a fresh state
         kind = np.full(int(f.lengths[c]), 6)
         for _, _, first, recall, vlen in events[events[:, 0] == c]:   # cue, key, value frames of each mention
             for base, v in ((0, first), (3, recall)):
@@ -950,11 +994,12 @@ def test_write_rates_script(tmp_path, one_thread, capsys):
         for k in range(7):   # [H] each
             np.testing.assert_allclose(rates[j]["lr"][k], lr[kind == k].mean(0).numpy(), rtol=1e-5)
             np.testing.assert_allclose(rates[j]["forget"][k], s[kind == k].mean(0).numpy(), rtol=1e-5)
+            np.testing.assert_allclose(rates[j]["step"][k], torch.cat(steps[j])[kind == k].mean(0).numpy(), rtol=1e-4)
         assert np.ptp(rates[j]["lr"][:, 0]) > 0.01   # the kinds differ here
     m.save(str(tmp_path / "gated.safetensors"))
     out = wr.main(["--data", p, "--ckpt", str(tmp_path / "gated.safetensors"), "--minutes", "1"])
     text = capsys.readouterr().out
-    assert "| 1 | learning rate |" in text and "| 1 | forget s |" in text and len(out) == 1
+    assert "| 1 | learning rate |" in text and "| 1 | forget s |" in text and "| 1 | step |" in text and len(out) == 1
     with pytest.raises(SystemExit):
         wr.main(["--data", p, "--ckpt", "x", "--minutes", "0"])
     q = str(tmp_path / "plain.bin")   # the same frames without their events file: nothing to sort them by

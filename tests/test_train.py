@@ -489,7 +489,7 @@ def test_ttt_update_penalty(synth, tmp_path, monkeypatch, capsys):
 
     def spy(self, x, before, after):
         w = orig(self, x, before, after)
-        seen.append(w.detach().mean().item())
+        seen.append(w.detach())
         carried.append(before is not None and bool((before.params[0] != self.W1).any()))
         return w
     monkeypatch.setattr(ttt._TTTLayer, "written", spy)
@@ -497,9 +497,13 @@ def test_ttt_update_penalty(synth, tmp_path, monkeypatch, capsys):
     assert not seen   # no penalty, no hook
     pen = train.main(_args(synth, tmp_path / "b", "streaming", max_steps=2, ttt_update_penalty=2.0))
     n_ttt = sum(b.ttt is not None for b in SpeechLM.from_checkpoint(tmp_path / "b" / "model.safetensors").layers)
-    first = sum(seen[:n_ttt]) / n_ttt   # the step's forward, then the validation's
+    first = sum(w.mean().item() for w in seen[:n_ttt]) / n_ttt   # the step's forward, then the validation's
     assert first > 0.01 and pen[0] - plain[0] == pytest.approx(2.0 * first, rel=1e-4)
     assert not any(carried[:n_ttt]) and all(carried[n_ttt:2 * n_ttt])   # the second step: from the carried state
+    seen.clear()   # --ttt_update_penalty_power 2: the squares' mean
+    sq = train.main(_args(synth, tmp_path / "e", "streaming", max_steps=1, ttt_update_penalty=2.0, ttt_update_penalty_power=2))
+    second = sum(w.square().mean().item() for w in seen[:n_ttt]) / n_ttt
+    assert abs(second - first ** 2) > 1e-3 and sq[0] - plain[0] == pytest.approx(2.0 * second, rel=1e-4)
     moves = {}
     for name, u in (("plain", 0.0), ("pen", 3.0)):
         train.main(_args(synth, tmp_path / name, "streaming", max_steps=8, lr=0.03, ttt_update_penalty=u))
@@ -512,6 +516,7 @@ def test_ttt_update_penalty(synth, tmp_path, monkeypatch, capsys):
     assert moves["pen"] < 0.7 * moves["plain"], moves
     assert "needs a weight > 0" in _err(capsys, _args(synth, tmp_path / "c", "streaming", ttt_update_penalty=-1))
     assert "with TTT layers" in _err(capsys, _args(synth, tmp_path / "d", "streaming", n_ttt=0, ttt_update_penalty=1))
+    assert "must be > 0" in _err(capsys, _args(synth, tmp_path / "f", "streaming", ttt_update_penalty=1, ttt_update_penalty_power=0))
 
 
 def test_half_life_lr_mult(synth, tmp_path, capsys):
