@@ -211,7 +211,11 @@ VARIANTS = {
     "ttt_mlp": dict(ttt_type="mlp"),               # (c) + TTT-MLP
     "long_window": dict(n_ttt=0, window="long"),   # (d) reference: attention over the long window
     "ttt_linear_all": dict(ttt_type="linear", n_ttt="all"),   # (b) with TTT-Linear in every layer, as in the toy
+    # (b) with 4 times the fast weights: 4 times the TTT heads, each as wide as before (model.py's
+    # ttt_head_dim), so that a memory wider than the model holds more (not run by default)
+    "ttt_linear_x4": dict(ttt_type="linear", ttt_memory=4),
 }
+DEFAULT_VARIANTS = ("window", "ttt_linear", "ttt_mlp", "long_window", "ttt_linear_all")
 SEED = 1337
 HELDOUT_SEED = 1     # the training data uses seed 0: held-out voices, keys and values are new
 
@@ -275,6 +279,9 @@ def model_args(sc, name):
         m["window"] = sc["long_window"]
     if m.get("n_ttt") == "all":
         m["n_ttt"] = m["n_layers"]
+    if "ttt_memory" in m:   # k times the heads, each keeping the scale's head width
+        heads = m.get("ttt_heads") or max(1, m["dim"] // 64)
+        m["ttt_head_dim"], m["ttt_heads"] = m["dim"] // heads, heads * m.pop("ttt_memory")
     return m
 
 
@@ -689,7 +696,8 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", choices=list(SCALES), default="gpu", help="size of everything (default gpu)")
     ap.add_argument("--out", default="runs/experiment", help="folder for data, runs, figures and summary")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                    help=f"comma-separated, of: {', '.join(VARIANTS)} (default: all but the last)")
     ap.add_argument("--stages", default="data,train,eval,report", help="comma-separated, of: data, train, eval, report")
     ap.add_argument("--parallel", type=int, default=0,
                     help="variants run at once, as subprocesses spread over the GPUs (0: all variants on CUDA, "
@@ -735,7 +743,7 @@ def parse_args(argv=None):
                     help="train.py's mode (default streaming: state carried through whole conversations)")
     ap.add_argument("--dtype", choices=["", "bfloat16", "float32"], default="",
                     help="train.py's dtype (default: bfloat16 on a GPU; float32 with TF32 products learnt the "
-                         "drills sooner in a GPU comparison, see README)")
+                         "drills sooner in a GPU comparison, see docs/experiment)")
     ap.add_argument("--min_lr", type=float, default=-1,
                     help="override the scale's final learning rate (the scale's --lr: a constant rate)")
     ap.add_argument("--warmup_drills", type=int, default=-1,

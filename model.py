@@ -61,6 +61,9 @@ class Config:
     n_ttt: int = 0
     ttt_type: str = "linear"      # "linear" or "mlp"
     ttt_heads: int = 0            # 0: dim // 64
+    # 0: the heads split the model's width (dim / ttt_heads each, as the official layer); else each
+    # head's width, the fast model then ttt_heads * ttt_head_dim wide: more memory at the same width
+    ttt_head_dim: int = 0
     ttt_mini_batch: int = 16
     ttt_base_lr: float = 1.0
     # frames after which what the fast weights wrote has faded halfway back to their learnt start
@@ -523,7 +526,8 @@ class GatedTTT(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.layer = cls(cfg.dim, cfg.ttt_heads, mini_batch=cfg.ttt_mini_batch, base_lr=cfg.ttt_base_lr,
                          checkpoint_group=cfg.ttt_checkpoint_group, decay=cfg.ttt_decay(),
-                         half_life_range=cfg.ttt_half_life_range(), forget_gate=cfg.ttt_forget_gate)
+                         half_life_range=cfg.ttt_half_life_range(), forget_gate=cfg.ttt_forget_gate,
+                         head_dim=cfg.ttt_head_dim or None)
         self.alpha = nn.Parameter(torch.full((cfg.dim,), float(cfg.ttt_gate_init)))
 
     def forward(self, x, state):
@@ -1421,8 +1425,8 @@ class SpeechLM(nn.Module):
         for i, l in enumerate(self.layers):
             t = l.ttt.layer if l.ttt is not None else None
             if (t is None or not isinstance(t, TTTLinear) or t.g_proj is None or t.head_dim & (t.head_dim - 1)
-                    or t.forget_weight is not None):   # (a forget gate: the layer's own step, compiled or not)
-                continue
+                    or t.forget_weight is not None or t.width != t.dim):
+                continue   # (a forget gate, or a memory wider than the model: the layer's own step)
             p = t.q_proj.weight
             with torch.no_grad():
                 cos, sin = _rope_cos_sin(torch.arange(t.mini_batch, device=p.device), t.head_dim, t.rope_theta)
@@ -1751,9 +1755,9 @@ def flops_per_frame(cfg, seq_len, train=True):
     layer = attn_w + 3 * D * cfg.hidden
     keys = min(seq_len, cfg.window) / 2 if train else cfg.window   # average keys a query sees
     f = 2 * cfg.n_layers * layer + 4 * cfg.n_layers * cfg.n_heads * hd * keys
-    th = D // cfg.ttt_heads
+    th = cfg.ttt_head_dim or D // cfg.ttt_heads
     inner = (8 * th * th + 4 * cfg.ttt_mini_batch * th) * (5 if cfg.ttt_type == "mlp" else 1)
-    f += cfg.n_ttt * (2 * 5 * D * D + cfg.ttt_heads * inner)                     # q, k, v, o, gate + inner loop
+    f += cfg.n_ttt * (2 * 5 * D * th * cfg.ttt_heads + cfg.ttt_heads * inner)   # q, k, v, o, gate + inner loop
     dl = 4 * d * d + 3 * d * cfg.depth_hidden
     f += 2 * D * C * d + C * (2 * cfg.depth_layers * dl + 4 * cfg.depth_layers * d * C / 2)
     f += 2 * d * (cfg.n_audio * cfg.cardinality + cfg.n_text * cfg.text_cardinality)

@@ -1910,27 +1910,33 @@ class _TTTLayer(nn.Module):
     """Shared body of TTTLinear and TTTMLP (upstream TTTBase); see their docstrings."""
 
     def __init__(self, dim, n_heads, mini_batch=16, base_lr=1.0, rope_theta=10000.0, gate=True,
-                 checkpoint_group=0, impl="auto", decay=1.0, half_life_range=None, forget_gate=False):
+                 checkpoint_group=0, impl="auto", decay=1.0, half_life_range=None, forget_gate=False,
+                 head_dim=None):
         super().__init__()
-        if dim % n_heads:
-            raise ValueError(f"dim ({dim}) must be a multiple of n_heads ({n_heads})")
-        if (dim // n_heads) % 2:
-            raise ValueError(f"head width dim / n_heads = {dim // n_heads} must be even for RoPE")
+        if head_dim is None:   # the official layer: the heads split the model's width
+            if dim % n_heads:
+                raise ValueError(f"dim ({dim}) must be a multiple of n_heads ({n_heads})")
+            head_dim = dim // n_heads
+        if head_dim < 2 or head_dim % 2:
+            raise ValueError(f"head width {head_dim} must be even for RoPE (head_dim, or dim / n_heads)")
         if mini_batch < 1:
             raise ValueError(f"mini_batch must be >= 1, got {mini_batch}")
         if impl not in ("auto", "torch", "compile", "triton"):
             raise ValueError(f"impl must be 'auto', 'torch', 'compile' or 'triton', got {impl!r}")
-        self.dim, self.n_heads, self.head_dim = dim, n_heads, dim // n_heads
+        # width: the inner model's, n_heads * head_dim; the model's width dim unless head_dim says
+        # otherwise (a larger memory than the model's width gives: more fast weights, same model)
+        self.dim, self.n_heads, self.head_dim, self.width = dim, n_heads, head_dim, n_heads * head_dim
         self.mini_batch, self.base_lr, self.rope_theta = mini_batch, base_lr, rope_theta
         self.checkpoint_group, self.impl = checkpoint_group, impl
         self.log_half_life = None   # learnt half-lives (learn_half_life), else one fixed decay
         self.forget_weight = self.forget_bias = None   # the forget gate (add_forget_gate)
         self.set_decay(decay)
         H, d = n_heads, self.head_dim
-        self.q_proj = nn.Linear(dim, dim, bias=False)
-        self.k_proj = nn.Linear(dim, dim, bias=False)
-        self.v_proj = nn.Linear(dim, dim, bias=False)
-        self.o_proj = nn.Linear(dim, dim, bias=False)
+        W = self.width
+        self.q_proj = nn.Linear(dim, W, bias=False)
+        self.k_proj = nn.Linear(dim, W, bias=False)
+        self.v_proj = nn.Linear(dim, W, bias=False)
+        self.o_proj = nn.Linear(W, dim, bias=False)
         # learnable inner learning rate per head, Sec. 2.7: lr = base_lr * sigmoid(w_h . x + c_h) / d
         self.learnable_ttt_lr_weight = nn.Parameter(torch.randn(H, 1, dim) * 0.02)
         self.learnable_ttt_lr_bias = nn.Parameter(torch.zeros(H, 1))
@@ -1938,8 +1944,8 @@ class _TTTLayer(nn.Module):
         self.learnable_token_idx = nn.Parameter(torch.zeros(mini_batch))
         self.ttt_norm_weight = nn.Parameter(torch.ones(H, d))
         self.ttt_norm_bias = nn.Parameter(torch.zeros(H, d))
-        self.post_norm = nn.LayerNorm(dim, eps=LN_EPS)
-        self.g_proj = nn.Linear(dim, dim, bias=False) if gate else None
+        self.post_norm = nn.LayerNorm(W, eps=LN_EPS)
+        self.g_proj = nn.Linear(dim, W, bias=False) if gate else None
         # RoPE's cos and sin at the b positions of a mini-batch, [2, b, d/2]: a compiled layer reads them
         # rather than computing them again for every element of q and k
         self.register_buffer("rope_table", self.make_rope_table(), persistent=False)
@@ -2127,7 +2133,7 @@ class _TTTLayer(nn.Module):
             state = self.init_state(B, device=x.device)
         q, k, v, lr, tau = self.inner_inputs(x, state.i)
         out, state = self._inner(q, k, v, lr, tau, state, self._impl(x), self.forget_gate(x))
-        y = self.post_norm(out.to(x.dtype).transpose(1, 2).reshape(B, T, D))  # [B,T,D]
+        y = self.post_norm(out.to(x.dtype).transpose(1, 2).reshape(B, T, self.width))  # [B,T,H*d]
         if self.g_proj is not None:  # output gate as upstream apply_gate
             y = F.gelu(self.g_proj(x), approximate="tanh") * y
         return self.o_proj(y), state
@@ -2137,7 +2143,8 @@ class TTTLinear(_TTTLayer):
     """TTT-Linear layer: per head a linear fast model f(x) = LN(x W1 + b1), trained while reading.
 
     TTTLinear(dim, n_heads, mini_batch=16, base_lr=1.0, rope_theta=10000.0, gate=True,
-              checkpoint_group=0, impl="auto", decay=1.0, half_life_range=None, forget_gate=False)
+              checkpoint_group=0, impl="auto", decay=1.0, half_life_range=None, forget_gate=False,
+              head_dim=None)
     forward(x [B, T, dim], state=None) -> (y [B, T, dim], TTTState)
     Parameter names follow ttt-lm-pytorch (q_proj, ..., W1, b1) so its checkpoints map by name.
     impl "auto": on CUDA the Triton kernels where they support the shape, else the compiled loop
@@ -2147,6 +2154,8 @@ class TTTLinear(_TTTLayer):
     half_life_range (lo, hi) in tokens: learnt forgetting rates instead (learn_half_life).
     forget_gate: the input scales how fast each mini-batch forgets (add_forget_gate; TTT-MLP's
     takes the compiled loop on CUDA).
+    head_dim (not in the official layer): each head's width, so that the inner model is n_heads *
+    head_dim wide whatever dim is (the projections map between the two); None: dim / n_heads.
     """
     kind = "linear"
     inner = staticmethod(ttt_linear)

@@ -9,6 +9,7 @@ import weakref
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -35,7 +36,7 @@ def test_experiment_runs_end_to_end(tmp_path, one_thread):
     sc = experiment.SCALES["cpu-test"]
     with open(os.path.join(out, "results.json")) as f:
         res = json.load(f)
-    assert set(res["eval"]) == set(experiment.VARIANTS)
+    assert set(res["eval"]) == set(experiment.DEFAULT_VARIANTS)
     n_conv, minutes = sc["heldout"]
     for name, r in res["eval"].items():
         losses = res["train_losses"][name]
@@ -75,7 +76,7 @@ def test_experiment_runs_end_to_end(tmp_path, one_thread):
     assert len(sil) == sc["n_codebooks"] and SpeechLM.from_checkpoint(os.path.join(out, "runs", "ttt_linear")).cfg.silence == sil
     with open(os.path.join(out, "summary.md")) as f:
         md = f.read()
-    assert all(f"| {n} |" in md for n in experiment.VARIANTS) and f"1/{A}" in md
+    assert all(f"| {n} |" in md for n in experiment.DEFAULT_VARIANTS) and f"1/{A}" in md
     assert "drills: recall in / beyond window / beyond reach" in md and "speech frames: loss min 1-5 / last 5" in md
     d = res["eval"]["ttt_linear"]["drills_recall"]
     assert " / ".join(f"{d[k]['accuracy']:.3f}" if d[k]["accuracy"] is not None else "-"
@@ -1073,3 +1074,20 @@ def test_oracle_writes_script(tmp_path, one_thread, capsys):
     _tiny(n_ttt=0).save(str(tmp_path / "window.safetensors"))
     with pytest.raises(SystemExit, match="no TTT layer"):
         ow.main(["--data", p, "--ckpt", str(tmp_path / "window.safetensors")])
+
+
+def test_wider_memory_variant(tmp_path, one_thread):
+    # ttt_linear_x4: 4 times the TTT heads, each of the scale's head width, so 4 times the fast weights in
+    # a model of the same width; trained by the scale's command like the others (not a default variant)
+    assert "ttt_linear_x4" not in experiment.DEFAULT_VARIANTS
+    m = experiment.model_args(experiment.SCALES["gpu-reach"], "ttt_linear_x4")
+    assert (m["dim"], m["ttt_heads"], m["ttt_head_dim"]) == (128, 8, 64)
+    out = str(tmp_path / "exp")
+    experiment.main(["--scale", "cpu-test", "--variants", "ttt_linear,ttt_linear_x4", "--stages", "data,train",
+                     "--out", out])
+    shapes = {}
+    for v in ("ttt_linear", "ttt_linear_x4"):
+        sd = load_file(os.path.join(out, "runs", v, "model.safetensors"))
+        shapes[v] = [tuple(t.shape) for k, t in sorted(sd.items()) if k.endswith("ttt.layer.W1")]
+    H, d = shapes["ttt_linear"][0][0], shapes["ttt_linear"][0][1]
+    assert shapes["ttt_linear_x4"] == [(4 * H, d, d)] * len(shapes["ttt_linear"])

@@ -42,13 +42,18 @@ def _assert_close(a, b, rtol):
 
 
 @pytest.mark.parametrize("ttt_type,half_life", [("linear", 0), ("mlp", 0), ("linear", 6), ("linear", (3, 60)),
-                                                ("mlp", (3, 60)), ("linear", (3, 60, "gate")), ("mlp", (6, 0, "gate"))])
+                                                ("mlp", (3, 60)), ("linear", (3, 60, "gate")), ("mlp", (6, 0, "gate")),
+                                                ("linear", "wide"), ("mlp", "wide")])
 def test_any_split_gives_one_pass(ttt_type, half_life):
     # W not a multiple of b, T >= 3W: full pass, frame by frame, random chunks; with fast weights that forget too,
-    # at one rate or at learnt ones, and with a forget gate
-    lo, hi, *gate = half_life if isinstance(half_life, tuple) else (half_life, 0)
+    # at one rate or at learnt ones, and with a forget gate; and with a TTT memory wider than the model
+    wide = half_life == "wide"
+    lo, hi, *gate = half_life if isinstance(half_life, tuple) else (0 if wide else half_life, 0)
     m = _model(ttt_type=ttt_type, window=10, ttt_mini_batch=4, n_text=1, text_cardinality=20, ttt_half_life=lo,
-               ttt_half_life_max=hi, ttt_forget_gate=bool(gate))
+               ttt_half_life_max=hi, ttt_forget_gate=bool(gate), ttt_head_dim=32 if wide else 0)
+    if wide:
+        t = m.layers[-1].ttt.layer
+        assert (t.dim, t.n_heads, t.head_dim, t.width) == (64, 4, 32, 128)
     if gate:   # (a new gate computes what no gate does)
         with torch.no_grad():
             for b in m.layers:
@@ -620,6 +625,25 @@ for B, bk, bn, programs, fresh, half_life in ((3, 1024, 0, 24, False, 0), (1, 32
             worst = max(worst, ((h0 - h1).abs().max() / h0.abs().max()).item())
     for a, b in zip(M.tree_leaves(s0), M.tree_leaves(s1)):
         assert torch.allclose(a.double(), b.double(), rtol=1e-4, atol=1e-5), (a, b)
+# a TTT memory wider than the model (ttt_head_dim): its branch takes the layer's own step, the rest kernels
+m = M.SpeechLM(M.Config.preset("tiny", window=6, ttt_head_dim=32)).eval()
+with torch.no_grad():
+    for p in m.parameters():
+        p.add_(0.3 * torch.randn_like(p))
+m.use_step_kernels()
+assert [k is None for k in m._step_ttt_kernel] == [True] * len(m.layers), "a wide branch has no kernel"
+M.STEP_LAUNCH.update(BK=1024, BN=0, programs=128)
+g = torch.Generator().manual_seed(7)
+frame = lambda: (torch.rand(1, m.cfg.n_cols, generator=g) * torch.tensor(m.cfg.col_cards())).long()
+with torch.no_grad():
+    s0, s1 = m.init_state(1), m.init_state(1)
+    for t in range(9):
+        f = frame()
+        h0, s0 = m.backbone(m.frame_emb(f[:, None]), s0._replace(prev=f))
+        h1, s1 = m._backbone_step_kernels(s1._replace(prev=f))
+        worst = max(worst, ((h0 - h1).abs().max() / h0.abs().max()).item())
+for a, b in zip(M.tree_leaves(s0), M.tree_leaves(s1)):
+    assert torch.allclose(a.double(), b.double(), rtol=1e-4, atol=1e-5), (a, b)
 assert worst < 1e-5, worst
 print("states equal; worst relative difference of h", worst)
 '''

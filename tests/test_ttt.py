@@ -511,6 +511,44 @@ def test_module_chunking_invariance(cls, dtype, tol):
     assert y.shape == x.shape and state.params[0].dtype == dtype
 
 
+@pytest.mark.parametrize("cls", [ttt.TTTLinear, ttt.TTTMLP])
+def test_module_wider_than_the_model(cls):
+    """head_dim: a memory of n_heads * head_dim, wider than the model. The layer is its projections
+    around the per-token loop of that width, streams as it runs in one call, and with head_dim =
+    dim / n_heads it is the official layer, weights and outputs."""
+    torch.manual_seed(0)
+    D, H, hd, b, T = 16, 4, 8, 4, 19
+    layer = cls(D, H, mini_batch=b, head_dim=hd).double()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    assert (layer.width, layer.W1.shape[:2]) == (32, (H, hd))
+    assert layer.q_proj.weight.shape == (32, D) and layer.o_proj.weight.shape == (D, 32)
+    x = torch.randn(2, T, D, dtype=torch.float64)
+    with torch.no_grad():
+        y, state = layer(x)
+        q, k, v, lr, tau = layer.inner_inputs(x, torch.zeros((), dtype=torch.int64))
+        W0 = [w.detach()[None].expand(2, *w.shape).clone().requires_grad_() for w in layer.fast_weights()]
+    with torch.enable_grad():
+        out, *_ = reference(layer.kind, q, k, v, lr, tau, layer.ttt_norm_weight.detach(),
+                            layer.ttt_norm_bias.detach(), b, W0)
+    with torch.no_grad():
+        z = layer.post_norm(out.transpose(1, 2).reshape(2, T, H * hd))
+        ref = layer.o_proj(F.gelu(layer.g_proj(x), approximate="tanh") * z)
+        assert (y - ref).abs().max().item() < 1e-10
+        ys, st = [], layer.init_state(2)
+        for t in range(T):
+            yt, st = layer(x[:, t:t + 1], st)
+            ys.append(yt)
+        assert (torch.cat(ys, 1) - y).abs().max().item() < 1e-10
+        assert_state_close(st, state, 1e-10)
+        official, same = cls(D, 2, mini_batch=b).double(), cls(D, 2, mini_batch=b, head_dim=8).double()
+        same.load_state_dict(official.state_dict())   # strict: the same names and shapes
+        assert torch.equal(same(x)[0], official(x)[0])
+    with pytest.raises(ValueError, match="even"):
+        cls(16, 2, head_dim=7)
+
+
 def test_rope_is_upstream_permuted_rotate_half():
     """ttt-lm-pytorch: permute_qk, rotate_half RoPE at position_ids % mini_batch, undo_permute_qk."""
     B, H, T, d, theta = 1, 2, 7, 8, 10000.0
@@ -1198,7 +1236,7 @@ def test_memory_probe():
 
 @pytest.mark.slow
 def test_kernel_sizes_script(capsys):
-    """scripts/kernel_sizes.py (README's PTX figures): a row for each kernel, with DECAY off and on
+    """scripts/kernel_sizes.py (docs/ttt.md's PTX figures): a row for each kernel, with DECAY off and on
     (and on with a forget gate's table), and forgetting never makes a kernel smaller."""
     pytest.importorskip("triton")
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
