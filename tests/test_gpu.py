@@ -21,7 +21,10 @@ def _model(dev, **kw):
 
 
 def _forget(half_life):
-    """Model settings for fast weights that forget: a number of frames, or a range (learnt half-lives)."""
+    """Model settings for fast weights that forget: a number of frames, or a range (learnt half-lives);
+    "wide": a TTT memory 4 times the model's width instead (8 heads of 64)."""
+    if half_life == "wide":
+        return dict(ttt_heads=8, ttt_head_dim=64)
     lo, hi, *gate = half_life if isinstance(half_life, tuple) else (half_life, 0)
     return dict(ttt_half_life=lo, ttt_half_life_max=hi, ttt_forget_gate=bool(gate))
 
@@ -31,7 +34,8 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize("ttt_type,half_life", [("linear", 0), ("mlp", 0), ("linear", 40), ("mlp", 40),
-                                                ("linear", (8, 800)), ("linear", (8, 800, "gate"))])   # forgetting: Triton / compiled loop
+                                                ("linear", (8, 800)), ("linear", (8, 800, "gate")),   # forgetting: Triton / compiled loop
+                                                ("linear", "wide")])
 def test_cuda_split_invariance_and_cpu_parity(ttt_type, half_life):
     torch.backends.cuda.matmul.allow_tf32 = False
     m = _model("cuda", ttt_type=ttt_type, **_forget(half_life))
@@ -51,7 +55,8 @@ def test_cuda_split_invariance_and_cpu_parity(ttt_type, half_life):
 
 @pytest.mark.parametrize("how,B,half_life", [(False, 2, 0), ("kernels", 2, 0), ("kernels", 1, 0),   # batch 1: the step kernels too
                                              ("kernels", 1, 40), ("kernels", 1, (8, 800)),   # forgetting
-                                             ("kernels", 1, (8, 800, "gate"))])   # (the gated layer's own step)
+                                             ("kernels", 1, (8, 800, "gate")),   # (the gated layer's own step)
+                                             ("kernels", 1, "wide")])                # (the wide layer's own step)
 def test_cuda_graph_generation_matches_teacher_forcing(how, B, half_life):
     torch.backends.cuda.matmul.allow_tf32 = False
     m = _model("cuda", delays=(0, 1, 1, 1), **_forget(half_life))

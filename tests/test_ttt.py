@@ -970,16 +970,16 @@ def test_triton_mlp_matches_torch_on_cuda(b, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("cls,decay", [(ttt.TTTLinear, 1.0), (ttt.TTTMLP, 1.0), (ttt.TTTLinear, 0.9),
-                                       (ttt.TTTLinear, "learnt"), (ttt.TTTLinear, "gate")])
+                                       (ttt.TTTLinear, "learnt"), (ttt.TTTLinear, "gate"), (ttt.TTTLinear, "wide")])
 def test_module_on_cuda_takes_triton_and_agrees_with_torch(cls, decay):
     torch.manual_seed(0)
     kw = (dict(half_life_range=(8.0, 800.0), forget_gate=decay == "gate") if decay in ("learnt", "gate")
-          else dict(decay=decay))
-    layer = cls(256, 4, mini_batch=16, **kw).cuda()
+          else dict(head_dim=64, decay=0.9) if decay == "wide" else dict(decay=decay))
+    layer = cls(128 if decay == "wide" else 256, 4, mini_batch=16, **kw).cuda()   # wide: 4 heads of 64 from 128
+    x = torch.randn(2, 100, layer.dim, device="cuda", requires_grad=True)
     if decay == "gate":   # a gate that depends on the input
         with torch.no_grad():
             layer.forget_weight.normal_(0, 0.5)
-    x = torch.randn(2, 100, 256, device="cuda", requires_grad=True)
     assert layer._impl(x) == "triton"
     wrt = [x, layer.W1] + ([layer.log_half_life] if decay in ("learnt", "gate") else [])
     wrt += [layer.forget_weight, layer.forget_bias] if decay == "gate" else []
