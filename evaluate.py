@@ -671,7 +671,7 @@ def parse_args(argv=None):
                     help="generate with the frame step captured as a CUDA graph (default: on CUDA)")
     ap.add_argument("--ttt_lr_scale", type=float, default=1.0,
                     help="multiply the TTT layers' inner learning rate by this at evaluation (default 1: as "
-                         "trained; 0: fast weights that never move); README's long-conversation experiment "
+                         "trained; 0: fast weights that never move); docs/experiment "
                          "measures what smaller steps do to the loss, the recall and the generations")
     ap.add_argument("--ttt_half_life_s", type=float, default=None,
                     help="evaluate with fast weights that fade toward their learnt start with this half-life, "

@@ -25,7 +25,7 @@ equals batch by construction.
 
 Fast streaming on a GPU: `mimi.streaming(1, cuda_graph=True, compile=True)` runs a frame as one CUDA
 graph, the transformers and the convolutions as Triton kernels (0.38-0.45 ms a frame each way on an
-H100, README).
+H100, docs/mimi.md).
 """
 import argparse
 import contextlib
@@ -427,7 +427,7 @@ class Transformer(nn.Module):
 # over the window, split among programs and merged by the last of each head to finish; output projection
 # + layer scale + residual, which also writes the new keys and values into the ring; LayerNorm + linear1
 # + GELU; linear2 + layer scale + residual. Products and sums in float32, as the compiled step. On an
-# H100 a launch takes about 5 us however its work is cut (README: what else was tried).
+# H100 a launch takes about 5 us however its work is cut (docs/mimi.md: what else was tried).
 STEP_KERNELS = True    # use them for CUDA streaming steps of at most SMALL_ROWS rows (triton installed)
 # programs: about this many programs a product (each at least 2 outputs); tile: the most weights a program
 # multiplies at once; splits: programs per (row, head) over the window (a power of 2). Other settings
@@ -1003,7 +1003,7 @@ class Mimi(nn.Module):
             with _no_tf32():  # (a graph's replay chooses no kernel: it needs no switch, nor its cost)
                 if self._compile:  # compiled once per Mimi: its guards are on shapes, not on the state tensors
                     if name not in self._compiled:
-                        # combo kernels: Inductor launches independent small kernels as one (README: 0.04-0.18
+                        # combo kernels: Inductor launches independent small kernels as one (measured: 0.04-0.18
                         # ms a frame saved encoding on an H100)
                         # (the transformer's step kernels run between graphs: fullgraph only without them)
                         self._compiled[name] = torch.compile(fn, fullgraph=not step_kernels_supported(self.device),

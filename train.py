@@ -322,7 +322,7 @@ def train(tc, overrides):
         samplers = [WindowSampler(data, train_ids, tc.seq_len, B, delays, initial, tc.seed + 7 * (rank * A + i))
                     for i in range(A)]
     recall = None
-    if tc.recall_weight != 1:   # the recall's share of the loss, raised: the lookup forms sooner (see README)
+    if tc.recall_weight != 1:   # the recall's share of the loss, raised: the lookup forms sooner (see docs/experiment)
         if not tc.recall_weight > 0:
             raise ValueError(f"--recall_weight must be > 0, not {tc.recall_weight}")
         recall = RecallFrames(tc.data, data)
