@@ -601,6 +601,23 @@ with torch.no_grad():
         if l.ttt is not None:
             l.ttt.layer.learnable_token_idx.zero_()
 m.use_step_kernels()
+
+
+def compare(m, s0, s1, frame, n):
+    """n frames through backbone() from s0 and through the step kernels from s1: the worst relative
+    difference of h; the states must end equal."""
+    worst = 0.0
+    with torch.no_grad():
+        for t in range(n):
+            f = frame()
+            h0, s0 = m.backbone(m.frame_emb(f[:, None]), s0._replace(prev=f))
+            h1, s1 = m._backbone_step_kernels(s1._replace(prev=f))
+            worst = max(worst, ((h0 - h1).abs().max() / h0.abs().max()).item())
+    for a, b in zip(M.tree_leaves(s0), M.tree_leaves(s1)):
+        assert torch.allclose(a.double(), b.double(), rtol=1e-4, atol=1e-5), (a, b)
+    return worst
+
+
 worst = 0.0
 # 3 rows (matrix products), the window in 4 splits; 1 row (products and sums), several reduction
 # blocks, one split; and 1 row from a fresh state; one row again with fast weights that forget, at one
@@ -618,13 +635,7 @@ for B, bk, bn, programs, fresh, half_life in ((3, 1024, 0, 24, False, 0), (1, 32
         s1 = M.tree_map(lambda t: t.clone(), s0)
         if fresh:  # as init_state makes it, not a copy
             s0, s1 = m.init_state(B), m.init_state(B)
-        for t in range(cfg.window + 3):                   # the ring wraps
-            f = frame()
-            h0, s0 = m.backbone(m.frame_emb(f[:, None]), s0._replace(prev=f))
-            h1, s1 = m._backbone_step_kernels(s1._replace(prev=f))
-            worst = max(worst, ((h0 - h1).abs().max() / h0.abs().max()).item())
-    for a, b in zip(M.tree_leaves(s0), M.tree_leaves(s1)):
-        assert torch.allclose(a.double(), b.double(), rtol=1e-4, atol=1e-5), (a, b)
+    worst = max(worst, compare(m, s0, s1, frame, cfg.window + 3))   # the ring wraps
 # a TTT memory wider than the model (ttt_head_dim): its branch takes the layer's own step, the rest kernels
 m = M.SpeechLM(M.Config.preset("tiny", window=6, ttt_head_dim=32)).eval()
 with torch.no_grad():
@@ -635,15 +646,7 @@ assert [k is None for k in m._step_ttt_kernel] == [True] * len(m.layers), "a wid
 M.STEP_LAUNCH.update(BK=1024, BN=0, programs=128)
 g = torch.Generator().manual_seed(7)
 frame = lambda: (torch.rand(1, m.cfg.n_cols, generator=g) * torch.tensor(m.cfg.col_cards())).long()
-with torch.no_grad():
-    s0, s1 = m.init_state(1), m.init_state(1)
-    for t in range(9):
-        f = frame()
-        h0, s0 = m.backbone(m.frame_emb(f[:, None]), s0._replace(prev=f))
-        h1, s1 = m._backbone_step_kernels(s1._replace(prev=f))
-        worst = max(worst, ((h0 - h1).abs().max() / h0.abs().max()).item())
-for a, b in zip(M.tree_leaves(s0), M.tree_leaves(s1)):
-    assert torch.allclose(a.double(), b.double(), rtol=1e-4, atol=1e-5), (a, b)
+worst = max(worst, compare(m, m.init_state(1), m.init_state(1), frame, 9))
 assert worst < 1e-5, worst
 print("states equal; worst relative difference of h", worst)
 '''
