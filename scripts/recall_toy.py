@@ -363,6 +363,8 @@ def main(argv=None):
     ap.add_argument("--n_ttt", type=int, default=0, help="TTT branch in the top n layers")
     ap.add_argument("--ttt_type", default="linear", help="linear or mlp")
     ap.add_argument("--ttt_mini_batch", type=int, default=16)
+    ap.add_argument("--ttt_memory", type=int, default=1,
+                    help="k times the TTT heads, each as wide: k times the fast weights (model.py's ttt_head_dim)")
     ap.add_argument("--ttt_base_lr", type=float, default=1.0)
     ap.add_argument("--ttt_gate_init", type=float, default=0.1)
     ap.add_argument("--ttt_lr_bias", type=float, default=0.0,
@@ -441,8 +443,9 @@ def main(argv=None):
     path = dict(depth_layers=a.depth_layers, semantic_weight=a.semantic_weight) if a.frames else \
         dict(vocab_size=V, tie_embeddings=False)
     S = 2 if a.frames and a.silent_speaker else 1
-    ttt = dict(n_ttt=a.n_ttt, ttt_type=a.ttt_type, ttt_mini_batch=a.ttt_mini_batch, ttt_heads=max(1, a.dim // 64),
-               ttt_base_lr=a.ttt_base_lr, ttt_gate_init=a.ttt_gate_init)
+    heads = max(1, a.dim // 64)   # of a.dim // heads each; --ttt_memory k: k times the heads, as wide each
+    ttt = dict(n_ttt=a.n_ttt, ttt_type=a.ttt_type, ttt_mini_batch=a.ttt_mini_batch, ttt_heads=heads * a.ttt_memory,
+               ttt_head_dim=a.dim // heads, ttt_base_lr=a.ttt_base_lr, ttt_gate_init=a.ttt_gate_init)
     W = a.window or a.seq_len
     cfg = Config.preset("demo", n_streams=S, n_codebooks=K, window=W, **ttt, dim=a.dim,
                         n_layers=a.layers, n_heads=a.dim // 32, n_kv_heads=a.dim // 64, hidden=3 * a.dim, **path)

@@ -175,6 +175,19 @@ def test_recall_toy_branches(memory, capsys):
 
 
 
+def test_recall_toy_wider_memory(capsys):
+    # --ttt_memory k: k times the TTT heads, each as wide as without it
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import recall_toy
+    from model import GatedTTT
+    shapes = []
+    for k in (1, 4):
+        model = recall_toy.main(["--steps", "1", "--seq_len", "32", "--batch", "2", "--dim", "128", "--window", "8",
+                                 "--n_ttt", "1", "--mqar", "2", "--ttt_memory", str(k)])
+        shapes += [tuple(m.layer.W1.shape) for m in model.modules() if isinstance(m, GatedTTT)]
+    assert shapes == [(2, 64, 64), (8, 64, 64)]
+
+
 def test_recall_toy_shift_and_alphabet(capsys):
     # --ttt_shift: the branch's keys come from the token before; --alphabet sets the chance level
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
