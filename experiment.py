@@ -733,7 +733,8 @@ def parse_args(argv=None):
                          "window moves the TTT fast weights beyond forgetting, over their learnt start's size (0: none)")
     ap.add_argument("--stream_ttt_update_penalty_power", type=float, default=1,
                     help="with --stream_ttt_update_penalty: the move to this power (train.py --ttt_update_penalty_power; "
-                         "default 1; 2 does not pull a layer that writes little all the way to nothing)")
+                         "default 1; with 2 the pull fades with the move, but grows with it too: U 10 switched "
+                         "the memory off, docs/experiment/reach/forget/writes.md)")
     ap.add_argument("--depth_layers", type=int, default=-1,
                     help="override the scale's depth decoder blocks (0: each codebook from a projection of the "
                          "backbone output and the previous codebook's embedding)")
