@@ -573,7 +573,30 @@ def test_state_by_minute_script(tmp_path, one_thread, capsys):
     np.testing.assert_allclose(out["ttt"]["loss"], want, rtol=1e-5)
     moved = np.array(out["ttt"]["moved"])
     assert moved.shape == (ttt.cfg.n_ttt, 2) and (moved > 0).all() and (moved[:, 1] > moved[:, 0]).all()
-    assert out["window"]["moved"] == []
+    assert (np.array(out["ttt"]["moved_all"]) >= moved * 0.5).all()
+    turned = np.array(out["ttt"]["turned"])
+    assert (abs(turned[:, 0]) < 1e-6).all() and (turned[:, 1] > 1e-4).all()    # since the first block's end (minute 1)
+    # the first minute starts fresh anyway; the second differs from a memory reset at its start
+    assert out["ttt"]["fresh"][0] == pytest.approx(out["ttt"]["loss"][0], rel=1e-6)
+    assert abs(out["ttt"]["fresh"][1] - out["ttt"]["loss"][1]) > 2e-5   # float32 noise: about 1e-6
+    assert out["window"]["moved"] == [] and out["window"]["fresh"] == out["window"]["loss"]
+    # fast weights that never move: a reset changes nothing, so long as it keeps the place in the mini-batch
+    still = _tiny(ttt_base_lr=0.0)
+    still.save(str(tmp_path / "still.safetensors"))
+    got = sbm.main(["--data", p, "--ckpt", str(tmp_path / "still.safetensors"), "--blocks", "1-1,2-2"])["still"]
+    np.testing.assert_allclose(got["fresh"], got["loss"], rtol=1e-6)
+    assert max(got["moved"][0]) < 1e-6
+    # the second minute's fresh loss, made here: the state after minute 1 with its TTT part reset
+    cfg, T = ttt.cfg, evaluate.FRAMES_PER_MINUTE
+    (x1, _), (x2, live2) = (evaluate.chunk(f, [0], s, T, cfg.col_delays(), cfg.col_cards()) for s in (0, T))
+    spans = evaluate.event_spans(events[events[:, 0] == 0], [0], max(cfg.col_delays()))
+    speech = torch.from_numpy(evaluate.speech_frames(spans, live2, T))
+    with torch.no_grad():
+        state = ttt(torch.from_numpy(x1), ttt.init_state(1))[1]
+        reset = state._replace(ttt=tuple(s._replace(params=z.params, grads=z.grads)
+                                         for s, z in zip(state.ttt, ttt.init_state(1).ttt)))
+        ce, cnt, _ = sbm._loss_sums(ttt, torch.from_numpy(x2), reset, speech)
+    assert evaluate.minute_losses(ce[None], cnt[None], cfg)["loss"][0] == pytest.approx(out["ttt"]["fresh"][1], rel=1e-6)
     twice = sbm.main(["--data", p, "--ckpt", str(tmp_path / "ttt.safetensors"), "--ckpt", str(tmp_path / "ttt.safetensors"),
                       "--blocks", "1-1"])   # two checkpoints of one name: the second under its path
     assert list(twice) == ["ttt", str(tmp_path / "ttt.safetensors")] and twice["ttt"] == twice[str(tmp_path / "ttt.safetensors")]

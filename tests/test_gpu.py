@@ -187,3 +187,4 @@ def test_state_by_minute_on_the_gpu(tmp_path):
     a, b = (got[d]["ttt"] for d in DEVICES)
     assert len(a["loss"]) == 2 and max(abs(x / y - 1) for x, y in zip(a["loss"], b["loss"])) < 2e-3   # TF32 on the GPU
     assert max(abs(x / y - 1) for r, s in zip(a["moved"], b["moved"]) for x, y in zip(r, s)) < 2e-3
+    assert max(abs(x / y - 1) for x, y in zip(a["fresh"], b["fresh"])) < 2e-3
