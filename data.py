@@ -704,17 +704,20 @@ class RecallFrames:
             raise ValueError(f"{path}.events.json is missing or lists no recall events: the recall weight needs a "
                              "codes file written by `python data.py synthetic` with recall events")
         self.by_conv = {}
-        for c, s, _, second, L in ev.tolist():
-            self.by_conv.setdefault(c, []).append((s, second, L))
+        for c, s, first, second, L in ev.tolist():
+            self.by_conv.setdefault(c, []).append((s, first, second, L))
         self.f = f
         self.col_stream = np.r_[np.full(f.n_text, -1), np.repeat(np.arange(f.n_streams), f.n_codebooks)]   # [C]
 
-    def mask(self, c, start, T, delays):
-        """[T, C] bool for frames start..start+T of conversation c."""
+    def mask(self, c, start, T, delays, heard_from=None):
+        """[T, C] bool for frames start..start+T of conversation c. heard_from: only the events whose
+        first mention (cue and key included) starts at or after this frame (a window's own first
+        frame: the values it can know)."""
         n = int(self.f.lengths[c])
         recalled = np.zeros((n, self.f.n_streams), bool)
-        for s, a, L in self.by_conv.get(int(c), ()):
-            recalled[a:a + L, s] = True
+        for s, first, a, L in self.by_conv.get(int(c), ()):
+            if heard_from is None or first - CUE_LEN - KEY_LEN >= heard_from:
+                recalled[a:a + L, s] = True
         idx = start + np.arange(T)[:, None] - np.asarray(delays)[None, :]
         hit = recalled[np.clip(idx, 0, n - 1), np.clip(self.col_stream, 0, None)[None, :]]
         return hit & (idx >= 0) & (self.col_stream >= 0)[None, :]

@@ -13,6 +13,10 @@ Two modes:
   conversation: truncated backpropagation through time over whole conversations, so the TTT
   layers learn to use memory older than one training window.
 
+Every --eval_interval steps the loss over held-out windows is printed; on synthetic data with recall
+events (data.py synthetic) also the top-1 accuracy on the recalled values' semantic codes whose first
+mention lies in the same window, the lookup the experiment's drills teach.
+
 A run resumes from out_dir/ckpt.pt where one exists (model, optimizer, step, every row's data
 position, the carried states, RNG states); Ctrl-C or SIGTERM writes a checkpoint and stops. Every
 option is a field of TrainConfig below or of model.Config (shape overrides), shown by --help.
@@ -33,7 +37,7 @@ import numpy as np
 import torch
 
 from codes import CodesFile, CodesFormatError
-from data import RecallFrames, StreamSampler, WindowSampler, silence_frame
+from data import RecallFrames, StreamSampler, WindowSampler, load_events, silence_frame
 from model import (Config, SpeechLM, config_from_dict, default_device, detach_state, flops_per_frame, loss_fn,
                    tree_map)
 
@@ -346,6 +350,8 @@ def train(tc, overrides):
                 lambda mod, args, out: updates.append(mod.written(args[0], args[1], out[1]).pow(tc.ttt_update_penalty_power).mean()))
     val_sampler = WindowSampler(val, val_ids, min(tc.seq_len, int(val.lengths[val_ids].max())), B, delays,
                                 initial, 0)
+    val_path = tc.val_data or tc.data
+    val_recall = RecallFrames(val_path, val) if len(load_events(val_path)) else None   # synthetic data with events
 
     # --- model, optimizer, resume --------------------------------------------------------------
     raw = model
@@ -502,9 +508,10 @@ def train(tc, overrides):
         at_eval = tc.eval_interval > 0 and step % tc.eval_interval == 0
         if at_eval or step == tc.max_steps or (tc.stop_at and step >= tc.stop_at) or stopping:
             if at_eval or step == tc.max_steps:
-                vl = evaluate(model, raw, val_sampler, tc, cfg, device, autocast)
+                vl, acc, n_rec = evaluate(model, raw, val_sampler, tc, cfg, device, autocast, val_recall)
                 if master:
-                    print(f"eval step {step}: val loss {vl:.4f}", flush=True)
+                    rec = f" | val recall {acc:.3f} ({n_rec} codes)" if n_rec else ""
+                    print(f"eval step {step}: val loss {vl:.4f}{rec}", flush=True)
             checkpoint(step)
             if (tc.stop_at and step >= tc.stop_at) or stopping:
                 break
@@ -525,21 +532,30 @@ def threading_main():
 
 
 @torch.no_grad()
-def evaluate(model, raw, sampler, tc, cfg, device, autocast):
-    """Mean loss over a fixed set of held-out windows (fresh state each)."""
+def evaluate(model, raw, sampler, tc, cfg, device, autocast, recall=None):
+    """Mean loss over a fixed set of held-out windows (fresh state each). recall (a RecallFrames of the
+    held-out file, or None): also the top-1 accuracy on the semantic codes of the recalled values whose
+    first mention is inside the window, and how many. Returns (loss, accuracy, count)."""
     saved = sampler.state_dict()
     sampler.rng = np.random.default_rng(0)
     raw.eval()
-    tot = 0.0
+    tot, hits, count = 0.0, 0, 0
     for _ in range(tc.eval_batches):
         x, _ = sampler.next()
         x = torch.from_numpy(x).to(device)
         with autocast:
-            loss, _ = loss_fn(model(x, None, keep_state=False)[0], x, cfg)
+            logits = model(x, None, keep_state=False)[0]
+            loss, _ = loss_fn(logits, x, cfg)
         tot += loss.item() / tc.eval_batches
+        if recall is not None:
+            m = np.stack([recall.mask(c, s, sampler.T, sampler.delays, heard_from=s) for c, s in sampler.last])
+            m = torch.from_numpy(m[..., cfg.n_text:][..., ::cfg.n_codebooks]).to(device)        # semantic columns
+            sem = slice(None, None, cfg.n_codebooks)
+            hit = logits.audio[..., sem, :].argmax(-1) == x[..., cfg.n_text:][..., sem]
+            hits, count = hits + int((hit & m).sum()), count + int(m.sum())
     raw.train()
     sampler.load_state_dict(saved)
-    return tot
+    return tot, hits / max(count, 1), count
 
 
 def nn_save(cfg, sd, path, step, dtype=torch.float32):

@@ -433,6 +433,55 @@ def test_recall_frames_mark_the_recalled_values(tmp_path):
         RecallFrames(q, CodesFile(q))
 
 
+def test_validation_recall(tmp_path):
+    # train.evaluate on a file with recall events: the top-1 accuracy on the semantic codes of the recalled
+    # values heard inside each held-out window (the drills' lookup, printed while training). Checked with a
+    # stand-in model right exactly where a plain loop over the events puts those codes, or everywhere else
+    from types import SimpleNamespace
+    import torch.nn.functional as F
+    from codes import CodesFile
+    from data import CUE_LEN, KEY_LEN, RecallFrames, WindowSampler, load_events
+    from model import Config, Logits
+    p = str(tmp_path / "r.bin")
+    synthetic(p, hours=0.2, min_minutes=2, max_minutes=3, n_codebooks=3, seed=4, quiet=True, events_per_min=6,
+              near_share=1.0, near_max_s=8.0, value_frames=5, quiz_share=0.5)
+    f, ev = CodesFile(p), load_events(p)
+    cfg = Config.preset("tiny", n_codebooks=3, delays=(0, 1, 2))
+    delays, K, T = cfg.col_delays(), 3, 96
+    sampler = WindowSampler(f, np.arange(len(f)), T, 4, delays, cfg.col_cards(), 0)
+
+    def recalled(heard):   # [B, T, audio columns]: the recalled values' semantic codes, heard in the window or not
+        m = np.zeros((len(sampler.last), T, cfg.n_audio), bool)
+        for r, (c, start) in enumerate(sampler.last):
+            for cc, s, first, second, L in ev.tolist():
+                if cc == c and (first - CUE_LEN - KEY_LEN >= start) == heard:
+                    for t in range(T):
+                        m[r, t, s * K] |= second <= start + t - delays[s * K] < second + L
+        return torch.from_numpy(m)
+
+    class Stub(torch.nn.Module):
+        def __init__(self, right):
+            super().__init__()
+            self.right, self.counts = right, []
+
+        def forward(self, x, state, keep_state=False):
+            tgt = x[..., cfg.n_text:]
+            right = self.right()
+            self.counts.append((int(recalled(True).sum()), int(recalled(False).sum())))
+            pred = torch.where(right, tgt, (tgt + 1) % cfg.cardinality)
+            return Logits(None, F.one_hot(pred, cfg.cardinality + 1)[..., :cfg.cardinality].float() * 20), None
+
+    rf, tc = RecallFrames(p, f), SimpleNamespace(eval_batches=6)
+    only = Stub(lambda: recalled(True))
+    _, acc, n = train.evaluate(only, only, sampler, tc, cfg, "cpu", contextlib.nullcontext(), rf)
+    heard, unheard = map(sum, zip(*only.counts))
+    assert acc == 1.0 and n == heard > 50 and unheard > 50
+    for right in (lambda: ~recalled(True), lambda: recalled(False)):
+        _, acc, n = train.evaluate(Stub(right), only, sampler, tc, cfg, "cpu", contextlib.nullcontext(), rf)
+        assert acc == 0.0 and n == heard
+    assert train.evaluate(only, only, sampler, tc, cfg, "cpu", contextlib.nullcontext())[1:] == (0.0, 0)
+
+
 def test_recall_weight_weighs_the_recalled_frames(tmp_path, monkeypatch, capsys):
     # --recall_weight W: train.py hands the loss the recalled values' targets weighted W (where they
     # are: test_recall_frames_mark_the_recalled_values; what the weight does: test_loss_weight)
