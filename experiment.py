@@ -46,7 +46,8 @@ data's. Everything goes under --out:
     data/train.bin, data/heldout.bin      the synthetic codes (+ .events.json: the recall events)
     data/drills_heldout.bin               held-out recall drills like the training ones
     runs/NAME/                            train.py's run folder, train.log, train_losses.json,
-                                          eval.json (every number), eval.log, drills_eval.json
+                                          eval.json (every number), eval.log, drills_eval.json;
+                                          warmup/ (the drills warm-up's run folder, evals.json)
     summary.md, results.json              the comparison table and all results in one file
     loss_by_minute.png, recall_by_distance.png, generation.png
 
@@ -472,6 +473,10 @@ def report(a, runs):
         if os.path.exists(dp):
             with open(dp) as fh:
                 results[name]["drills_recall"] = json.load(fh)["recall"]
+        wp = os.path.join(a.out, "runs", name, "warmup", "evals.json")   # train.py's evaluations in the warm-up
+        if os.path.exists(wp):
+            with open(wp) as fh:
+                results[name]["warmup_evals"] = json.load(fh)
         lp = os.path.join(a.out, "runs", name, "train_losses.json")
         if os.path.exists(lp):
             with open(lp) as fh:
@@ -531,6 +536,17 @@ def summary(a, results, losses):
     for name, r in results.items():
         cells = [f"{_acc(b)}{'*' if b['window'] == 'within' else ''} ({b['events']})" for b in r["recall"]["buckets"]]
         out.append(f"| {name} | " + " | ".join(cells) + " |")
+    warm = {n: [e for e in r.get("warmup_evals", []) if "val_recall" in e] for n, r in results.items()}
+    warm = {n: w for n, w in warm.items() if w}
+    if warm:
+        out += ["", "Drills warm-up: recall on held-out drill windows at train.py's evaluations (step: accuracy; at "
+                "most ten, evenly spaced), and the first step at which it reached 0.5. The lookup forms as a jump:", "",
+                "| model | recall during the warm-up | first step at 0.5 |", "|---|---|---|"]
+        for name, w in warm.items():
+            shown = [w[i] for i in sorted({round(j * (len(w) - 1) / 9) for j in range(10)})] if len(w) > 10 else w
+            first = next((e["step"] for e in w if e["val_recall"] >= 0.5), None)
+            out.append(f"| {name} | " + ", ".join(f"{e['step']}: {e['val_recall']:.3f}" for e in shown)
+                       + f" | {first if first is not None else 'not reached'} |")
     gens = {n: r["generation"] for n, r in results.items() if r.get("generation") and r["generation"]["minute"]}
     if gens:
         ref = any_r["reference"]

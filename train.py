@@ -238,6 +238,14 @@ def make_optimizer(model, tc, device):
     return torch.optim.AdamW(groups, lr=tc.lr, betas=(0.9, tc.beta2), fused=fused or None)
 
 
+def _write_json(path, obj):
+    import json
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh)
+    os.replace(tmp, path)
+
+
 def save_atomic(obj, path):
     tmp = f"{path}.tmp"
     torch.save(obj, tmp)
@@ -376,7 +384,7 @@ def train(tc, overrides):
     ckpt_path = os.path.join(tc.out_dir, "ckpt.pt")
     rank_path = os.path.join(tc.out_dir, f"ckpt_rank{rank}.pt")
     states = [None] * A
-    step, losses = 0, []
+    step, losses, evals = 0, [], []   # evals: {"step", "val_loss"[, "val_recall", "val_recall_codes"]} each
     if tc.resume and os.path.exists(ckpt_path):
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         if asdict(config_from_dict(ck["model_config"])) != asdict(cfg):   # (fields added since: their defaults)
@@ -385,7 +393,7 @@ def train(tc, overrides):
         if ck["world"] != world:
             raise ValueError(f"{ckpt_path} was written by {ck['world']} processes, this run has {world}")
         _load_model_opt(raw, opt, ck, tc.fsdp)
-        step, losses = ck["step"], ck.get("losses", [])
+        step, losses, evals = ck["step"], ck.get("losses", []), ck.get("evals", [])
         mine = torch.load(rank_path, map_location="cpu", weights_only=False)
         for s, d in zip(samplers, mine["samplers"]):
             s.load_state_dict(d)
@@ -407,7 +415,8 @@ def train(tc, overrides):
         if ddp:
             torch.distributed.barrier()
         if master:
-            save_atomic({"model": msd, "optimizer": osd, "step": step, "losses": losses, "train_config": asdict(tc),
+            save_atomic({"model": msd, "optimizer": osd, "step": step, "losses": losses, "evals": evals,
+                         "train_config": asdict(tc),
                          "model_config": asdict(cfg), "world": world}, ckpt_path)
             nn_save(cfg, msd, os.path.join(tc.out_dir, "model.safetensors"), step, getattr(torch, tc.export_dtype))
             spm = tc.data + ".spm.model"   # the text stream's tokenizer (data.py): generate.py --text_out reads it
@@ -509,9 +518,13 @@ def train(tc, overrides):
         if at_eval or step == tc.max_steps or (tc.stop_at and step >= tc.stop_at) or stopping:
             if at_eval or step == tc.max_steps:
                 vl, acc, n_rec = evaluate(model, raw, val_sampler, tc, cfg, device, autocast, val_recall)
+                evals.append({"step": step, "val_loss": vl, **({"val_recall": acc, "val_recall_codes": n_rec}
+                                                                  if n_rec else {})})
                 if master:
                     rec = f" | val recall {acc:.3f} ({n_rec} codes)" if n_rec else ""
                     print(f"eval step {step}: val loss {vl:.4f}{rec}", flush=True)
+                    if tc.save:   # every evaluation so far, for experiment.py's report (resumed runs keep theirs)
+                        _write_json(os.path.join(tc.out_dir, "evals.json"), evals)
             checkpoint(step)
             if (tc.stop_at and step >= tc.stop_at) or stopping:
                 break

@@ -808,6 +808,18 @@ def test_learnt_half_lives_in_the_streaming_phase(tmp_path, one_thread):
         text = fh.read()
     assert "Learnt half-lives of the fast weights" in text and "| ttt_linear | 1 |" in text
     assert "Forget gates" in text
+    # the warm-up's evaluations reach results.json (cpu-test's 16-frame windows hold no whole drill: no recall
+    # to show, no table); with a recall at each of 12 evaluations the summary shows ten, the first and the last
+    # among them, and the first step at 0.5
+    with open(os.path.join(out, "results.json")) as fh:
+        res = json.load(fh)
+    assert [e["step"] for e in res["eval"]["ttt_linear"]["warmup_evals"]] == [2]
+    assert "Drills warm-up" not in text
+    res["eval"]["ttt_linear"]["warmup_evals"] = [{"step": 100 * i, "val_loss": 3.0, "val_recall": 0.1 * i,
+                                                  "val_recall_codes": 50} for i in range(1, 13)]
+    text = experiment.summary(experiment.parse_args(["--scale", "cpu-test"]), res["eval"], res["train_losses"])
+    row = next(r for r in text.splitlines() if r.startswith("| ttt_linear | 100: "))
+    assert row.count(": ") == 10 and "100: 0.100" in row and "1200: 1.200" in row and row.endswith("| 500 |")
     for bad in (["--stream_ttt_forget_gate"], ["--stream_ttt_half_life_s", "2", "--stream_ttt_half_life_lr_mult", "3"],
                 ["--stream_ttt_half_life_s", "2", "--stream_ttt_half_life_max_s", "60", "--stream_ttt_half_life_lr_mult", "-1"]):
         with pytest.raises(SystemExit):

@@ -44,6 +44,24 @@ def test_resume_is_exact(synth, tmp_path, mode):
     assert m.cfg.n_codebooks == 2
 
 
+
+def test_evaluations_are_kept_across_a_resume(tmp_path):
+    # out_dir/evals.json: every evaluation of the run, a resumed run's included, with the recall where the data
+    # have recall events; the same as a run straight through
+    import json
+    p = str(tmp_path / "r.bin")
+    synthetic(p, hours=0.3, min_minutes=1, max_minutes=2, n_codebooks=2, seed=4, quiet=True, events_per_min=6,
+              near_share=1.0, near_max_s=4.0, value_frames=4)
+    kw = dict(seq_len=64, batch_size=2, eval_interval=2, eval_batches=2)
+    train.main(_args(p, tmp_path / "a", "minibatch", **kw))
+    train.main(_args(p, tmp_path / "b", "minibatch", stop_at=5, **kw))
+    train.main(_args(p, tmp_path / "b", "minibatch", **kw))
+    straight, resumed = (json.load(open(tmp_path / d / "evals.json")) for d in "ab")
+    assert [e["step"] for e in resumed] == [2, 4, 6, 8] and resumed == straight
+    assert all(e["val_recall_codes"] > 0 and 0 <= e["val_recall"] <= 1 for e in resumed)
+    assert abs(resumed[-1]["val_loss"] - straight[-1]["val_loss"]) < 1e-6
+
+
 def test_streaming_state_crosses_steps_and_resets(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     lens = [40, 70, 33, 48, 20]
