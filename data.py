@@ -709,14 +709,15 @@ class RecallFrames:
         self.f = f
         self.col_stream = np.r_[np.full(f.n_text, -1), np.repeat(np.arange(f.n_streams), f.n_codebooks)]   # [C]
 
-    def mask(self, c, start, T, delays, heard_from=None):
+    def mask(self, c, start, T, delays, heard_from=None, gaps=(0, math.inf)):
         """[T, C] bool for frames start..start+T of conversation c. heard_from: only the events whose
         first mention (cue and key included) starts at or after this frame (a window's own first
-        frame: the values it can know)."""
+        frame: the values it can know). gaps (lo, hi): only the events recalled lo <= frames < hi
+        after their first mention."""
         n = int(self.f.lengths[c])
         recalled = np.zeros((n, self.f.n_streams), bool)
         for s, first, a, L in self.by_conv.get(int(c), ()):
-            if heard_from is None or first - CUE_LEN - KEY_LEN >= heard_from:
+            if (heard_from is None or first - CUE_LEN - KEY_LEN >= heard_from) and gaps[0] <= a - first < gaps[1]:
                 recalled[a:a + L, s] = True
         idx = start + np.arange(T)[:, None] - np.asarray(delays)[None, :]
         hit = recalled[np.clip(idx, 0, n - 1), np.clip(self.col_stream, 0, None)[None, :]]

@@ -539,14 +539,17 @@ def summary(a, results, losses):
     warm = {n: [e for e in r.get("warmup_evals", []) if "val_recall" in e] for n, r in results.items()}
     warm = {n: w for n, w in warm.items() if w}
     if warm:
-        out += ["", "Drills warm-up: recall on held-out drill windows at train.py's evaluations (step: accuracy; at "
-                "most ten, evenly spaced), and the first step at which it reached 0.5. The lookup forms as a jump:", "",
-                "| model | recall during the warm-up | first step at 0.5 |", "|---|---|---|"]
+        out += ["", "Drills warm-up: recall on held-out drill windows at train.py's evaluations (step: accuracy over "
+                "all recalls, and in brackets over those beyond the attention window of their first mention; at most "
+                "ten, evenly spaced), and the first step at which the recall beyond the window reached 0.5. The "
+                "lookup forms as a jump:", "",
+                "| model | recall during the warm-up | first step at 0.5 beyond the window |", "|---|---|---|"]
+        num = lambda v: "-" if v is None else f"{v:.3f}"
         for name, w in warm.items():
             shown = [w[i] for i in sorted({round(j * (len(w) - 1) / 9) for j in range(10)})] if len(w) > 10 else w
-            first = next((e["step"] for e in w if e["val_recall"] >= 0.5), None)
-            out.append(f"| {name} | " + ", ".join(f"{e['step']}: {e['val_recall']:.3f}" for e in shown)
-                       + f" | {first if first is not None else 'not reached'} |")
+            first = next((e["step"] for e in w if (e.get("val_recall_beyond") or 0) >= 0.5), None)
+            out.append(f"| {name} | " + ", ".join(f"{e['step']}: {e['val_recall']:.3f} ({num(e.get('val_recall_beyond'))})"
+                                                  for e in shown) + f" | {first if first is not None else 'not reached'} |")
     gens = {n: r["generation"] for n, r in results.items() if r.get("generation") and r["generation"]["minute"]}
     if gens:
         ref = any_r["reference"]

@@ -15,7 +15,8 @@ Two modes:
 
 Every --eval_interval steps the loss over held-out windows is printed; on synthetic data with recall
 events (data.py synthetic) also the top-1 accuracy on the recalled values' semantic codes whose first
-mention lies in the same window, the lookup the experiment's drills teach.
+mention lies in the same window (over all, and within / beyond the attention window of the first
+mention), the lookup the experiment's drills teach. Every evaluation also goes to out_dir/evals.json.
 
 A run resumes from out_dir/ckpt.pt where one exists (model, optimizer, step, every row's data
 position, the carried states, RNG states); Ctrl-C or SIGTERM writes a checkpoint and stops. Every
@@ -384,7 +385,7 @@ def train(tc, overrides):
     ckpt_path = os.path.join(tc.out_dir, "ckpt.pt")
     rank_path = os.path.join(tc.out_dir, f"ckpt_rank{rank}.pt")
     states = [None] * A
-    step, losses, evals = 0, [], []   # evals: {"step", "val_loss"[, "val_recall", "val_recall_codes"]} each
+    step, losses, evals = 0, [], []   # evals: {"step", "val_loss", and evaluate's recall figures} each
     if tc.resume and os.path.exists(ckpt_path):
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         if asdict(config_from_dict(ck["model_config"])) != asdict(cfg):   # (fields added since: their defaults)
@@ -517,12 +518,10 @@ def train(tc, overrides):
         at_eval = tc.eval_interval > 0 and step % tc.eval_interval == 0
         if at_eval or step == tc.max_steps or (tc.stop_at and step >= tc.stop_at) or stopping:
             if at_eval or step == tc.max_steps:
-                vl, acc, n_rec = evaluate(model, raw, val_sampler, tc, cfg, device, autocast, val_recall)
-                evals.append({"step": step, "val_loss": vl, **({"val_recall": acc, "val_recall_codes": n_rec}
-                                                                  if n_rec else {})})
+                vl, rec = evaluate(model, raw, val_sampler, tc, cfg, device, autocast, val_recall)
+                evals.append({"step": step, "val_loss": vl, **rec})
                 if master:
-                    rec = f" | val recall {acc:.3f} ({n_rec} codes)" if n_rec else ""
-                    print(f"eval step {step}: val loss {vl:.4f}{rec}", flush=True)
+                    print(f"eval step {step}: val loss {vl:.4f}{_recall_text(rec)}", flush=True)
                     if tc.save:   # every evaluation so far, for experiment.py's report (resumed runs keep theirs)
                         _write_json(os.path.join(tc.out_dir, "evals.json"), evals)
             checkpoint(step)
@@ -544,15 +543,29 @@ def threading_main():
     return threading.current_thread() is threading.main_thread()
 
 
+def _recall_text(rec):
+    """evaluate's recall figures for the log line ("" without them)."""
+    if not rec:
+        return ""
+    part = lambda k: "-" if rec[f"val_recall_{k}"] is None else f"{rec[f'val_recall_{k}']:.3f}"
+    return (f" | val recall {rec['val_recall']:.3f} ({rec['val_recall_codes']} codes; within the attention window "
+            f"{part('within')}, beyond it {part('beyond')})")
+
+
 @torch.no_grad()
 def evaluate(model, raw, sampler, tc, cfg, device, autocast, recall=None):
-    """Mean loss over a fixed set of held-out windows (fresh state each). recall (a RecallFrames of the
-    held-out file, or None): also the top-1 accuracy on the semantic codes of the recalled values whose
-    first mention is inside the window, and how many. Returns (loss, accuracy, count)."""
+    """Mean loss over a fixed set of held-out windows (fresh state each), and a dict of recall figures:
+    with recall (a RecallFrames of the held-out file) the top-1 accuracy on the semantic codes of the
+    recalled values whose first mention is inside the window, over all of them ("val_recall") and apart
+    for those recalled within the attention window of their first mention and beyond it ("_within",
+    "_beyond"), each with its count of codes ("..._codes"); empty without recall or where none is heard."""
     saved = sampler.state_dict()
     sampler.rng = np.random.default_rng(0)
     raw.eval()
-    tot, hits, count = 0.0, 0, 0
+    tot = 0.0
+    hits, counts = {"within": 0, "beyond": 0}, {"within": 0, "beyond": 0}
+    gaps = {"within": (0, cfg.window), "beyond": (cfg.window, math.inf)}
+    sem = slice(None, None, cfg.n_codebooks)   # the semantic columns
     for _ in range(tc.eval_batches):
         x, _ = sampler.next()
         x = torch.from_numpy(x).to(device)
@@ -561,14 +574,21 @@ def evaluate(model, raw, sampler, tc, cfg, device, autocast, recall=None):
             loss, _ = loss_fn(logits, x, cfg)
         tot += loss.item() / tc.eval_batches
         if recall is not None:
-            m = np.stack([recall.mask(c, s, sampler.T, sampler.delays, heard_from=s) for c, s in sampler.last])
-            m = torch.from_numpy(m[..., cfg.n_text:][..., ::cfg.n_codebooks]).to(device)        # semantic columns
-            sem = slice(None, None, cfg.n_codebooks)
             hit = logits.audio[..., sem, :].argmax(-1) == x[..., cfg.n_text:][..., sem]
-            hits, count = hits + int((hit & m).sum()), count + int(m.sum())
+            for k, g in gaps.items():
+                m = np.stack([recall.mask(c, s, sampler.T, sampler.delays, heard_from=s, gaps=g) for c, s in sampler.last])
+                m = torch.from_numpy(m[..., cfg.n_text:][..., sem]).to(device)
+                hits[k], counts[k] = hits[k] + int((hit & m).sum()), counts[k] + int(m.sum())
     raw.train()
     sampler.load_state_dict(saved)
-    return tot, hits / max(count, 1), count
+    rec = {}
+    n = sum(counts.values())
+    if n:
+        rec = {"val_recall": sum(hits.values()) / n, "val_recall_codes": n}
+        for k in gaps:
+            rec[f"val_recall_{k}"] = hits[k] / counts[k] if counts[k] else None
+            rec[f"val_recall_{k}_codes"] = counts[k]
+    return tot, rec
 
 
 def nn_save(cfg, sd, path, step, dtype=torch.float32):

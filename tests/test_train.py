@@ -453,8 +453,9 @@ def test_recall_frames_mark_the_recalled_values(tmp_path):
 
 def test_validation_recall(tmp_path):
     # train.evaluate on a file with recall events: the top-1 accuracy on the semantic codes of the recalled
-    # values heard inside each held-out window (the drills' lookup, printed while training). Checked with a
-    # stand-in model right exactly where a plain loop over the events puts those codes, or everywhere else
+    # values heard inside each held-out window (the drills' lookup, printed while training), over all of them
+    # and apart within the attention window of their first mention and beyond it. Checked with a stand-in
+    # model right exactly where a plain loop over the events puts those codes, or everywhere else
     from types import SimpleNamespace
     import torch.nn.functional as F
     from codes import CodesFile
@@ -464,15 +465,15 @@ def test_validation_recall(tmp_path):
     synthetic(p, hours=0.2, min_minutes=2, max_minutes=3, n_codebooks=3, seed=4, quiet=True, events_per_min=6,
               near_share=1.0, near_max_s=8.0, value_frames=5, quiz_share=0.5)
     f, ev = CodesFile(p), load_events(p)
-    cfg = Config.preset("tiny", n_codebooks=3, delays=(0, 1, 2))
-    delays, K, T = cfg.col_delays(), 3, 96
+    cfg = Config.preset("tiny", n_codebooks=3, delays=(0, 1, 2), window=32)
+    delays, K, T = cfg.col_delays(), 3, 128
     sampler = WindowSampler(f, np.arange(len(f)), T, 4, delays, cfg.col_cards(), 0)
 
-    def recalled(heard):   # [B, T, audio columns]: the recalled values' semantic codes, heard in the window or not
+    def recalled(heard, far=None):   # [B, T, audio columns]: the recalled values' semantic codes
         m = np.zeros((len(sampler.last), T, cfg.n_audio), bool)
         for r, (c, start) in enumerate(sampler.last):
             for cc, s, first, second, L in ev.tolist():
-                if cc == c and (first - CUE_LEN - KEY_LEN >= start) == heard:
+                if cc == c and (first - CUE_LEN - KEY_LEN >= start) == heard and far in (None, second - first >= 32):
                     for t in range(T):
                         m[r, t, s * K] |= second <= start + t - delays[s * K] < second + L
         return torch.from_numpy(m)
@@ -485,19 +486,26 @@ def test_validation_recall(tmp_path):
         def forward(self, x, state, keep_state=False):
             tgt = x[..., cfg.n_text:]
             right = self.right()
-            self.counts.append((int(recalled(True).sum()), int(recalled(False).sum())))
+            self.counts.append([int(recalled(*k).sum()) for k in ((True,), (False,), (True, False), (True, True))])
             pred = torch.where(right, tgt, (tgt + 1) % cfg.cardinality)
             return Logits(None, F.one_hot(pred, cfg.cardinality + 1)[..., :cfg.cardinality].float() * 20), None
 
-    rf, tc = RecallFrames(p, f), SimpleNamespace(eval_batches=6)
+    rf, tc, nc = RecallFrames(p, f), SimpleNamespace(eval_batches=6), contextlib.nullcontext()
     only = Stub(lambda: recalled(True))
-    _, acc, n = train.evaluate(only, only, sampler, tc, cfg, "cpu", contextlib.nullcontext(), rf)
-    heard, unheard = map(sum, zip(*only.counts))
-    assert acc == 1.0 and n == heard > 50 and unheard > 50
-    for right in (lambda: ~recalled(True), lambda: recalled(False)):
-        _, acc, n = train.evaluate(Stub(right), only, sampler, tc, cfg, "cpu", contextlib.nullcontext(), rf)
-        assert acc == 0.0 and n == heard
-    assert train.evaluate(only, only, sampler, tc, cfg, "cpu", contextlib.nullcontext())[1:] == (0.0, 0)
+    _, rec = train.evaluate(only, only, sampler, tc, cfg, "cpu", nc, rf)
+    heard, unheard, near, far = map(sum, zip(*only.counts))
+    assert unheard > 50 and near > 20 and far > 20 and near + far == heard
+    assert rec == {"val_recall": 1.0, "val_recall_codes": heard, "val_recall_within": 1.0, "val_recall_within_codes": near,
+                   "val_recall_beyond": 1.0, "val_recall_beyond_codes": far}
+    for right, want in ((lambda: ~recalled(True), (0.0, 0.0, 0.0)), (lambda: recalled(False), (0.0, 0.0, 0.0)),
+                        (lambda: recalled(True, False), (near / heard, 1.0, 0.0)),
+                        (lambda: recalled(True, True), (far / heard, 0.0, 1.0))):
+        _, rec = train.evaluate(Stub(right), only, sampler, tc, cfg, "cpu", nc, rf)
+        assert (rec["val_recall"], rec["val_recall_within"], rec["val_recall_beyond"]) == pytest.approx(want)
+        assert rec["val_recall_codes"] == heard
+    assert train.evaluate(only, only, sampler, tc, cfg, "cpu", nc)[1] == {}
+    assert "within the attention window 1.000, beyond it -" in train._recall_text(
+        {"val_recall": 1.0, "val_recall_codes": 3, "val_recall_within": 1.0, "val_recall_beyond": None})
 
 
 def test_recall_weight_weighs_the_recalled_frames(tmp_path, monkeypatch, capsys):
