@@ -451,9 +451,10 @@ def run(a):
             for w, x in zip(wavs, wav):
                 w.write(x.T)
         made[0] += chunk.shape[1]
+        hold_signals()
 
     def on_frame(frame, logp):
-        if stop[0]:
+        if stop[0] is not None:
             raise KeyboardInterrupt
         buf.append(frame)
         if len(buf) == AUDIO_CHUNK:                                  # write two seconds at a time
@@ -474,13 +475,22 @@ def run(a):
     def on_signal(sig, frame):
         # Ctrl-C or SIGTERM (schedulers, `timeout`, `docker stop`): stop at the next frame, where nothing is
         # half done (an exception raised anywhere could leave a lock held in torch.compile's code); a second
-        # signal stops at once
-        if stop[0]:
+        # signal stops at once, unless it comes within a second (`timeout` and a kill of the process group
+        # each deliver it twice)
+        if stop[0] is not None:
+            if time.monotonic() - stop[0] < 1.0:
+                return
             raise KeyboardInterrupt
-        stop[0] = True
-    stop = [False]
+        stop[0] = time.monotonic()
+    stop = [None]   # when the first signal came
     in_main = threading.current_thread() is threading.main_thread()   # (signals can be set there only)
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
+
+    def hold_signals():
+        # (again) at every write: compiling a Triton kernel puts the compiler's (LLVM's) handler in front of
+        # ours, one that resets to the default action as it runs, so that a second signal right behind the
+        # first would kill the run with its last frames unwritten
+        return {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
+    old = hold_signals()
     try:
         with torch.inference_mode():
             generate(model, n_frames, sampler, a.batch, prompt, a.mode, on_frame, device, step)

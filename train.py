@@ -429,18 +429,27 @@ def train(tc, overrides):
 
     # --- loop ----------------------------------------------------------------------------------
     # Ctrl-C, and SIGTERM as schedulers, `timeout` and `docker stop` send it: finish the step, write a
-    # checkpoint, stop; the same signal again aborts at once
-    stop = {"flag": False}
+    # checkpoint, stop; the same signal again aborts at once. A repeat within a second is the same request:
+    # `timeout` and a kill of the process group each deliver it twice.
+    stop = {"at": None}   # when the first signal came
 
     def on_signal(sig, frame):
-        if stop["flag"]:
+        if stop["at"] is not None:
+            if time.monotonic() - stop["at"] < 1.0:
+                return
             raise KeyboardInterrupt
-        stop["flag"] = True
+        stop["at"] = time.monotonic()
         who = f"rank {rank}: " if world > 1 else ""
         print(f"\n{who}{'interrupted' if sig == signal.SIGINT else signal.Signals(sig).name}: finishing this "
               f"step, writing a checkpoint (the same again to abort)", flush=True)
     stop_signals = (signal.SIGINT, signal.SIGTERM)
-    old_handlers = [signal.signal(s, on_signal) for s in stop_signals] if threading_main() else []
+
+    def hold_signals():
+        # (again) at every step: the first time Triton compiles a kernel, its compiler (LLVM) puts a handler of its
+        # own in front of ours, one that resets to the default action as it runs; a second signal right behind the
+        # first, as `timeout` sends them, then kills the run without a checkpoint
+        return [signal.signal(s, on_signal) for s in stop_signals] if threading_main() else []
+    old_handlers = hold_signals()
 
     fpf = flops_per_frame(cfg, tc.seq_len)
     frames_per_step = B * A * tc.seq_len * world
@@ -489,7 +498,8 @@ def train(tc, overrides):
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0) + v / A
         norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), tc.grad_clip or math.inf)
-        stopping = stop["flag"]   # read once: a signal may come at any moment
+        hold_signals()
+        stopping = stop["at"] is not None   # read once: a signal may come at any moment
         if ddp:   # the mean loss, and whether any rank was asked to stop: then all stop at this step
             red = torch.stack([total, torch.tensor(float(stopping), device=device)])
             torch.distributed.all_reduce(red)
@@ -519,6 +529,7 @@ def train(tc, overrides):
         if at_eval or step == tc.max_steps or (tc.stop_at and step >= tc.stop_at) or stopping:
             if at_eval or step == tc.max_steps:
                 vl, rec = evaluate(model, raw, val_sampler, tc, cfg, device, autocast, val_recall)
+                hold_signals()
                 evals.append({"step": step, "val_loss": vl, **rec})
                 if master:
                     print(f"eval step {step}: val loss {vl:.4f}{_recall_text(rec)}", flush=True)

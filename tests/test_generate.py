@@ -287,3 +287,36 @@ def test_signal_keeps_what_was_made(ckpt, tmp_path, sig, compile):
     assert p.returncode == 0 and "(interrupted)" in text, text[-2000:]
     f = CodesFile(out)
     assert 1000 <= f.n_frames < 600 * 750 and len(f) == 1 and f"{f.n_frames} frames" in text
+
+
+def test_a_signal_after_a_compiler_took_the_handler(ckpt, tmp_path):
+    # The first time Triton compiles a kernel, its compiler (LLVM) puts its own SIGTERM handler in front of
+    # generate.py's, one that resets to the default action as it runs. Here the first frame resets the action
+    # behind Python's back, as that would; a SIGTERM at frame 60 must still stop the run with its frames written.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "g.bin"
+    code = f"""
+import ctypes, os, signal, sys
+sys.path.insert(0, {root!r})
+import generate
+libc = ctypes.CDLL(None)
+libc.signal.argtypes, libc.signal.restype = [ctypes.c_int, ctypes.c_void_p], ctypes.c_void_p
+inner = generate.generate
+def wrapped(*a, **k):
+    on_frame, n = a[6], [0]
+    def frame(codes, logp):
+        n[0] += 1
+        if n[0] == 1:
+            libc.signal(signal.SIGTERM, 0)      # SIG_DFL
+        if n[0] == 60:
+            os.kill(os.getpid(), signal.SIGTERM)
+        on_frame(codes, logp)
+    return inner(*a[:6], frame, *a[7:], **k)
+generate.generate = wrapped
+generate.main(["--ckpt", {ckpt!r}, "--minutes", "10", "--compile", "", "--codes_out", {str(out)!r}, "--mimi", "",
+               "--device", "cpu"])
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=root,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0 and "(interrupted)" in p.stdout + p.stderr, (p.returncode, (p.stdout + p.stderr)[-3000:])
+    assert CodesFile(out).n_frames == 59

@@ -3,6 +3,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import train
 from codes import write_codes
 from data import StreamSampler, synthetic, window
 from model import SpeechLM, default_device
+from model import loss_fn as train_loss_fn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -731,6 +733,63 @@ def test_a_signal_stops_with_a_checkpoint(synth, tmp_path, sig):
     assert 2 <= step < 100000 and f"done: step {step}" in text
     resumed = train.main(_args(synth, out_dir, "streaming", max_steps=step + 1))
     assert len(resumed) == step + 1
+
+
+def _signals_at(step, kills, gap=0.0):
+    """A loss function that, on its `step`-th call, sends this process `kills` SIGTERMs, `gap` s apart."""
+    calls = [0]
+
+    def loss(*a, **k):
+        calls[0] += 1
+        if calls[0] == step:
+            for i in range(kills):
+                time.sleep(gap if i else 0)
+                os.kill(os.getpid(), signal.SIGTERM)
+        return train_loss_fn(*a, **k)
+    return loss
+
+
+def test_a_signal_delivered_twice_is_one_request(synth, tmp_path, monkeypatch):
+    # `timeout` sends SIGTERM to the run and then to its process group, so the run gets it twice, microseconds
+    # apart: one request to stop after the step with a checkpoint, not a second one to abort. Again a second
+    # or more after the first, it aborts.
+    monkeypatch.setattr(train, "loss_fn", _signals_at(2, kills=2))
+    try:
+        losses = train.main(_args(synth, tmp_path / "a", "minibatch", max_steps=100000))
+    except KeyboardInterrupt:
+        pytest.fail("a signal delivered twice aborted the run")
+    assert len(losses) == 2 and torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)["step"] == 2
+    monkeypatch.setattr(train, "loss_fn", _signals_at(2, kills=2, gap=1.1))
+    with pytest.raises(KeyboardInterrupt):
+        train.main(_args(synth, tmp_path / "b", "minibatch", max_steps=100000))
+
+
+def test_a_signal_after_a_compiler_took_the_handler(synth, tmp_path):
+    # The first time Triton compiles a kernel, its compiler (LLVM) puts its own SIGTERM handler in front of
+    # train.py's, one that resets to the default action as it runs. Here the first step's loss resets the
+    # action behind Python's back, as that would; a SIGTERM at step 3 must still end with a checkpoint.
+    out_dir = tmp_path / "run"
+    code = f"""
+import ctypes, os, signal, sys, time
+sys.path.insert(0, {ROOT!r})
+import train
+libc = ctypes.CDLL(None)
+libc.signal.argtypes, libc.signal.restype = [ctypes.c_int, ctypes.c_void_p], ctypes.c_void_p
+calls, loss_fn = [0], train.loss_fn
+def loss(*a, **k):
+    calls[0] += 1
+    if calls[0] == 1:
+        libc.signal(signal.SIGTERM, 0)      # SIG_DFL
+    if calls[0] == 3:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return loss_fn(*a, **k)
+train.loss_fn = loss
+print("steps", len(train.main({_args(synth, out_dir, "minibatch", max_steps=100000)!r})))
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, (p.returncode, (p.stdout + p.stderr)[-3000:])
+    assert "steps 3" in p.stdout and torch.load(out_dir / "ckpt.pt", weights_only=False)["step"] == 3
 
 
 def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(synth, tmp_path):
