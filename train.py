@@ -361,6 +361,13 @@ def train(tc, overrides):
                                 initial, 0)
     val_path = tc.val_data or tc.data
     val_recall = RecallFrames(val_path, val) if len(load_events(val_path)) else None   # synthetic data with events
+    # the same recall on fixed windows of the training conversations: far above the held-out one, the values
+    # were learnt by heart instead of looked up
+    fit_sampler = fit_recall = None
+    if val_recall is not None and len(load_events(tc.data)):
+        fit_recall = recall if recall is not None else RecallFrames(tc.data, data)
+        fit_sampler = WindowSampler(data, train_ids, min(tc.seq_len, int(data.lengths[train_ids].max())), B, delays,
+                                    initial, 0)
 
     # --- model, optimizer, resume --------------------------------------------------------------
     raw = model
@@ -529,6 +536,9 @@ def train(tc, overrides):
         if at_eval or step == tc.max_steps or (tc.stop_at and step >= tc.stop_at) or stopping:
             if at_eval or step == tc.max_steps:
                 vl, rec = evaluate(model, raw, val_sampler, tc, cfg, device, autocast, val_recall)
+                if fit_sampler is not None:
+                    _, fit = evaluate(model, raw, fit_sampler, tc, cfg, device, autocast, fit_recall)
+                    rec.update({"train" + k[3:]: v for k, v in fit.items()})
                 hold_signals()
                 evals.append({"step": step, "val_loss": vl, **rec})
                 if master:
@@ -559,8 +569,9 @@ def _recall_text(rec):
     if not rec:
         return ""
     part = lambda k: "-" if rec[f"val_recall_{k}"] is None else f"{rec[f'val_recall_{k}']:.3f}"
+    fit = f" | train recall {rec['train_recall']:.3f}" if "train_recall" in rec else ""
     return (f" | val recall {rec['val_recall']:.3f} ({rec['val_recall_codes']} codes; within the attention window "
-            f"{part('within')}, beyond it {part('beyond')})")
+            f"{part('within')}, beyond it {part('beyond')}){fit}")
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train
-from codes import write_codes
+from codes import CodesFile, write_codes
 from data import StreamSampler, synthetic, window
 from model import SpeechLM, default_device
 from model import loss_fn as train_loss_fn
@@ -62,6 +62,28 @@ def test_evaluations_are_kept_across_a_resume(tmp_path):
     assert [e["step"] for e in resumed] == [2, 4, 6, 8] and resumed == straight
     assert all(e["val_recall_codes"] > 0 and 0 <= e["val_recall"] <= 1 for e in resumed)
     assert abs(resumed[-1]["val_loss"] - straight[-1]["val_loss"]) < 1e-6
+
+
+def test_training_recall_is_measured_on_training_windows(tmp_path, monkeypatch, capsys):
+    # beside the held-out recall, the same on fixed windows of the training conversations ("train_recall"):
+    # far above the held-out one, the values were learnt by heart
+    p = str(tmp_path / "r.bin")
+    synthetic(p, hours=0.3, min_minutes=1, max_minutes=2, n_codebooks=2, seed=4, quiet=True, events_per_min=6,
+              near_share=1.0, near_max_s=4.0, value_frames=4)
+    seen, inner = [], train.evaluate
+
+    def spy(model, raw, sampler, *a):
+        out = inner(model, raw, sampler, *a)
+        seen.append(({c for c, _ in sampler.last}, out[1]))
+        return out
+    monkeypatch.setattr(train, "evaluate", spy)
+    train.main(_args(p, tmp_path / "a", "minibatch", seq_len=128, batch_size=2, eval_interval=2, eval_batches=6,
+                     max_steps=2, val_conversations=3))
+    (held, rec), (fit, fit_rec) = seen
+    n = len(CodesFile(p))
+    assert held <= set(range(n - 3, n)) and fit <= set(range(n - 3)) and fit_rec["val_recall_codes"] > 0
+    assert rec["val_recall_codes"] > 0
+    assert f"train recall {fit_rec['val_recall']:.3f}" in capsys.readouterr().out
 
 
 def test_streaming_state_crosses_steps_and_resets(tmp_path, monkeypatch):
