@@ -4,6 +4,7 @@ sentencepiece tokens, Moshi's "inner monologue"), and batch sampling from codes 
 
     python data.py synthetic --hours 20 --out synth.bin      # two-speaker conversations, 10-90 min
     python data.py synthetic --hours 2 --text --out synth_text.bin   # ... with a text stream per speaker
+    python data.py synthetic --hours 2000 --workers 16 --out big.bin # in 16 processes (parts of their own seeds)
     python data.py align conv.bin --transcripts words/ --spm tokenizer_spm_32k_3.model --out conv_text.bin
 
 The synthetic conversations are built so that memory matters and can be measured:
@@ -22,6 +23,7 @@ holds the words' sentencepiece pieces, laid out as `align` lays out real transcr
 tokenizer, trained on that language, is written beside the codes file (OUT.spm.model).
 """
 import argparse
+import functools
 import io
 import heapq
 import json
@@ -375,6 +377,43 @@ def synthetic(out, hours=20.0, min_minutes=10.0, max_minutes=90.0, n_codebooks=8
         _write_atomic(out + ".spm.model", lang.spm)
     if not quiet:
         print(file=sys.stderr)
+    return n
+
+
+def synthetic_in_parts(out, workers, hours=20.0, seed=0, quiet=False, **kw):
+    """`synthetic` in `workers` processes, for hundreds of hours: part i is hours / workers of it from a
+    seed of its own (drawn from `seed`), and the parts are joined in order into `out`, their events (and
+    tokenizer) with them. The same arguments give the same file; it is not the file of one process with
+    that seed. Returns the number of conversations."""
+    from concurrent.futures import ProcessPoolExecutor
+    seeds = [int(v) for v in np.random.SeedSequence(seed).generate_state(workers)]
+    parts = [f"{out}.part{i}.{os.getpid()}" for i in range(workers)]
+    t0 = time.time()
+    try:
+        with ProcessPoolExecutor(workers) as ex:
+            jobs = [ex.submit(synthetic, p, hours / workers, seed=s, quiet=True, **kw) for p, s in zip(parts, seeds)]
+            for j in jobs:
+                j.result()
+        if not quiet:
+            print(f"{workers} parts made in {time.time() - t0:.0f}s; joining them", file=sys.stderr, flush=True)
+        files = [CodesFile(p, check_codes=False) for p in parts]
+        n, events = 0, []
+        with CodesWriter(out, **files[0].meta()) as w:
+            for p, f in zip(parts, files):
+                for i in range(len(f)):
+                    w.add(f.conversation(i))
+                with open(p + ".events.json") as fh:
+                    head = json.load(fh)   # the same in every part but for the events
+                events += [[c + n, *rest] for c, *rest in head.pop("events")]
+                n += len(f)
+        _write_atomic(out + ".events.json", json.dumps({**head, "events": events}).encode())
+        if kw.get("text"):
+            os.replace(parts[0] + ".spm.model", out + ".spm.model")
+    finally:
+        for p in parts:
+            for q in (p, p + ".events.json", p + ".spm.model"):
+                if os.path.exists(q):
+                    os.remove(q)
     return n
 
 
@@ -806,6 +845,9 @@ def main(argv=None):
     s.add_argument("--max_minutes", type=float, default=90.0, help="longest conversation")
     s.add_argument("--n_codebooks", type=int, default=8, help="codebooks per stream")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--workers", type=int, default=1,
+                   help="make it in this many processes, each a part from a seed of its own drawn from --seed "
+                        "(a different file from one process's)")
     s.add_argument("--events_per_min", type=float, default=0.25, help="recall events per minute of conversation")
     s.add_argument("--near_share", type=float, default=0.0,
                    help="share of recall events that come back 2 s to --near_max_s later (the rest: 10 s to 1 h)")
@@ -873,13 +915,17 @@ def _run(ap, a):
             ap.error(f"need 0 <= pattern_codes <= {CARD}")
         if a.reserve_patterns and not 0 < a.pattern_codes <= CARD - 64:
             ap.error(f"--reserve_patterns needs 0 < pattern_codes <= {CARD - 64}: the speech needs codes of its own")
-        n = synthetic(a.out, a.hours, a.min_minutes, a.max_minutes, a.n_codebooks, a.seed,
-                      text=a.text, text_words=a.text_words, text_vocab=a.text_vocab, events_per_min=a.events_per_min,
-                      near_share=a.near_share, near_max_s=a.near_max_s, pattern_codes=a.pattern_codes,
-                      value_frames=a.value_frames, quiz_share=a.quiz_share,
-                      same_speaker=a.same_speaker, quiz_max_s=a.quiz_max_s, tied_patterns=a.tied_patterns,
-                      quiz_min_s=a.quiz_min_s, reserve_patterns=a.reserve_patterns,
-                      quiz_spacing_s=a.quiz_spacing_s, split_patterns=a.split_patterns)
+        if a.workers < 1:
+            ap.error("need workers >= 1")
+        make = synthetic if a.workers == 1 else functools.partial(synthetic_in_parts, workers=a.workers)
+        n = make(a.out, hours=a.hours, min_minutes=a.min_minutes, max_minutes=a.max_minutes,
+                 n_codebooks=a.n_codebooks, seed=a.seed, text=a.text, text_words=a.text_words,
+                 text_vocab=a.text_vocab, events_per_min=a.events_per_min,
+                 near_share=a.near_share, near_max_s=a.near_max_s, pattern_codes=a.pattern_codes,
+                 value_frames=a.value_frames, quiz_share=a.quiz_share,
+                 same_speaker=a.same_speaker, quiz_max_s=a.quiz_max_s, tied_patterns=a.tied_patterns,
+                 quiz_min_s=a.quiz_min_s, reserve_patterns=a.reserve_patterns,
+                 quiz_spacing_s=a.quiz_spacing_s, split_patterns=a.split_patterns)
         print(f"wrote {n} conversations to {a.out}" + (f" (tokenizer: {a.out}.spm.model)" if a.text else ""))
     elif a.cmd == "align":
         st = align(a.codes, a.transcripts, a.spm, a.out, a.main, a.allow_missing)

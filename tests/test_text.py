@@ -292,6 +292,31 @@ def test_synthetic_audio_only_output_unchanged(tmp_path):
     assert not os.path.exists(p + ".spm.model")
 
 
+def test_synthetic_in_parts(tmp_path):
+    # data.py synthetic --workers N: the parts, each made from its own seed drawn from --seed, joined in
+    # order, their events' conversation numbers shifted; the same again gives the same file; no part is left
+    kw = dict(min_minutes=1, max_minutes=2, n_codebooks=2, events_per_min=6, quiz_share=0.5, quiz_max_s=20)
+    out, again = str(tmp_path / "w.bin"), str(tmp_path / "again.bin")
+    n = data.synthetic_in_parts(out, 3, hours=0.3, seed=7, quiet=True, **kw)
+    data.synthetic_in_parts(again, 3, hours=0.3, seed=7, quiet=True, **kw)
+    seeds = np.random.SeedSequence(7).generate_state(3)
+    parts = [str(tmp_path / f"p{i}.bin") for i in range(3)]
+    for q, sd in zip(parts, seeds):
+        data.synthetic(q, hours=0.3 / 3, seed=int(sd), quiet=True, **kw)
+    joined, pieces = CodesFile(out), [CodesFile(q) for q in parts]
+    assert n == len(joined) == sum(map(len, pieces))
+    convs = [f.conversation(i) for f in pieces for i in range(len(f))]
+    for i, c in enumerate(convs):
+        np.testing.assert_array_equal(joined.conversation(i), c)
+    offsets = np.cumsum([0] + [len(f) for f in pieces])
+    want = np.concatenate([data.load_events(q) + [o, 0, 0, 0, 0] for q, o in zip(parts, offsets)])
+    np.testing.assert_array_equal(data.load_events(out), want)
+    assert len(want) > 10 and data.silence_frame(out) == data.silence_frame(parts[0])
+    assert open(out, "rb").read() == open(again, "rb").read()
+    assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(q) + e for q in [out, again, *parts]
+                                                  for e in ("", ".events.json"))
+
+
 def test_synthetic_text(tmp_path, lang):
     a, b = str(tmp_path / "a.bin"), str(tmp_path / "b.bin")
     kw = dict(hours=0.1, min_minutes=2.5, max_minutes=3.5, n_codebooks=2, seed=5, quiet=True)
