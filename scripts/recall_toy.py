@@ -52,6 +52,11 @@ mention and the recall (--quiet_probe):
 Nor when it is trained writing nothing there (--quiet_train), the choice of writes a content gate
 would ideally make. (docs/experiment/notes.md has the tables.)
 
+--pool N trains on N batches made once, in turn, as a codes file repeats, and prints the recall on a
+fresh batch beside the training one's: 256 repeated sequences (--pool 16) teach the lookup above by
+step 200 instead of 400-500, then are learnt by heart; with --events 2 --value 8, where fresh data
+teach nothing in 2,000 steps, they are recalled by heart (0.99) while fresh ones stay at chance.
+
 --mqar N swaps the events for multi-query associative recall (Zoology's MQAR): N single-token
 key-value pairs open the sequence, each key comes back once beyond the stacked windows' reach
 followed by its value, and the loss is on those values only. --eval_lens then reads held-out
@@ -427,6 +432,9 @@ def main(argv=None):
                     help="--mqar: after training, recall by distance on sequences of these lengths (e.g. 1024,4096), "
                          "the keys coming back anywhere after the pairs")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--pool", type=int, default=0,
+                    help="train on this many batches made once, in turn (repeated epochs, as a codes file is), "
+                         "instead of fresh ones; then each report also gives the accuracy on a fresh batch")
     ap.add_argument("--curriculum", default="",
                     help="shorter sequences first, e.g. 32:500,48:500 (tokens:steps), each with as many events "
                          "as fit (at most --events); then --seq_len for the remaining steps")
@@ -435,6 +443,9 @@ def main(argv=None):
         ap.error("--quiet_train places the quiet span of one event in the TTT layers: pass --events 1 and --n_ttt")
     if a.eval_lens and not a.mqar:
         ap.error("--eval_lens evaluates --mqar runs: pass --mqar")
+    if a.pool and (a.curriculum or a.gaps or a.adjacent_steps or a.quiet_train):
+        ap.error("--pool repeats one kind of batch: it does not go with --curriculum, --gaps, --adjacent_steps "
+                 "or --quiet_train")
     if not 2 <= a.alphabet * (2 if a.separate_noise else 1) <= V:
         ap.error(f"--alphabet must lie in [2, {V // 2 if a.separate_noise else V}] (the vocabulary holds {V} tokens"
                  + (", split between events and the rest with --separate_noise)" if a.separate_noise else ")"))
@@ -506,6 +517,14 @@ def main(argv=None):
     gap_max = [n for n, _ in gap_stages]
     gap_ends = [sum(n for _, n in gap_stages[:i + 1]) for i in range(len(gap_stages))]
     ends = [sum(n for _, n in stages[:i + 1]) for i in range(len(stages))]
+    def make(L, n_events, gap, adjacent):
+        if a.mqar:
+            return mqar_batch(g, alphabet, a.batch, L, a.mqar, mqar_start, noise_alphabet, a.mqar_value)
+        return batch(g, alphabet, cues, a.batch, L, n_events, a.value, a.first_at_start, adjacent, noise_alphabet,
+                     gap)
+    pool = [make(a.seq_len, a.events, 0, a.adjacent) for _ in range(a.pool)]
+    if pool:
+        print(f"training on {a.pool} batches ({a.pool * a.batch} sequences), each seen every {a.pool} steps")
     for step in range(a.steps + 1):
         last = step == a.steps or bool(a.max_minutes and time.time() - t0 > 60 * a.max_minutes)
         stage = next((i for i, end in enumerate(ends) if step < end), None)
@@ -513,11 +532,7 @@ def main(argv=None):
         L = stages[stage][0] if warm else a.seq_len
         n_events = min(a.events, L // (2 * (CUE + KEY + a.value))) if warm else a.events
         gap = next((n for n, end in zip(gap_max, gap_ends) if step < end), 0)
-        if a.mqar:
-            x, dist = mqar_batch(g, alphabet, a.batch, L, a.mqar, mqar_start, noise_alphabet, a.mqar_value)
-        else:
-            x, dist = batch(g, alphabet, cues, a.batch, L, n_events, a.value, a.first_at_start,
-                            a.adjacent or step < a.adjacent_steps, noise_alphabet, gap)
+        x, dist = pool[step % a.pool] if pool else make(L, n_events, gap, a.adjacent or step < a.adjacent_steps)
         x, dist = x.to(a.device), dist.to(a.device)
         for group in opt.param_groups:
             group["lr"] = a.lr * group["scale"] * min(1.0, (step + 1) / 50)
@@ -561,9 +576,18 @@ def main(argv=None):
                         qhit = predict(model, x, None, K if a.frames else 0, S)[0].argmax(-1) == x[:, 1:]
                     acc[2] += " quiet [" + ", ".join(f"{int(v)}: {qhit[d == v].float().mean().item():.2f}"
                                                      for v in d[far].unique()) + "]"
+            held = ""
+            if pool:   # the same accuracies on a fresh batch: what was looked up, not learnt by heart
+                hx, hd = (v.to(a.device) for v in make(a.seq_len, a.events, 0, a.adjacent))
+                with torch.no_grad():
+                    hhit = predict(model, hx, None, K if a.frames else 0, S)[0].argmax(-1) == hx[:, 1:]
+                hd = hd[:, 1:]
+                held = " | fresh batch " + " / ".join(
+                    f"{hhit[m].float().mean().item():.3f}" if m.any() else "-"
+                    for m in ((hd > 0) & (hd <= W), (hd > W) & (hd <= reach), hd > reach))
             print(f"step {step:5d}{stage_note} | loss {loss.item():.3f} | recall accuracy in the window / beyond it "
                   f"within {reach} tokens / beyond {reach} {acc[0]} / {acc[1]} / {acc[2]} (chance "
-                  f"{(2 if a.mqar else 1) / a.alphabet:.3f}) | {time.time() - t0:.0f}s", flush=True)
+                  f"{(2 if a.mqar else 1) / a.alphabet:.3f}){held} | {time.time() - t0:.0f}s", flush=True)
         if last:
             break
     carry = a.memory == "ttt" and not (a.ttt_conv or a.ttt_shift)   # the branches that keep a state
