@@ -217,6 +217,25 @@ def test_recall_toy_branches(memory, capsys):
 
 
 
+def test_recall_toy_pool(capsys, monkeypatch):
+    # --pool N: N batches made once, step t trains on batch t mod N; each report also gives the recall on a
+    # fresh batch (made then, not trained on)
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import recall_toy
+    seen, inner = [], recall_toy.predict
+
+    def spy(model, x, *a, **k):
+        if torch.is_grad_enabled():
+            seen.append(x.clone())
+        return inner(model, x, *a, **k)
+    monkeypatch.setattr(recall_toy, "predict", spy)
+    recall_toy.main(["--steps", "3", "--seq_len", "32", "--events", "1", "--value", "4", "--batch", "2", "--dim", "64",
+                     "--pool", "2"])
+    assert len(seen) == 4 and torch.equal(seen[0], seen[2]) and torch.equal(seen[1], seen[3])
+    assert not torch.equal(seen[0], seen[1])
+    assert capsys.readouterr().out.count("| fresh batch ") == 2   # steps 0 and 3
+
+
 def test_recall_toy_wider_memory(capsys):
     # --ttt_memory k: k times the TTT heads, each as wide as without it
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
