@@ -58,6 +58,7 @@ at a time, spread over the GPUs there are (CUDA_VISIBLE_DEVICES, round robin). A
 import argparse
 import contextlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -252,10 +253,12 @@ def make_data(sc, out):
     wd = sc.get("warmup_drills", {})
     if wd.get("steps"):   # phase 1's data: drills alone, in short conversations, a seed of their own
         lo_w, hi_w = wd["minutes"]
+        workers = math.ceil(wd["hours"] / 600)   # thousands of hours: one process each 600 (the scales' own: one)
         cmds.append([sys.executable, "data.py", "synthetic", "--out", drills_train_path(out), "--hours", str(wd["hours"]),
                      "--min_minutes", str(lo_w), "--max_minutes", str(hi_w), "--n_codebooks", str(sc["n_codebooks"]),
                      "--seed", "2", *recall, "--quiz_share=1.0",
-                     *[f"--{k}={wd[k]}" for k in ("quiz_min_s", "quiz_max_s", "quiz_spacing_s") if k in wd]])
+                     *[f"--{k}={wd[k]}" for k in ("quiz_min_s", "quiz_max_s", "quiz_spacing_s") if k in wd],
+                     *(["--workers", str(workers)] if workers > 1 else [])])
     procs, log = [], open(os.path.join(out, "data", "data.log"), "w")
     for cmd in cmds:   # data.py needs numpy only: two quick subprocesses, side by side
         print_flush("$ " + " ".join(cmd[1:]))
@@ -769,6 +772,9 @@ def parse_args(argv=None):
     ap.add_argument("--warmup_drills", type=int, default=-1,
                     help="train each variant first for this many steps on drills alone (mini-batch mode, "
                          "float32, constant learning rate), then the scale's training starts from it")
+    ap.add_argument("--warmup_drills_hours", type=float, default=0,
+                    help="override the scale's hours of drills for --warmup_drills (the scale's 220 hours are seen 19 "
+                         "times in 11,500 steps; 4,400 hours once); made in one process for each 600 hours")
     ap.add_argument("--warmup_recall_weight", type=float, default=-1,
                     help="override the warm-up's loss weight of the recalled values' frames against 1 for the others "
                          "(train.py --recall_weight)")
@@ -818,6 +824,8 @@ def parse_args(argv=None):
         ap.error("--stream_ttt_update_penalty_power needs a power > 0 and --stream_ttt_update_penalty")
     if a.train_hours < 0:
         ap.error(f"--train_hours must be > 0, not {a.train_hours}")
+    if a.warmup_drills_hours < 0:
+        ap.error(f"--warmup_drills_hours must be > 0, not {a.warmup_drills_hours}")
     if bad or not a.variants:
         ap.error(f"unknown variant or stage: {', '.join(bad) or '(none given)'}")
     try:
@@ -864,6 +872,8 @@ def main(argv=None):
         sc["train"]["dtype"] = a.dtype
     if a.warmup_drills >= 0:
         sc["warmup_drills"]["steps"] = a.warmup_drills
+    if a.warmup_drills_hours:
+        sc["warmup_drills"]["hours"] = a.warmup_drills_hours
     if a.warmup_recall_weight >= 0:
         sc["warmup_drills"]["recall_weight"] = a.warmup_recall_weight
     if a.min_lr >= 0:

@@ -116,6 +116,32 @@ def test_drills_warmup_phase(tmp_path, one_thread):
         assert abs(json.load(f)[0] - json.load(g)[0]) > 1e-3
 
 
+def test_drills_hours(tmp_path, monkeypatch):
+    # --warmup_drills_hours H: the warm-up's drills file holds H hours, made in one process for each 600 hours
+    # (the scales' own, up to 600 hours, in one: the same files as before)
+    cmds = []
+
+    class Done:
+        def __init__(self, cmd, **kw):
+            cmds.append(cmd)
+
+        def wait(self):
+            return 0
+    monkeypatch.setattr(experiment.subprocess, "Popen", Done)
+    drills = lambda: next(c for c in cmds if experiment.drills_train_path(out) in c)
+    out = str(tmp_path / "exp")
+    for hours, workers in ((None, None), (4400, "8"), (600, None)):
+        cmds.clear()
+        extra = ["--warmup_drills_hours", str(hours)] if hours else []
+        with pytest.raises(FileNotFoundError):   # (no data was made: the check of the held-out file fails)
+            experiment.main(["--scale", "gpu-reach", "--out", out, "--stages", "data", *extra])
+        c = drills()
+        assert c[c.index("--hours") + 1] == str(float(hours or experiment.SCALES["gpu-reach"]["warmup_drills"]["hours"]))
+        assert (c[c.index("--workers") + 1] if "--workers" in c else None) == workers
+    with pytest.raises(SystemExit):
+        experiment.main(["--scale", "gpu-reach", "--out", out, "--warmup_drills_hours", "-1"])
+
+
 class PeakTensorBytes(TorchDispatchMode):
     """Peak bytes of the tensor storages alive at once among those made inside the block (CPU has no
     max_memory_allocated): each op's outputs are counted until their last tensor is freed."""
