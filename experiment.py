@@ -544,15 +544,18 @@ def summary(a, results, losses):
     if warm:
         out += ["", "Drills warm-up: recall on held-out drill windows at train.py's evaluations (step: accuracy over "
                 "all recalls, and in brackets over those beyond the attention window of their first mention; at most "
-                "ten, evenly spaced), and the first step at which the recall beyond the window reached 0.5. The "
-                "lookup forms as a jump:", "",
-                "| model | recall during the warm-up | first step at 0.5 beyond the window |", "|---|---|---|"]
+                "ten, evenly spaced), the first step at which the recall beyond the window reached 0.5, and the "
+                "same recall on windows of the training drills at the last evaluation (far above the held-out one: "
+                "values learnt by heart). The lookup forms as a jump:", "",
+                "| model | recall during the warm-up | first step at 0.5 beyond the window | training drills, last |",
+                "|---|---|---|---|"]
         num = lambda v: "-" if v is None else f"{v:.3f}"
         for name, w in warm.items():
             shown = [w[i] for i in sorted({round(j * (len(w) - 1) / 9) for j in range(10)})] if len(w) > 10 else w
             first = next((e["step"] for e in w if (e.get("val_recall_beyond") or 0) >= 0.5), None)
             out.append(f"| {name} | " + ", ".join(f"{e['step']}: {e['val_recall']:.3f} ({num(e.get('val_recall_beyond'))})"
-                                                  for e in shown) + f" | {first if first is not None else 'not reached'} |")
+                                                  for e in shown) + f" | {first if first is not None else 'not reached'} | "
+                       f"{num(w[-1].get('train_recall'))} |")
     gens = {n: r["generation"] for n, r in results.items() if r.get("generation") and r["generation"]["minute"]}
     if gens:
         ref = any_r["reference"]

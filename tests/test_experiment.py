@@ -844,10 +844,11 @@ def test_learnt_half_lives_in_the_streaming_phase(tmp_path, one_thread):
     res["eval"]["ttt_linear"]["warmup_evals"] = [{"step": 100 * i, "val_loss": 3.0, "val_recall": 0.1 * i,
                                                   "val_recall_codes": 50, "val_recall_beyond": 0.05 * i}
                                                  for i in range(1, 13)]
+    res["eval"]["ttt_linear"]["warmup_evals"][-1]["train_recall"] = 0.975
     text = experiment.summary(experiment.parse_args(["--scale", "cpu-test"]), res["eval"], res["train_losses"])
     row = next(r for r in text.splitlines() if r.startswith("| ttt_linear | 100: "))
     assert row.count(": ") == 10 and "100: 0.100 (0.050)" in row and "1200: 1.200 (0.600)" in row
-    assert row.endswith("| 1000 |")   # the first step at 0.5 beyond the window
+    assert row.endswith("| 1000 | 0.975 |")   # the first step at 0.5 beyond the window; the training drills
     for bad in (["--stream_ttt_forget_gate"], ["--stream_ttt_half_life_s", "2", "--stream_ttt_half_life_lr_mult", "3"],
                 ["--stream_ttt_half_life_s", "2", "--stream_ttt_half_life_max_s", "60", "--stream_ttt_half_life_lr_mult", "-1"]):
         with pytest.raises(SystemExit):
