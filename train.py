@@ -359,13 +359,14 @@ def train(tc, overrides):
                 lambda mod, args, out: updates.append(mod.written(args[0], args[1], out[1]).pow(tc.ttt_update_penalty_power).mean()))
     val_sampler = WindowSampler(val, val_ids, min(tc.seq_len, int(val.lengths[val_ids].max())), B, delays,
                                 initial, 0)
+    # synthetic data with recall events: the held-out recall, and the same on fixed windows of the training
+    # conversations (far above the held-out one: the values were learnt by heart instead of looked up). Held-out
+    # windows of the training file share its events (thousands of hours of drills list millions of them).
     val_path = tc.val_data or tc.data
-    val_recall = RecallFrames(val_path, val) if len(load_events(val_path)) else None   # synthetic data with events
-    # the same recall on fixed windows of the training conversations: far above the held-out one, the values
-    # were learnt by heart instead of looked up
-    fit_sampler = fit_recall = None
-    if val_recall is not None and len(load_events(tc.data)):
-        fit_recall = recall if recall is not None else RecallFrames(tc.data, data)
+    fit_recall = recall if recall is not None else RecallFrames(tc.data, data) if len(load_events(tc.data)) else None
+    val_recall = fit_recall if val_path == tc.data else RecallFrames(val_path, val) if len(load_events(val_path)) else None
+    fit_sampler = None
+    if val_recall is not None and fit_recall is not None:
         fit_sampler = WindowSampler(data, train_ids, min(tc.seq_len, int(data.lengths[train_ids].max())), B, delays,
                                     initial, 0)
 
