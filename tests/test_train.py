@@ -801,8 +801,13 @@ def test_a_signal_delivered_twice_is_one_request(synth, tmp_path, monkeypatch):
         pytest.fail("a signal delivered twice aborted the run")
     assert len(losses) == 2 and torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)["step"] == 2
     monkeypatch.setattr(train, "loss_fn", _signals_at(2, kills=2, gap=1.1))
-    with pytest.raises(KeyboardInterrupt):
-        train.main(_args(synth, tmp_path / "b", "minibatch", max_steps=100000))
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train.main(_args(synth, tmp_path / "b", "minibatch", max_steps=100000))
+    finally:   # an abort leaves train.py's handlers in place: this process goes on
+        for s, h in saved.items():
+            signal.signal(s, h)
 
 
 def test_a_signal_after_a_compiler_took_the_handler(synth, tmp_path):
