@@ -630,6 +630,33 @@ def test_state_by_minute_script(tmp_path, one_thread, capsys):
         sbm.main(["--data", p, "--ckpt", str(tmp_path / "ttt.safetensors"), "--device", "nodevice"])
 
 
+def test_heldout_noise_script(tmp_path, one_thread, capsys):
+    # scripts/heldout_noise.py: each group's loss by minute is evaluate.py's on those conversations alone,
+    # and "all" weighs every frame alike (evaluate.py's over all of them), not the groups' mean
+    hn = _script("heldout_noise")
+    p = str(tmp_path / "h.bin")
+    synthetic(p, hours=6 / 60, min_minutes=2, max_minutes=2, n_codebooks=2, seed=5, quiet=True, events_per_min=4.0)
+    m = _tiny(n_ttt=0)
+    m.save(str(tmp_path / "w.safetensors"))
+    out = hn.main(["--ckpt", str(tmp_path / "w.safetensors"), "--data", p, "--group", "2", "--block", "1", "--chunk", "64"])
+    assert list(out) == ["conversations 0-1", "conversations 2-2", "all 3"]
+    f, events = CodesFile(p), load_events(p)
+    for name, convs in (("conversations 0-1", [0, 1]), ("conversations 2-2", [2]), ("all 3", [0, 1, 2])):
+        r = evaluate.stream_eval(m, f, events[np.isin(events[:, 0], convs)], convs, chunk_len=64)
+        want = evaluate.minute_losses(r["ce_speech"], r["n_speech"], m.cfg)["loss"]
+        np.testing.assert_allclose(out[name]["loss"], want, rtol=1e-5)
+    groups = np.array([out["conversations 0-1"]["loss"], out["conversations 2-2"]["loss"]])
+    assert np.abs(np.array(out["all 3"]["loss"]) - groups.mean(0)).max() > 1e-4   # 2 rows against 1
+    d = out["all 3"]
+    assert d["last"] == d["loss"][-1] and d["minute4"] == d["loss"][-1]   # 2 minutes: minute 4 is the last
+    assert d["blocks_spread"] == pytest.approx(abs(d["loss"][1] - d["loss"][0]))
+    assert "| all 3 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        hn.main(["--ckpt", str(tmp_path / "w.safetensors"), "--data", p, "--group", "0"])
+    with pytest.raises(SystemExit):
+        hn.main(["--ckpt", str(tmp_path / "nothing.safetensors"), "--data", p])
+
+
 def test_reference_spread_and_within_spread(tmp_path):
     # the spread is taken over every whole minute of every conversation, a partial last minute left out
     p = str(tmp_path / "r.bin")
