@@ -10,7 +10,9 @@ conversations.
     python scripts/heldout_noise.py --ckpt runs/window --data heldout32.bin --group 4
 
 Per group and for all: the loss at minute 4 and at the last minute, the means of the first and the
-last --block minutes, and the spread of the --block-minute means (highest - lowest).
+last --block minutes, and the spread of the --block-minute means (highest - lowest). Then the data's
+spread of the generation statistics (evaluate.py's, 5-95% of the minutes) over the first group and
+over all, the range a generation is read against.
 """
 import argparse
 import os
@@ -23,7 +25,7 @@ import torch  # noqa: E402
 
 from codes import CodesFile  # noqa: E402
 from data import load_events  # noqa: E402
-from evaluate import check_fits, minute_losses, stream_eval  # noqa: E402
+from evaluate import STATS, check_fits, minute_losses, most_common_frame, reference_stats, stream_eval  # noqa: E402
 from model import SpeechLM, default_device  # noqa: E402
 
 
@@ -85,6 +87,13 @@ def main(argv=None):
     if len(groups) > 1:
         print(f"\nstandard deviation of a minute's loss across the groups (mean over minutes): "
               f"{np.std(np.array(groups), axis=0, ddof=1).mean():.4f}")
+    silence = most_common_frame(f)
+    first, every_conv = list(range(min(a.group, len(f)))), list(range(len(f)))
+    spreads = {k: reference_stats(f, c, silence)["spread"] for k, c in ((rows[0][0], first), (rows[-1][0], every_conv))}
+    print("\nthe data's spread of the generation statistics (5-95% of the minutes):")
+    for k in STATS:
+        print(f"  {k}: " + " | ".join(f"{name} {lo:.4g}-{hi:.4g}" for name, (lo, hi) in ((n, s[k]) for n, s in spreads.items())))
+    out["spread"] = spreads
     return out
 
 

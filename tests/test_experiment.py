@@ -639,7 +639,7 @@ def test_heldout_noise_script(tmp_path, one_thread, capsys):
     m = _tiny(n_ttt=0)
     m.save(str(tmp_path / "w.safetensors"))
     out = hn.main(["--ckpt", str(tmp_path / "w.safetensors"), "--data", p, "--group", "2", "--block", "1", "--chunk", "64"])
-    assert list(out) == ["conversations 0-1", "conversations 2-2", "all 3"]
+    assert list(out) == ["conversations 0-1", "conversations 2-2", "all 3", "spread"]
     f, events = CodesFile(p), load_events(p)
     for name, convs in (("conversations 0-1", [0, 1]), ("conversations 2-2", [2]), ("all 3", [0, 1, 2])):
         r = evaluate.stream_eval(m, f, events[np.isin(events[:, 0], convs)], convs, chunk_len=64)
@@ -651,6 +651,9 @@ def test_heldout_noise_script(tmp_path, one_thread, capsys):
     assert d["last"] == d["loss"][-1] and d["minute4"] == d["loss"][-1]   # 2 minutes: minute 4 is the last
     assert d["blocks_spread"] == pytest.approx(abs(d["loss"][1] - d["loss"][0]))
     assert "| all 3 |" in capsys.readouterr().out
+    sil = evaluate.most_common_frame(f)
+    assert out["spread"]["conversations 0-1"] == evaluate.reference_stats(f, [0, 1], sil)["spread"]
+    assert out["spread"]["all 3"] == evaluate.reference_stats(f, [0, 1, 2], sil)["spread"]
     with pytest.raises(SystemExit):
         hn.main(["--ckpt", str(tmp_path / "w.safetensors"), "--data", p, "--group", "0"])
     with pytest.raises(SystemExit):
